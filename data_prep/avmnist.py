@@ -1,0 +1,256 @@
+"""AVMNIST (Vielzeuf et al., 2018): an MNIST digit paired with a spoken recording of the same digit.
+
+- image [1, 28, 28] float32 in [0, 1]: the MNIST digit reconstructed from the top principal
+  components that keep `pca_keep` of the train-split variance (0.25 removes 75 % of the energy,
+  as in the original AVMNIST), so the image is a weakened but still useful modality.
+- audio [1, 112, 112] float32: log(|STFT| + 1e-7) of a Free Spoken Digit Dataset take, 8 kHz,
+  zero-padded or cut to 1 s, optionally with white noise at `snr_db`, n_fft 222, hop 72.
+
+Splits: the official 60,000 / 10,000 MNIST split when the train-* files are present, otherwise a
+stratified `test_fraction` of the 10,000 test images; val is a stratified `val_fraction` of train.
+FSDD takes 0-4 (the conventional test takes) pair only with test images and takes 5-49 only with
+train and val images, so no recording is shared between train and test.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.audio import add_noise_at_snr, log_spectrogram, pad_or_cut, read_wav, resample
+from mmlab_cli.data.format import read_manifest, sha256_file, stratified_split, write_dataset
+from mmlab_cli.errors import MmlabError
+
+SAMPLE_RATE = 8000
+DURATION_S = 1.0
+N_FFT = 222  # 112 frequency bins
+HOP = 72  # 112 centred frames over 8000 samples
+LOG_EPS = 1e-7
+FIRST_TRAIN_TAKE = 5  # takes 0-4 are FSDD's conventional test takes
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+TAKE_NAME = re.compile(r"^(\d)_([^_]+)_(\d+)\.wav$")
+MNIST_LAYOUT = ("a folder with the MNIST IDX files t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+                "(raw or .gz; add train-images-idx3-ubyte and train-labels-idx1-ubyte for the official split)")
+FSDD_LAYOUT = "a folder of {digit}_{speaker}_{index}.wav files, or a folder holding recordings/ with them"
+PAIRS = {"mnist_index": "{split}/mnist_index.npy: the image's row in the MNIST IDX file the split came from",
+         "fsdd_take": "{split}/fsdd_take.npy: file name of the FSDD recording paired with the image"}
+
+
+def _find_idx(mnist_dir: Path, stem: str) -> Path | None:
+    """`stem.gz` or `stem` in mnist_dir, whichever exists."""
+    for name in (f"{stem}.gz", stem):
+        if (mnist_dir / name).is_file():
+            return mnist_dir / name
+    return None
+
+
+def mnist_files(mnist_dir: str | Path) -> dict[str, tuple[Path, Path]]:
+    """(images, labels) paths for "test" and, when both train-* files exist, for "train"."""
+    mnist_dir = Path(mnist_dir)
+    if not mnist_dir.is_dir():
+        raise MmlabError(f"{mnist_dir}: not a directory; expected {MNIST_LAYOUT}")
+    files = {}
+    for split, prefix in (("test", "t10k"), ("train", "train")):
+        images = _find_idx(mnist_dir, f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(mnist_dir, f"{prefix}-labels-idx1-ubyte")
+        if images and labels:
+            files[split] = (images, labels)
+        elif split == "test":
+            raise MmlabError(f"{mnist_dir}: no {prefix}-{'labels-idx1' if images else 'images-idx3'}-ubyte(.gz); "
+                             f"expected {MNIST_LAYOUT}")
+        elif images or labels:
+            have, lack = ((images.name, "train-labels-idx1-ubyte") if images
+                          else (labels.name, "train-images-idx3-ubyte"))
+            raise MmlabError(f"{mnist_dir}: {have} without {lack}(.gz); add it for the official 60,000-image "
+                             f"train split, or remove {have} to split the 10,000 test images")
+    return files
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """A uint8 IDX array (gzip or raw), checking the magic number and that the size matches the header."""
+    path = Path(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise MmlabError(f"{path}: unreadable ({e}); replace it with an intact copy of the MNIST file") from None
+    ndim = magic & 0xFF
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise MmlabError(f"{path}: magic number {found}, expected {magic}; this is not the MNIST IDX file "
+                         f"its name says, replace it with the original")
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != header + int(np.prod(shape)):
+        raise MmlabError(f"{path}: {len(data) - header} data bytes but the header says {shape} = "
+                         f"{int(np.prod(shape))}; the file is truncated or corrupt, replace it")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_mnist(images_path: str | Path, labels_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, 28, 28] and int64 labels [N] from one pair of IDX files."""
+    images, labels = read_idx(images_path, IMAGE_MAGIC), read_idx(labels_path, LABEL_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise MmlabError(f"{images_path}: images of {images.shape[1:]}, expected (28, 28); use the MNIST IDX file")
+    if len(images) != len(labels):
+        raise MmlabError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {Path(images_path).name}; "
+                         f"use the matching pair of MNIST files")
+    if labels.max(initial=0) > 9:
+        raise MmlabError(f"{labels_path}: label {labels.max()} outside 0-9; use the MNIST label file")
+    return images, labels.astype(np.int64)
+
+
+def recordings(fsdd_dir: str | Path) -> list[Path]:
+    """Every .wav in the FSDD recordings folder (`fsdd_dir` itself or `fsdd_dir/recordings`), sorted."""
+    root = Path(fsdd_dir)
+    if (root / "recordings").is_dir():
+        root = root / "recordings"
+    wavs = sorted(root.glob("*.wav")) if root.is_dir() else []
+    if not any(TAKE_NAME.match(p.name) for p in wavs):
+        raise MmlabError(f"{fsdd_dir}: no FSDD recordings found; expected {FSDD_LAYOUT}")
+    return wavs
+
+
+def load_takes(wavs: list[Path], snr_db: float | None, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """Read every take once: names, digits, take indices, log spectrograms [T, 112, 112], and the
+    files skipped (unparsable name or unreadable audio) with the reason."""
+    names, digits, takes, waves, skipped = [], [], [], [], []
+    for path in wavs:
+        match = TAKE_NAME.match(path.name)
+        if not match:
+            skipped.append({"path": str(path), "reason": "name is not {digit}_{speaker}_{index}.wav"})
+            continue
+        try:
+            wave, sr = read_wav(path)
+        except (RuntimeError, ValueError, OSError) as e:
+            skipped.append({"path": str(path), "reason": str(e)})
+            continue
+        wave = pad_or_cut(resample(wave, sr, SAMPLE_RATE), int(SAMPLE_RATE * DURATION_S))
+        if snr_db is not None:
+            wave = add_noise_at_snr(wave, snr_db, rng)
+        names.append(path.name)
+        digits.append(int(match[1]))
+        takes.append(int(match[3]))
+        waves.append(wave)
+    if not waves:
+        raise MmlabError(f"{wavs[0].parent}: none of the recordings could be read; expected {FSDD_LAYOUT}")
+    specs = log_spectrogram(np.stack(waves), n_fft=N_FFT, hop_length=HOP, eps=LOG_EPS)
+    return np.array(names), np.array(digits), np.array(takes), specs, skipped
+
+
+def pair(labels: np.ndarray, take_digits: np.ndarray, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each image, the index of a take in `pool` with the same digit: per digit the pool's takes
+    are shuffled and cycled through, so their reuse counts differ by at most one."""
+    chosen = np.empty(len(labels), dtype=np.int64)
+    for digit in np.unique(labels):
+        images = np.flatnonzero(labels == digit)
+        chosen[images] = np.resize(rng.permutation(np.flatnonzero(pool & (take_digits == digit))), len(images))
+    return chosen
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] -> float64 [N, 784] in [0, 1], the space the PCA works in."""
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0
+
+
+def degrade_images(train: np.ndarray, splits: dict[str, np.ndarray], pca_keep: float
+                   ) -> tuple[dict[str, np.ndarray], int, float]:
+    """Fit PCA on the train images and reconstruct every split from the fewest components whose
+    cumulative explained variance reaches `pca_keep` (at least one); float32 [N, 1, 28, 28] in [0, 1].
+
+    One fit gives the whole spectrum; projecting onto its first k components is exactly
+    inverse_transform(transform(x)) of a k-component PCA, without fitting a second time.
+    """
+    from sklearn.decomposition import PCA  # imported here: 2 s that the already-prepared path skips
+
+    # covariance_eigh: one 784 x 784 eigendecomposition, much faster than an SVD of the data for N >> 784
+    pca = PCA(svd_solver="covariance_eigh").fit(_flat(train))
+    cumulative = np.cumsum(pca.explained_variance_ratio_)
+    k = min(int(np.searchsorted(cumulative, pca_keep)) + 1, len(cumulative))
+    basis = pca.components_[:k]
+    out = {}
+    for split, x in splits.items():
+        reconstruction = (_flat(x) - pca.mean_) @ basis.T @ basis + pca.mean_
+        out[split] = np.clip(reconstruction, 0, 1).astype(np.float32).reshape(-1, 1, 28, 28)
+    return out, k, float(cumulative[k - 1])
+
+
+def _sources(files: dict[str, tuple[Path, Path]], wavs: list[Path]) -> dict[str, str]:
+    """sha256 of each MNIST file used and one sha256 over the sorted FSDD "name sha256" lines."""
+    sources = {p.name: sha256_file(p) for paths in files.values() for p in paths}
+    lines = "".join(f"{p.name} {sha256_file(p)}\n" for p in wavs)
+    sources["fsdd_recordings"] = hashlib.sha256(lines.encode()).hexdigest()
+    return sources
+
+
+def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path, *, pca_keep: float = 0.25,
+                    snr_db: float | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                    seed: int = 0, force: bool = False) -> tuple[dict, bool]:
+    """Write AVMNIST to `out`; returns (manifest, built) where built=False means it was already there
+    with the same parameters and the same source files.
+
+    Besides the modalities, each split holds two arrays that record the pairing, described in the
+    manifest's "pairs" entry: {split}/mnist_index.npy (the image's row in the MNIST IDX file the
+    split came from) and {split}/fsdd_take.npy (the paired recording's file name). The manifest's
+    "skipped" entry lists the FSDD files left out, each {"path", "reason"}.
+    """
+    files, wavs = mnist_files(mnist_dir), recordings(fsdd_dir)
+    official = "train" in files
+    params = {"mnist_split": "official train / t10k" if official else "stratified split of t10k",
+              "test_fraction": None if official else test_fraction, "val_fraction": val_fraction, "seed": seed,
+              "pca_keep": pca_keep, "pca_fit": "sklearn PCA on train images / 255, reconstruction clipped to [0, 1]",
+              "sample_rate": SAMPLE_RATE, "duration_s": DURATION_S, "fit_length": "zero-pad or cut at the end",
+              "snr_db": snr_db, "n_fft": N_FFT, "hop_length": HOP, "window": "hann", "center": True,
+              "log_eps": LOG_EPS, "spectrogram": "log(|STFT| + 1e-7)",
+              "pairing": "same digit; takes 0-4 with test, 5-49 with train and val; seeded, balanced reuse"}
+    derived = ("pca_n_components", "pca_energy_kept")
+    sources = _sources(files, wavs)
+    out = Path(out)
+    if not force and (out / "manifest.json").exists():
+        try:
+            manifest = read_manifest(out)
+            kept = {k: v for k, v in manifest.get("preprocessing", {}).items() if k not in derived}
+            if kept == params and manifest.get("sources") == sources:
+                return manifest, False
+        except Exception:
+            pass  # unreadable or another version: rebuild below
+
+    test_x, test_y = read_mnist(*files["test"])
+    if official:
+        trainval_x, trainval_y = read_mnist(*files["train"])
+        trainval_rows, test_rows = np.arange(len(trainval_y)), np.arange(len(test_y))
+    else:
+        trainval_rows, test_rows = stratified_split(test_y, test_fraction, seed)
+        trainval_x, trainval_y = test_x[trainval_rows], test_y[trainval_rows]
+        test_x, test_y = test_x[test_rows], test_y[test_rows]
+    train, val = stratified_split(trainval_y, val_fraction, seed)
+
+    names, digits, takes, specs, skipped = load_takes(wavs, snr_db, np.random.default_rng([seed, 1]))
+    test_pool = takes < FIRST_TRAIN_TAKE
+    for pool, what in ((test_pool, "0-4"), (~test_pool, "5-49")):
+        if missing := sorted(set(range(10)) - set(digits[pool].tolist())):
+            raise MmlabError(f"{fsdd_dir}: no readable take {what} of digit(s) {missing}; every digit needs "
+                             f"test takes 0-4 and train takes 5-49 ({FSDD_LAYOUT})")
+    rng = np.random.default_rng([seed, 0])
+    trainval_take = pair(trainval_y, digits, ~test_pool, rng)
+    test_take = pair(test_y, digits, test_pool, rng)
+
+    images, k, energy = degrade_images(trainval_x[train], {"train": trainval_x[train], "val": trainval_x[val],
+                                                           "test": test_x}, pca_keep)
+    rows = {"train": trainval_rows[train], "val": trainval_rows[val], "test": test_rows}
+    chosen = {"train": trainval_take[train], "val": trainval_take[val], "test": test_take}
+    labels = {"train": trainval_y[train], "val": trainval_y[val], "test": test_y}
+    # mnist_index and fsdd_take get no kind, so write_dataset stores them without making them modalities.
+    arrays = {s: {"image": images[s], "audio": specs[chosen[s]][:, None],
+                  "mnist_index": rows[s], "fsdd_take": names[chosen[s]]} for s in labels}
+    manifest = write_dataset(out, dataset="avmnist", classes=[str(d) for d in range(10)],
+                             kinds={"image": "image", "audio": "spectrogram"}, arrays=arrays, labels=labels,
+                             preprocessing={**params, "pca_n_components": k, "pca_energy_kept": energy},
+                             sources=sources, extra={"skipped": skipped, "pairs": PAIRS})
+    return manifest, True

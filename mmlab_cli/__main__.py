@@ -1,0 +1,3 @@
+from mmlab_cli.main import main
+
+main()

@@ -1,0 +1,42 @@
+"""One stderr console, one progress-bar factory and the one-line error handling every command uses."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mmlab_cli.errors import MmlabError
+
+console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line in logs
+
+
+def progress(*extra_columns, transient: bool = False) -> Progress:
+    """The progress bar every long-running loop uses; extra columns go before the timers."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra_columns,
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)
+
+
+def cli_errors(fn):
+    """Turn an MmlabError into `error: <message>` on stderr and exit code 2 (MMLAB_DEBUG=1 re-raises)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MmlabError as e:
+            if os.environ.get("MMLAB_DEBUG"):
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def not_built(command: str, issue: str):
+    """Body of a subcommand that a later issue fills in: one line, exit 2."""
+    typer.echo(f"error: `mmlab {command}` is not built yet ({issue}); see README.md for what works today", err=True)
+    raise typer.Exit(2)

@@ -1,0 +1,213 @@
+"""The prepared-dataset format: the only contract between `prepare` and everything after it.
+
+A prepared dataset is a directory::
+
+    manifest.json                 written last: its presence means the dataset is complete
+    {split}/labels.npy            int64 [N]
+    {split}/{modality}.npy        one array per split and modality, read with mmap_mode="r"
+
+Splits are ``train``, ``val`` (a seeded, stratified 10 % of the original train) and ``test``.
+Arrays are written to a temporary name and renamed into place, so a crash never leaves a
+half-written array under a valid name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmlab_cli.errors import MmlabError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+KINDS = ("image", "spectrogram", "frames", "text_tokens", "features")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """Shape of one sample (without the batch axis), its storage dtype and its kind."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+    mean: float = 0.0  # train-split statistics of the scaled values (uint8 is scaled to [0, 1])
+    std: float = 1.0
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, "kind": self.kind,
+                "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModalitySpec":
+        return cls(tuple(d["shape"]), d["dtype"], d["kind"], float(d.get("mean", 0.0)), float(d.get("std", 1.0)))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def array_path(root: str | Path, split: str, name: str) -> Path:
+    return Path(root) / split / f"{name}.npy"
+
+
+def partial_array_path(path: str | Path) -> Path:
+    """The temporary name an array is built under before it is renamed to `path`."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.partial.npy")
+
+
+def open_array_for_writing(path: str | Path, shape: tuple[int, ...], dtype) -> tuple[np.memmap, Path]:
+    """A writable memmap at a temporary name; `commit_array` renames it into place when full."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_array_path(path)
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+    return arr, tmp
+
+
+def commit_array(arr: np.memmap, tmp: Path, path: str | Path) -> None:
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+
+
+def save_array(path: str | Path, array: np.ndarray) -> None:
+    """Save an in-memory array atomically."""
+    out, tmp = open_array_for_writing(path, array.shape, array.dtype)
+    out[...] = array
+    commit_array(out, tmp, path)
+
+
+def scaled_stats(array: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
+    """Mean and std of the values a model sees (uint8 scaled to [0, 1]), computed in chunks."""
+    scale = 1 / 255 if array.dtype == np.uint8 else 1.0
+    n, s, ss = 0, 0.0, 0.0
+    for i in range(0, len(array), chunk):
+        x = np.asarray(array[i:i + chunk], dtype=np.float64) * scale
+        n += x.size
+        s += x.sum()
+        ss += np.square(x).sum()
+    mean = s / max(n, 1)
+    std = float(np.sqrt(max(ss / max(n, 1) - mean * mean, 0.0)))
+    return float(mean), std if std > 0 else 1.0
+
+
+def write_manifest(root: str | Path, *, dataset: str, classes: list[str], modalities: dict[str, ModalitySpec],
+                   labels: dict[str, np.ndarray], preprocessing: dict, sources: dict[str, str],
+                   extra: dict | None = None) -> dict:
+    """Write manifest.json last, after every array is in place; returns the manifest."""
+    splits = {}
+    for split, y in labels.items():
+        counts = np.bincount(np.asarray(y), minlength=len(classes)).tolist()
+        splits[split] = {"count": int(len(y)), "class_counts": counts}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "classes": list(classes),
+        "modalities": {m: spec.to_json() for m, spec in modalities.items()},
+        "splits": splits,
+        "preprocessing": preprocessing,
+        "sources": sources,
+        **(extra or {}),
+    }
+    atomic_write_json(Path(root) / "manifest.json", manifest)
+    return manifest
+
+
+def write_dataset(root: str | Path, *, dataset: str, classes: list[str], kinds: dict[str, str],
+                  arrays: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
+                  preprocessing: dict, sources: dict[str, str], extra: dict | None = None) -> dict:
+    """Write a whole in-memory dataset: arrays[split][modality], labels[split]."""
+    root = Path(root)
+    stale = root / "manifest.json"
+    if stale.exists():
+        stale.unlink()  # the directory is being rebuilt: invalid until the new manifest lands
+    for split, y in labels.items():
+        save_array(array_path(root, split, "labels"), np.asarray(y, dtype=np.int64))
+        for m, a in arrays[split].items():
+            save_array(array_path(root, split, m), a)
+    specs = {}
+    for m, kind in kinds.items():
+        train = arrays["train"][m]
+        mean, std = scaled_stats(train) if kind != "text_tokens" else (0.0, 1.0)
+        specs[m] = ModalitySpec(tuple(train.shape[1:]), str(train.dtype), kind, mean, std)
+    return write_manifest(root, dataset=dataset, classes=classes, modalities=specs, labels=labels,
+                          preprocessing=preprocessing, sources=sources, extra=extra)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out): `fraction` of every class held out, seeded; both sorted."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        held.append(idx[: int(round(fraction * len(idx)))])
+    held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(labels)), held_out)
+    return keep, held_out
+
+
+def read_manifest(root: str | Path) -> dict:
+    """Load and check manifest.json; every problem is a one-line MmlabError naming the file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MmlabError(f"{root}: no such dataset directory; create it with `mmlab prepare NAME --out {root}`")
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise MmlabError(f"{path}: missing; {root} is not a prepared dataset (or its preparation did not finish): "
+                         f"run `mmlab prepare NAME --out {root}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MmlabError(f"{path}: not valid JSON ({e.msg}); re-run `mmlab prepare` with --force") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise MmlabError(f"{path}: format version {version!r}, this mmlab reads version {FORMAT_VERSION}; "
+                         f"re-run `mmlab prepare` with this version to rebuild it")
+    for key in ("dataset", "classes", "modalities", "splits"):
+        if key not in manifest:
+            raise MmlabError(f"{path}: no '{key}' entry; re-run `mmlab prepare` with --force")
+    return manifest
+
+
+def open_array(root: str | Path, split: str, name: str, shape: tuple[int, ...] | None = None,
+               count: int | None = None) -> np.ndarray:
+    """Memory-map one array, checking it against the manifest's shape and count."""
+    path = array_path(root, split, name)
+    if not path.is_file():
+        raise MmlabError(f"{path}: missing; re-run `mmlab prepare` with --force to rebuild {Path(root)}")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise MmlabError(f"{path}: corrupt array file ({e}); re-run `mmlab prepare` with --force") from None
+    if count is not None and len(arr) != count:
+        raise MmlabError(f"{path}: {len(arr)} rows but the manifest says {count}; "
+                         f"re-run `mmlab prepare` with --force")
+    if shape is not None and tuple(arr.shape[1:]) != tuple(shape):
+        raise MmlabError(f"{path}: sample shape {tuple(arr.shape[1:])} but the manifest says {tuple(shape)}; "
+                         f"re-run `mmlab prepare` with --force")
+    return arr

@@ -1,0 +1,100 @@
+"""The run directory, what every analysis reads::
+
+    config.yaml            the resolved TrainConfig
+    env.json               versions, device, seed, git commit
+    metrics.jsonl          one line per finished epoch
+    metrics.json           best-val epoch, val and test accuracy (fused and per modality); present = finished
+    checkpoints/last/      model.safetensors + state.pt, after every epoch
+    checkpoints/best/      the same, for the best validation accuracy so far
+
+`load_run` turns a run directory back into (model, dataset, config) for notebooks and analyses.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmlab_cli.config import TrainConfig, config_from_yaml
+from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.engine.checkpoint import find_checkpoint, load_weights
+from mmlab_cli.errors import MmlabError
+from mmlab_cli.models.fusion import LateFusion
+
+
+class RunPaths:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.env = self.root / "env.json"
+        self.metrics_jsonl = self.root / "metrics.jsonl"
+        self.metrics = self.root / "metrics.json"
+        self.last = self.root / "checkpoints" / "last"
+        self.best = self.root / "checkpoints" / "best"
+
+
+@dataclass
+class Run:
+    model: LateFusion
+    dataset: PreparedDataset
+    config: TrainConfig
+    paths: RunPaths
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads(self.paths.metrics.read_text()) if self.paths.metrics.is_file() else {}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MmlabError("--device cuda: no CUDA device is visible to torch; use --device cpu or auto")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, dataset: PreparedDataset) -> LateFusion:
+    return LateFusion(dataset.specs, len(dataset.classes), encoder=cfg.encoder, dim=cfg.embed_dim, fusion=cfg.fusion)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device, seed: int) -> dict:
+    import numpy
+
+    import mmlab_cli
+
+    return {"mmlab": mmlab_cli.__version__, "git_commit": git_commit(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "seed": seed}
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> Run:
+    """(model in eval mode with the chosen checkpoint's weights, dataset, config) of a run directory."""
+    paths = RunPaths(run_dir)
+    if not paths.config.is_file():
+        raise MmlabError(f"{paths.config}: missing; {run_dir} is not a run directory (make one with `mmlab train`)")
+    cfg = config_from_yaml(paths.config)
+    ckpt = find_checkpoint(paths.best if checkpoint == "best" else paths.last)
+    if ckpt is None:
+        raise MmlabError(f"{paths.root / 'checkpoints' / checkpoint}: no checkpoint; finish the run with "
+                         f"`mmlab train --resume --out {run_dir}`")
+    dataset = PreparedDataset(cfg.data, cfg.modalities or None)
+    dev = resolve_device(device)
+    model = build_model(cfg, dataset).to(dev)
+    load_weights(ckpt, model, dev)
+    model.eval()
+    return Run(model, dataset, cfg, paths)

@@ -1,0 +1,54 @@
+"""Late fusion: per-modality encoders -> embeddings of one size -> fusion -> classifier.
+
+Besides the fused classifier, each modality has a linear *probe* head trained on its detached
+embedding: it reports every modality's own accuracy without sending any extra gradient into
+the encoders, so SML/DML training is exactly the fused objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmlab_cli.data.format import ModalitySpec
+from mmlab_cli.errors import MmlabError
+from mmlab_cli.models.encoders import create_encoder
+
+FUSIONS = ("concat", "sum")
+
+
+@dataclass
+class FusionOutput:
+    logits: torch.Tensor  # fused prediction [B, K]
+    embeddings: dict[str, torch.Tensor]  # per-modality embedding [B, d], before normalisation
+    probe_logits: dict[str, torch.Tensor]  # per-modality probe prediction [B, K] on detached embeddings
+
+
+class LateFusion(nn.Module):
+    def __init__(self, specs: dict[str, ModalitySpec], num_classes: int, encoder: str | dict[str, str] = "small_cnn",
+                 dim: int = 128, fusion: str = "concat"):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise MmlabError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
+        self.modalities = list(specs)
+        self.fusion = fusion
+        names = encoder if isinstance(encoder, dict) else {m: encoder for m in specs}
+        self.encoders = nn.ModuleDict({m: create_encoder(names[m], s, dim) for m, s in specs.items()})
+        self.head = nn.Linear(dim * len(specs) if fusion == "concat" else dim, num_classes)
+        self.probes = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in specs})
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+
+    def fuse(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fused logits; a modality missing from `embeddings` contributes zeros."""
+        ref = next(iter(embeddings.values()))
+        parts = [embeddings.get(m, torch.zeros_like(ref)) for m in self.modalities]
+        return self.head(torch.cat(parts, dim=1) if self.fusion == "concat" else torch.stack(parts).sum(0))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> FusionOutput:
+        z = self.embed(inputs)
+        probes = {m: self.probes[m](z[m].detach()) for m in self.modalities}
+        return FusionOutput(self.fuse(z), z, probes)

@@ -1,0 +1,186 @@
+"""AVMNIST preparation on the real MNIST test split and FSDD recordings (skipped when absent).
+
+The full dataset is prepared once per module; a small copy (2,000 MNIST images as raw IDX, 50
+FSDD takes plus broken files) covers the edge cases without a second full build.
+"""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from data_prep.audio import log_spectrogram, pad_or_cut
+from data_prep.avmnist import prepare_avmnist, read_mnist
+from mmlab_cli.errors import MmlabError
+
+TAKE = re.compile(r"^(\d)_([^_]+)_(\d+)\.wav$")
+
+
+def mnist_test_split(mnist_dir):
+    return read_mnist(mnist_dir / "t10k-images-idx3-ubyte.gz", mnist_dir / "t10k-labels-idx1-ubyte.gz")
+
+
+def load(root, split, name):
+    return np.load(root / split / f"{name}.npy")
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, mnist_dir, fsdd_dir):
+    out = tmp_path_factory.mktemp("avmnist")
+    manifest, built = prepare_avmnist(mnist_dir, fsdd_dir, out)
+    assert built
+    return out, manifest
+
+
+def write_idx(path, array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, mnist_dir, fsdd_dir):
+    """2,000 MNIST images (raw IDX), one speaker's takes 0, 1, 5, 6, 7 of every digit, 3 broken files."""
+    root = tmp_path_factory.mktemp("small")
+    images, labels = mnist_test_split(mnist_dir)
+    (root / "mnist").mkdir()
+    write_idx(root / "mnist" / "t10k-images-idx3-ubyte", images[:2000], 2051)
+    write_idx(root / "mnist" / "t10k-labels-idx1-ubyte", labels[:2000], 2049)
+    recordings = root / "fsdd" / "recordings"
+    recordings.mkdir(parents=True)
+    for digit in range(10):
+        for take in (0, 1, 5, 6, 7):
+            shutil.copy(fsdd_dir / f"{digit}_george_{take}.wav", recordings)
+    broken = {"3_george_8.wav": b"not a wav file at all", "4_george_9.wav": b"",
+              "5_george_2.wav": (fsdd_dir / "5_george_2.wav").read_bytes()[:44]}  # header, no samples
+    for name, data in broken.items():
+        (recordings / name).write_bytes(data)
+    manifest, built = prepare_avmnist(root / "mnist", root / "fsdd", root / "out", pca_keep=1.0)
+    assert built
+    return root, manifest, set(broken)
+
+
+def test_counts_are_stratified(full, mnist_dir):
+    out, manifest = full
+    source = np.bincount(mnist_test_split(mnist_dir)[1], minlength=10)
+    splits = manifest["splits"]
+    assert splits["test"]["count"] == 2000
+    assert splits["train"]["count"] + splits["val"]["count"] == 8000
+    assert abs(splits["val"]["count"] - 800) <= 5
+    test, val = (np.array(splits[s]["class_counts"]) for s in ("test", "val"))
+    assert np.all(np.abs(test - 0.2 * source) <= 1)
+    assert np.all(np.abs(val - 0.1 * (source - test)) <= 1)
+    assert manifest["classes"] == [str(d) for d in range(10)]
+    assert manifest["modalities"]["image"]["shape"] == [1, 28, 28]
+    assert manifest["modalities"]["audio"]["shape"] == [1, 112, 112]
+    assert manifest["modalities"]["audio"]["kind"] == "spectrogram"
+
+
+def test_splits_are_disjoint_and_keep_labels(full, mnist_dir):
+    out, _ = full
+    labels = mnist_test_split(mnist_dir)[1]
+    rows = {s: load(out, s, "mnist_index") for s in ("train", "val", "test")}
+    everything = np.concatenate(list(rows.values()))
+    assert len(everything) == len(np.unique(everything)) == 10000
+    for split, r in rows.items():
+        np.testing.assert_array_equal(load(out, split, "labels"), labels[r])
+
+
+def test_pairs_same_digit_and_right_takes(full):
+    out, _ = full
+    for split in ("train", "val", "test"):
+        labels, takes = load(out, split, "labels"), load(out, split, "fsdd_take")
+        parsed = [TAKE.match(t) for t in takes]
+        assert all(int(m[1]) == y for m, y in zip(parsed, labels))
+        indices = np.array([int(m[3]) for m in parsed])
+        assert np.all(indices < 5) if split == "test" else np.all(indices >= 5)
+    # Balanced reuse: within a digit and a pool, every take is used n or n + 1 times.
+    for splits in (("train", "val"), ("test",)):
+        takes = np.concatenate([load(out, s, "fsdd_take") for s in splits])
+        labels = np.concatenate([load(out, s, "labels") for s in splits])
+        for digit in range(10):
+            _, counts = np.unique(takes[labels == digit], return_counts=True)
+            assert counts.max() - counts.min() <= 1
+
+
+def test_spectrogram_matches_independent_computation(full, fsdd_dir):
+    out, _ = full
+    takes = load(out, "test", "fsdd_take")
+    audio = np.load(out / "test" / "audio.npy", mmap_mode="r")
+    assert audio.shape == (2000, 1, 112, 112) and audio.dtype == np.float32
+    wave, sr = sf.read(fsdd_dir / takes[7], dtype="float32")
+    assert sr == 8000
+    expected = log_spectrogram(pad_or_cut(wave, 8000), n_fft=222, hop_length=72)
+    np.testing.assert_allclose(audio[7, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pca_removes_three_quarters_of_the_energy(full, mnist_dir):
+    out, manifest = full
+    prep = manifest["preprocessing"]
+    kept = prep["pca_energy_kept"]
+    assert prep["pca_keep"] == 0.25 and 0.25 <= kept < 0.35 and prep["pca_n_components"] >= 1
+    images = mnist_test_split(mnist_dir)[0][load(out, "train", "mnist_index")] / 255.0
+    stored = load(out, "train", "image")[:, 0]
+    residual = np.sum((images - stored) ** 2) / np.sum((images - images.mean(axis=0)) ** 2)
+    # Clipping to [0, 1] can only move a reconstruction closer to an image in [0, 1].
+    assert 1 - kept - 0.05 < residual <= 1 - kept + 1e-4
+
+
+def test_pca_keep_one_reconstructs_exactly(small, mnist_dir):
+    root, manifest, _ = small
+    images = mnist_test_split(mnist_dir)[0] / 255.0
+    for split in ("train", "val", "test"):
+        stored = load(root / "out", split, "image")[:, 0]
+        np.testing.assert_allclose(stored, images[load(root / "out", split, "mnist_index")], atol=1e-4)
+    assert manifest["preprocessing"]["pca_energy_kept"] == pytest.approx(1.0)
+
+
+def test_broken_wavs_are_skipped_and_listed(small):
+    root, manifest, broken = small
+    skipped = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in manifest["skipped"]}
+    assert set(skipped) == broken and all(skipped.values())
+    used = set(np.concatenate([load(root / "out", s, "fsdd_take") for s in ("train", "val", "test")]))
+    assert not used & broken
+
+
+def test_second_call_is_a_no_op(full, mnist_dir, fsdd_dir):
+    out, manifest = full
+    again, built = prepare_avmnist(mnist_dir, fsdd_dir.parent, out)  # the folder holding recordings/
+    assert not built and again == manifest
+
+
+@pytest.mark.parametrize("what", ["mnist", "fsdd"])
+def test_wrong_layout_is_one_line_error(tmp_path, mnist_dir, fsdd_dir, what):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = (empty, fsdd_dir) if what == "mnist" else (mnist_dir, empty)
+    with pytest.raises(MmlabError, match="expected") as e:
+        prepare_avmnist(*args, tmp_path / "out")
+    assert str(empty) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_idx_file_is_named(tmp_path, mnist_dir, fsdd_dir):
+    bad = tmp_path / "mnist"
+    bad.mkdir()
+    shutil.copy(mnist_dir / "t10k-labels-idx1-ubyte.gz", bad / "t10k-images-idx3-ubyte.gz")  # labels as images
+    shutil.copy(mnist_dir / "t10k-labels-idx1-ubyte.gz", bad)
+    with pytest.raises(MmlabError, match="magic number 2049, expected 2051") as e:
+        prepare_avmnist(bad, fsdd_dir, tmp_path / "out")
+    assert str(e.value).startswith(str(bad / "t10k-images-idx3-ubyte.gz"))
+
+
+def test_cli(full, mnist_dir, fsdd_dir, tmp_path):
+    from mmlab_cli.main import app
+
+    out, _ = full
+    runner = CliRunner()
+    ok = runner.invoke(app, ["prepare", "avmnist", "--mnist", str(mnist_dir), "--fsdd", str(fsdd_dir),
+                             "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["prepare", "avmnist", "--mnist", str(tmp_path / "missing"), "--fsdd", str(fsdd_dir),
+                              "--out", str(tmp_path / "out")])
+    assert bad.exit_code == 2
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()

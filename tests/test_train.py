@@ -1,0 +1,105 @@
+"""`mmlab train` end to end on a tiny synthetic dataset: run directory, determinism, resume after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from mmlab_cli.data.loader import BatchLoader
+from mmlab_cli.engine.evaluate import evaluate
+from mmlab_cli.engine.fit import train
+from mmlab_cli.engine.rundir import load_run
+
+TIMING_KEYS = {"seconds", "train_seconds", "wall_seconds_this_process"}
+
+
+def _history(run):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _metrics(run):
+    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k not in TIMING_KEYS}
+
+
+def test_run_directory_loss_decreases_and_load_run(tiny_synthetic, tmp_path):
+    run = tmp_path / "sml"
+    metrics = train(tiny_config(tiny_synthetic, run, epochs=4))
+    for f in ("config.yaml", "env.json", "metrics.jsonl", "metrics.json", "checkpoints/last/model.safetensors",
+              "checkpoints/last/state.pt", "checkpoints/best/model.safetensors"):
+        assert (run / f).is_file(), f
+    history = _history(run)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert metrics["best_epoch"] == 1 + int(np.argmax([h["val_acc"] for h in history]))
+    assert {"test_acc", "test_acc_image", "test_acc_audio", "val_acc"} <= set(metrics)
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 0
+    # load_run gives back the best checkpoint: re-evaluating it reproduces the stored test accuracy
+    loaded = load_run(run)
+    test = evaluate(loaded.model, BatchLoader(loaded.dataset.split("test"), 50, torch.device("cpu")),
+                    torch.device("cpu"))
+    assert test["acc"] == pytest.approx(metrics["test_acc"])
+    assert loaded.config.modalities == ["image", "audio"]
+
+
+def test_same_seed_same_metrics_and_dml_differs(tiny_synthetic, tmp_path):
+    a = train(tiny_config(tiny_synthetic, tmp_path / "a", epochs=2))
+    b = train(tiny_config(tiny_synthetic, tmp_path / "b", epochs=2))
+    c = train(tiny_config(tiny_synthetic, tmp_path / "c", epochs=2, pairing="dml"))
+    assert _history(tmp_path / "a") == _history(tmp_path / "b")
+    assert a["test_acc"] == b["test_acc"]
+    assert _history(tmp_path / "a") != _history(tmp_path / "c")
+
+
+def test_three_modalities_and_unimodal(tiny_synthetic, tmp_path):
+    m3 = train(tiny_config(tiny_synthetic, tmp_path / "three", modalities=["image", "audio", "depth"],
+                           pairing="dml", epochs=2))
+    assert {"test_acc_image", "test_acc_audio", "test_acc_depth"} <= set(m3)
+    uni = train(tiny_config(tiny_synthetic, tmp_path / "uni", modalities=["audio"], epochs=2, fusion="sum"))
+    assert uni["modalities"] == ["audio"]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "mmlab_cli", "train", *map(str, args)]
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(tiny_synthetic, tmp_path):
+    flags = ["--data", tiny_synthetic, "--modalities", "image,audio", "--pairing", "dml", "--encoder", "tiny_cnn",
+             "--embed-dim", "16", "--epochs", "6", "--batch-size", "16", "--lr", "0.05", "--step-size", "3",
+             "--device", "cpu", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli(*flags, "--out", full), check=True, capture_output=True, env=env)
+
+    proc = subprocess.Popen(_cli(*flags, "--out", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        jsonl = killed / "metrics.jsonl"
+        if jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    time.sleep(0.1)  # into the next epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+
+    resumed = subprocess.run(_cli("--resume", "--out", killed), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert _metrics(killed) == _metrics(full)
+    assert _history(killed) == _history(full)
+    wa = load_file(str(full / "checkpoints/last/model.safetensors"))
+    wb = load_file(str(killed / "checkpoints/last/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    again = subprocess.run(_cli("--resume", "--out", killed), capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "already finished" in again.stderr
