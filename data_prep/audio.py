@@ -2,7 +2,8 @@
 and the named spectrogram recipes of the real benchmarks (`AUDIO_RECIPES`).
 
 All STFT spectrograms in mmlab go through `log_spectrogram`, so synthetic audio and real recordings
-are processed by the same code.
+are processed by the same code. torch is imported inside the functions that compute: the process
+that only plans a `prepare` (scanning, splitting, writing) stays small.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 import soundfile as sf
-import torch
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
@@ -30,6 +30,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     if orig_sr == new_sr:
         return wave
+    import torch
     import torchaudio.functional as AF
 
     return AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), orig_sr, new_sr).numpy()
@@ -62,6 +63,8 @@ def log_spectrogram(waves: np.ndarray, n_fft: int, hop_length: int, eps: float =
 
     Accepts one waveform [T] or a batch [B, T]; returns float32.
     """
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(waves, dtype=np.float32))
     spec = torch.stft(x, n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft),
                       center=True, return_complex=True)
@@ -117,6 +120,7 @@ FBANK_FRAMES = 1024
 def kaldi_fbank(wave: np.ndarray) -> np.ndarray:
     """The AST recipe on a 16 kHz wave: Kaldi fbank (128 mel bins, 25 ms Hanning window, 10 ms shift,
     no dither), zero-padded or cut to 1024 frames, then (x - mean) / (2 std) -> [1, 1024, 128]."""
+    import torch
     import torchaudio.compliance.kaldi as kaldi
 
     x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None]
@@ -136,6 +140,8 @@ def _mel128_transform():
 def mel128(wave: np.ndarray) -> np.ndarray:
     """The DML (B.1) Kinetics-Sounds recipe on a 16 kHz wave: 10 s tiled or cut, clipped to [-1, 1],
     log(mel power + 1e-7) with n_fft 2048, hop 1250, 128 mel bins, first 128 frames -> [1, 128, 128]."""
+    import torch
+
     x = torch.from_numpy(np.clip(tile_or_cut(wave, 10 * 16000), -1.0, 1.0).astype(np.float32))
     mel = _mel128_transform()(x)[:, :128]
     return torch.log(mel + 1e-7).numpy()[None]

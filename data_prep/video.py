@@ -69,7 +69,8 @@ def frames_1fps(path: str | Path, size: int) -> list[np.ndarray]:
 
 def _resized(frame: av.VideoFrame, size: int) -> np.ndarray:
     width, height = cover_size(frame.width, frame.height, size)
-    return center_crop_chw(frame.to_ndarray(width=width, height=height, format="rgb24"), size)
+    rgb = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")  # antialiased
+    return center_crop_chw(rgb, size)
 
 
 def pick_evenly(frames: list[np.ndarray], k: int) -> np.ndarray:

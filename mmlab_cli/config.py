@@ -1,7 +1,9 @@
 """The training configuration: defaults <- recipe YAML <- command-line flags, validated in one place.
 
 Defaults follow the DML paper's Table 6 (AVMNIST column): 70 epochs, batch 64, SGD lr 1e-3,
-weight decay 1e-4, StepLR every 30 epochs by 0.1.
+weight decay 1e-4, StepLR every 30 epochs by 0.1. The training methods (DGL, DAGR, SAM, SWA,
+label smoothing, augmentation) are off by default; each is one key here and one flag of `mmlab train`,
+and the resolved config.yaml of a run records them all, so `report` can group runs by any of them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ CHOICES = {
     "scheduler": ("step", "none"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
+    "scheme": ("joint", "dgl"),
+    "regularizer": ("none", "dagr"),
 }
+AUGMENTS = ("jitter", "crop", "flip", "specaugment")
 
 
 @dataclass
@@ -31,17 +36,36 @@ class TrainConfig:
     modalities: list[str] = field(default_factory=list)  # empty: every modality in the manifest
     pairing: str = "sml"  # sml: fixed pairs; dml: re-pair non-anchor modalities within the class each step
     fusion: str = "concat"
-    encoder: str = "small_cnn"
+    encoder: str | dict[str, str] = "small_cnn"  # one name for every modality, or {modality: name}
+    text_encoder: str = ""  # transformers model directory (config.json, optional weights) for text_tokens
+    pretrained: dict[str, str] = field(default_factory=dict)  # {modality: local weights file} (resnet18)
     embed_dim: int = 128
     epochs: int = 70
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 64  # global batch: split over the processes of a distributed run
+    lr: float = 1e-3  # fusion head, probes and every encoder not in encoder_lr
+    encoder_lr: dict[str, float] = field(default_factory=dict)  # {modality: lr of its encoder}
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    encoder_weight_decay: dict[str, float] = field(default_factory=dict)
     scheduler: str = "step"
     step_size: int = 30
     gamma: float = 0.1
+    clip_grad_norm: float = 0.0  # 0: off
+    scheme: str = "joint"  # joint: end to end; dgl: disentangled gradient learning (Wei et al. 2025)
+    dgl_alpha: float = 1.0  # weight of DGL's unimodal losses
+    regularizer: str = "none"  # dagr: dispersion + anchoring on L2-normalised embeddings
+    dagr_pareto: bool = True  # min-norm (Pareto) mix of the two DAGR gradients, the DAGR paper's default
+    dagr_lambda: float = 0.1  # base factor of the Pareto-mixed DAGR gradient
+    dagr_weights: list[float] = field(default_factory=lambda: [0.1, 0.1])  # (lambda_d, lambda_a) without Pareto
+    dagr_temperature: float = 2.0  # t of the RBF uniformity term
+    dagr_delta: float = 0.5  # tolerance radius of the anchoring hinge (unit-sphere distance, in [0, 2])
+    sam: float = 0.0  # SAM neighbourhood radius rho; 0: off
+    swa_start: int = 0  # first epoch (1-based) averaged by SWA; 0: off
+    swa_lr: float = 0.0  # constant learning rate from swa_start on; 0: keep the rate reached there
+    label_smoothing: float = 0.0
+    augment: list[str] = field(default_factory=list)  # jitter, crop, flip (image/frames), specaugment
+    sync_bn: bool = False  # SyncBatchNorm in a multi-GPU run (batch statistics over the global batch)
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # bf16/fp16 use autocast on CUDA only
@@ -53,24 +77,63 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def _mapping(value, cast) -> dict:
+    """{k: v} from a YAML mapping or from `k=v,k2=v2` on the command line."""
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict):
+        raise ValueError
+    return {str(k): cast(v) for k, v in value.items()}
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError
+    return int(float(value))
+
+
+def _list(value, cast) -> list:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [cast(str(v).strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
+
+
+CASTS = {
+    "str": str,
+    "int": _int,
+    "float": float,
+    "bool": _bool,
+    "list[str]": lambda v: _list(v, str),
+    "list[float]": lambda v: _list(v, float),
+    "dict[str, str]": lambda v: _mapping(v, str),
+    "dict[str, float]": lambda v: _mapping(v, float),
+    "str | dict[str, str]": lambda v: _mapping(v, str) if isinstance(v, dict) or "=" in str(v) else str(v),
+}
+
+
 def _coerce(key: str, value, source: str):
     """Convert a recipe/flag value to the field's type, or fail naming the key and the source."""
     kind = FIELDS[key].type
     try:
-        if kind == "list[str]":
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return [str(v).strip() for v in items if str(v).strip()]
-        if kind == "int":
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if kind == "float":
-            return float(value)
-        if kind == "str":
-            return str(value)
+        if isinstance(value, (dict, list)) and kind in ("str", "int", "float", "bool"):
+            raise ValueError
+        return CASTS[kind](value)
     except (TypeError, ValueError):
         pass
-    raise MmlabError(f"{source}: '{key}' must be {kind}, got {value!r}")
+    example = {"dict[str, str]": " (a mapping, or m=v,m2=v2 on the command line)",
+               "dict[str, float]": " (a mapping, or m=v,m2=v2 on the command line)",
+               "str | dict[str, str]": " (a name, or a mapping modality: name)"}.get(kind, "")
+    raise MmlabError(f"{source}: '{key}' must be {kind}{example}, got {value!r}")
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -97,21 +160,52 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     for key in ("epochs", "batch_size", "embed_dim", "step_size"):
         if getattr(cfg, key) < 1:
             raise MmlabError(f"{source}: '{key}' must be >= 1, got {getattr(cfg, key)}")
-    for key in ("lr", "gamma"):
+    for key in ("lr", "gamma", "dagr_temperature"):
         if getattr(cfg, key) <= 0:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
-    if cfg.weight_decay < 0 or cfg.momentum < 0:
-        raise MmlabError(f"{source}: weight_decay and momentum must be >= 0")
+    for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "dagr_lambda", "dagr_delta", "sam",
+                "swa_start", "swa_lr"):
+        if getattr(cfg, key) < 0:
+            raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    for key in ("encoder_lr", "encoder_weight_decay"):
+        bad = {m: v for m, v in getattr(cfg, key).items() if v < 0 or (key == "encoder_lr" and v == 0)}
+        if bad:
+            raise MmlabError(f"{source}: '{key}' has {bad}; learning rates must be > 0, weight decays >= 0")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise MmlabError(f"{source}: 'label_smoothing' must be in [0, 1), got {cfg.label_smoothing}")
+    if len(cfg.dagr_weights) != 2 or min(cfg.dagr_weights) < 0:
+        raise MmlabError(f"{source}: 'dagr_weights' is lambda_d,lambda_a (two numbers >= 0), got {cfg.dagr_weights}")
+    if cfg.swa_start > cfg.epochs:
+        raise MmlabError(f"{source}: 'swa_start' {cfg.swa_start} is after the last epoch {cfg.epochs}")
+    unknown = [a for a in cfg.augment if a not in AUGMENTS]
+    if unknown:
+        raise MmlabError(f"{source}: 'augment' has unknown '{unknown[0]}'; choose from {', '.join(AUGMENTS)}")
     if len(set(cfg.modalities)) != len(cfg.modalities):
         raise MmlabError(f"{source}: modalities {cfg.modalities} name one modality twice")
     return cfg
 
 
+def _dagr_mode(layers: list[dict], source: str) -> dict:
+    """Giving dagr_weights selects the weighted sum unless the same layer also asks for Pareto."""
+    mode = {}
+    for values in layers:
+        if "dagr_weights" in values and values.get("dagr_pareto") is True:
+            raise MmlabError(f"{source}: dagr_weights and dagr_pareto both given; the weights apply only "
+                             f"without Pareto balancing: choose one")
+        if "dagr_weights" in values and "dagr_pareto" not in values:
+            mode["dagr_pareto"] = False
+        if "dagr_pareto" in values:
+            mode["dagr_pareto"] = values["dagr_pareto"]
+    return mode
+
+
 def resolve_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
     """Defaults, then the recipe's values, then every override that is not None."""
-    values = load_recipe(recipe) if recipe else {}
-    values.update({k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None})
-    return validate(TrainConfig(**values), str(recipe) if recipe else "command line")
+    source = str(recipe) if recipe else "command line"
+    from_recipe = load_recipe(recipe) if recipe else {}
+    from_flags = {k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
+    values = {**from_recipe, **from_flags, **_dagr_mode([from_recipe, from_flags], source)}
+    return validate(TrainConfig(**values), source)
 
 
 def config_from_yaml(path: str | Path) -> TrainConfig:

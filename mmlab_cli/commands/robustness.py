@@ -1,10 +1,100 @@
-"""`mmlab robustness`: not built yet."""
+"""`mmlab robustness`: parse flags, analyse each run with `mmlab_cli.analysis.robustness`, compare several."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from mmlab_cli.console import not_built
+from mmlab_cli.console import cli_errors, console
 
 
-def robustness(run_dirs: list[str] = typer.Argument(None, help="Run directories to analyse.")) -> None:
-    """Not built yet: see the robustness issue. Exits with code 2."""
-    not_built("robustness", "the robustness issue")
+def _floats(text: str, flag: str) -> list[float]:
+    from mmlab_cli.errors import MmlabError
+
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MmlabError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+
+
+@cli_errors
+def robustness(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (from `mmlab train`); two or more are "
+                                          "also compared on shared axes."),
+    attack: str = typer.Option("pgd", help="pgd | none."),
+    modality: str = typer.Option("all", help="Modality to perturb/corrupt (one at a time, the others clean), or all."),
+    eps: Optional[float] = typer.Option(None, help="PGD L-inf radius in data units (default per kind, DML Table 11: "
+                                        "image/frames 0.1, spectrogram 0.005)."),
+    steps: Optional[int] = typer.Option(None, help="PGD steps T (default: image/frames 5, spectrogram 10)."),
+    step_size: Optional[float] = typer.Option(None, help="PGD step size alpha (default 0.001)."),
+    random_start: bool = typer.Option(False, "--random-start/--no-random-start",
+                                      help="Start PGD at a uniform point of the eps-ball."),
+    eps_sweep: bool = typer.Option(False, "--eps-sweep", help="Also measure accuracy vs eps (--eps-factors)."),
+    eps_factors: str = typer.Option("0,0.25,0.5,1,2,4", help="Eps sweep as multiples of each modality's eps "
+                                    "(the step size is scaled alike)."),
+    corruption: str = typer.Option("all", help="Comma-separated corruptions, all, or none: missing-zero, "
+                                   "missing-mean, gaussian, audio-noise, specaugment, frame-drop, cutout, "
+                                   "feature-dropout."),
+    severity: str = typer.Option("0,0.2,0.4,0.6,0.8,1", help="Severity levels in [0, 1] (0 = clean, 1 = full); "
+                                 "docs/robustness.md gives each corruption's parameter."),
+    split: str = typer.Option("test", help="Split to evaluate on."),
+    samples: Optional[int] = typer.Option(None, help="Seeded subset of the split (default: all of it)."),
+    batch_size: int = typer.Option(256, help="Batch size."),
+    seed: int = typer.Option(0, help="Seed of the subset, PGD random start and corruption draws."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    checkpoint: str = typer.Option("best", help="best | last."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: "
+                                       "robustness_comparison next to the first run)."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if robustness.json has these settings."),
+) -> None:
+    """PGD and corruption robustness, one modality at a time: writes robustness.{json,csv,md} and PNG curves
+    into each run directory."""
+    from rich.table import Table
+
+    from mmlab_cli.analysis.corruptions import CORRUPTIONS
+    from mmlab_cli.analysis.robustness import RobustnessSettings, analyse_run, compare, pgd_cell
+    from mmlab_cli.engine.rundir import load_run, resolve_device
+    from mmlab_cli.errors import MmlabError
+
+    if checkpoint not in ("best", "last"):
+        raise MmlabError(f"--checkpoint {checkpoint}: choose best or last")
+    names = {"all": list(CORRUPTIONS), "none": []}.get(corruption, [c.strip() for c in corruption.split(",")])
+    settings = RobustnessSettings(attack=attack, eps=eps, steps=steps, step_size=step_size, random_start=random_start,
+                                  eps_factors=_floats(eps_factors, "--eps-factors") if eps_sweep else None,
+                                  corruptions=names, levels=_floats(severity, "--severity"), split=split,
+                                  samples=samples, batch_size=batch_size, seed=seed).check()
+    dev = resolve_device(device)
+    runs = [load_run(r, checkpoint, str(dev)) for r in run_dirs]
+    if modality != "all" and not any(modality in r.model.modalities for r in runs):
+        raise MmlabError(f"--modality {modality}: no run has it; they have "
+                         f"{', '.join(sorted({m for r in runs for m in r.model.modalities}))}")
+    results = []
+    for r in runs:
+        chosen = None if modality == "all" else [modality] if modality in r.model.modalities else []
+        if chosen == []:
+            console.print(f"{r.paths.root}: has no {modality}; only its clean accuracy is measured")
+        result = analyse_run(r, replace(settings, modalities=chosen), dev, checkpoint, force)
+        results.append(result)
+        note = "reused" if result.get("reused") else f"{result['seconds']:.1f} s"
+        console.print(f"[bold]{r.paths.root}[/]: clean {result['clean']['acc']:.2f}% ({note}); "
+                      f"wrote robustness.json/.csv/.md and PNGs")
+
+    modalities = list(dict.fromkeys(m for res in results for m in res["pgd"]))
+    table = Table(title="PGD: accuracy (%) with one modality perturbed (drop rate)")
+    for col in ("run", "method", "clean", *modalities):
+        table.add_column(col)
+    for res in results:
+        table.add_row(res["label"], res["method"], f"{res['clean']['acc']:.2f}",
+                      *(pgd_cell(res["pgd"].get(m)) for m in modalities))
+    console.print(table)
+    comparison = None
+    if len(results) > 1:
+        folder = out or Path(run_dirs[0]).resolve().parent / "robustness_comparison"
+        comparison = str(compare(results, folder)[0])
+        console.print(f"comparison: {folder}")
+    typer.echo(json.dumps({"runs": [str(Path(r.paths.root) / "robustness.json") for r in runs],
+                           "comparison": comparison}))

@@ -59,7 +59,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, dataset: PreparedDataset) -> LateFusion:
-    return LateFusion(dataset.specs, len(dataset.classes), encoder=cfg.encoder, dim=cfg.embed_dim, fusion=cfg.fusion)
+    return LateFusion(dataset.specs, len(dataset.classes), encoder=cfg.encoder, dim=cfg.embed_dim, fusion=cfg.fusion,
+                      text_encoder=cfg.text_encoder)
 
 
 def git_commit() -> str | None:

@@ -83,12 +83,19 @@ def mlp(in_features: int, dim: int, hidden: int = 256) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
-def create_encoder(name: str, spec: ModalitySpec, dim: int) -> nn.Module:
-    """Standardise + backbone for one modality, shaped by its kind."""
+TEXT_ENCODERS = ("bert",)  # transformers BERT family, from --text-encoder DIR (mmlab_cli.models.text)
+
+
+def create_encoder(name: str, spec: ModalitySpec, dim: int, text_encoder: str = "") -> nn.Module:
+    """Standardise + backbone for one modality, shaped by its kind; text_tokens get the text encoder."""
+    if spec.kind == "text_tokens" or name in TEXT_ENCODERS:
+        if spec.kind != "text_tokens":
+            raise MmlabError(f"encoder '{name}' reads text tokens; this modality is {spec.kind}")
+        from mmlab_cli.models.text import TextEncoder
+
+        return TextEncoder(text_encoder, dim)
     if name not in ENCODERS:
-        raise MmlabError(f"unknown encoder '{name}'; choose one of {', '.join(sorted(ENCODERS))}")
-    if spec.kind == "text_tokens":
-        raise MmlabError("text modalities need a text encoder (--text-encoder), which this build does not have yet")
+        raise MmlabError(f"unknown encoder '{name}'; choose one of {', '.join(sorted(ENCODERS) + list(TEXT_ENCODERS))}")
     if spec.kind == "features" or name == "mlp":
         size = 1
         for s in spec.shape:

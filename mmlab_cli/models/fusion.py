@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmlab_cli.data.format import ModalitySpec
@@ -28,25 +29,33 @@ class FusionOutput:
 
 class LateFusion(nn.Module):
     def __init__(self, specs: dict[str, ModalitySpec], num_classes: int, encoder: str | dict[str, str] = "small_cnn",
-                 dim: int = 128, fusion: str = "concat"):
+                 dim: int = 128, fusion: str = "concat", text_encoder: str = ""):
         super().__init__()
         if fusion not in FUSIONS:
             raise MmlabError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
         self.modalities = list(specs)
         self.fusion = fusion
         names = encoder if isinstance(encoder, dict) else {m: encoder for m in specs}
-        self.encoders = nn.ModuleDict({m: create_encoder(names[m], s, dim) for m, s in specs.items()})
+        names = {**{m: "bert" for m, s in specs.items() if s.kind == "text_tokens"}, **names}
+        missing = [m for m in specs if m not in names]
+        if missing:
+            raise MmlabError(f"encoder: no entry for modality '{missing[0]}' in {names}; name one per modality")
+        self.encoders = nn.ModuleDict({m: create_encoder(names[m], s, dim, text_encoder) for m, s in specs.items()})
         self.head = nn.Linear(dim * len(specs) if fusion == "concat" else dim, num_classes)
         self.probes = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in specs})
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
 
-    def fuse(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Fused logits; a modality missing from `embeddings` contributes zeros."""
+    def fuse(self, embeddings: dict[str, torch.Tensor], detach_head: bool = False) -> torch.Tensor:
+        """Fused logits; a modality missing from `embeddings` contributes zeros. `detach_head` runs the
+        head's current weights without sending them gradient (DGL's unimodal losses)."""
         ref = next(iter(embeddings.values()))
         parts = [embeddings.get(m, torch.zeros_like(ref)) for m in self.modalities]
-        return self.head(torch.cat(parts, dim=1) if self.fusion == "concat" else torch.stack(parts).sum(0))
+        x = torch.cat(parts, dim=1) if self.fusion == "concat" else torch.stack(parts).sum(0)
+        if detach_head:
+            return F.linear(x, self.head.weight.detach(), self.head.bias.detach())
+        return self.head(x)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> FusionOutput:
         z = self.embed(inputs)

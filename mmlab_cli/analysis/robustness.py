@@ -1,0 +1,375 @@
+"""Robustness of a trained late-fusion model, one modality at a time, the others clean.
+
+- PGD (the DML paper's Appendix C.6, Tables 11-12): clean accuracy, accuracy under an L-inf
+  attack on one modality's input, and the drop rate (clean - perturbed) / clean x 100.
+- Corruptions (the DAGR paper's Appendix D.2): accuracy vs severity level in [0, 1] per
+  corruption, summarised by the area under that curve (MultiBench's relative robustness).
+
+Only the perturbed modality is re-encoded: the clean embeddings of the others are computed once
+(the model runs in eval mode, so samples do not interact). `analyse_run` adds the run's identity,
+reuses a robustness.json computed with the same settings and checkpoint, and writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmlab_cli.analysis.attacks import NOT_ATTACKED, pgd, pgd_settings
+from mmlab_cli.analysis.common import Subset, load_subset
+from mmlab_cli.analysis.corruptions import CORRUPTIONS
+from mmlab_cli.console import progress
+from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
+from mmlab_cli.engine.checkpoint import find_checkpoint
+from mmlab_cli.engine.rundir import Run
+from mmlab_cli.errors import MmlabError
+from mmlab_cli.models.fusion import LateFusion
+from mmlab_cli.report import method_name, to_markdown
+
+SCHEMA = "mmlab.robustness/1"
+DEFAULT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+DEFAULT_EPS_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclass
+class RobustnessSettings:
+    attack: str = "pgd"  # pgd | none
+    modalities: list[str] | None = None  # None: every modality of the model
+    eps: float | None = None  # None: Table 11's value for the modality's kind (likewise steps, step_size)
+    steps: int | None = None
+    step_size: float | None = None
+    random_start: bool = False
+    eps_factors: list[float] | None = None  # eps sweep as multiples of each modality's eps; None: no sweep
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    levels: list[float] = field(default_factory=lambda: list(DEFAULT_LEVELS))
+    split: str = "test"
+    samples: int | None = None  # None: the whole split
+    batch_size: int = 256
+    seed: int = 0
+
+    def check(self) -> "RobustnessSettings":
+        if self.attack not in ("pgd", "none"):
+            raise MmlabError(f"--attack {self.attack}: choose pgd or none")
+        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if unknown:
+            raise MmlabError(f"--corruption {unknown[0]}: unknown; choose from {', '.join(CORRUPTIONS)}, all or none")
+        if any(not 0 <= s <= 1 for s in self.levels) or len(set(self.levels)) != len(self.levels):
+            raise MmlabError(f"--severity {self.levels}: levels must be distinct values in [0, 1]")
+        if self.eps_factors is not None and any(f < 0 for f in self.eps_factors):
+            raise MmlabError(f"--eps-factors {self.eps_factors}: factors must be >= 0")
+        if self.batch_size < 1 or (self.samples is not None and self.samples < 1):
+            raise MmlabError("--batch-size and --samples must be >= 1")
+        self.levels = sorted(self.levels)
+        return self
+
+
+def _generator(device: torch.device, seed: int, *names: str) -> torch.Generator:
+    """A generator for one (modality, test): the same draws whatever else is run, and across runs."""
+    return torch.Generator(device=device).manual_seed((seed << 32) | zlib.crc32("/".join(names).encode()))
+
+
+def _logits(model: LateFusion, clean: dict[str, torch.Tensor], modality: str, x: torch.Tensor) -> torch.Tensor:
+    """Fused logits with `modality` re-encoded from x and every other modality's clean embedding."""
+    return model.fuse({**clean, modality: model.encoders[modality](x)})
+
+
+def _train_mean(dataset: PreparedDataset, modality: str, device: torch.device) -> torch.Tensor:
+    """The mean training sample in the loader's units (`PreparedDataset.train_mean` is in storage units)."""
+    scale = 255.0 if dataset.specs[modality].dtype == "uint8" else 1.0
+    return torch.from_numpy(dataset.train_mean[modality] / scale).float().to(device)
+
+
+def _drop_rate(clean_acc: float, acc: float) -> float | None:
+    return 100.0 * (clean_acc - acc) / clean_acc if clean_acc > 0 else None
+
+
+def relative_robustness(levels: list[float], acc: list[float]) -> float:
+    """Mean accuracy over the swept levels: trapezoid area / level range (MultiBench's relative robustness
+    when the levels span [0, 1])."""
+    span = levels[-1] - levels[0]
+    return float(np.trapezoid(acc, levels) / span) if span > 0 else float(acc[0])
+
+
+class _Scorer:
+    """Accuracy and mean loss of the fused prediction over the subset, one modality transformed per batch."""
+
+    def __init__(self, model: LateFusion, subset: Subset, bar, task):
+        self.model, self.subset, self.bar, self.task = model, subset, bar, task
+        with torch.no_grad():
+            self.clean = [model.embed(inputs) for inputs, _ in subset.batches]
+
+    def __call__(self, modality: str | None = None, transform=None, cost: int = 1) -> dict:
+        correct, loss, delta = 0, 0.0, 0.0
+        for (inputs, y), z in zip(self.subset.batches, self.clean):
+            if modality is None:
+                logits = self.model.fuse(z)
+            else:
+                x0 = inputs[modality]
+                x = transform(x0, y, z)
+                delta = max(delta, (x - x0).abs().max().item())
+                with torch.no_grad():
+                    logits = _logits(self.model, z, modality, x)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            self.bar.advance(self.task, cost)
+        return {"acc": 100.0 * correct / self.subset.size, "loss": loss / self.subset.size, "max_abs_delta": delta}
+
+
+def robustness(model: LateFusion, dataset: PreparedDataset, settings: RobustnessSettings,
+               device: torch.device) -> dict:
+    """Clean accuracy, PGD per modality and corruption curves per modality (see the module docstring)."""
+    s = settings.check()
+    model.eval()
+    modalities = list(model.modalities) if s.modalities is None else s.modalities
+    for m in modalities:
+        if m not in model.modalities:
+            raise MmlabError(f"--modality {m}: not in this model; it has {', '.join(model.modalities)}")
+    kinds = {m: dataset.specs[m].kind for m in model.modalities}
+    skipped = []
+    attacks = {}
+    if s.attack == "pgd":
+        for m in modalities:
+            if kinds[m] in NOT_ATTACKED:
+                skipped.append({"modality": m, "test": "pgd", "reason": NOT_ATTACKED[kinds[m]]})
+            else:
+                attacks[m] = pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start)
+    curves = {}
+    for m in modalities:
+        for name in s.corruptions:
+            if kinds[m] in CORRUPTIONS[name].kinds:
+                curves.setdefault(m, []).append(name)
+            else:
+                skipped.append({"modality": m, "test": name, "reason": f"does not apply to {kinds[m]} inputs"})
+
+    start = time.perf_counter()
+    subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
+    factors = [1.0] + list(s.eps_factors or [])
+    work = 1 + sum(len(factors) * max(a.steps, 1) for a in attacks.values()) + len(s.levels) * sum(map(len, curves.values()))
+    with progress() as bar:
+        task = bar.add_task("robustness", total=work * len(subset.batches))
+        score = _Scorer(model, subset, bar, task)
+        clean = score()
+        result_pgd = {}
+        for m, base in attacks.items():
+            points = []
+            for factor in factors:
+                a = base.scaled(factor)
+                bar.update(task, description=f"PGD {m} eps={a.eps:g}")
+                gen = _generator(device, s.seed, m, "pgd")
+
+                def attack(x0, y, z, a=a, m=m, gen=gen):
+                    return pgd(lambda x: F.cross_entropy(_logits(model, z, m, x), y, reduction="sum"), x0, a, gen)
+
+                r = score(m, attack, cost=max(a.steps, 1))
+                points.append({"factor": factor, "eps": a.eps, "step_size": a.step_size, "acc": r["acc"],
+                               "loss": r["loss"], "drop_rate": _drop_rate(clean["acc"], r["acc"]),
+                               "max_abs_delta": r["max_abs_delta"]})
+            main = points[0]
+            result_pgd[m] = {"clean_acc": clean["acc"], "perturbed_acc": main["acc"], "drop_rate": main["drop_rate"],
+                             "clean_loss": clean["loss"], "perturbed_loss": main["loss"],
+                             "max_abs_delta": main["max_abs_delta"], "settings": base.to_json(),
+                             **({"sweep": points[1:]} if s.eps_factors else {})}
+        result_curves = {}
+        for m, names in curves.items():
+            spec = dataset.specs[m]
+            mean = _train_mean(dataset, m, device) if "missing-mean" in names else None
+            for name in names:
+                c = CORRUPTIONS[name]
+                acc, loss = [], []
+                for level in s.levels:
+                    bar.update(task, description=f"{name} {m} {level:g}")
+                    gen = _generator(device, s.seed, m, name)  # re-seeded per level: common random numbers
+                    r = score(m, lambda x0, y, z: c.apply(x0, c.value(level), spec, mean, gen))
+                    acc.append(r["acc"])
+                    loss.append(r["loss"])
+                values = [c.value(level) for level in s.levels]
+                result_curves.setdefault(m, {})[name] = {
+                    "parameter": c.parameter, "levels": list(s.levels),
+                    "values": [v if np.isfinite(v) else None for v in values],  # null = infinite SNR (no noise)
+                    "acc": acc, "loss": loss, "auc": relative_robustness(s.levels, acc)}
+    return {"schema": SCHEMA, "dataset": dataset.name, "split": s.split, "samples": subset.size,
+            "modalities": kinds, "settings": {**asdict(s), "modalities": modalities}, "device": str(device),
+            "seconds": time.perf_counter() - start, "clean": {"acc": clean["acc"], "loss": clean["loss"]},
+            "pgd": result_pgd, "corruptions": result_curves, "skipped": skipped}
+
+
+def method_label(run: Run) -> str:
+    """'audio only', 'SML (image+audio)', plus what else trained it: 'DML (image+audio) + DAGR'."""
+    cfg = run.config
+    extras = [cfg.scheme.upper() if cfg.scheme != "joint" else "", cfg.regularizer.upper() if cfg.regularizer != "none"
+              else "", "SAM" if cfg.sam > 0 else "", "SWA" if cfg.swa_start > 0 else ""]
+    return " + ".join([method_name("+".join(run.model.modalities), cfg.pairing), *filter(None, extras)])
+
+
+def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, checkpoint: str = "best",
+                force: bool = False) -> dict:
+    """robustness() of a loaded run plus its identity, written into the run directory; a robustness.json
+    with the same settings and checkpoint bytes is reused unless `force`."""
+    ckpt = find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last)
+    identity = {"run": str(run.paths.root), "label": run.paths.root.name, "method": method_label(run),
+                "checkpoint": checkpoint, "checkpoint_sha256": sha256_file(ckpt / "model.safetensors")}
+    path = run.paths.root / "robustness.json"
+    wanted = {**asdict(settings.check()),
+              "modalities": list(run.model.modalities) if settings.modalities is None else settings.modalities}
+    if not force and path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("schema") == SCHEMA and old.get("settings") == wanted and \
+                old.get("checkpoint_sha256") == identity["checkpoint_sha256"]:
+            return {**old, "reused": True}
+    result = {**identity, **robustness(run.model, run.dataset, settings, device)}
+    write_run_outputs(result, run.paths.root)
+    return result
+
+
+# ---------------------------------------------------------------- output files
+
+
+def rows(result: dict) -> list[dict]:
+    """One flat row per measured point (the CSV)."""
+    clean = result["clean"]["acc"]
+    out = [{"section": "clean", "modality": "", "test": "clean", "level": "", "value": "", "acc": clean,
+            "loss": result["clean"]["loss"], "drop_rate": 0.0}]
+    for m, r in result["pgd"].items():
+        out.append({"section": "pgd", "modality": m, "test": "pgd", "level": 1.0, "value": r["settings"]["eps"],
+                    "acc": r["perturbed_acc"], "loss": r["perturbed_loss"], "drop_rate": r["drop_rate"]})
+        out += [{"section": "pgd-sweep", "modality": m, "test": "pgd", "level": p["factor"], "value": p["eps"],
+                 "acc": p["acc"], "loss": p["loss"], "drop_rate": p["drop_rate"]} for p in r.get("sweep", [])]
+    for m, curves in result["corruptions"].items():
+        for name, c in curves.items():
+            out += [{"section": "corruption", "modality": m, "test": name, "level": lv, "value": v, "acc": a,
+                     "loss": lo, "drop_rate": _drop_rate(clean, a)}
+                    for lv, v, a, lo in zip(c["levels"], c["values"], c["acc"], c["loss"])]
+    return out
+
+
+def _fmt(v, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def pgd_cell(r: dict | None) -> str:
+    return "-" if r is None else f"{r['perturbed_acc']:.2f} ({_fmt(r['drop_rate'])}% drop)"
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"# Robustness: {result['label']} ({result['method']})", "",
+             f"{result['dataset']}, {result['split']} split, {result['samples']} samples, {result['checkpoint']} "
+             f"checkpoint, seed {s['seed']}, {result['device']}, {result['seconds']:.1f} s. "
+             f"Clean accuracy {result['clean']['acc']:.2f} %.", ""]
+    if result["pgd"]:
+        lines += ["## PGD, one modality perturbed, the others clean (the DML paper's Table 12)", "",
+                  to_markdown(_frame([{"modality": m, "kind": result["modalities"][m], "T": r["settings"]["steps"],
+                                       "eps": r["settings"]["eps"], "alpha": r["settings"]["step_size"],
+                                       "clean acc": _fmt(r["clean_acc"]), "perturbed acc": _fmt(r["perturbed_acc"]),
+                                       "drop rate (%)": _fmt(r["drop_rate"])} for m, r in result["pgd"].items()]))]
+        sweep = [{"modality": m, "eps factor": p["factor"], "eps": f"{p['eps']:g}", "acc": _fmt(p["acc"])}
+                 for m, r in result["pgd"].items() for p in r.get("sweep", [])]
+        if sweep:
+            lines += ["### Accuracy vs eps (step size scaled with eps)", "", to_markdown(_frame(sweep))]
+    for m, curves in result["corruptions"].items():
+        table = [{"corruption": name, "parameter": c["parameter"],
+                  **{f"{lv:g}": _fmt(a) for lv, a in zip(c["levels"], c["acc"])}, "AUC": _fmt(c["auc"])}
+                 for name, c in curves.items()]
+        lines += [f"## Corruptions of {m}: accuracy (%) per severity level", "", to_markdown(_frame(table))]
+    if result["skipped"]:
+        lines += ["Not run: " + "; ".join(f"{k['test']} on {k['modality']} ({k['reason']})"
+                                          for k in result["skipped"]) + ".", ""]
+    return "\n".join(lines)
+
+
+def _frame(records: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(records)
+
+
+def plot_panels(panels: dict[str, dict[str, tuple[list, list]]], path: Path, xlabel: str) -> None:
+    """One panel per key, one line per label, shared accuracy axis; written atomically as PNG."""
+    from matplotlib.figure import Figure
+
+    cols = min(len(panels), 3)
+    nrows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.5 * cols, 3.5 * nrows))
+    axes = fig.subplots(nrows, cols, sharey=True, squeeze=False).flat
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for label, (x, y) in lines.items():
+            ax.plot(x, y, marker="o", markersize=3, label=label)
+        ax.set(title=title, xlabel=xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes:  # the unused rest
+        ax.set_visible(False)
+    fig.supylabel("accuracy (%)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    tmp.replace(path)
+
+
+def write_run_outputs(result: dict, out: Path) -> list[Path]:
+    """robustness.json/.csv/.md and the PNG curves of one run."""
+    out = Path(out)
+    written = [out / "robustness.json", out / "robustness.csv", out / "robustness.md"]
+    atomic_write_json(written[0], result)
+    atomic_write_text(written[1], _frame(rows(result)).to_csv(index=False))
+    atomic_write_text(written[2], markdown(result))
+    for m, curves in result["corruptions"].items():
+        written.append(out / f"robustness_{m}.png")
+        plot_panels({f"{result['label']}: corrupting {m}": {n: (c["levels"], c["acc"]) for n, c in curves.items()}},
+                    written[-1], "severity level")
+    sweeps = {m: {result["label"]: ([p["eps"] for p in r["sweep"]], [p["acc"] for p in r["sweep"]])}
+              for m, r in result["pgd"].items() if r.get("sweep")}
+    if sweeps:
+        written.append(out / "robustness_pgd_sweep.png")
+        plot_panels({f"PGD on {m}": v for m, v in sweeps.items()}, written[-1], "eps")
+    return written
+
+
+def compare(results: list[dict], out: Path) -> list[Path]:
+    """One table and shared-axis plots for several runs' results: comparison.{json,csv,md} and PNGs."""
+    out = Path(out)
+    labels = [r["label"] for r in results]
+    if len(set(labels)) < len(labels):  # two runs/<x>/sml: name them by their paths
+        labels = [r["run"] for r in results]
+    results = [{**r, "label": label} for r, label in zip(results, labels)]
+    modalities = list(dict.fromkeys(m for r in results for m in r["modalities"]))
+    summary = [{"run": r["run"], "label": r["label"], "method": r["method"], "clean_acc": r["clean"]["acc"],
+                "pgd": {m: {k: p[k] for k in ("clean_acc", "perturbed_acc", "drop_rate")} for m, p in r["pgd"].items()},
+                "auc": {m: {n: c["auc"] for n, c in curves.items()} for m, curves in r["corruptions"].items()}}
+               for r in results]
+    table12 = [{"run": r["label"], "method": r["method"], "clean acc": _fmt(r["clean_acc"]),
+                **{f"{m} perturbed": pgd_cell(r["pgd"].get(m)) for m in modalities}} for r in summary]
+    aucs = [{"run": r["label"], "method": r["method"],
+             **{f"{m} {n}": _fmt(a) for m in modalities for n, a in r["auc"].get(m, {}).items()}} for r in summary]
+    md = ["# Robustness comparison", "", "## PGD: accuracy (%) with one modality perturbed (drop rate)", "",
+          to_markdown(_frame(table12)),
+          "## Corruptions: area under the accuracy-severity curve (mean accuracy over levels, %)", "",
+          to_markdown(_frame(aucs).fillna("-"))]
+    written = [out / "comparison.json", out / "comparison.csv", out / "comparison.md"]
+    atomic_write_json(written[0], {"schema": "mmlab.robustness-comparison/1", "runs": summary})
+    atomic_write_text(written[1], _frame([{"run": r["label"], "method": r["method"], **row}
+                                          for r in results for row in rows(r)]).to_csv(index=False))
+    atomic_write_text(written[2], "\n".join(md))
+    for m in modalities:
+        names = list(dict.fromkeys(n for r in results for n in r["corruptions"].get(m, {})))
+        if names:
+            written.append(out / f"comparison_{m}.png")
+            plot_panels({f"{n} on {m}": {r["label"]: (r["corruptions"][m][n]["levels"], r["corruptions"][m][n]["acc"])
+                                         for r in results if n in r["corruptions"].get(m, {})} for n in names},
+                        written[-1], "severity level")
+    sweeps = {f"PGD on {m}": {r["label"]: ([p["eps"] for p in r["pgd"][m]["sweep"]],
+                                           [p["acc"] for p in r["pgd"][m]["sweep"]])
+                              for r in results if r["pgd"].get(m, {}).get("sweep")} for m in modalities}
+    sweeps = {k: v for k, v in sweeps.items() if v}
+    if sweeps:
+        written.append(out / "comparison_pgd_sweep.png")
+        plot_panels(sweeps, written[-1], "eps")
+    return written

@@ -1,0 +1,1 @@
+"""Training methods on top of the plain late-fusion loop: DGL, DAGR (+ Pareto), SAM, augmentation."""

@@ -1,0 +1,50 @@
+"""Sharpness-aware minimisation (Foret et al., 2021) around any optimizer.
+
+After the first backward, `ascend` moves the weights to w + rho g / ||g||; the second forward/backward
+there gives the SAM gradient; `descend` restores w, and the base optimizer steps from w with it.
+The direction is invariant to a GradScaler's scale, and a non-finite gradient gives no perturbation
+(the scaler then skips the step anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class SAM:
+    def __init__(self, params, rho: float):
+        self.params, self.rho = list(params), rho
+        self._moved: list[torch.Tensor] = []
+        self._eps: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def ascend(self) -> None:
+        self._moved = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self._moved]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        scale = self.rho / (norm + 1e-12)
+        scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
+        self._eps = torch._foreach_mul(grads, scale)
+        torch._foreach_add_(self._moved, self._eps)
+
+    @torch.no_grad()
+    def descend(self) -> None:
+        torch._foreach_sub_(self._moved, self._eps)
+        self._moved, self._eps = [], []
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """BatchNorm running statistics left untouched (momentum 0): SAM's second pass must not count twice."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum

@@ -1,0 +1,228 @@
+"""PGD (eps-ball, valid range, FGSM closed form, loss goes up), the analysis on trained runs, and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from mmlab_cli.analysis.attacks import pgd, pgd_settings
+from mmlab_cli.analysis.corruptions import CORRUPTIONS
+from mmlab_cli.analysis.robustness import RobustnessSettings, relative_robustness, robustness
+from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.data.format import write_dataset
+from mmlab_cli.data.loader import BatchLoader
+from mmlab_cli.engine.evaluate import evaluate
+from mmlab_cli.engine.fit import train
+from mmlab_cli.engine.rundir import load_run
+from mmlab_cli.main import app
+from mmlab_cli.models.fusion import LateFusion
+
+CPU = torch.device("cpu")
+FEW = dict(corruptions=[], attack="pgd")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_synthetic, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    train(tiny_config(tiny_synthetic, root / "sml", epochs=3))
+    train(tiny_config(tiny_synthetic, root / "audio_only", modalities=["audio"], epochs=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sml(runs):
+    return load_run(runs / "sml")
+
+
+def _batch(run, n=40):
+    inputs, y = next(iter(BatchLoader(run.dataset.split("test"), n, CPU)))
+    return inputs, y
+
+
+def _full_loss(model, inputs, y, modality, x):
+    return F.cross_entropy(model({**inputs, modality: x}).logits, y, reduction="sum")
+
+
+def test_pgd_linear_loss_closed_form():
+    """For L = <w, x> every step moves by alpha * sign(w): the result is x0 + min(T alpha, eps) sign(w), clamped."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand((8, 1, 5, 5), generator=g)
+    w = torch.randn((8, 1, 5, 5), generator=g)
+    for steps, alpha in ((3, 0.01), (10, 0.05)):
+        s = pgd_settings("image", eps=0.1, steps=steps, step_size=alpha)
+        x = pgd(lambda v: (w * v).sum(), x0, s)
+        expected = (x0 + min(steps * alpha, 0.1) * w.sign()).clamp(0, 1)
+        torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("modality,random_start", [("image", True), ("image", False), ("audio", True)])
+def test_pgd_stays_in_eps_ball_and_valid_range(sml, modality, random_start):
+    inputs, y = _batch(sml)
+    x0 = inputs[modality]
+    s = pgd_settings(sml.dataset.specs[modality].kind, eps=0.03, steps=6, step_size=0.01, random_start=random_start)
+    x = pgd(lambda v: _full_loss(sml.model, inputs, y, modality, v), x0, s, torch.Generator().manual_seed(0))
+    delta = (x - x0).abs()
+    assert delta.max().item() <= 0.03 + 1e-6
+    assert delta.max().item() > 0.029  # the constraint binds: the check above is not vacuous
+    if modality == "image":
+        assert s.valid_range == (0.0, 1.0)
+        assert x.min() >= 0 and x.max() <= 1
+    else:
+        assert s.valid_range is None  # log-magnitudes are not clamped
+
+
+def test_one_step_pgd_is_fgsm_on_the_full_model(sml):
+    """One step with alpha >= eps is FGSM: x0 + eps sign(grad), computed here through model.forward."""
+    inputs, y = _batch(sml)
+    x0 = inputs["image"].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_full_loss(sml.model, inputs, y, "image", x0), x0)
+    expected = (inputs["image"] + 0.05 * grad.sign()).clamp(0, 1)
+    s = pgd_settings("image", eps=0.05, steps=1, step_size=0.5)
+    x = pgd(lambda v: _full_loss(sml.model, inputs, y, "image", v), inputs["image"], s)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+
+
+def test_table_11_defaults_and_overrides():
+    img, spec = pgd_settings("image"), pgd_settings("spectrogram")
+    assert (img.steps, img.eps, img.step_size) == (5, 0.1, 0.001)
+    assert (spec.steps, spec.eps, spec.step_size) == (10, 0.005, 0.001)
+    assert pgd_settings("frames").valid_range == (0.0, 1.0)
+    assert pgd_settings("spectrogram", eps=0.2, steps=3).eps == 0.2
+
+
+def test_clean_accuracy_eps_zero_and_loss_increase(sml):
+    """Clean accuracy matches the training evaluator; eps = 0 gives it back; PGD raises the loss."""
+    base = robustness(sml.model, sml.dataset, RobustnessSettings(**FEW, batch_size=32), CPU)
+    ref = evaluate(sml.model, BatchLoader(sml.dataset.split("test"), 32, CPU), CPU)
+    assert base["clean"]["acc"] == pytest.approx(ref["acc"], abs=1e-9)
+    assert base["clean"]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    for m in ("image", "audio"):
+        r = base["pgd"][m]
+        assert r["perturbed_loss"] > r["clean_loss"]
+        assert r["perturbed_acc"] <= r["clean_acc"]
+        assert r["drop_rate"] == pytest.approx(100 * (r["clean_acc"] - r["perturbed_acc"]) / r["clean_acc"])
+    strong = robustness(sml.model, sml.dataset, RobustnessSettings(**FEW, eps=0.3, step_size=0.05, steps=10), CPU)
+    assert strong["pgd"]["image"]["perturbed_acc"] < 0.5 * strong["clean"]["acc"]  # a real attack
+    zero = robustness(sml.model, sml.dataset, RobustnessSettings(**FEW, eps=0.0, random_start=True,
+                                                                  step_size=0.05), CPU)
+    for m in ("image", "audio"):
+        assert zero["pgd"][m]["perturbed_acc"] == zero["clean"]["acc"]
+        assert zero["pgd"][m]["max_abs_delta"] == 0.0
+
+
+def test_eps_sweep(sml):
+    r = robustness(sml.model, sml.dataset, RobustnessSettings(**FEW, modalities=["image"], steps=5, eps=0.2,
+                                                               step_size=0.04, eps_factors=[0, 0.5, 1]), CPU)
+    sweep = r["pgd"]["image"]["sweep"]
+    assert [p["eps"] for p in sweep] == pytest.approx([0, 0.1, 0.2])
+    assert [p["step_size"] for p in sweep] == pytest.approx([0, 0.02, 0.04])
+    assert sweep[0]["acc"] == r["clean"]["acc"]
+    assert sweep[2]["acc"] == r["pgd"]["image"]["perturbed_acc"]  # factor 1 is the main attack
+    assert sweep[0]["loss"] < sweep[1]["loss"] < sweep[2]["loss"]
+    assert "audio" not in r["pgd"]
+
+
+def test_corruption_level_zero_reproduces_clean_accuracy(sml):
+    r = robustness(sml.model, sml.dataset, RobustnessSettings(attack="none", levels=[0, 0.5, 1], samples=60,
+                                                               batch_size=16), CPU)
+    assert r["samples"] == 60 and r["pgd"] == {}
+    assert set(r["corruptions"]["image"]) == {"missing-zero", "missing-mean", "gaussian", "cutout", "feature-dropout"}
+    assert set(r["corruptions"]["audio"]) == {"missing-zero", "missing-mean", "gaussian", "audio-noise",
+                                              "specaugment", "feature-dropout"}
+    for m, curves in r["corruptions"].items():
+        for name, c in curves.items():
+            assert c["acc"][0] == r["clean"]["acc"], (m, name)
+            assert c["levels"] == [0, 0.5, 1]
+            assert c["auc"] == pytest.approx(relative_robustness(c["levels"], c["acc"]))
+    assert r["corruptions"]["audio"]["audio-noise"]["values"] == [None, 20.0, 0.0]
+    assert {(k["modality"], k["test"]) for k in r["skipped"]} >= {("image", "audio-noise"), ("audio", "cutout")}
+    again = robustness(sml.model, sml.dataset, RobustnessSettings(attack="none", levels=[0, 0.5, 1], samples=60,
+                                                                   batch_size=16), CPU)
+    assert again["corruptions"] == r["corruptions"]  # seeded
+
+
+def test_relative_robustness_is_multibench_area():
+    """MultiBench's relative_robustness_helper: trapezoids of width 0.1 over 11 levels in [0, 1]."""
+    acc = list(np.linspace(90, 20, 11) + np.random.default_rng(0).uniform(-5, 5, 11))
+    multibench = sum((acc[i] + acc[i + 1]) * 0.1 / 2 for i in range(10))
+    assert relative_robustness(list(np.linspace(0, 1, 11)), acc) == pytest.approx(multibench)
+    assert relative_robustness([0, 0.5, 1], [100, 50, 0]) == pytest.approx(50)
+
+
+def test_frames_and_features_end_to_end(tmp_path):
+    """Kinds the synthetic data lacks: PGD keeps frames in [0, 1]; frame drop and cutout run on clips."""
+    rng = np.random.default_rng(0)
+    labels = {s: np.arange(n) % 3 for s, n in (("train", 12), ("val", 3), ("test", 9))}
+    arrays = {s: {"video": rng.integers(0, 256, (len(y), 4, 1, 8, 8), dtype=np.uint8),
+                  "feat": rng.standard_normal((len(y), 6)).astype(np.float32)} for s, y in labels.items()}
+    write_dataset(tmp_path / "toy", dataset="toy", classes=["a", "b", "c"], kinds={"video": "frames", "feat": "features"},
+                  arrays=arrays, labels=labels, preprocessing={}, sources={})
+    data = PreparedDataset(tmp_path / "toy")
+    torch.manual_seed(0)
+    model = LateFusion(data.specs, 3, encoder="tiny_cnn", dim=8).eval()
+    r = robustness(model, data, RobustnessSettings(levels=[0, 1], eps_factors=[0, 1]), CPU)
+    assert r["pgd"]["video"]["settings"]["valid_range"] == [0.0, 1.0]
+    assert r["pgd"]["video"]["max_abs_delta"] <= 0.1 + 1e-6
+    assert set(r["corruptions"]["video"]) == {"missing-zero", "missing-mean", "gaussian", "frame-drop", "cutout",
+                                              "feature-dropout"}
+    assert all(c["acc"][0] == r["clean"]["acc"] for c in r["corruptions"]["video"].values())
+    # missing-mean at p = 1 feeds the mean training clip, in the loader's [0, 1] units (the clips are uint8)
+    mean_clip = torch.from_numpy(arrays["train"]["video"].astype(np.float64).mean(0) / 255).float()
+    test = {"video": mean_clip.expand(9, -1, -1, -1, -1), "feat": torch.from_numpy(arrays["test"]["feat"])}
+    with torch.no_grad():
+        expected = 100 * (model(test).logits.argmax(1).numpy() == labels["test"]).mean()
+    assert r["corruptions"]["video"]["missing-mean"]["acc"][1] == pytest.approx(expected)
+
+
+def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
+    cli = CliRunner()
+    args = ["robustness", str(runs / "sml"), str(runs / "audio_only"), "--severity", "0,0.5,1", "--samples", "40",
+            "--eps-sweep", "--eps-factors", "0,1,2", "--device", "cpu", "--out", str(tmp_path / "cmp")]
+    res = cli.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for run in ("sml", "audio_only"):
+        d = runs / run
+        for f in ("robustness.json", "robustness.csv", "robustness.md", "robustness_audio.png",
+                  "robustness_pgd_sweep.png"):
+            assert (d / f).is_file() and (d / f).stat().st_size > 0, (run, f)
+    assert (runs / "sml" / "robustness_image.png").is_file()
+    out = json.loads((runs / "sml" / "robustness.json").read_text())
+    assert {"schema", "run", "label", "method", "checkpoint_sha256", "settings", "clean", "pgd", "corruptions",
+            "skipped", "samples", "seconds"} <= set(out)
+    for m in ("image", "audio"):  # the DML paper's Table 12 numbers under stable keys
+        assert {"clean_acc", "perturbed_acc", "drop_rate"} <= set(out["pgd"][m])
+    uni = json.loads((runs / "audio_only" / "robustness.json").read_text())
+    assert list(uni["pgd"]) == ["audio"] and uni["method"] == "audio only"
+    csv = (runs / "sml" / "robustness.csv").read_text().splitlines()
+    assert csv[0] == "section,modality,test,level,value,acc,loss,drop_rate"
+    n_curves = sum(len(c) for c in out["corruptions"].values())
+    assert len(csv) == 1 + 1 + 2 * (1 + 3) + 3 * n_curves
+    md = (runs / "sml" / "robustness.md").read_text()
+    assert "drop rate" in md and "specaugment" in md
+    for f in ("comparison.json", "comparison.csv", "comparison.md", "comparison_audio.png", "comparison_image.png",
+              "comparison_pgd_sweep.png"):
+        assert (tmp_path / "cmp" / f).is_file(), f
+    cmp = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["label"] for r in cmp["runs"]] == ["sml", "audio_only"]
+    assert cmp["runs"][0]["pgd"]["image"]["perturbed_acc"] == out["pgd"]["image"]["perturbed_acc"]
+    # same settings and checkpoint: reused, identical; --force recomputes the same numbers (seeded)
+    again = cli.invoke(app, args)
+    assert again.exit_code == 0 and "reused" in again.output
+    forced = cli.invoke(app, args + ["--force"])
+    assert forced.exit_code == 0
+    redo = json.loads((runs / "sml" / "robustness.json").read_text())
+    assert redo["pgd"] == out["pgd"] and redo["corruptions"] == out["corruptions"]
+
+
+@pytest.mark.parametrize("flags,message", [(["--modality", "lidar"], "no run has it"),
+                                           (["--severity", "0,2"], "levels must be"),
+                                           (["--corruption", "blur"], "unknown"),
+                                           (["--attack", "cw"], "choose pgd or none")])
+def test_cli_errors_are_one_line(runs, flags, message):
+    res = CliRunner().invoke(app, ["robustness", str(runs / "sml"), "--device", "cpu", *flags])
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
