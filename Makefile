@@ -17,6 +17,7 @@ $(BIN)/mmlab: pyproject.toml
 venv: $(BIN)/mmlab
 
 demo: venv
+	rm -rf $(DEMO_RUNS)
 	$(BIN)/mmlab prepare synthetic --out $(DEMO_DATA)
 	$(BIN)/mmlab train --recipe recipes/synthetic/image.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/image --device $(DEVICE)
 	$(BIN)/mmlab train --recipe recipes/synthetic/audio.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/audio --device $(DEVICE)

@@ -8,8 +8,9 @@
 
 Splits: the official 60,000 / 10,000 MNIST split when the train-* files are present, otherwise a
 stratified `test_fraction` of the 10,000 test images; val is a stratified `val_fraction` of train.
-FSDD takes 0-4 (the conventional test takes) pair only with test images and takes 5-49 only with
-train and val images, so no recording is shared between train and test.
+FSDD takes 0-4 (the conventional test takes) pair only with test images, takes 5-9 only with val
+images and takes 10-49 only with train images, so no recording is shared between splits and the
+validation accuracy that selects the model is not inflated by recordings seen in training.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DURATION_S = 1.0
 N_FFT = 222  # 112 frequency bins
 HOP = 72  # 112 centred frames over 8000 samples
 LOG_EPS = 1e-7
-FIRST_TRAIN_TAKE = 5  # takes 0-4 are FSDD's conventional test takes
+FIRST_VAL_TAKE, FIRST_TRAIN_TAKE = 5, 10  # takes 0-4 are FSDD's conventional test takes; 5-9 go to val
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 TAKE_NAME = re.compile(r"^(\d)_([^_]+)_(\d+)\.wav$")
 MNIST_LAYOUT = ("a folder with the MNIST IDX files t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
@@ -208,7 +209,7 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
               "sample_rate": SAMPLE_RATE, "duration_s": DURATION_S, "fit_length": "zero-pad or cut at the end",
               "snr_db": snr_db, "n_fft": N_FFT, "hop_length": HOP, "window": "hann", "center": True,
               "log_eps": LOG_EPS, "spectrogram": "log(|STFT| + 1e-7)",
-              "pairing": "same digit; takes 0-4 with test, 5-49 with train and val; seeded, balanced reuse"}
+              "pairing": "same digit; takes 0-4 with test, 5-9 with val, 10-49 with train; seeded, balanced reuse"}
     derived = ("pca_n_components", "pca_energy_kept")
     sources = _sources(files, wavs)
     out = Path(out)
@@ -232,20 +233,19 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
     train, val = stratified_split(trainval_y, val_fraction, seed)
 
     names, digits, takes, specs, skipped = load_takes(wavs, snr_db, np.random.default_rng([seed, 1]))
-    test_pool = takes < FIRST_TRAIN_TAKE
-    for pool, what in ((test_pool, "0-4"), (~test_pool, "5-49")):
+    pools = {"test": takes < FIRST_VAL_TAKE, "val": (takes >= FIRST_VAL_TAKE) & (takes < FIRST_TRAIN_TAKE),
+             "train": takes >= FIRST_TRAIN_TAKE}
+    for split, pool in pools.items():
         if missing := sorted(set(range(10)) - set(digits[pool].tolist())):
-            raise MmlabError(f"{fsdd_dir}: no readable take {what} of digit(s) {missing}; every digit needs "
-                             f"test takes 0-4 and train takes 5-49 ({FSDD_LAYOUT})")
+            raise MmlabError(f"{fsdd_dir}: no readable {split} take (0-4 test, 5-9 val, 10-49 train) of digit(s) "
+                             f"{missing}; every digit needs takes in each range ({FSDD_LAYOUT})")
     rng = np.random.default_rng([seed, 0])
-    trainval_take = pair(trainval_y, digits, ~test_pool, rng)
-    test_take = pair(test_y, digits, test_pool, rng)
+    labels = {"train": trainval_y[train], "val": trainval_y[val], "test": test_y}
+    chosen = {s: pair(y, digits, pools[s], rng) for s, y in labels.items()}
 
     images, k, energy = degrade_images(trainval_x[train], {"train": trainval_x[train], "val": trainval_x[val],
                                                            "test": test_x}, pca_keep)
     rows = {"train": trainval_rows[train], "val": trainval_rows[val], "test": test_rows}
-    chosen = {"train": trainval_take[train], "val": trainval_take[val], "test": test_take}
-    labels = {"train": trainval_y[train], "val": trainval_y[val], "test": test_y}
     # mnist_index and fsdd_take get no kind, so write_dataset stores them without making them modalities.
     arrays = {s: {"image": images[s], "audio": specs[chosen[s]][:, None],
                   "mnist_index": rows[s], "fsdd_take": names[chosen[s]]} for s in labels}

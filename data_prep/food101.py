@@ -57,24 +57,27 @@ def tokenizer_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_titles(csv_path: Path, classes: list[str]) -> list[tuple[str, str, str]]:
-    """(image file, text, class) rows of a titles CSV, columns found by header or by content."""
+def read_titles(csv_path: Path, classes: list[str]) -> tuple[list[tuple[str, str, str]], list[Problem]]:
+    """(image file, text, class) rows of a titles CSV, columns found by header or by content, and a
+    problem for every row that does not have three cells."""
     with open(csv_path, encoding="utf-8-sig", newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
+        rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r]
     if not rows:
-        return []
-    header = [c.strip().lower() for c in rows[0]]
+        return [], []
+    header = [c.strip().lower() for c in rows[0][1]]
     if {"image", "text", "label"} <= set(header):
         order = [header.index(k) for k in ("image", "text", "label")]
         rows = rows[1:]
     else:
-        first = rows[0]
+        first = rows[0][1]
         image = next((i for i, c in enumerate(first) if c.strip().lower().endswith(IMAGE_SUFFIXES)), None)
         label = next((i for i, c in enumerate(first) if c.strip() in classes and i != image), None)
         if image is None or label is None or len(first) != 3:
             raise MmlabError(f"{csv_path}: rows are not image,text,class (first row: {','.join(first)[:120]})")
         order = [image, 3 - image - label, label]
-    return [tuple(r[i].strip() for i in order) for r in rows if len(r) == 3]
+    good = [tuple(r[i].strip() for i in order) for _, r in rows if len(r) == 3]
+    bad = [Problem(f"{csv_path}:{n}", f"{len(r)} cells, expected image,text,class") for n, r in rows if len(r) != 3]
+    return good, bad
 
 
 def scan(src: Path) -> tuple[list[str], list[tuple[str, str, int, str]], list[Problem]]:
@@ -86,7 +89,9 @@ def scan(src: Path) -> tuple[list[str], list[tuple[str, str, int, str]], list[Pr
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     found, problems = [], []
     for split, csv_path in csvs.items():
-        for image, text, label in read_titles(csv_path, classes):
+        rows, bad = read_titles(csv_path, classes)
+        problems += bad
+        for image, text, label in rows:
             path = src / "images" / split / label / image
             item = f"{split}/{label}/{image}"
             if label not in classes:

@@ -42,15 +42,14 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from mmlab_cli.console import progress
-from mmlab_cli.errors import MmlabError
 from mmlab_cli.data.format import (SPLITS, ModalitySpec, array_path, atomic_write_json, atomic_write_text,
                                    partial_array_path, read_manifest, save_array, stratified_split,
                                    write_manifest)
+from mmlab_cli.errors import MmlabError
 
 REPORT = "prepare_report.json"
 PROGRESS = ".prepare_progress.npz"
 CHECKPOINT_SECONDS = 2.0
-COPY_CHUNK_BYTES = 64 << 20
 TODO, DONE, FAILED = 0, 1, 2
 
 
@@ -68,7 +67,7 @@ class Clip:
 
 @dataclass(frozen=True)
 class Problem:
-    """A source file left out, and why; found while scanning (no clip) or while processing."""
+    """A source file left out, and why (found while scanning the source, or while processing `clip`)."""
 
     path: str
     reason: str
@@ -423,19 +422,16 @@ def _row_bytes(shape: tuple[int, ...], dtype: str) -> int:
 
 
 def _commit(partial: Path, final: Path, keep: np.ndarray, offset: int, nbytes: int, spec: ModalitySpec) -> None:
-    """Rename the partial array into place, or copy its kept rows (in chunks) to a new file first."""
+    """Rename the partial array into place, or first copy its kept rows, one at a time, to a new file."""
     if keep.all():
         os.replace(partial, final)
         return
     tmp, out_offset, _, _ = _create_or_reuse(final.with_name(f".{final.stem}.compact.npy"),
                                              (int(keep.sum()), *spec.shape), spec.dtype, keep=False)
-    rows = np.flatnonzero(keep)
-    per_chunk = max(1, COPY_CHUNK_BYTES // max(nbytes, 1))
     with open(partial, "rb") as src, open(tmp, "r+b") as dst:
         dst.seek(out_offset)
-        for start in range(0, len(rows), per_chunk):
-            for r in rows[start:start + per_chunk]:
-                src.seek(offset + int(r) * nbytes)
-                dst.write(src.read(nbytes))
+        for row in np.flatnonzero(keep):
+            src.seek(offset + int(row) * nbytes)
+            dst.write(src.read(nbytes))
     os.replace(tmp, final)
     partial.unlink()

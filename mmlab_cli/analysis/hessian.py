@@ -1,0 +1,248 @@
+"""Hessian spectrum of the fused loss: top-k eigenvalues, trace and spectral density.
+
+H is the Hessian of the exact mean fused cross-entropy of a subset w.r.t. `LossParams` (every
+trainable parameter the fused loss uses; the probe heads are not among them). Products H v come
+from double backward, accumulated over the subset's batches, so memory is that of one batch.
+
+- Top-k: Lanczos with full reorthogonalisation (Gram-Schmidt twice against every previous
+  vector), stopped once each of the k largest Ritz pairs has residual ||H y - theta y|| <= tol |theta|;
+  each reported eigenvalue is then within tol |theta| of an eigenvalue of H.
+- Trace: Hutchinson's estimator, the mean of z^T H z over Rademacher probes z, batched over probes.
+- Density: stochastic Lanczos quadrature (Ghorbani et al. 2019): Ritz values and squared first
+  components of the eigenvectors of T from a normalised Rademacher start, averaged over runs.
+- `pyhessian_spectrum` measures the same quantities with the pyhessian package, as a cross-check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+from torch import nn
+
+from mmlab_cli.analysis.common import Subset
+from mmlab_cli.analysis.lossfn import LossParams, batch_loss
+
+Advance = Callable[[int], None]
+
+
+def generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator per (seed, purpose): draws are the same on every device."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+class HessianVectorProduct:
+    """v [n] or V [P, n] -> H v or H V, over the whole subset. A one-batch subset keeps its gradient
+    graph between products (as pyhessian does), so each product then costs one backward pass."""
+
+    def __init__(self, model: nn.Module, subset: Subset, lp: LossParams):
+        self.model, self.subset, self.lp = model, subset, lp
+        self.products = 0
+        self._graph = self._grads(*subset.batches[0]) if len(subset.batches) == 1 else None
+
+    def _grads(self, inputs, y) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            return torch.autograd.grad(batch_loss(self.model, inputs, y), self.lp.params, create_graph=True)
+
+    def _product(self, grads, v: torch.Tensor, retain: bool) -> torch.Tensor:
+        hv = torch.autograd.grad(grads, self.lp.params, grad_outputs=list(self.lp.unflatten(v).values()),
+                                 retain_graph=retain, is_grads_batched=v.dim() == 2, materialize_grads=True)
+        return torch.cat([h.reshape(*v.shape[:-1], -1) for h in hv], dim=-1)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1 if v.dim() == 1 else len(v)
+        if self._graph is not None:
+            return self._product(self._graph, v, retain=True) / self.subset.size
+        out = torch.zeros_like(v)
+        for inputs, y in self.subset.batches:
+            out += self._product(self._grads(inputs, y), v, retain=False)
+        return out / self.subset.size
+
+
+@dataclass
+class Tridiagonal:
+    """T = Q^T H Q from Lanczos: diagonal alphas, off-diagonal betas, and the last residual norm."""
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    residual: float
+
+    def eigh(self) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.alphas) == 1:
+            return self.alphas.copy(), np.ones((1, 1))
+        return eigh_tridiagonal(self.alphas, self.betas)
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest Ritz values (descending) and their residual norms ||H y - theta y||."""
+        theta, s = self.eigh()
+        order = np.argsort(theta)[::-1][:k]
+        return theta[order], self.residual * np.abs(s[-1, order])
+
+    def converged(self, k: int, tol: float) -> bool:
+        theta, residual = self.top(k)
+        return bool(np.all(residual <= tol * np.abs(theta)))
+
+
+def _orthogonalise(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    for _ in range(2):  # Gram-Schmidt twice: orthogonal to working precision
+        w = w - q.T @ (q @ w)
+    return w
+
+
+def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, steps: int, k: int = 0,
+            tol: float = 0.0, gen: torch.Generator | None = None, advance: Advance | None = None) -> Tridiagonal:
+    """Up to `steps` Lanczos steps with full reorthogonalisation from v0; with k > 0, stops as soon as
+    the k largest Ritz pairs have residual <= tol * |theta|. An invariant subspace restarts from a
+    random vector orthogonal to the basis (T gets a zero off-diagonal)."""
+    n = v0.numel()
+    steps = min(steps, n)
+    q = torch.empty(steps, n, dtype=v0.dtype, device=v0.device)
+    q[0] = v0 / v0.norm()
+    alphas, betas = [], []
+    tiny = 100 * torch.finfo(v0.dtype).eps
+    for j in range(steps):
+        w = hvp(q[j])
+        alphas.append((w @ q[j]).item())
+        w = _orthogonalise(w, q[:j + 1])
+        beta = w.norm().item()
+        if advance:
+            advance(1)
+        t = Tridiagonal(np.array(alphas), np.array(betas), beta)
+        if j + 1 == steps or (k and j + 1 >= k and t.converged(k, tol)):
+            break
+        if beta <= tiny * np.abs(alphas).max():  # invariant subspace: continue elsewhere
+            w = _orthogonalise(torch.randn(n, generator=gen).to(v0), q[:j + 1])
+            betas.append(0.0)
+            beta = w.norm().item()
+        else:
+            betas.append(beta)
+        q[j + 1] = w / beta
+    return t
+
+
+def _rademacher(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(like)
+
+
+def top_eigenvalues(hvp, theta: torch.Tensor, k: int, tol: float, max_steps: int, seed: int,
+                    advance: Advance | None = None) -> dict:
+    gen = generator(seed, "lanczos")
+    t = lanczos(hvp, torch.randn(theta.numel(), generator=gen).to(theta), max_steps, k, tol, gen, advance)
+    values, residuals = t.top(k)
+    return {"eigenvalues": values.tolist(), "residuals": residuals.tolist(), "lanczos_steps": len(t.alphas),
+            "converged": t.converged(k, tol)}
+
+
+def hutchinson_trace(hvp, theta: torch.Tensor, probes: int, batch: int, seed: int,
+                     advance: Advance | None = None) -> dict:
+    gen = generator(seed, "trace")
+    values = []
+    for start in range(0, probes, batch):
+        z = _rademacher((min(batch, probes - start), theta.numel()), gen, theta)
+        values += (z * hvp(z)).sum(dim=1).tolist()
+        if advance:
+            advance(len(z))
+    values = np.array(values)
+    return {"value": float(values.mean()), "stderr": float(values.std(ddof=1) / math.sqrt(len(values)))
+            if len(values) > 1 else None, "probes": len(values), "probe_distribution": "rademacher"}
+
+
+def slq_density(hvp, theta: torch.Tensor, steps: int, runs: int, seed: int, advance: Advance | None = None) -> dict:
+    gen = generator(seed, "density")
+    nodes, weights = [], []
+    for _ in range(runs):
+        t = lanczos(hvp, _rademacher((theta.numel(),), gen, theta), steps, gen=gen, advance=advance)
+        values, s = t.eigh()
+        nodes.append(values.tolist())
+        weights.append((s[0] ** 2).tolist())
+    return {"steps": steps, "runs": runs, "nodes": nodes, "weights": weights}
+
+
+def density_curve(nodes: list[list[float]], weights: list[list[float]], points: int = 1000,
+                  width: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """SLQ density on a grid: Gaussians of std `width` x (spectrum range) at the nodes, averaged over runs."""
+    all_nodes = np.concatenate([np.asarray(n) for n in nodes])
+    lo, hi = all_nodes.min(), all_nodes.max()
+    sigma = width * max(hi - lo, 1e-12)
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
+    dens = np.zeros_like(grid)
+    for n, w in zip(nodes, weights):
+        n, w = np.asarray(n)[:, None], np.asarray(w)[:, None]
+        dens += (w * np.exp(-0.5 * ((grid[None] - n) / sigma) ** 2)).sum(0) / (sigma * math.sqrt(2 * math.pi))
+    return grid, dens / len(nodes)
+
+
+def spectrum(model: nn.Module, subset: Subset, lp: LossParams, top_k: int = 5, tol: float = 1e-3,
+             max_steps: int = 100, trace_probes: int = 100, probe_batch: int = 10, density: bool = False,
+             density_steps: int = 80, density_runs: int = 1, seed: int = 0,
+             advance: Advance | None = None) -> dict:
+    """Top-k eigenvalues, trace and (optionally) the SLQ density with this module's Lanczos."""
+    hvp = HessianVectorProduct(model, subset, lp)
+    theta = lp.flat()
+    out = top_eigenvalues(hvp, theta, top_k, tol, max_steps, seed, advance)
+    out["trace"] = hutchinson_trace(hvp, theta, trace_probes, probe_batch, seed, advance) if trace_probes else None
+    out["density"] = slq_density(hvp, theta, density_steps, density_runs, seed, advance) if density else None
+    out["hessian_vector_products"] = hvp.products
+    return out
+
+
+class PackedInput(nn.Module):
+    """A LateFusion seen as pyhessian expects it: one tensor in (every modality flattened, side by
+    side), logits out."""
+
+    def __init__(self, model: nn.Module, shapes: dict[str, tuple[int, ...]]):
+        super().__init__()
+        self.model, self.shapes = model, shapes
+
+    @staticmethod
+    def pack(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([x.flatten(1) for x in inputs.values()], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.split([math.prod(s) for s in self.shapes.values()], dim=1)
+        return self.model({m: p.reshape(len(x), *s) for (m, s), p in zip(self.shapes.items(), parts)}).logits
+
+
+@contextlib.contextmanager
+def only_requires_grad(model: nn.Module, params: list[nn.Parameter]):
+    """pyhessian differentiates w.r.t. every parameter with requires_grad: freeze the others meanwhile."""
+    keep = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for p in model.parameters():
+            p.grad = None  # pyhessian leaves graphs in .grad
+
+
+def pyhessian_spectrum(model: nn.Module, subset: Subset, lp: LossParams, top_k: int = 5, trace_probes: int = 100,
+                       seed: int = 0, max_iter: int = 100, tol: float = 1e-3) -> dict:
+    """The same measurement through pyhessian 0.1: power iteration with deflation (its maxIter and tol)
+    for the top-k, its Hutchinson loop for the trace. One-batch subsets use its single-batch mode."""
+    from pyhessian import hessian
+
+    device = lp.params[0].device
+    shapes = {m: tuple(x.shape[1:]) for m, x in subset.batches[0][0].items()}
+    batches = [(PackedInput.pack(x), y) for x, y in subset.batches]
+    data = {"data": batches[0]} if len(batches) == 1 else {"dataloader": batches}
+    devices = [device] if device.type == "cuda" else []
+    with only_requires_grad(model, lp.params), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        h = hessian(PackedInput(model, shapes), nn.CrossEntropyLoss(), cuda=device.type == "cuda", **data)
+        values, _ = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_k)
+        trace = np.array(h.trace(maxIter=trace_probes, tol=tol)) if trace_probes else None
+    order = np.argsort(values)[::-1]
+    return {"eigenvalues": [float(values[i]) for i in order], "power_iteration": {"max_iter": max_iter, "tol": tol},
+            "trace": None if trace is None else {
+                "value": float(trace.mean()), "probes": len(trace), "probe_distribution": "rademacher",
+                "stderr": float(trace.std(ddof=1) / math.sqrt(len(trace))) if len(trace) > 1 else None}}
