@@ -132,9 +132,11 @@ def tree_memory(pid: int) -> tuple[int, int]:
 def measure(mode: str, src: Path, out: Path) -> tuple[float, int, int]:
     """(seconds, peak summed PSS, peak single RSS) of one mode, run in a fresh subprocess."""
     shutil.rmtree(out, ignore_errors=True)
+    log = out.with_name(f"{out.name}.log")
     started = time.time()
-    proc = subprocess.Popen([sys.executable, __file__, "--run", mode, str(src), str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, __file__, "--run", mode, str(src), str(out)], cwd=ROOT,
+                                stdout=sink, stderr=subprocess.STDOUT)
     peak = [0, 0]
 
     def sample():
@@ -149,7 +151,7 @@ def measure(mode: str, src: Path, out: Path) -> tuple[float, int, int]:
     seconds = time.time() - started
     sampler.join()
     if code:
-        sys.exit(f"{mode} failed with exit code {code}")
+        sys.exit(f"{mode} failed with exit code {code}:\n{log.read_text()[-3000:]}")
     return seconds, peak[0], peak[1]
 
 

@@ -150,6 +150,9 @@ def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip
     sample shape, dtype and kind; `problems` are files already rejected while scanning the source."""
     out = Path(out)
     problems = list(problems)
+    if not clips:
+        example = f"; e.g. {problems[0].path}: {problems[0].reason}" if problems else ""
+        raise MmlabError(f"no usable clip in the source ({len(problems)} files left out{example})")
     fp = fingerprint(dataset=dataset, classes=classes, clips=clips, outputs=outputs, preprocessing=preprocessing,
                      problems=problems)
     finished = _finished(out, fp)

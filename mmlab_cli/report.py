@@ -1,13 +1,19 @@
-"""Build the accuracy table from run directories. Reads only what runs wrote; never recomputes.
+"""The papers' tables from run directories. Reads only what `train` and the analyses wrote; never
+recomputes, never imports torch.
 
-A run is a directory holding config.yaml and metrics.json. Runs are grouped by dataset,
-modalities and pairing (or `group_by`), and every metric is reported as mean +- sample std
-over the seeds in the group.
+A run is a directory holding config.yaml and metrics.json; the analyses add flatness.json,
+geometry.json and robustness.json. Every table is declared once in TABLES: its name, the per-run
+file it reads and its columns as (label, JSON path). A path is dotted keys; a `*` inside a key
+matches every key with that prefix/suffix and makes one column per match, whose captured part
+fills the label's `{}` (so `pgd.*.drop_rate` gives one column per attacked modality). Runs are
+grouped by config keys and each cell is the mean +- sample std over the runs (seeds) of a group.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +23,90 @@ from mmlab_cli.data.format import atomic_write_text
 from mmlab_cli.errors import MmlabError
 
 DEFAULT_GROUP_BY = ("dataset", "modalities", "pairing")
+OPTIONAL_GROUP_BY = ("regularizer", "scheme")  # in the default grouping when some run records them
+KEY_DEFAULTS = {"regularizer": "none", "scheme": "joint"}  # a run without the key ran with this value
+FORMATS = ("md", "csv", "latex")
+METHOD_KEYS = ("modalities", "pairing", "regularizer", "scheme")  # summarised by the method column
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str  # report_<name>.csv
+    title: str
+    file: str  # the per-run JSON the columns read
+    command: str  # what writes that file (named in the note when it is missing)
+    columns: tuple[tuple[str, str], ...]  # (label, JSON path)
+    fmt: str = ".2f"
+    plots: tuple[str, ...] = ()  # glob patterns of PNGs in the run directory, embedded once per group
+
+
+TABLES = (
+    TableSpec("accuracy", "Test accuracy (%): fused prediction and each modality's linear probe "
+              "(DML paper Table 1, DAGR paper Table 1)", "metrics.json", "mmlab train",
+              (("acc (fused)", "test_acc"), ("acc {}", "test_acc_*"))),
+    TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter)",
+              "flatness.json", "mmlab flatness RUN_DIR",
+              (("λ_max", "lambda_max"), ("λ1/λ5", "lambda_ratio"), ("trace", "trace"), ("L_LPF", "lpf_loss"),
+               ("Δ_LPF", "lpf_delta")), ".4f", ("flatness*.png",)),
+    TableSpec("geometry", "Modality variance Tr Σ of unit embeddings, variance ratio and modality gap W2² "
+              "(DML paper Table 5)", "geometry.json", "mmlab geometry RUN_DIR",
+              (("variance {}", "modality.*.variance"), ("ratio {}", "pairs.*.variance_ratio"),
+               ("W2² {}", "pairs.*.wasserstein2_sq")), ".4f", ("geometry_tsne.png",)),
+    TableSpec("alignment", "Representation diagnostics: effective rank, semantic margin, cross-modal drift, "
+              "cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
+              "mmlab geometry RUN_DIR",
+              (("erank {}", "modality.*.effective_rank"), ("margin {}", "modality.*.semantic_margin"),
+               ("drift {}", "pairs.*.drift"), ("cos gap {}", "pairs.*.cosine_gap"), ("KS {}", "pairs.*.cosine_ks"),
+               ("R@1 {}", "pairs.*.recall@1")), ".4f", ("geometry_cosine.png",)),
+    TableSpec("ati", "ATI check of the fusion, perturbing one modality's embedding (DML paper Table 13)",
+              "geometry.json", "mmlab geometry RUN_DIR",
+              (("feature norm {}", "ati.*.feature_norm"), ("invariance error {}", "ati.*.invariance_error"),
+               ("rel. error {}", "ati.*.relative_error"), ("rel. error diag {}", "ati.*.relative_error_diag")), ".3g"),
+    TableSpec("robustness", "PGD on one modality, the others clean: accuracy (%) and drop rate (%) "
+              "(DML paper Table 12)", "robustness.json", "mmlab robustness RUN_DIR",
+              (("clean acc", "clean.acc"), ("PGD acc {}", "pgd.*.perturbed_acc"), ("drop {}", "pgd.*.drop_rate")),
+              ".2f", ("robustness_pgd_sweep.png",)),
+    TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
+              "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
+              (("AUC {} {}", "corruptions.*.*.auc"),), ".2f", ("robustness_*.png",)),
+)
+
+
+@dataclass
+class Table:
+    spec: TableSpec
+    numbers: pd.DataFrame  # group keys, seeds, then <label> mean / std / n per column
+    cells: pd.DataFrame  # group keys (+ method), seeds, then 'mean ± std' per column
+    note: str = ""
+    plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to the runs folder)
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def _read_json(path: Path, command: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MmlabError(f"{path}: not valid JSON ({e.msg}); re-run `{command}` to rewrite it") from None
+
+
+def _hashable(value):
+    """Group keys must be hashable: lists become 'a+b', mappings sorted JSON."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def key_defaults() -> dict:
+    """The value a run that does not record a config key ran with (older runs predate newer keys)."""
+    from mmlab_cli.config import TrainConfig
+
+    return {**{k: _hashable(v) for k, v in TrainConfig().to_dict().items()}, **KEY_DEFAULTS}
 
 
 def find_runs(root: str | Path) -> pd.DataFrame:
@@ -30,13 +120,76 @@ def find_runs(root: str | Path) -> pd.DataFrame:
         if not config_path.is_file():
             continue
         config = yaml.safe_load(config_path.read_text()) or {}
-        metrics = json.loads(metrics_path.read_text())
+        metrics = _read_json(metrics_path, "mmlab train --resume --out RUN_DIR")
         row = {**config, **metrics, "run": str(metrics_path.parent.relative_to(root))}
-        row["modalities"] = "+".join(row.get("modalities") or [])
-        rows.append(row)
+        rows.append({k: _hashable(v) for k, v in row.items()})
     if not rows:
         raise MmlabError(f"{root}: no finished runs found (a run directory holds config.yaml and metrics.json)")
     return pd.DataFrame(rows)
+
+
+def default_group_by(runs: pd.DataFrame) -> tuple[str, ...]:
+    return DEFAULT_GROUP_BY + tuple(k for k in OPTIONAL_GROUP_BY if k in runs.columns)
+
+
+def resolve(doc, path: str) -> list[tuple[tuple[str, ...], float]]:
+    """Every (captured parts, number) that the dotted `path` reaches in `doc`; `*` inside a key is a wildcard."""
+    segments = path.split(".")
+    found = []
+
+    def walk(node, i: int, captured: tuple[str, ...]) -> None:
+        if i == len(segments):
+            if isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
+                found.append((captured, float(node)))
+            return
+        if not isinstance(node, dict):
+            return
+        seg = segments[i]
+        if "*" not in seg:
+            if seg in node:
+                walk(node[seg], i + 1, captured)
+            return
+        prefix, suffix = seg.split("*", 1)
+        for key, value in node.items():
+            if key.startswith(prefix) and key.endswith(suffix) and len(key) > len(prefix) + len(suffix):
+                walk(value, i + 1, captured + (key[len(prefix):len(key) - len(suffix)],))
+
+    walk(doc, 0, ())
+    return found
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[str, list]) -> None:
+    """Runs averaged together must share the dataset and, per analysis file, the split it measured."""
+    missing = [k for k in group_by if k not in runs.columns]
+    if missing:
+        raise MmlabError(f"cannot group by '{missing[0]}': no run records it; known keys: "
+                         f"{', '.join(sorted(map(str, runs.columns)))}")
+    for _, group in runs.groupby(list(group_by), dropna=False, sort=False):
+        where = ", ".join(f"{k}={group[k].iloc[0]}" for k in group_by)
+        if "dataset" in group and group["dataset"].nunique(dropna=False) > 1:
+            (r1, d1), (r2, d2) = group.drop_duplicates("dataset")[["run", "dataset"]].values[:2]
+            raise MmlabError(f"runs {r1} (dataset {d1}) and {r2} (dataset {d2}) fall into one group ({where}) but "
+                             f"were trained on different datasets; add 'dataset' to --group-by")
+        for file, per_run in docs.items():
+            splits = {}
+            for i in group.index:
+                if per_run[i] is not None and "split" in per_run[i]:
+                    splits.setdefault(per_run[i]["split"], runs.at[i, "run"])
+            if len(splits) > 1:
+                (s1, r1), (s2, r2) = list(splits.items())[:2]
+                raise MmlabError(f"{r1}/{file} measured the {s1} split but {r2}/{file} the {s2} split, and both runs "
+                                 f"fall into one group ({where}); re-run the analysis of one of them with "
+                                 f"--split {s1} (or put them in different groups with --group-by)")
+
+
+def method_label(row, group_by: tuple[str, ...]) -> str:
+    """'audio only', 'DML (image+audio)', with ' + DGL' / ' + DAGR' when grouped by scheme / regularizer."""
+    extras = [str(row[k]).upper() for k, off in (("scheme", "joint"), ("regularizer", "none"))
+              if k in group_by and str(row[k]) != off]
+    return " + ".join([method_name(row["modalities"], row["pairing"]), *extras])
 
 
 def method_name(modalities: str, pairing: str) -> str:
@@ -45,54 +198,151 @@ def method_name(modalities: str, pairing: str) -> str:
     return f"{pairing.upper()} ({modalities})"
 
 
-def accuracy_table(runs: pd.DataFrame, group_by: tuple[str, ...] = DEFAULT_GROUP_BY) -> pd.DataFrame:
-    """Mean and std of test accuracy (fused and per-modality probe) per group, with the seed count."""
-    missing = [k for k in group_by if k not in runs.columns]
-    if missing:
-        raise MmlabError(f"cannot group by '{missing[0]}': no run records it; known keys: "
-                         f"{', '.join(sorted(runs.columns))}")
-    acc_cols = ["test_acc"] + sorted(c for c in runs.columns if c.startswith("test_acc_"))
-    grouped = runs.groupby(list(group_by), dropna=False, sort=True)
-    table = grouped[acc_cols].agg(["mean", "std"])
-    table.columns = [f"{c}_{stat}" for c, stat in table.columns]
-    table.insert(0, "seeds", grouped.size())
-    return table.reset_index()
-
-
-def _cell(mean: float, std: float) -> str:
-    if pd.isna(mean):
+def _cell(mean: float, std: float, n: int, seeds: int, fmt: str) -> str:
+    if n == 0:
         return "-"
-    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+    text = f"{mean:{fmt}}" if pd.isna(std) else f"{mean:{fmt}} ± {std:{fmt}}"
+    return text if n == seeds else f"{text} (n={n})"
 
 
-def formatted(table: pd.DataFrame, group_by: tuple[str, ...]) -> pd.DataFrame:
-    """Human-readable copy: 'mean ± std' strings, a method column when grouping by modalities+pairing."""
-    out = table[list(group_by)].copy()
-    if {"modalities", "pairing"} <= set(group_by):
-        out.insert(len(out.columns), "method", [method_name(m, p) for m, p in zip(table["modalities"], table["pairing"])])
-    out["seeds"] = table["seeds"]
-    for col in [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]:
-        out[col.replace("test_acc", "acc").replace("acc_", "acc ") if col != "test_acc" else "acc (fused)"] = [
-            _cell(m, s) for m, s in zip(table[f"{col}_mean"], table[f"{col}_std"])]
-    return out
+def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> Table:
+    """Per-run values from the spec's paths, then mean, sample std and count per group."""
+    values: dict[str, dict[int, float]] = {}  # column label -> {run row: value}; labels in first-seen order
+    for label, path in spec.columns:
+        before = len(values)
+        for i, doc in enumerate(docs):
+            for captured, value in resolve(doc, path) if doc is not None else []:
+                values.setdefault(label.format(*captured), {})[i] = value
+        if len(values) == before:  # no run has it: one placeholder column of '-'
+            values[label.format(*["*"] * path.count("*"))] = {}
+    per_run = runs[list(group_by)].copy()
+    for label, by_run in values.items():
+        per_run[label] = pd.Series(by_run, dtype=float)
+    grouped = per_run.groupby(list(group_by), dropna=False, sort=True)
+    numbers = grouped.size().rename("seeds").to_frame()
+    for label in values:
+        numbers[f"{label} mean"] = grouped[label].mean()
+        numbers[f"{label} std"] = grouped[label].std(ddof=1)
+        numbers[f"{label} n"] = grouped[label].count()
+    numbers = numbers.reset_index()
+    if {"modalities", "pairing"} <= set(group_by):  # the method column says what these keys say
+        cells = numbers[[k for k in group_by if k not in METHOD_KEYS]].copy()
+        cells["method"] = [method_label(row, group_by) for _, row in numbers.iterrows()]
+    else:
+        cells = numbers[list(group_by)].copy()
+    cells["seeds"] = numbers["seeds"]
+    for label in values:
+        cells[label] = [_cell(m, s, n, k, spec.fmt) for m, s, n, k in zip(
+            numbers[f"{label} mean"], numbers[f"{label} std"], numbers[f"{label} n"], numbers["seeds"])]
+    absent = [runs.at[i, "run"] for i, doc in enumerate(docs) if doc is None]
+    note = ""
+    if absent:
+        listed = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+        note = (f"-: {len(absent)} of {len(runs)} runs have no {spec.file} ({listed}); "
+                f"produce it with `{spec.command}`.")
+    return Table(spec, numbers, cells, note)
+
+
+def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], root: Path) -> None:
+    """For each group, the first run's PNGs matching the spec's patterns."""
+    for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        for run in group["run"]:
+            pngs = sorted({p for pattern in table.spec.plots for p in (root / run).glob(pattern)})
+            if pngs:
+                caption = ", ".join(map(str, key))
+                table.plots += [(f"{caption}: {p.name} ({run})", str(p.relative_to(root))) for p in pngs]
+                break
+
+
+def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> tuple[list[Table], tuple[str, ...]]:
+    """Every table of TABLES for the runs under `root` (group_by None: the default grouping)."""
+    root = Path(root)
+    runs = find_runs(root)
+    group_by = tuple(group_by) if group_by else default_group_by(runs)
+    defaults = key_defaults()
+    for k in group_by:
+        if k in runs.columns:
+            runs[k] = runs[k].fillna(defaults.get(k, "-"))
+        elif k in KEY_DEFAULTS:
+            runs[k] = KEY_DEFAULTS[k]
+    files = dict.fromkeys(spec.file for spec in TABLES if spec.file != "metrics.json")
+    commands = {spec.file: spec.command for spec in TABLES}
+    docs = {f: [_read_json(root / run / f, commands[f]) for run in runs["run"]] for f in files}
+    check_groupable(runs, group_by, docs)
+    docs["metrics.json"] = runs.to_dict("records")
+    tables = []
+    for spec in TABLES:
+        table = build_table(spec, runs, group_by, docs[spec.file])
+        attach_plots(table, runs, group_by, root)
+        tables.append(table)
+    return tables, group_by
+
+
+# ---------------------------------------------------------------- rendering
 
 
 def to_markdown(df: pd.DataFrame) -> str:
+    def esc(v) -> str:
+        return str(v).replace("|", "\\|")
+
     cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(esc, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
-def write_report(root: str | Path, group_by: tuple[str, ...] = DEFAULT_GROUP_BY) -> tuple[pd.DataFrame, Path, Path]:
-    """Write report.md and report.csv into `root`; returns the readable table and both paths."""
+LATEX = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                       "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                       "|": r"\textbar{}", "±": r"$\pm$", "λ": r"$\lambda$", "Δ": r"$\Delta$", "²": r"$^2$",
+                       "Σ": r"$\Sigma$"})
+
+
+def to_latex(df: pd.DataFrame, caption: str) -> str:
+    """A booktabs table (needs \\usepackage{booktabs})."""
+    def row(values) -> str:
+        return " & ".join(str(v).translate(LATEX) for v in values) + r" \\"
+
+    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{caption.translate(LATEX)}}}",
+                      rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule", row(df.columns), r"\midrule",
+                      *(row(r) for r in df.itertuples(index=False)), r"\bottomrule", r"\end{tabular}",
+                      r"\end{table}", ""])
+
+
+def render(tables: list[Table], fmt: str) -> str:
+    """All tables as one text: Markdown sections, LaTeX tables, or '# name' headed CSV blocks."""
+    if fmt == "latex":
+        return "\n".join(to_latex(t.cells, t.spec.title) for t in tables)
+    if fmt == "csv":
+        return "\n".join(f"# {t.spec.name}\n{t.numbers.to_csv(index=False)}" for t in tables)
+    parts = []
+    for t in tables:
+        parts += [f"## {t.spec.title}", "", to_markdown(t.cells)]
+        parts += [t.note, ""] if t.note else []
+        parts += [f"![{caption}]({path})" for caption, path in t.plots] + ([""] if t.plots else [])
+    return "\n".join(parts)
+
+
+def write_report(root: str | Path, group_by: tuple[str, ...] | None = None,
+                 fmt: str = "md") -> tuple[list[Table], str, list[Path]]:
+    """Write report.md (plots embedded) and report_<table>.csv into `root` (and report.tex for latex);
+    returns the tables, the report rendered in `fmt`, and the paths written."""
+    if fmt not in FORMATS:
+        raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
-    runs = find_runs(root)
-    table = accuracy_table(runs, group_by)
-    pretty = formatted(table, group_by)
-    md = (f"# mmlab report: {root}\n\nTest accuracy (%) of the best-validation checkpoint, mean ± sample std over "
-          f"seeds; per-modality columns are each modality's linear probe.\n\n" + to_markdown(pretty))
-    md_path, csv_path = root / "report.md", root / "report.csv"
-    atomic_write_text(md_path, md)
-    atomic_write_text(csv_path, table.to_csv(index=False))
-    return pretty, md_path, csv_path
+    tables, group_by = build_tables(root, group_by)
+    seeds = int(tables[0].numbers["seeds"].sum())
+    md = (f"# mmlab report: {root}\n\n{seeds} runs in {len(tables[0].numbers)} groups by "
+          f"{', '.join(group_by)}. Each cell is the mean ± sample standard deviation over the runs (seeds) of the "
+          f"group, read from the files the runs hold; (n=k) marks a cell averaged over only k of them, "
+          f"and - a value no run of the group has. Accuracy is on the test split at the best-validation "
+          f"checkpoint.\n\n" + render(tables, "md"))
+    written = [root / "report.md"]
+    atomic_write_text(written[0], md)
+    for t in tables:
+        written.append(root / f"report_{t.spec.name}.csv")
+        atomic_write_text(written[-1], t.numbers.to_csv(index=False))
+    if fmt == "latex":
+        written.append(root / "report.tex")
+        atomic_write_text(written[-1], render(tables, "latex"))
+    return tables, (md if fmt == "md" else render(tables, fmt)), written

@@ -1,10 +1,71 @@
-"""`mmlab geometry`: not built yet."""
+"""`mmlab geometry`: parse flags, measure each run with `mmlab_cli.analysis.geometry`, print a summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from mmlab_cli.console import not_built
+from mmlab_cli.console import cli_errors, console
 
 
-def geometry(run_dirs: list[str] = typer.Argument(None, help="Run directories to analyse.")) -> None:
-    """Not built yet: see the geometry issue. Exits with code 2."""
-    not_built("geometry", "the geometry issue")
+def _num(v: float | None, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+@cli_errors
+def geometry(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (from `mmlab train`)."),
+    split: str = typer.Option("test", help="Split to embed."),
+    samples: Optional[int] = typer.Option(None, help="Seeded subset of the split (default: all of it)."),
+    exact_ot_max: int = typer.Option(5000, help="Exact optimal transport for W2 up to this many samples; "
+                                     "Sinkhorn beyond."),
+    sinkhorn_reg: float = typer.Option(0.02, help="Sinkhorn regulariser (costs on the unit sphere are in [0, 4])."),
+    negatives: int = typer.Option(10, help="Random mismatched cross-modal pairs per sample (cosine statistics)."),
+    recall_k: str = typer.Option("1,5,10", help="Comma-separated K of cross-modal Recall@K."),
+    tau: float = typer.Option(0.01, help="ATI perturbation norm as a fraction of the embedding's norm."),
+    tsne_samples: int = typer.Option(1000, help="Samples per modality in the t-SNE plot (0: no t-SNE)."),
+    perplexity: float = typer.Option(30.0, help="t-SNE perplexity."),
+    batch_size: int = typer.Option(256, help="Batch size of the embedding pass."),
+    seed: int = typer.Option(0, help="Seed of the subset, negative pairs, ATI directions and t-SNE."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    checkpoint: str = typer.Option("best", help="best | last."),
+) -> None:
+    """Embedding geometry: modality variance, W2 modality gap, effective rank, semantic margin, cross-modal
+    drift, cosine separation, Recall@K, the ATI check of the fusion and a t-SNE plot. Writes
+    geometry.{json,md}, geometry_*.csv, embeddings.npz and geometry_*.png into each run directory."""
+    from rich.table import Table
+
+    from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run
+    from mmlab_cli.engine.rundir import load_run, resolve_device
+    from mmlab_cli.errors import MmlabError
+
+    if checkpoint not in ("best", "last"):
+        raise MmlabError(f"--checkpoint {checkpoint}: choose best or last")
+    try:
+        ks = [int(k) for k in recall_k.split(",") if k.strip()]
+    except ValueError:
+        raise MmlabError(f"--recall-k {recall_k!r}: expected comma-separated integers, e.g. 1,5,10") from None
+    settings = GeometrySettings(split=split, samples=samples, batch_size=batch_size, seed=seed,
+                                exact_ot_max=exact_ot_max, sinkhorn_reg=sinkhorn_reg, negatives=negatives,
+                                recall_k=ks, tau=tau, tsne_samples=tsne_samples, perplexity=perplexity).check()
+    dev = resolve_device(device)
+    runs = [load_run(r, checkpoint, str(dev)) for r in run_dirs]
+    table = Table(title=f"Geometry ({split} split, unit-normalised embeddings)")
+    for col in ("run", "modality / pair", "variance", "eff. rank", "margin", "W2²", "drift", "cos gap", "KS", "R@1"):
+        table.add_column(col)
+    for run in runs:
+        result = analyse_run(run, settings, dev, checkpoint)
+        console.print(f"[bold]{run.paths.root}[/]: {result['samples']} samples in {result['seconds']:.1f} s; "
+                      f"wrote {', '.join(result['files'])}")
+        for m, v in result["modality"].items():
+            table.add_row(run.paths.root.name, m, _num(v["variance"]), _num(v["effective_rank"], ".2f"),
+                          _num(v["semantic_margin"]), "", "", "", "", "")
+        for p, v in result["pairs"].items():
+            table.add_row(run.paths.root.name, p, f"ratio {_num(v['variance_ratio'], '.3f')}", "", "",
+                          _num(v["wasserstein2_sq"]), _num(v["drift"]), _num(v["cosine_gap"]),
+                          _num(v["cosine_ks"], ".3f"), _num(v.get("recall@1"), ".3f"))
+    console.print(table)
+    typer.echo(json.dumps({"runs": [str(r.paths.root / "geometry.json") for r in runs]}))

@@ -13,9 +13,6 @@ app = typer.Typer(no_args_is_help=True, help="Turn raw files into a prepared dat
                   "`mmlab prepare --list` shows every dataset's expected raw layout; "
                   "`mmlab prepare NAME --help` documents its parameters and output shapes.")
 
-WIDE_TABLE = 12  # more classes than this: one row per class instead of one column
-
-
 @app.callback(invoke_without_command=True)
 def datasets(ctx: typer.Context,
              list_: bool = typer.Option(False, "--list", help="Show every dataset with its expected raw layout.")) -> None:

@@ -1,8 +1,9 @@
-"""`mmlab report RUNS_DIR`: tables from finished runs (reads only; never recomputes)."""
+"""`mmlab report RUNS_DIR`: the papers' tables from finished runs (reads only; never recomputes)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -12,19 +13,19 @@ from mmlab_cli.console import cli_errors, console
 @cli_errors
 def report(
     runs_dir: Path = typer.Argument(..., help="Folder searched recursively for run directories."),
-    group_by: str = typer.Option("dataset,modalities,pairing", help="Comma-separated config keys to group runs by."),
+    group_by: Optional[str] = typer.Option(None, help="Comma-separated config keys to group runs by (default: "
+                                           "dataset,modalities,pairing, plus regularizer,scheme when runs record "
+                                           "them; a run without a key counts as its default value)."),
+    format: str = typer.Option("md", "--format", help="md | csv | latex: what is printed on stdout; latex also "
+                               "writes report.tex."),
 ) -> None:
-    """Group finished runs, average over seeds (mean ± std), write report.md and report.csv, print the table."""
-    from rich.table import Table
-
+    """Group finished runs and average over seeds (mean ± std): accuracy, flatness, geometry and robustness
+    tables from the files `train` and the analyses wrote. Writes report.md (plots embedded) and one
+    report_<table>.csv per table into RUNS_DIR; a missing analysis shows as '-' with the command that makes it."""
     from mmlab_cli.report import write_report
 
-    keys = tuple(k.strip() for k in group_by.split(",") if k.strip())
-    pretty, md_path, csv_path = write_report(runs_dir, keys)
-    table = Table(title=f"Test accuracy (%) in {runs_dir}")
-    for col in pretty.columns:
-        table.add_column(str(col), justify="right" if col not in keys and col != "method" else "left")
-    for row in pretty.itertuples(index=False):
-        table.add_row(*map(str, row))
-    console.print(table)
-    console.print(f"wrote {md_path} and {csv_path}")
+    keys = tuple(k.strip() for k in group_by.split(",") if k.strip()) if group_by else None
+    tables, text, written = write_report(runs_dir, keys, format)
+    typer.echo(text)
+    console.print(f"{int(tables[0].numbers['seeds'].sum())} runs in {len(tables[0].numbers)} groups; "
+                  f"wrote {', '.join(str(p) for p in written)}")

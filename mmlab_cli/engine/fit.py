@@ -96,6 +96,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, world: World) -> RunPaths:
     if paths.config.exists() and not resume:
         raise MmlabError(f"{paths.config}: {paths.root} already holds a run; pass --resume to continue it "
                          f"or choose another --out")
+    world.barrier()  # every process has checked before rank 0 writes
     if world.main:
         paths.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(paths.config, config_to_yaml(cfg))

@@ -25,9 +25,9 @@ class SAM:
         self._moved = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in self._moved]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-        scale = self.rho / (norm + 1e-12)
-        scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
-        self._eps = torch._foreach_mul(grads, scale)
+        finite = torch.isfinite(norm)
+        scale = torch.where(finite, self.rho / (norm + 1e-12), torch.zeros_like(norm))
+        self._eps = [torch.where(finite, g * scale, torch.zeros_like(g)) for g in grads]  # inf * 0 would be NaN
         torch._foreach_add_(self._moved, self._eps)
 
     @torch.no_grad()

@@ -1,0 +1,392 @@
+"""Flatness of a trained run: Hessian spectrum, LPF, F_gap and loss landscapes, written into the run.
+
+`flatness(model, dataset, settings, device)` measures the requested metrics on a fixed, seeded
+subset with the model in eval mode and returns one dict; `analyse_run` adds the run's identity,
+reuses metric blocks of an existing flatness.json measured with the same checkpoint bytes, subset
+and settings, and writes flatness.json / flatness.md / CSV / NPZ / PNG into the run directory.
+`compare` writes one table and side-by-side figures for several runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmlab_cli.analysis import flatness_plots as plots
+from mmlab_cli.analysis.common import Subset, load_subset
+from mmlab_cli.analysis.hessian import pyhessian_spectrum, spectrum
+from mmlab_cli.analysis.landscape import landscape
+from mmlab_cli.analysis.lossfn import LossParams, loss_params, losses_at
+from mmlab_cli.analysis.perturb import NORMALIZATIONS, fgap, lpf
+from mmlab_cli.console import console, progress
+from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
+from mmlab_cli.engine.checkpoint import find_checkpoint
+from mmlab_cli.engine.rundir import Run
+from mmlab_cli.errors import MmlabError
+from mmlab_cli.models.fusion import LateFusion
+from mmlab_cli.report import method_name, to_markdown
+
+SCHEMA = "mmlab.flatness/1"
+METRICS = ("hessian", "lpf", "fgap", "landscape")
+BACKENDS = ("mmlab", "pyhessian")
+EVAL_MODE = ("model.eval(): BatchNorm uses its running statistics (buffers, never perturbed) and dropout is off; "
+             "every metric is the exact mean fused cross-entropy over the subset")
+EXCLUDED = ("trainable parameters the fused loss has no gradient for: the per-modality probe heads, trained on "
+            "detached embeddings, never enter the fused loss")
+FGAP_RADII = tuple(float(r) for r in range(0, 65, 5))  # SWAD: 0..60 step 5
+FGAP_RELATIVE_RADII = tuple(round(0.05 * i, 2) for i in range(13))  # 0..0.6 x ||theta||
+
+
+@dataclass
+class FlatnessSettings:
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    split: str = "train"
+    samples: int | None = 128  # None: the whole split
+    seed: int = 0
+    batch_size: int = 128
+    chunk: int = 8  # perturbed weight vectors per batched forward (vmap)
+    backend: str = "mmlab"  # hessian: mmlab (Lanczos) | pyhessian
+    top_k: int = 5
+    tol: float = 1e-3  # Lanczos: residual ||H y - theta y|| <= tol |theta| for each of the top k
+    max_steps: int = 100
+    trace_probes: int = 100  # Hutchinson probes (0: no trace)
+    probe_batch: int = 10
+    density: bool = False
+    density_steps: int = 80
+    density_runs: int = 1
+    lpf_sigma: float = 0.01
+    lpf_draws: int = 100
+    lpf_normalize: str = "filter"  # filter | none
+    fgap_directions: int = 100
+    fgap_radii: list[float] | None = None  # None: FGAP_RADII, or FGAP_RELATIVE_RADII with fgap_relative
+    fgap_relative: bool = False
+    grid: int = 21
+    span: float = 1.0
+    landscape_dims: list[int] = field(default_factory=lambda: [1, 2])
+
+    def check(self) -> "FlatnessSettings":
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise MmlabError(f"--metric {','.join(self.metrics)}: choose from {', '.join(METRICS)} or all")
+        if self.split not in ("train", "val", "test"):
+            raise MmlabError(f"--split {self.split}: choose train, val or test")
+        if self.backend not in BACKENDS:
+            raise MmlabError(f"--backend {self.backend}: choose {' or '.join(BACKENDS)}")
+        if self.lpf_normalize not in NORMALIZATIONS:
+            raise MmlabError(f"--lpf-normalize {self.lpf_normalize}: choose {' or '.join(NORMALIZATIONS)}")
+        positive = {"--batch-size": self.batch_size, "--chunk": self.chunk, "--top-k": self.top_k,
+                    "--max-steps": self.max_steps, "--probe-batch": self.probe_batch,
+                    "--density-steps": self.density_steps, "--density-runs": self.density_runs,
+                    "--lpf-draws": self.lpf_draws, "--fgap-directions": self.fgap_directions, "--grid": self.grid,
+                    "--samples": 1 if self.samples is None else self.samples}
+        for flag, value in positive.items():
+            if value < 1:
+                raise MmlabError(f"{flag} {value}: must be >= 1")
+        if self.max_steps < self.top_k:
+            raise MmlabError(f"--max-steps {self.max_steps}: must be >= --top-k {self.top_k}")
+        if self.trace_probes < 0 or self.tol <= 0 or self.lpf_sigma <= 0 or self.span <= 0:
+            raise MmlabError("--trace-probes must be >= 0; --tol, --lpf-sigma and --span must be > 0")
+        if not self.landscape_dims or any(d not in (1, 2) for d in self.landscape_dims):
+            raise MmlabError(f"--landscape-dims {self.landscape_dims}: choose 1, 2 or 1,2")
+        if self.fgap_radii is None:
+            self.fgap_radii = list(FGAP_RELATIVE_RADII if self.fgap_relative else FGAP_RADII)
+        if any(r < 0 for r in self.fgap_radii) or sorted(self.fgap_radii) != list(self.fgap_radii):
+            raise MmlabError(f"--fgap-radii {self.fgap_radii}: radii must be >= 0 and increasing")
+        return self
+
+    def of(self, metric: str) -> dict:
+        """The settings a metric's values depend on (what a reused block must match)."""
+        keys = {"hessian": ("backend", "top_k", "tol", "max_steps", "trace_probes", "density", "density_steps",
+                            "density_runs"),
+                "lpf": ("lpf_sigma", "lpf_draws", "lpf_normalize"),
+                "fgap": ("fgap_directions", "fgap_radii", "fgap_relative"),
+                "landscape": ("grid", "span", "landscape_dims")}[metric]
+        return {k: getattr(self, k) for k in keys}
+
+
+def _work(s: FlatnessSettings, metric: str) -> int:
+    """Progress-bar units: Hessian-vector products, perturbed evaluations, directions or grid points."""
+    return {"hessian": s.max_steps + s.trace_probes + s.density_steps * s.density_runs * s.density,
+            "lpf": s.lpf_draws, "fgap": s.fgap_directions,
+            "landscape": sum(s.grid ** d for d in s.landscape_dims)}[metric]
+
+
+def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance) -> dict:
+    if s.backend == "pyhessian":
+        out = pyhessian_spectrum(model, subset, lp, s.top_k, s.trace_probes, s.seed)
+        out["method"] = ("pyhessian 0.1 hessian(model, CrossEntropyLoss): power iteration with deflation, "
+                         "maxIter 100, tol 1e-3 on the relative change of the eigenvalue")
+        if s.density:  # pyhessian 0.1's density() calls torch.eig, which torch removed
+            out["density"] = spectrum(model, subset, lp, 1, s.tol, s.density_steps, 0, s.probe_batch, True,
+                                      s.density_steps, s.density_runs, s.seed)["density"]
+            out["density_backend"] = "mmlab (pyhessian 0.1's density() needs torch.eig, removed from torch)"
+    else:
+        out = spectrum(model, subset, lp, s.top_k, s.tol, s.max_steps, s.trace_probes, s.probe_batch, s.density,
+                       s.density_steps, s.density_runs, s.seed, advance)
+        out["method"] = (f"Lanczos with full reorthogonalisation; stops when each of the top {s.top_k} Ritz pairs "
+                         f"has ||H y - theta y|| <= {s.tol:g} |theta| (so each eigenvalue is within that of one of H)")
+    ev = out["eigenvalues"]
+    out.update(backend=s.backend, lambda_max=ev[0], lambda_star=ev[0] / ev[4] if len(ev) >= 5 else None,
+               hvp="double backward (torch.autograd.grad with create_graph) of the summed loss, batch by batch, "
+                   "divided by the subset size")
+    return out
+
+
+def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSettings, device: torch.device,
+             cache_dir: Path | None = None, run_key: str = "", reuse: dict | None = None) -> dict:
+    """Measure `settings.metrics` (see the module docstring); blocks in `reuse` are taken as they are."""
+    s = settings.check()
+    reuse = reuse or {}
+    model.eval()
+    subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
+    lp = loss_params(model, subset)
+    theta = lp.flat()
+    loss, acc = (v.item() for v in losses_at(model, subset, lp, theta[None]))
+    result = {"schema": SCHEMA, "dataset": dataset.name, "modalities": list(model.modalities), "split": s.split,
+              "samples": subset.size, "seed": s.seed, "indices": subset.indices.tolist(), "eval_mode": EVAL_MODE,
+              "parameters": {"count": lp.numel, "tensors": len(lp.names), "theta_norm": theta.norm().item(),
+                             "excluded": lp.excluded, "excluded_why": EXCLUDED},
+              "loss": loss, "acc": acc, "device": str(device), "torch": torch.__version__,
+              "settings": {k: v for k, v in asdict(s).items() if k != "metrics"}}
+    todo = [m for m in s.metrics if m not in reuse]
+    with progress() as bar:
+        tasks = {m: bar.add_task(m, total=_work(s, m)) for m in todo}
+        for metric in s.metrics:
+            if metric in reuse:
+                result[metric] = reuse[metric]
+                continue
+            start = time.perf_counter()
+            task = tasks[metric]
+
+            def advance(n: int, task=task) -> None:
+                bar.advance(task, n)
+
+            if metric == "hessian":
+                block = _hessian(model, subset, lp, s, advance)
+            elif metric == "lpf":
+                block = lpf(model, subset, lp, s.lpf_sigma, s.lpf_draws, s.lpf_normalize, s.seed, s.chunk, advance)
+            elif metric == "fgap":
+                subsets = {split: subset if split == s.split else
+                           load_subset(dataset, split, s.samples, s.seed, s.batch_size, device)
+                           for split in ("train", "test")}
+                block = fgap(model, subsets, lp, s.fgap_radii, s.fgap_directions, s.fgap_relative, s.seed, s.chunk,
+                             advance)
+                block["indices"] = {split: sub.indices.tolist() for split, sub in subsets.items()}
+            else:
+                block = landscape(model, subset, lp, tuple(s.landscape_dims), s.grid, s.span, s.seed, cache_dir,
+                                  run_key, s.chunk, advance)
+            bar.update(task, completed=_work(s, metric))
+            result[metric] = {**block, "settings": s.of(metric), "seconds": time.perf_counter() - start}
+    return {**result, **summary(result)}
+
+
+def summary(result: dict) -> dict:
+    """Flat scalars for tables (`mmlab report` reads these keys)."""
+    out = {}
+    if "hessian" in result:
+        h = result["hessian"]
+        out.update(lambda_max=h["lambda_max"], lambda_ratio=h["lambda_star"],
+                   trace=h["trace"]["value"] if h.get("trace") else None)
+    if "lpf" in result:
+        out.update(lpf_loss=result["lpf"]["lpf_loss"], lpf_delta=result["lpf"]["delta"])
+    if "fgap" in result:
+        out.update({f"fgap_mean_{split}": float(np.mean(c["F"])) for split, c in result["fgap"]["splits"].items()})
+    if "landscape" in result:
+        out.update({f"landscape_{d}_mean_loss": result["landscape"][d]["mean_loss"]
+                    for d in ("1d", "2d") if d in result["landscape"]})
+    return out
+
+
+# ---------------------------------------------------------------- one run: identity, reuse, files
+
+
+def _identity(run: Run, checkpoint: str) -> dict:
+    ckpt = find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last)
+    return {"run": str(run.paths.root), "label": run.paths.root.name,
+            "method": method_name("+".join(run.model.modalities), run.config.pairing), "checkpoint": checkpoint,
+            "checkpoint_sha256": sha256_file(ckpt / "model.safetensors")}
+
+
+def _reusable(old: dict, identity: dict, s: FlatnessSettings) -> dict:
+    """Metric blocks of an earlier flatness.json measured on the same checkpoint bytes and subset: the
+    requested ones only if their settings match, the others to keep in the file."""
+    same = old.get("schema") == SCHEMA and old.get("checkpoint_sha256") == identity["checkpoint_sha256"] and \
+        all(old.get("settings", {}).get(k) == getattr(s, k) for k in ("split", "samples", "seed"))
+    if not same:
+        return {}
+    return {m: old[m] for m in METRICS if m in old and (m not in s.metrics or old[m].get("settings") == s.of(m))}
+
+
+def analyse_run(run: Run, settings: FlatnessSettings, device: torch.device, checkpoint: str = "best",
+                force: bool = False) -> dict:
+    """flatness() of a loaded run plus its identity, merged with reusable blocks of its flatness.json, written."""
+    s = settings.check()
+    identity = _identity(run, checkpoint)
+    path = run.paths.root / "flatness.json"
+    old = {} if force or not path.is_file() else _reusable(json.loads(path.read_text()), identity, s)
+    requested = {m: old[m] for m in s.metrics if m in old}
+    kept = {m: b for m, b in old.items() if m not in s.metrics}
+    result = flatness(run.model, run.dataset, s, device, run.paths.root / "flatness_cache",
+                      identity["checkpoint_sha256"], requested)
+    result = {**identity, **result, **kept}
+    result = {**result, **summary(result), "reused": sorted(requested)}
+    write_run_outputs(result, run.paths.root)  # sets result["files"]
+    atomic_write_json(path, result)
+    return result
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}g}"
+
+
+def _frame(records: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(records)
+
+
+def scalar_rows(result: dict) -> list[dict]:
+    """(metric, value) rows of one run: the table of flatness.md and of the comparison."""
+    rows = []
+    if "hessian" in result:
+        h = result["hessian"]
+        rows += [{"metric": f"lambda_{i + 1}", "value": v} for i, v in enumerate(h["eigenvalues"])]
+        rows += [{"metric": "lambda_max", "value": h["lambda_max"]},
+                 {"metric": "lambda* = lambda_1/lambda_5", "value": h["lambda_star"]}]
+        if h.get("trace"):
+            rows.append({"metric": "trace (Hutchinson)", "value": h["trace"]["value"],
+                         "stderr": h["trace"]["stderr"]})
+    if "lpf" in result:
+        f = result["lpf"]
+        rows += [{"metric": "L", "value": f["loss"]},
+                 {"metric": "L_LPF", "value": f["lpf_loss"], "stderr": f["lpf_loss_stderr"]},
+                 {"metric": "Delta_LPF = L_LPF - L", "value": f["delta"], "stderr": f["lpf_loss_stderr"]}]
+    if "fgap" in result:
+        rows += [{"metric": f"mean F_gap over radii ({split})", "value": float(np.mean(c["F"]))}
+                 for split, c in result["fgap"]["splits"].items()]
+    if "landscape" in result:
+        for d in ("1d", "2d"):
+            if d in result["landscape"]:
+                r = result["landscape"][d]
+                rows += [{"metric": f"{d} landscape mean loss", "value": r["mean_loss"]},
+                         {"metric": f"{d} landscape max loss", "value": r["max_loss"]}]
+    return rows
+
+
+def fgap_rows(result: dict) -> list[dict]:
+    f = result["fgap"]
+    return [{"radius": r, "gamma": g, **{f"F_{split}": c["F"][i] for split, c in f["splits"].items()},
+             **{f"F_{split}_stderr": c["F_stderr"][i] for split, c in f["splits"].items()}}
+            for i, (r, g) in enumerate(zip(f["radii"], f["gamma"]))]
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    p = result["parameters"]
+    lines = [f"# Flatness: {result['label']} ({result['method']})", "",
+             f"{result['dataset']}, {result['split']} split, {result['samples']} samples (seed {s['seed']}, indices "
+             f"in flatness.json), {result['checkpoint']} checkpoint, {result['device']}. Loss {result['loss']:.4f}, "
+             f"accuracy {result['acc']:.2f} %.", "",
+             f"Eval mode: {result['eval_mode']}.", "",
+             f"Parameters: {p['count']} in {p['tensors']} tensors (||theta|| = {p['theta_norm']:.4g}); excluded: "
+             f"{', '.join(p['excluded']) or 'none'} ({p['excluded_why']}).", "",
+             to_markdown(_frame([{"metric": r["metric"], "value": _fmt(r["value"]),
+                                  "stderr": _fmt(r.get("stderr"))} for r in scalar_rows(result)]))]
+    if "hessian" in result:
+        h = result["hessian"]
+        lines += [f"Hessian ({h['backend']}): {h['method']}. Products: {h['hvp']}.", ""]
+    if "lpf" in result:
+        f = result["lpf"]
+        lines += [f"LPF: sigma {f['sigma']:g}, {f['draws']} draws, normalisation '{f['normalize']}' "
+                  f"({'noise per filter scaled by ||w_c|| + |b_c|' if f['normalize'] == 'filter' else 'raw weights'}"
+                  f").", ""]
+    if "fgap" in result:
+        f = result["fgap"]
+        lines += [f"## F_gap ({f['directions']} random unit directions per radius"
+                  f"{', radii x ||theta||' if f['relative'] else ''})", "",
+                  to_markdown(_frame([{k: _fmt(v) for k, v in row.items()} for row in fgap_rows(result)]))]
+    lines += ["Files: " + ", ".join(result.get("files", [])), ""]
+    return "\n".join(lines)
+
+
+def write_run_outputs(result: dict, out: Path) -> list[Path]:
+    """flatness.md, CSVs, NPZs and PNGs of one run (flatness.json is written by the caller, listing these)."""
+    out = Path(out)
+    label = result["label"]
+    written = [out / "flatness.json", out / "flatness.md", out / "flatness.csv"]
+    atomic_write_text(written[2], _frame(scalar_rows(result)).to_csv(index=False))
+    h = result.get("hessian")
+    if h and h.get("density"):
+        written.append(plots.density({label: h["density"]}, out / "flatness_density.png"))
+    if "fgap" in result:
+        written.append(out / "flatness_fgap.csv")
+        atomic_write_text(written[-1], _frame(fgap_rows(result)).to_csv(index=False))
+        written.append(plots.fgap({label: result["fgap"]}, out / "flatness_fgap.png"))
+    land = result.get("landscape", {})
+    for d in ("1d", "2d"):
+        if d in land:
+            written.append(out / f"flatness_landscape_{d}.npz")
+            _save_npz(written[-1], {k: np.asarray(v) for k, v in land[d].items() if k in ("alpha", "beta", "loss", "acc")})
+    if "1d" in land:
+        written.append(plots.landscape_1d({label: land["1d"]}, out / "flatness_landscape_1d.png"))
+    if "2d" in land:
+        written.append(plots.contours({label: land["2d"]}, out / "flatness_landscape_2d_contour.png"))
+        written.append(plots.surfaces({label: land["2d"]}, out / "flatness_landscape_2d_surface.png"))
+    result["files"] = [p.name for p in written]
+    atomic_write_text(written[1], markdown(result))
+    return written
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- several runs
+
+
+def compare(results: list[dict], out: Path) -> list[Path]:
+    """flatness_comparison.{json,csv,md} and side-by-side PNGs (shared colour limits) for several runs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [r["label"] for r in results]
+    if len(set(labels)) < len(labels):  # two runs/<x>/sml: name them by their paths
+        labels = [r["run"] for r in results]
+    runs = dict(zip(labels, results))
+    values = {label: {row["metric"]: row["value"] for row in scalar_rows(r)} for label, r in runs.items()}
+    metrics = list(dict.fromkeys(m for v in values.values() for m in v))
+    written = [out / "flatness_comparison.json", out / "flatness_comparison.csv", out / "flatness_comparison.md"]
+    atomic_write_json(written[0], {"schema": "mmlab.flatness-comparison/1", "runs": [
+        {"label": label, "run": r["run"], "method": r["method"], "split": r["split"], "samples": r["samples"],
+         **summary(r)} for label, r in runs.items()]})
+    atomic_write_text(written[1], _frame([{"run": label, "method": r["method"], "split": r["split"],
+                                           "samples": r["samples"], **values[label]}
+                                          for label, r in runs.items()]).to_csv(index=False))
+    table = [{"metric": "method", **{label: r["method"] for label, r in runs.items()}},
+             {"metric": "split (samples)", **{label: f"{r['split']} ({r['samples']})" for label, r in runs.items()}}]
+    table += [{"metric": m, **{label: _fmt(values[label].get(m)) for label in runs}} for m in metrics]
+    fg = {label: r["fgap"] for label, r in runs.items() if "fgap" in r}
+    if fg:
+        written.append(plots.fgap(fg, out / "flatness_comparison_fgap.png"))
+    land = {d: {label: r["landscape"][d] for label, r in runs.items() if d in r.get("landscape", {})}
+            for d in ("1d", "2d")}
+    if land["1d"]:
+        written.append(plots.landscape_1d(land["1d"], out / "flatness_comparison_landscape_1d.png"))
+    if land["2d"]:
+        written.append(plots.contours(land["2d"], out / "flatness_comparison_landscape_2d_contour.png"))
+        written.append(plots.surfaces(land["2d"], out / "flatness_comparison_landscape_2d_surface.png"))
+    dens = {label: r["hessian"]["density"] for label, r in runs.items() if (r.get("hessian") or {}).get("density")}
+    if dens:
+        written.append(plots.density(dens, out / "flatness_comparison_density.png"))
+    md = ["# Flatness comparison", "", "Lower is flatter. Each run's own flatness.json holds its settings, subset "
+          "indices and the eval-mode note.", "", to_markdown(_frame(table)),
+          "Figures: " + (", ".join(p.name for p in written[3:]) or "none"), ""]
+    atomic_write_text(written[2], "\n".join(md))
+    return written

@@ -1,0 +1,231 @@
+"""Geometry of a trained late-fusion model's embeddings (the DML paper's Section 5.2 and Table 13, the
+DAGR paper's Appendix C): each modality's encoder embeds a split, the embeddings are L2-normalised,
+and per modality, per modality pair and for the fusion map the metrics of
+`mmlab_cli.analysis.geometry_metrics` are measured. `geometry` is the plain function (notebooks);
+`analyse_run` adds the run's identity and writes geometry.{json,md}, CSV tables, embeddings.npz
+and PNGs into the run directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mmlab_cli.analysis import geometry_metrics as gm
+from mmlab_cli.analysis.common import subset_indices
+from mmlab_cli.console import progress
+from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.data.loader import BatchLoader
+from mmlab_cli.engine.rundir import Run
+from mmlab_cli.errors import MmlabError
+from mmlab_cli.models.fusion import LateFusion
+from mmlab_cli.report import to_markdown
+
+SCHEMA = "mmlab.geometry/1"
+
+
+@dataclass
+class GeometrySettings:
+    split: str = "test"
+    samples: int | None = None  # None: the whole split
+    batch_size: int = 256
+    seed: int = 0  # subset, negative pairs, ATI directions, t-SNE
+    exact_ot_max: int = 5000  # exact W2 up to this many points per modality, Sinkhorn beyond
+    sinkhorn_reg: float = 0.02  # entropic regulariser; costs on the unit sphere lie in [0, 4]
+    negatives: int = 10  # random mismatched pairs per sample for the cosine distributions
+    recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    tau: float = 0.01  # ATI perturbation norm relative to ||v||
+    tsne_samples: int = 1000  # points per modality in the t-SNE plot; 0: no plot
+    perplexity: float = 30.0
+
+    def check(self) -> "GeometrySettings":
+        if self.samples is not None and self.samples < 2:
+            raise MmlabError(f"--samples {self.samples}: the metrics need at least 2 samples")
+        for name in ("batch_size", "exact_ot_max", "negatives"):
+            if getattr(self, name) < 1:
+                raise MmlabError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.sinkhorn_reg <= 0 or self.tau <= 0 or self.perplexity <= 0:
+            raise MmlabError("--sinkhorn-reg, --tau and --perplexity must be > 0")
+        if not self.recall_k or any(k < 1 for k in self.recall_k):
+            raise MmlabError(f"--recall-k {self.recall_k}: give positive integers, e.g. 1,5,10")
+        if self.tsne_samples < 0:
+            raise MmlabError("--tsne-samples must be >= 0 (0: no t-SNE plot)")
+        return self
+
+
+@dataclass
+class Embeddings:
+    indices: np.ndarray  # rows of the split
+    labels: np.ndarray  # int64 [N]
+    raw: dict[str, torch.Tensor]  # modality -> [N, d] encoder output, before normalisation
+
+    @property
+    def unit(self) -> dict[str, torch.Tensor]:
+        return {m: gm.unit(z) for m, z in self.raw.items()}
+
+
+@torch.no_grad()
+def embed(model: LateFusion, dataset: PreparedDataset, settings: GeometrySettings, device: torch.device,
+          bar=None, task=None) -> Embeddings:
+    """Every modality's embedding of a seeded subset of the split (eval mode, fp32), streamed in batches."""
+    split = dataset.split(settings.split)
+    indices = subset_indices(len(split), settings.samples, settings.seed)
+    if len(indices) < 2:
+        raise MmlabError(f"{dataset.root}: split '{settings.split}' has {len(indices)} samples; the geometry "
+                         f"metrics need at least 2")
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
+    for inputs, _ in BatchLoader(split, settings.batch_size, device, order=indices):
+        for m, z in model.embed(inputs).items():
+            parts[m].append(z.float())
+        if bar is not None:
+            bar.advance(task)
+    return Embeddings(indices, split.labels[indices], {m: torch.cat(p) for m, p in parts.items()})
+
+
+def pair_key(a: str, b: str) -> str:
+    return f"{a}|{b}"
+
+
+def measure(model: LateFusion, emb: Embeddings, settings: GeometrySettings, bar=None, task=None) -> dict:
+    """Per-modality, per-pair and fusion (ATI) metrics of computed embeddings."""
+    s = settings
+    u = emb.unit
+    labels = torch.from_numpy(emb.labels)
+
+    def step():
+        if bar is not None:
+            bar.advance(task)
+
+    per_modality = {}
+    for m in model.modalities:
+        per_modality[m] = {"variance": gm.modality_variance(u[m]), "effective_rank": gm.effective_rank(u[m]),
+                           **gm.semantic_margin(u[m], labels), "raw_norm": float(emb.raw[m].norm(dim=1).mean())}
+        step()
+    pairs = {}
+    for a, b in itertools.combinations(model.modalities, 2):
+        w2, method = gm.wasserstein2_sq(u[a], u[b], s.exact_ot_max, s.sinkhorn_reg)
+        forward, backward = gm.recall_at_k(u[a], u[b], s.recall_k), gm.recall_at_k(u[b], u[a], s.recall_k)
+        var_b = per_modality[b]["variance"]
+        pairs[pair_key(a, b)] = {
+            "variance_ratio": per_modality[a]["variance"] / var_b if var_b > 0 else None,
+            "wasserstein2_sq": w2, "wasserstein_method": method, "drift": gm.cross_modal_drift(u[a], u[b]),
+            **gm.separation(*gm.cross_modal_cosines(u[a], u[b], s.negatives, s.seed)),
+            **{f"recall@{k}": (forward[k] + backward[k]) / 2 for k in s.recall_k},
+            **{f"recall_forward@{k}": forward[k] for k in s.recall_k},
+            **{f"recall_backward@{k}": backward[k] for k in s.recall_k}}
+        step()
+    ati = {}
+    if len(model.modalities) > 1:  # ATI is a property of the fusion of two or more inputs
+        for m in model.modalities:
+            ati[m] = gm.ati_check(model.fuse, emb.raw, m, s.tau, s.seed)
+            step()
+    return {"modality": per_modality, "pairs": pairs, "ati": ati}
+
+
+def _work(model: LateFusion) -> int:
+    n = len(model.modalities)
+    return n + n * (n - 1) // 2 + (n if n > 1 else 0)
+
+
+def geometry(model: LateFusion, dataset: PreparedDataset, settings: GeometrySettings,
+             device: torch.device) -> tuple[dict, Embeddings]:
+    """Embed the split and measure it: (the geometry.json dict without the run's identity, the embeddings)."""
+    s = settings.check()
+    start = time.perf_counter()
+    n_batches = -(-len(subset_indices(len(dataset.split(s.split)), s.samples, s.seed)) // s.batch_size)
+    with progress() as bar:
+        task = bar.add_task(f"geometry: embedding {s.split}", total=n_batches + _work(model))
+        emb = embed(model, dataset, s, device, bar, task)
+        bar.update(task, description="geometry: metrics")
+        metrics = measure(model, emb, s, bar, task)
+    result = {"schema": SCHEMA, "dataset": dataset.name, "split": s.split, "samples": len(emb.indices),
+              "modalities": list(model.modalities), "dim": int(next(iter(emb.raw.values())).shape[1]),
+              "classes": len(dataset.classes), "settings": asdict(s), "device": str(device),
+              **metrics, "seconds": time.perf_counter() - start}
+    return result, emb
+
+
+def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, checkpoint: str = "best") -> dict:
+    """geometry() of a loaded run plus its identity, with every output file written into the run directory."""
+    from mmlab_cli.analysis.geometry_plots import write_plots
+
+    result, emb = geometry(run.model, run.dataset, settings, device)
+    result = {"run": str(run.paths.root), "checkpoint": checkpoint, **result}
+    for stale in [*run.paths.root.glob("geometry_*.png"), *run.paths.root.glob("geometry_*.csv")]:
+        stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
+    plots = write_plots(emb, result, settings, run.paths.root, run.dataset.classes)
+    write_outputs(result, emb, run.paths.root, plots)
+    return result
+
+
+# ---------------------------------------------------------------- output files
+
+
+def save_embeddings(path: Path, emb: Embeddings) -> None:
+    """embeddings.npz: indices, labels and emb_<modality> (raw encoder outputs, float32), written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, indices=emb.indices, labels=emb.labels,
+                 **{f"emb_{m}": z.cpu().numpy() for m, z in emb.raw.items()})
+    os.replace(tmp, path)
+
+
+def tables(result: dict) -> dict[str, pd.DataFrame]:
+    """The per-modality, per-pair and ATI tables (numbers, one row per modality / pair)."""
+    out = {"modalities": pd.DataFrame([{"modality": m, **v} for m, v in result["modality"].items()])}
+    if result["pairs"]:
+        out["pairs"] = pd.DataFrame([{"pair": p, **v} for p, v in result["pairs"].items()])
+    if result["ati"]:
+        out["ati"] = pd.DataFrame([{"perturbed": m, **v} for m, v in result["ati"].items()])
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    t = tables(result)
+    lines = [f"# Geometry: {result['run']}", "",
+             f"{result['dataset']}, {result['split']} split, {result['samples']} samples, {result['checkpoint']} "
+             f"checkpoint, d = {result['dim']}, seed {s['seed']}, {result['device']}, {result['seconds']:.1f} s. "
+             f"Embeddings are L2-normalised before every metric except the ATI check; formulas in docs/geometry.md.",
+             "", "## Per modality", "", to_markdown(t["modalities"].map(_fmt))]
+    if "pairs" in t:
+        lines += ["## Modality pairs (a|b: variance ratio = Tr Σ_a / Tr Σ_b; recall = mean of a→b and b→a)", "",
+                  to_markdown(t["pairs"].map(_fmt))]
+    if "ati" in t:
+        lines += [f"## ATI check of the fusion (the DML paper's Table 13), ||tau|| = {s['tau']:g} ||v||", "",
+                  "`invariance_error` uses the Jacobian term J tau (0 up to float32 round-off for an affine fusion); "
+                  "`_diag` uses the paper's alpha * tau with alpha = diag(J).", "",
+                  to_markdown(t["ati"].map(_fmt))]
+    lines += [f"![{name}]({name})" for name in result.get("files", []) if name.endswith(".png")]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, emb: Embeddings, out: Path, plots: list[Path] = ()) -> list[Path]:
+    """geometry.json (listing every file), geometry.md, one CSV per table and embeddings.npz; returns all paths
+    including the already written `plots`."""
+    out = Path(out)
+    frames = tables(result)
+    csvs = [out / f"geometry_{name}.csv" for name in frames]
+    written = [out / "geometry.json", out / "geometry.md", *csvs, out / "embeddings.npz", *plots]
+    result["files"] = [p.name for p in written]
+    atomic_write_json(written[0], result)
+    atomic_write_text(written[1], markdown(result))
+    for path, df in zip(csvs, frames.values()):
+        atomic_write_text(path, df.to_csv(index=False))
+    save_embeddings(out / "embeddings.npz", emb)
+    return written

@@ -1,0 +1,174 @@
+"""Embedding-geometry metrics: each takes clouds of embeddings (rows = samples, torch tensors on any
+device) and returns numbers. Formulas are in docs/geometry.md; the heavy lifting is torch, POT and
+scipy. Everything is computed in float64, since the clouds are small (N x d) and the covariance
+spectrum of a near-collapsed cloud needs the precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def unit(z: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, in float64."""
+    return F.normalize(z.double(), dim=1)
+
+
+def covariance(z: torch.Tensor) -> torch.Tensor:
+    """Sigma = 1/N sum_n (z_n - mean)(z_n - mean)^T (the DML paper's Section 5.2: 1/N, not 1/(N-1))."""
+    z = z.double()
+    zc = z - z.mean(0)
+    return zc.T @ zc / len(z)
+
+
+def modality_variance(z: torch.Tensor) -> float:
+    """Tr(Sigma): the mean squared distance of the samples to their mean."""
+    return float(torch.trace(covariance(z)))
+
+
+def spectrum(z: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of Sigma in decreasing order (round-off negatives clipped to 0)."""
+    return torch.linalg.eigvalsh(covariance(z)).flip(0).clamp_min(0)
+
+
+def effective_rank(z: torch.Tensor) -> float:
+    """Roy & Vetterli (2007) effective rank of Sigma: exp(-sum_k p_k log p_k), p_k = lambda_k / sum lambda.
+
+    Sigma is symmetric PSD, so its singular values are its eigenvalues. 0 for a cloud with no spread."""
+    eig = spectrum(z)
+    total = eig.sum()
+    if total <= 0:
+        return 0.0
+    p = eig / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def wasserstein2_sq(a: torch.Tensor, b: torch.Tensor, exact_max: int = 5000, reg: float = 0.02,
+                    max_iter: int = 10_000) -> tuple[float, str]:
+    """Squared 2-Wasserstein distance between the empirical (uniform-weight) distributions of two clouds.
+
+    Exact optimal transport (POT's network simplex) when both clouds have at most `exact_max` points;
+    beyond, the transport cost <P_eps, C> of the entropic plan from Sinkhorn with regulariser `reg`
+    (squared Euclidean cost, log-free iterations on the clouds' device). Returns (value, method)."""
+    import ot
+
+    if max(len(a), len(b)) <= exact_max:
+        cost = ot.dist(a.double().cpu().numpy(), b.double().cpu().numpy())  # squared Euclidean
+        value, log = ot.emd2([], [], cost, numItermax=100 * cost.size, log=True)
+        if log["warning"]:
+            raise RuntimeError(f"exact optimal transport did not converge: {log['warning']}")
+        return float(value), "exact"
+    cost = ot.dist(a.double(), b.double())
+    value = ot.sinkhorn2(torch.full((len(a),), 1 / len(a), dtype=cost.dtype, device=cost.device),
+                         torch.full((len(b),), 1 / len(b), dtype=cost.dtype, device=cost.device),
+                         cost, reg, numItermax=max_iter, stopThr=1e-9)
+    return float(value), "sinkhorn"
+
+
+def semantic_margin(z: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> dict[str, float | None]:
+    """Mean Euclidean distance between samples of different classes minus that between distinct samples of
+    the same class (the DAGR paper's Eq. 45), over all pairs, in row chunks of the distance matrix."""
+    z = z.double()
+    labels = labels.to(z.device)
+    sums = {"intra": 0.0, "inter": 0.0}
+    counts = {"intra": 0, "inter": 0}
+    for s in range(0, len(z), chunk):
+        d = torch.cdist(z[s:s + chunk], z)
+        same = labels[s:s + chunk, None] == labels[None, :]
+        rows = torch.arange(len(d), device=z.device)
+        distinct = torch.ones_like(same)
+        distinct[rows, rows + s] = False
+        for key, mask in (("intra", same & distinct), ("inter", ~same)):
+            sums[key] += float(d[mask].sum())
+            counts[key] += int(mask.sum())
+    intra = sums["intra"] / counts["intra"] if counts["intra"] else None
+    inter = sums["inter"] / counts["inter"] if counts["inter"] else None
+    margin = inter - intra if intra is not None and inter is not None else None
+    return {"semantic_margin": margin, "intra_class_distance": intra, "inter_class_distance": inter}
+
+
+def cross_modal_drift(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean ||a_i - b_i|| over paired rows."""
+    return float((a.double() - b.double()).norm(dim=1).mean())
+
+
+def cross_modal_cosines(a: torch.Tensor, b: torch.Tensor, negatives: int = 10,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities of the N positive pairs (a_i, b_i) and of `negatives` x N random mismatched pairs
+    (a_i, b_j), j uniform over j != i, drawn with a seeded generator."""
+    a, b = unit(a), unit(b)
+    n = len(a)
+    pos = (a * b).sum(1)
+    if n < 2:
+        return pos.cpu().numpy(), np.empty(0)
+    gen = torch.Generator().manual_seed(seed)
+    i = torch.arange(n).repeat(negatives)
+    j = (i + torch.randint(1, n, (len(i),), generator=gen)) % n
+    neg = (a[i.to(a.device)] * b[j.to(b.device)]).sum(1)
+    return pos.cpu().numpy(), neg.cpu().numpy()
+
+
+def separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float | None]:
+    """Mean positive and negative similarity, their gap, and the two-sample Kolmogorov-Smirnov distance
+    sup_x |F_pos(x) - F_neg(x)| (scipy)."""
+    from scipy.stats import ks_2samp
+
+    if len(pos) == 0 or len(neg) == 0:
+        return {"cosine_pos": None, "cosine_neg": None, "cosine_gap": None, "cosine_ks": None}
+    mp, mn = float(np.mean(pos)), float(np.mean(neg))
+    return {"cosine_pos": mp, "cosine_neg": mn, "cosine_gap": mp - mn, "cosine_ks": float(ks_2samp(pos, neg).statistic)}
+
+
+def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024) -> dict[int, float]:
+    """Cross-modal retrieval by cosine: the fraction of queries i whose partner gallery[i] is among the top k.
+
+    The rank of the partner is the number of gallery items strictly more similar (ties count for the
+    partner)."""
+    q, g = unit(query), unit(gallery)
+    ranks = []
+    for s in range(0, len(q), chunk):
+        sim = q[s:s + chunk] @ g.T
+        rows = torch.arange(len(sim), device=sim.device)
+        ranks.append((sim > sim[rows, rows + s][:, None]).sum(1))
+    rank = torch.cat(ranks)
+    return {k: float((rank < k).double().mean()) for k in ks}
+
+
+def ati_check(fuse, embeddings: dict[str, torch.Tensor], modality: str, tau_scale: float = 0.01,
+              seed: int = 0) -> dict[str, float]:
+    """The DML paper's ATI test (Appendix D.1, Table 13) of a fusion map phi(u, v) = fuse({.., modality: v}).
+
+    tau_i is a random direction of norm tau_scale * ||v_i||. With J_i the Jacobian d phi / d v at (u_i, v_i)
+    (forward-mode AD), it reports the mean feature norm ||phi(u, v)||, the first-order invariance error
+    ||phi(u, v + tau) - phi(u, v) - J tau|| and the relative error (per sample, divided by ||phi||), and
+    the same with the paper's elementwise term alpha * tau, alpha_k = J_kk (the diagonal of the K x d
+    Jacobian; output coordinates k >= d get no term)."""
+    from torch.func import jvp
+
+    z = {m: e.float() for m, e in embeddings.items()}
+    v = z[modality]
+    gen = torch.Generator(device=v.device).manual_seed(seed)
+    noise = torch.randn(v.shape, generator=gen, device=v.device)
+    tau = noise / noise.norm(dim=1, keepdim=True) * tau_scale * v.norm(dim=1, keepdim=True)
+
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        return fuse({**z, modality: x})
+
+    with torch.no_grad():
+        base, j_tau = jvp(phi, (v,), (tau,))
+        shift = phi(v + tau) - base
+        diag_term = torch.zeros_like(base)
+        for k in range(min(base.shape[1], v.shape[1])):
+            e_k = torch.zeros_like(v)
+            e_k[:, k] = 1.0
+            diag_term[:, k] = jvp(phi, (v,), (e_k,))[1][:, k] * tau[:, k]
+    norm = base.norm(dim=1)
+    err = (shift - j_tau).norm(dim=1)
+    err_diag = (shift - diag_term).norm(dim=1)
+    return {"feature_norm": float(norm.mean()), "tau_norm": float(tau.norm(dim=1).mean()),
+            "shift_norm": float(shift.norm(dim=1).mean()), "invariance_error": float(err.mean()),
+            "relative_error": float((err / norm).mean()), "invariance_error_diag": float(err_diag.mean()),
+            "relative_error_diag": float((err_diag / norm).mean())}

@@ -1,0 +1,115 @@
+"""`mmlab geometry` on tiny trained runs: output files, metrics re-derived from the stored embeddings with
+numpy/scipy, reproducibility, three modalities, unimodal runs and the command line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, geometry
+from mmlab_cli.data.loader import BatchLoader
+from mmlab_cli.engine.fit import train
+from mmlab_cli.engine.rundir import load_run
+from mmlab_cli.main import app
+
+CPU = torch.device("cpu")
+SETTINGS = dict(samples=60, tsne_samples=30, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_synthetic, tmp_path_factory):
+    root = tmp_path_factory.mktemp("geometry_runs")
+    train(tiny_config(tiny_synthetic, root / "two", epochs=2))
+    train(tiny_config(tiny_synthetic, root / "three", modalities=["image", "audio", "depth"], fusion="sum", epochs=1))
+    train(tiny_config(tiny_synthetic, root / "uni", modalities=["audio"], epochs=1))
+    return root
+
+
+def _strict_json(path):
+    def no_constant(name):
+        raise AssertionError(f"{path} holds {name}")
+
+    return json.loads(path.read_text(), parse_constant=no_constant)
+
+
+def test_outputs_and_metrics_match_the_stored_embeddings(runs):
+    run = load_run(runs / "two")
+    result = analyse_run(run, GeometrySettings(**SETTINGS), CPU)
+    out = runs / "two"
+    for name in ("geometry.json", "geometry.md", "geometry_modalities.csv", "geometry_pairs.csv", "geometry_ati.csv",
+                 "embeddings.npz", "geometry_tsne.png", "geometry_cosine.png", "geometry_spectrum.png"):
+        assert (out / name).is_file() and name in result["files"], name
+    stored = _strict_json(out / "geometry.json")
+    assert stored["split"] == "test" and stored["samples"] == 60 and set(stored["pairs"]) == {"image|audio"}
+    assert "![geometry_tsne.png](geometry_tsne.png)" in (out / "geometry.md").read_text()
+
+    npz = np.load(out / "embeddings.npz")
+    rows = npz["indices"]
+    assert len(rows) == 60 and np.array_equal(npz["labels"], run.dataset.split("test").labels[rows])
+    inputs, _ = next(iter(BatchLoader(run.dataset.split("test"), 60, CPU, order=rows)))
+    with torch.no_grad():
+        fresh = run.model.embed(inputs)
+    z = {}
+    for m in ("image", "audio"):
+        assert np.allclose(npz[f"emb_{m}"], fresh[m].numpy(), atol=1e-5)
+        z[m] = npz[f"emb_{m}"].astype(np.float64)
+        z[m] /= np.linalg.norm(z[m], axis=1, keepdims=True)
+        assert stored["modality"][m]["variance"] == pytest.approx(np.trace(np.cov(z[m].T, bias=True)), rel=1e-6)
+
+    pair = stored["pairs"]["image|audio"]
+    cost = cdist(z["image"], z["audio"], "sqeuclidean")
+    r, c = linear_sum_assignment(cost)
+    assert pair["wasserstein_method"] == "exact"
+    assert pair["wasserstein2_sq"] == pytest.approx(cost[r, c].mean(), rel=1e-6)
+    assert pair["variance_ratio"] == pytest.approx(stored["modality"]["image"]["variance"]
+                                                   / stored["modality"]["audio"]["variance"])
+    assert pair["drift"] == pytest.approx(np.linalg.norm(z["image"] - z["audio"], axis=1).mean(), rel=1e-6)
+    sim = z["image"] @ z["audio"].T
+    assert pair["cosine_pos"] == pytest.approx(np.diag(sim).mean(), rel=1e-6)
+    forward_r1 = np.mean(sim.argmax(1) == np.arange(60))
+    backward_r1 = np.mean(sim.argmax(0) == np.arange(60))
+    assert pair["recall_forward@1"] == pytest.approx(forward_r1)
+    assert pair["recall@1"] == pytest.approx((forward_r1 + backward_r1) / 2)
+    assert pair["recall@10"] >= pair["recall@5"] >= pair["recall@1"]
+    for m in ("image", "audio"):  # concat fusion is affine: first-order ATI error is round-off
+        assert stored["ati"][m]["relative_error"] < 1e-5 < stored["ati"][m]["relative_error_diag"]
+        assert 1 <= stored["modality"][m]["effective_rank"] <= 16
+
+
+def test_same_seed_same_metrics(runs):
+    run = load_run(runs / "two")
+    a, _ = geometry(run.model, run.dataset, GeometrySettings(**SETTINGS), CPU)
+    b, _ = geometry(run.model, run.dataset, GeometrySettings(**SETTINGS), CPU)
+    c, _ = geometry(run.model, run.dataset, GeometrySettings(**{**SETTINGS, "seed": 1}), CPU)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert strip(a) == strip(b)
+    assert a["pairs"] != c["pairs"]  # another subset
+
+
+def test_three_modalities_and_unimodal(runs):
+    three = analyse_run(load_run(runs / "three"), GeometrySettings(**SETTINGS), CPU)
+    assert list(three["pairs"]) == ["image|audio", "image|depth", "audio|depth"]
+    assert set(three["ati"]) == {"image", "audio", "depth"}
+    assert all(r["relative_error"] < 1e-5 for r in three["ati"].values())  # sum fusion: affine too
+    uni = analyse_run(load_run(runs / "uni"), GeometrySettings(**SETTINGS), CPU)
+    assert list(uni["modality"]) == ["audio"] and uni["pairs"] == {} and uni["ati"] == {}
+    assert not (runs / "uni" / "geometry_cosine.png").exists() and (runs / "uni" / "geometry_tsne.png").is_file()
+
+
+def test_command_line(runs):
+    cli = CliRunner()
+    result = cli.invoke(app, ["geometry", str(runs / "uni"), "--samples", "30", "--tsne-samples", "0",
+                              "--device", "cpu", "--recall-k", "1,2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"runs": [str(runs / "uni" / "geometry.json")]}
+    assert _strict_json(runs / "uni" / "geometry.json")["settings"]["recall_k"] == [1, 2]
+    for args, needle in ((["geometry", str(runs / "nope")], "not a run directory"),
+                         (["geometry", str(runs / "uni"), "--recall-k", "a"], "--recall-k"),
+                         (["geometry", str(runs / "uni"), "--samples", "1"], "--samples")):
+        bad = cli.invoke(app, args)
+        assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and needle in bad.stderr, bad.output

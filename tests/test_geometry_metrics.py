@@ -1,0 +1,130 @@
+"""Geometry metrics against closed forms, hand-computed cases and reference solvers (no training)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist, pdist, squareform
+
+from mmlab_cli.analysis import geometry_metrics as gm
+from mmlab_cli.data.format import ModalitySpec
+from mmlab_cli.models.fusion import LateFusion
+
+
+def _t(a) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float64))
+
+
+def test_w2_of_a_shifted_cloud_is_the_squared_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 6))
+    shift = np.array([0.5, -1.0, 0.25, 0.0, 2.0, -0.3])
+    b = (a + shift)[rng.permutation(300)]  # shuffled, so the optimal coupling is not the row order
+    value, method = gm.wasserstein2_sq(_t(a), _t(b))
+    assert method == "exact"
+    assert value == pytest.approx(float(shift @ shift), rel=1e-9)
+
+
+def test_exact_w2_matches_an_assignment_solver_and_sinkhorn_is_close():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(200, 4)), rng.normal(size=(200, 4)) * 0.5 + 0.3
+    cost = cdist(a, b, "sqeuclidean")
+    rows, cols = linear_sum_assignment(cost)  # equal-size uniform clouds: an optimal plan is a permutation
+    reference = cost[rows, cols].mean()
+    assert gm.wasserstein2_sq(_t(a), _t(b))[0] == pytest.approx(reference, rel=1e-9)
+    approx, method = gm.wasserstein2_sq(_t(a), _t(b), exact_max=100, reg=0.02)
+    assert method == "sinkhorn"
+    assert reference <= approx <= 1.05 * reference  # the entropic plan's cost is above the optimum, close to it
+
+
+def test_effective_rank_closed_forms():
+    rng = np.random.default_rng(2)
+    assert gm.effective_rank(_t(rng.normal(size=(50_000, 8)))) == pytest.approx(8, abs=0.02)  # isotropic: d
+    line = rng.normal(size=(500, 1)) * rng.normal(size=(1, 8)) + rng.normal(size=8)
+    assert gm.effective_rank(_t(line)) == pytest.approx(1.0, abs=1e-6)  # rank 1: 1
+    # {+-sqrt(2) e1, +-e2, +-e3}: covariance diag(4, 2, 2) / 6, p = (1/2, 1/4, 1/4), erank = exp(1.5 ln 2)
+    e = np.eye(3)
+    cloud = np.concatenate([np.sqrt(2) * e[:1], -np.sqrt(2) * e[:1], e[1:], -e[1:]])
+    assert gm.effective_rank(_t(cloud)) == pytest.approx(2 ** 1.5, rel=1e-12)
+    assert gm.effective_rank(_t(np.ones((5, 3)))) == 0.0  # no spread
+
+
+def test_variance_is_the_trace_of_the_biased_covariance_and_unit_rows():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(40, 5)) * [1, 2, 3, 0.5, 0.1]
+    assert gm.modality_variance(_t(z)) == pytest.approx(np.trace(np.cov(z.T, bias=True)), rel=1e-12)
+    assert torch.allclose(gm.unit(_t(z)).norm(dim=1), torch.ones(40, dtype=torch.float64))
+
+
+def test_semantic_margin_against_pdist():
+    rng = np.random.default_rng(4)
+    z, y = rng.normal(size=(37, 3)), rng.integers(0, 3, 37)
+    d = squareform(pdist(z))
+    same = (y[:, None] == y[None, :]) & ~np.eye(37, dtype=bool)
+    diff = y[:, None] != y[None, :]
+    got = gm.semantic_margin(_t(z), torch.from_numpy(y), chunk=8)  # chunks of 8 rows: crosses the diagonal
+    assert got["intra_class_distance"] == pytest.approx(d[same].mean(), rel=1e-12)
+    assert got["inter_class_distance"] == pytest.approx(d[diff].mean(), rel=1e-12)
+    assert got["semantic_margin"] == pytest.approx(d[diff].mean() - d[same].mean(), rel=1e-12)
+    single = gm.semantic_margin(_t(z[:3]), torch.tensor([0, 1, 2]))  # no two samples share a class
+    assert single["intra_class_distance"] is None and single["semantic_margin"] is None
+
+
+def test_drift_hand_computed():
+    a, b = _t([[1, 0], [0, 1]]), _t([[0, 1], [0, 1]])
+    assert gm.cross_modal_drift(a, b) == pytest.approx(np.sqrt(2) / 2)
+
+
+def test_recall_at_k():
+    rng = np.random.default_rng(5)
+    z = _t(rng.normal(size=(60, 8)))
+    assert gm.recall_at_k(z, z) == {1: 1.0, 5: 1.0, 10: 1.0}  # identical embeddings
+    # queries e1, e2, e3; gallery e2, e1, e3: partners of the first two rank second, the third ranks first
+    e = np.eye(3)
+    assert gm.recall_at_k(_t(e), _t(e[[1, 0, 2]]), ks=(1, 2)) == {1: pytest.approx(1 / 3), 2: 1.0}
+
+
+def test_cosine_separation_and_ks():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=500)
+    same = gm.separation(x, x.copy())
+    assert same["cosine_ks"] == 0.0 and same["cosine_gap"] == 0.0  # identical samples
+    apart = gm.separation(x + 100, x)
+    assert apart["cosine_ks"] == 1.0 and apart["cosine_gap"] == pytest.approx(100)
+    z = _t(rng.normal(size=(50, 4)))
+    pos, neg = gm.cross_modal_cosines(z, z, negatives=20, seed=0)
+    assert np.allclose(pos, 1.0) and len(neg) == 1000 and np.all(neg < 1 - 1e-9)  # never pairs i with itself
+    again = gm.cross_modal_cosines(z, z, negatives=20, seed=0)[1]
+    assert np.array_equal(neg, again)  # seeded
+
+
+def _fusion(fusion: str, dim: int = 6, classes: int = 4) -> LateFusion:
+    torch.manual_seed(0)
+    spec = ModalitySpec((5,), "float32", "features")
+    return LateFusion({"a": spec, "b": spec}, classes, encoder="mlp", dim=dim, fusion=fusion).eval()
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+def test_ati_of_an_affine_fusion_is_exact_to_first_order(fusion):
+    model = _fusion(fusion)
+    z = {m: torch.randn(64, 6) for m in ("a", "b")}
+    for m in ("a", "b"):
+        r = gm.ati_check(model.fuse, z, m, tau_scale=0.01)
+        assert r["relative_error"] < 1e-5  # float32 round-off only
+        assert r["shift_norm"] > 1e3 * r["invariance_error"]
+        assert r["relative_error_diag"] > 1e-4  # the head's weight is not diagonal: alpha * tau misses W tau
+
+
+def test_ati_of_addition_is_exact_with_the_diagonal_and_nonlinear_error_is_second_order():
+    z = {m: torch.randn(64, 6) for m in ("u", "v")}
+    add = gm.ati_check(lambda e: e["u"] + e["v"], z, "v")  # the paper's additive fusion: alpha = 1
+    assert add["invariance_error_diag"] < 1e-6 and add["invariance_error"] < 1e-6
+    w = torch.randn(6, 12)
+
+    def tanh_mlp(e):
+        return torch.tanh(torch.cat([e["u"], e["v"]], 1) @ w.T)
+
+    small, smaller = (gm.ati_check(tanh_mlp, z, "v", tau_scale=t) for t in (0.02, 0.01))
+    assert small["invariance_error"] > 1e-4
+    assert smaller["invariance_error"] / small["invariance_error"] == pytest.approx(0.25, rel=0.1)
+
