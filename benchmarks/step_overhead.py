@@ -8,6 +8,8 @@ update) on one fixed batch already on the device, so data loading is out of the 
 figure is the method's own cost. Variants start from the same weights and take turns, `--steps` steps
 each per round for `--rounds` rounds (the first round is warm-up and dropped), so a noisy machine
 hurts them alike; the median over rounds of the time per step is reported, with its ratio to SML.
+On CUDA the clock is wall time (synchronised); on CPU it is this process's CPU time with one thread
+(`--threads`), which other processes sharing the cores cannot inflate.
 
 Presets: `tiny` = image [1,28,28] + spectrogram [1,64,64] through small_cnn (CPU-sized);
 `av` = CREMA-D-like spectrogram [1,257,188] + 3 frames [3,3,224,224] through ResNet18 (GPU-sized).
@@ -61,10 +63,14 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs)")
     ap.add_argument("--json", default="", help="also write the results to this file")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     specs, encoder, dim = PRESETS[args.preset]
     g = torch.Generator().manual_seed(0)
     batch = {m: torch.rand(args.batch_size, *s.shape, generator=g).to(device) for m, s in specs.items()}
@@ -86,18 +92,18 @@ def main() -> None:
     for r in range(args.rounds):
         for name, step in steps.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 step(batch, y)
             _sync(device)
             if r > 0:
-                times[name].append((time.perf_counter() - t0) / args.steps)
+                times[name].append((clock() - t0) / args.steps)
     base = statistics.median(times["sml"])
     rows = {name: {"ms_per_step": 1e3 * statistics.median(t), "ratio_to_sml": statistics.median(t) / base}
             for name, t in times.items()}
     what = (f"preset {args.preset} ({encoder}, {', '.join(f'{m} {list(s.shape)}' for m, s in specs.items())}), "
             f"batch {args.batch_size}, {args.precision}, {device} "
-            f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+            f"({torch.cuda.get_device_name(device) + ', wall time' if device.type == 'cuda' else f'{torch.get_num_threads()} thread(s), process CPU time'})")
     print(what)
     print(f"{'variant':<18} {'ms/step':>9} {'vs SML':>8}")
     for name, row in rows.items():

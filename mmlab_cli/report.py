@@ -47,7 +47,8 @@ TABLES = (
     TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter)",
               "flatness.json", "mmlab flatness RUN_DIR",
               (("λ_max", "lambda_max"), ("λ1/λ5", "lambda_ratio"), ("trace", "trace"), ("L_LPF", "lpf_loss"),
-               ("Δ_LPF", "lpf_delta")), ".4f", ("flatness*.png",)),
+               ("Δ_LPF", "lpf_delta"), ("F_gap {}", "fgap_mean_*")), ".4f",
+              ("flatness_fgap.png", "flatness_density.png")),
     TableSpec("geometry", "Modality variance Tr Σ of unit embeddings, variance ratio and modality gap W2² "
               "(DML paper Table 5)", "geometry.json", "mmlab geometry RUN_DIR",
               (("variance {}", "modality.*.variance"), ("ratio {}", "pairs.*.variance_ratio"),
@@ -65,10 +66,10 @@ TABLES = (
     TableSpec("robustness", "PGD on one modality, the others clean: accuracy (%) and drop rate (%) "
               "(DML paper Table 12)", "robustness.json", "mmlab robustness RUN_DIR",
               (("clean acc", "clean.acc"), ("PGD acc {}", "pgd.*.perturbed_acc"), ("drop {}", "pgd.*.drop_rate")),
-              ".2f", ("robustness_pgd_sweep.png",)),
+              ".2f", ("robustness_*.png",)),
     TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
               "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
-              (("AUC {} {}", "corruptions.*.*.auc"),), ".2f", ("robustness_*.png",)),
+              (("AUC {} {}", "corruptions.*.*.auc"),)),
 )
 
 
@@ -264,8 +265,8 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> t
     for k in group_by:
         if k in runs.columns:
             runs[k] = runs[k].fillna(defaults.get(k, "-"))
-        elif k in KEY_DEFAULTS:
-            runs[k] = KEY_DEFAULTS[k]
+        elif k in defaults:
+            runs[k] = defaults[k]
     files = dict.fromkeys(spec.file for spec in TABLES if spec.file != "metrics.json")
     commands = {spec.file: spec.command for spec in TABLES}
     docs = {f: [_read_json(root / run / f, commands[f]) for run in runs["run"]] for f in files}

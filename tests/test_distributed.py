@@ -5,6 +5,7 @@ import os
 import socket
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from conftest import tiny_config
@@ -41,7 +42,12 @@ def test_two_gloo_processes_match_one_process(tiny_synthetic, tmp_path):
     # DML re-pairing, Pareto-mixed DAGR on the global batch (all-gathered) and a seeded flip all sharded
     settings = dict(encoder="mlp", pairing="dml", regularizer="dagr", augment=["flip"], epochs=2, batch_size=16,
                     lr=0.002)
-    one = train(tiny_config(tiny_synthetic, tmp_path / "one", **settings))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each worker: two cores, no oversubscription
+    try:
+        one = train(tiny_config(tiny_synthetic, tmp_path / "one", **settings))
+    finally:
+        torch.set_num_threads(threads)
     cfg = tiny_config(tiny_synthetic, tmp_path / "two", **settings)
     mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict()), nprocs=2, join=True)
 

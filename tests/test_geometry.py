@@ -16,6 +16,7 @@ from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.fit import train
 from mmlab_cli.engine.rundir import load_run
 from mmlab_cli.main import app
+from mmlab_cli.report import write_report
 
 CPU = torch.device("cpu")
 SETTINGS = dict(samples=60, tsne_samples=30, batch_size=32)
@@ -24,7 +25,7 @@ SETTINGS = dict(samples=60, tsne_samples=30, batch_size=32)
 @pytest.fixture(scope="module")
 def runs(tiny_synthetic, tmp_path_factory):
     root = tmp_path_factory.mktemp("geometry_runs")
-    train(tiny_config(tiny_synthetic, root / "two", epochs=2))
+    train(tiny_config(tiny_synthetic, root / "two", epochs=1))
     train(tiny_config(tiny_synthetic, root / "three", modalities=["image", "audio", "depth"], fusion="sum", epochs=1))
     train(tiny_config(tiny_synthetic, root / "uni", modalities=["audio"], epochs=1))
     return root
@@ -99,6 +100,12 @@ def test_three_modalities_and_unimodal(runs):
     uni = analyse_run(load_run(runs / "uni"), GeometrySettings(**SETTINGS), CPU)
     assert list(uni["modality"]) == ["audio"] and uni["pairs"] == {} and uni["ati"] == {}
     assert not (runs / "uni" / "geometry_cosine.png").exists() and (runs / "uni" / "geometry_tsne.png").is_file()
+    # the report reads these files as they are: one run per group, so each cell is the value itself
+    tables = {t.spec.name: t.numbers for t in write_report(runs)[0]}
+    row = tables["geometry"].set_index("modalities").loc["image+audio+depth"]
+    assert row["variance depth mean"] == pytest.approx(three["modality"]["depth"]["variance"])
+    assert row["W2² audio|depth mean"] == pytest.approx(three["pairs"]["audio|depth"]["wasserstein2_sq"])
+    assert tables["ati"].set_index("modalities").loc["audio", "rel. error audio n"] == 0  # unimodal: no ATI
 
 
 def test_command_line(runs):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +47,16 @@ FGAP_RELATIVE_RADII = tuple(round(0.05 * i, 2) for i in range(13))  # 0..0.6 x |
 class FlatnessSettings:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     split: str = "train"
-    samples: int | None = 128  # None: the whole split
+    samples: int | None = 64  # None: the whole split
     seed: int = 0
     batch_size: int = 128
-    chunk: int = 8  # perturbed weight vectors per batched forward (vmap)
+    chunk: int | None = None  # perturbed weight vectors per batched forward (vmap); None: 16 on CUDA, 1 on CPU
     backend: str = "mmlab"  # hessian: mmlab (Lanczos) | pyhessian
     top_k: int = 5
     tol: float = 1e-3  # Lanczos: residual ||H y - theta y|| <= tol |theta| for each of the top k
     max_steps: int = 100
     trace_probes: int = 100  # Hutchinson probes (0: no trace)
-    probe_batch: int = 10
+    probe_batch: int | None = None  # Hutchinson probes per batched product; None: 10 on CUDA, 1 on CPU
     density: bool = False
     density_steps: int = 80
     density_runs: int = 1
@@ -80,8 +80,8 @@ class FlatnessSettings:
             raise MmlabError(f"--backend {self.backend}: choose {' or '.join(BACKENDS)}")
         if self.lpf_normalize not in NORMALIZATIONS:
             raise MmlabError(f"--lpf-normalize {self.lpf_normalize}: choose {' or '.join(NORMALIZATIONS)}")
-        positive = {"--batch-size": self.batch_size, "--chunk": self.chunk, "--top-k": self.top_k,
-                    "--max-steps": self.max_steps, "--probe-batch": self.probe_batch,
+        positive = {"--batch-size": self.batch_size, "--chunk": self.chunk or 1, "--top-k": self.top_k,
+                    "--max-steps": self.max_steps, "--probe-batch": self.probe_batch or 1,
                     "--density-steps": self.density_steps, "--density-runs": self.density_runs,
                     "--lpf-draws": self.lpf_draws, "--fgap-directions": self.fgap_directions, "--grid": self.grid,
                     "--samples": 1 if self.samples is None else self.samples}
@@ -99,6 +99,11 @@ class FlatnessSettings:
         if any(r < 0 for r in self.fgap_radii) or sorted(self.fgap_radii) != list(self.fgap_radii):
             raise MmlabError(f"--fgap-radii {self.fgap_radii}: radii must be >= 0 and increasing")
         return self
+
+    def for_device(self, device: torch.device) -> "FlatnessSettings":
+        """Batching defaults: vmap over perturbations/probes pays on a GPU, not on a CPU."""
+        cuda = device.type == "cuda"
+        return replace(self, chunk=self.chunk or (16 if cuda else 1), probe_batch=self.probe_batch or (10 if cuda else 1))
 
     def of(self, metric: str) -> dict:
         """The settings a metric's values depend on (what a reused block must match)."""
@@ -141,7 +146,7 @@ def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance
 def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSettings, device: torch.device,
              cache_dir: Path | None = None, run_key: str = "", reuse: dict | None = None) -> dict:
     """Measure `settings.metrics` (see the module docstring); blocks in `reuse` are taken as they are."""
-    s = settings.check()
+    s = settings.check().for_device(device)
     reuse = reuse or {}
     model.eval()
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)

@@ -26,7 +26,7 @@ def density(runs: dict[str, dict], path: Path) -> Path:
     ax = fig.subplots()
     for label, d in runs.items():
         grid, dens = density_curve(d["nodes"], d["weights"])
-        ax.semilogy(grid, np.maximum(dens, 1e-12), label=label)
+        ax.semilogy(grid, np.maximum(dens, 1e-10 * dens.max()), label=label)  # floor: no log(0)
     ax.set(xlabel="eigenvalue", ylabel="density (log scale)", title="Hessian eigenvalue density (SLQ)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

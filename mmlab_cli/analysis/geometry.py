@@ -20,7 +20,7 @@ import torch
 
 from mmlab_cli.analysis import geometry_metrics as gm
 from mmlab_cli.analysis.common import subset_indices
-from mmlab_cli.console import progress
+from mmlab_cli.console import console, progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.data.loader import BatchLoader
@@ -91,10 +91,6 @@ def embed(model: LateFusion, dataset: PreparedDataset, settings: GeometrySetting
     return Embeddings(indices, split.labels[indices], {m: torch.cat(p) for m, p in parts.items()})
 
 
-def pair_key(a: str, b: str) -> str:
-    return f"{a}|{b}"
-
-
 def measure(model: LateFusion, emb: Embeddings, settings: GeometrySettings, bar=None, task=None) -> dict:
     """Per-modality, per-pair and fusion (ATI) metrics of computed embeddings."""
     s = settings
@@ -115,7 +111,7 @@ def measure(model: LateFusion, emb: Embeddings, settings: GeometrySettings, bar=
         w2, method = gm.wasserstein2_sq(u[a], u[b], s.exact_ot_max, s.sinkhorn_reg)
         forward, backward = gm.recall_at_k(u[a], u[b], s.recall_k), gm.recall_at_k(u[b], u[a], s.recall_k)
         var_b = per_modality[b]["variance"]
-        pairs[pair_key(a, b)] = {
+        pairs[f"{a}|{b}"] = {
             "variance_ratio": per_modality[a]["variance"] / var_b if var_b > 0 else None,
             "wasserstein2_sq": w2, "wasserstein_method": method, "drift": gm.cross_modal_drift(u[a], u[b]),
             **gm.separation(*gm.cross_modal_cosines(u[a], u[b], s.negatives, s.seed)),
@@ -162,7 +158,8 @@ def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, chec
     result = {"run": str(run.paths.root), "checkpoint": checkpoint, **result}
     for stale in [*run.paths.root.glob("geometry_*.png"), *run.paths.root.glob("geometry_*.csv")]:
         stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
-    plots = write_plots(emb, result, settings, run.paths.root, run.dataset.classes)
+    with console.status("geometry: t-SNE and plots"):
+        plots = write_plots(emb, result, settings, run.paths.root, run.dataset.classes)
     write_outputs(result, emb, run.paths.root, plots)
     return result
 

@@ -143,8 +143,8 @@ def hutchinson_trace(hvp, theta: torch.Tensor, probes: int, batch: int, seed: in
                      advance: Advance | None = None) -> dict:
     gen = generator(seed, "trace")
     values = []
-    for start in range(0, probes, batch):
-        z = _rademacher((min(batch, probes - start), theta.numel()), gen, theta)
+    for start in range(0, probes, batch):  # one draw per probe: the same probes whatever the batch
+        z = torch.stack([_rademacher((theta.numel(),), gen, theta) for _ in range(min(batch, probes - start))])
         values += (z * hvp(z)).sum(dim=1).tolist()
         if advance:
             advance(len(z))
@@ -179,7 +179,7 @@ def density_curve(nodes: list[list[float]], weights: list[list[float]], points: 
 
 
 def spectrum(model: nn.Module, subset: Subset, lp: LossParams, top_k: int = 5, tol: float = 1e-3,
-             max_steps: int = 100, trace_probes: int = 100, probe_batch: int = 10, density: bool = False,
+             max_steps: int = 100, trace_probes: int = 100, probe_batch: int = 1, density: bool = False,
              density_steps: int = 80, density_runs: int = 1, seed: int = 0,
              advance: Advance | None = None) -> dict:
     """Top-k eigenvalues, trace and (optionally) the SLQ density with this module's Lanczos."""

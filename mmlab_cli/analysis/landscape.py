@@ -34,10 +34,10 @@ def filter_normalized(lp: LossParams, gen: torch.Generator) -> torch.Tensor:
     parts = []
     for p in lp.params:
         if p.dim() <= 1:
-            parts.append(torch.zeros(p.numel()))
+            parts.append(torch.zeros(p.numel(), dtype=p.dtype))
             continue
-        d = torch.randn(p.shape, generator=gen).reshape(p.shape[0], -1)
-        w = p.detach().reshape(p.shape[0], -1).cpu().to(d.dtype)
+        d = torch.randn(p.shape, generator=gen).to(p.dtype).reshape(p.shape[0], -1)
+        w = p.detach().reshape(p.shape[0], -1).cpu()
         parts.append((d * (w.norm(dim=1) / (d.norm(dim=1) + 1e-10))[:, None]).reshape(-1))
     return torch.cat(parts).to(lp.params[0])
 
@@ -76,7 +76,7 @@ def _summary(loss: np.ndarray) -> dict:
 
 
 def landscape(model: nn.Module, subset: Subset, lp: LossParams, dims: tuple[int, ...] = (1, 2), grid: int = 21,
-              span: float = 1.0, seed: int = 0, cache_dir: Path | None = None, run_key: str = "", chunk: int = 8,
+              span: float = 1.0, seed: int = 0, cache_dir: Path | None = None, run_key: str = "", chunk: int = 1,
               advance: Advance | None = None) -> dict:
     """{"1d": {alpha, loss, acc, ...}, "2d": {alpha, beta, loss [beta, alpha], acc, ...}} for the requested dims."""
     theta = lp.flat()

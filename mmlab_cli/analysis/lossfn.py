@@ -90,10 +90,11 @@ def loss_params(model: nn.Module, subset: Subset) -> LossParams:
 
 @torch.no_grad()
 def losses_at(model: nn.Module, subset: Subset, lp: LossParams, thetas: torch.Tensor,
-              chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean fused loss and accuracy (%) of the subset at every parameter vector of thetas [P, n].
 
-    `chunk` vectors go through the model together (vmap): activations grow by that factor.
+    `chunk` vectors go through the model together (vmap; activations grow by that factor). That pays
+    on a GPU; on a CPU the batched (grouped) convolutions are slower than one vector at a time.
     """
     def one(flat, inputs, y):
         logits = functional_call(model, lp.unflatten(flat), (inputs,)).logits
@@ -105,7 +106,8 @@ def losses_at(model: nn.Module, subset: Subset, lp: LossParams, thetas: torch.Te
     for start in range(0, len(thetas), chunk):
         part = thetas[start:start + chunk]
         for inputs, y in subset.batches:
-            batch_loss_sum, batch_correct = batched(part, inputs, y)
+            batch_loss_sum, batch_correct = batched(part, inputs, y) if len(part) > 1 else \
+                (v[None] for v in one(part[0], inputs, y))
             loss[start:start + chunk] += batch_loss_sum.double()
             correct[start:start + chunk] += batch_correct.double()
     return loss / subset.size, 100.0 * correct / subset.size

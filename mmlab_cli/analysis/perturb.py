@@ -32,14 +32,15 @@ def _stderr(values: np.ndarray) -> float | None:
 
 
 def lpf(model: nn.Module, subset: Subset, lp: LossParams, sigma: float = 0.01, draws: int = 100,
-        normalize: str = "filter", seed: int = 0, chunk: int = 8, advance: Advance | None = None) -> dict:
+        normalize: str = "filter", seed: int = 0, chunk: int = 1, advance: Advance | None = None) -> dict:
     theta = lp.flat()
     scale = sigma * (lp.filter_scale() if normalize == "filter" else torch.ones_like(theta))
     loss, acc = (v.item() for v in losses_at(model, subset, lp, theta[None]))
     gen = generator(seed, "lpf")
     losses, accs = [], []
-    for start in range(0, draws, chunk):
-        eps = torch.randn(min(chunk, draws - start), theta.numel(), generator=gen).to(theta) * scale
+    for start in range(0, draws, chunk):  # one draw per vector: the same noise whatever the chunk
+        eps = torch.stack([torch.randn(theta.numel(), generator=gen) for _ in range(min(chunk, draws - start))])
+        eps = eps.to(theta) * scale
         batch_losses, batch_accs = losses_at(model, subset, lp, theta + eps, chunk)
         losses += batch_losses.tolist()
         accs += batch_accs.tolist()
@@ -52,7 +53,7 @@ def lpf(model: nn.Module, subset: Subset, lp: LossParams, sigma: float = 0.01, d
 
 
 def fgap(model: nn.Module, subsets: dict[str, Subset], lp: LossParams, radii: list[float], directions: int = 100,
-         relative: bool = False, seed: int = 0, chunk: int = 8, advance: Advance | None = None) -> dict:
+         relative: bool = False, seed: int = 0, chunk: int = 1, advance: Advance | None = None) -> dict:
     """F(gamma) on each subset; with `relative`, gamma = radius * ||theta||."""
     theta = lp.flat()
     norm = theta.norm().item()

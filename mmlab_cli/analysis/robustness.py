@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmlab_cli.analysis.attacks import NOT_ATTACKED, pgd, pgd_settings
+from mmlab_cli.analysis.attacks import NOT_ATTACKED, PGDSettings, pgd, pgd_settings
 from mmlab_cli.analysis.common import Subset, load_subset
 from mmlab_cli.analysis.corruptions import CORRUPTIONS
 from mmlab_cli.console import progress
@@ -99,28 +99,63 @@ def relative_robustness(levels: list[float], acc: list[float]) -> float:
 
 
 class _Scorer:
-    """Accuracy and mean loss of the fused prediction over the subset, one modality transformed per batch."""
+    """Accuracy and mean loss of the fused prediction over the subset, one modality transformed per batch.
+    A batch the transform leaves unchanged (level 0, eps 0) reuses the clean logits instead of re-encoding."""
 
     def __init__(self, model: LateFusion, subset: Subset, bar, task):
         self.model, self.subset, self.bar, self.task = model, subset, bar, task
         with torch.no_grad():
             self.clean = [model.embed(inputs) for inputs, _ in subset.batches]
+            self.clean_logits = [model.fuse(z) for z in self.clean]
 
     def __call__(self, modality: str | None = None, transform=None, cost: int = 1) -> dict:
         correct, loss, delta = 0, 0.0, 0.0
-        for (inputs, y), z in zip(self.subset.batches, self.clean):
-            if modality is None:
-                logits = self.model.fuse(z)
-            else:
+        for (inputs, y), z, logits in zip(self.subset.batches, self.clean, self.clean_logits):
+            if modality is not None:
                 x0 = inputs[modality]
                 x = transform(x0, y, z)
-                delta = max(delta, (x - x0).abs().max().item())
-                with torch.no_grad():
-                    logits = _logits(self.model, z, modality, x)
+                if not torch.equal(x, x0):
+                    delta = max(delta, (x - x0).abs().max().item())
+                    with torch.no_grad():
+                        logits = _logits(self.model, z, modality, x)
             correct += (logits.argmax(1) == y).sum().item()
             loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
             self.bar.advance(self.task, cost)
         return {"acc": 100.0 * correct / self.subset.size, "loss": loss / self.subset.size, "max_abs_delta": delta}
+
+
+def _plan(model: LateFusion, dataset: PreparedDataset, s: RobustnessSettings):
+    """Which modalities get PGD (with what settings) and which corruptions, and what is skipped and why."""
+    modalities = list(model.modalities) if s.modalities is None else s.modalities
+    for m in modalities:
+        if m not in model.modalities:
+            raise MmlabError(f"--modality {m}: not in this model; it has {', '.join(model.modalities)}")
+    kinds = {m: dataset.specs[m].kind for m in model.modalities}
+    attacks, curves, skipped = {}, {}, []
+    for m in modalities if s.attack == "pgd" else []:
+        if kinds[m] in NOT_ATTACKED:
+            skipped.append({"modality": m, "test": "pgd", "reason": NOT_ATTACKED[kinds[m]]})
+        else:
+            attacks[m] = pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start)
+    for m in modalities:
+        for name in s.corruptions:
+            if kinds[m] in CORRUPTIONS[name].kinds:
+                curves.setdefault(m, []).append(name)
+            else:
+                skipped.append({"modality": m, "test": name, "reason": f"does not apply to {kinds[m]} inputs"})
+    return modalities, kinds, attacks, curves, skipped
+
+
+def _pgd_point(score: _Scorer, modality: str, a: PGDSettings, gen: torch.Generator, clean_acc: float,
+               factor: float) -> dict:
+    model = score.model
+
+    def attack(x0, y, z):
+        return pgd(lambda x: F.cross_entropy(_logits(model, z, modality, x), y, reduction="sum"), x0, a, gen)
+
+    r = score(modality, attack, cost=max(a.steps, 1))
+    return {"factor": factor, "eps": a.eps, "step_size": a.step_size, "acc": r["acc"], "loss": r["loss"],
+            "drop_rate": _drop_rate(clean_acc, r["acc"]), "max_abs_delta": r["max_abs_delta"]}
 
 
 def robustness(model: LateFusion, dataset: PreparedDataset, settings: RobustnessSettings,
@@ -128,62 +163,32 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
     """Clean accuracy, PGD per modality and corruption curves per modality (see the module docstring)."""
     s = settings.check()
     model.eval()
-    modalities = list(model.modalities) if s.modalities is None else s.modalities
-    for m in modalities:
-        if m not in model.modalities:
-            raise MmlabError(f"--modality {m}: not in this model; it has {', '.join(model.modalities)}")
-    kinds = {m: dataset.specs[m].kind for m in model.modalities}
-    skipped = []
-    attacks = {}
-    if s.attack == "pgd":
-        for m in modalities:
-            if kinds[m] in NOT_ATTACKED:
-                skipped.append({"modality": m, "test": "pgd", "reason": NOT_ATTACKED[kinds[m]]})
-            else:
-                attacks[m] = pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start)
-    curves = {}
-    for m in modalities:
-        for name in s.corruptions:
-            if kinds[m] in CORRUPTIONS[name].kinds:
-                curves.setdefault(m, []).append(name)
-            else:
-                skipped.append({"modality": m, "test": name, "reason": f"does not apply to {kinds[m]} inputs"})
-
+    modalities, kinds, attacks, curves, skipped = _plan(model, dataset, s)
     start = time.perf_counter()
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
-    factors = [1.0] + list(s.eps_factors or [])
-    work = 1 + sum(len(factors) * max(a.steps, 1) for a in attacks.values()) + len(s.levels) * sum(map(len, curves.values()))
+    factors = [1.0] + list(s.eps_factors or [])  # 1.0: the attack itself, then the sweep
+    work = (1 + sum(len(factors) * max(a.steps, 1) for a in attacks.values())
+            + len(s.levels) * sum(map(len, curves.values())))
+    result_pgd, result_curves = {}, {}
     with progress() as bar:
         task = bar.add_task("robustness", total=work * len(subset.batches))
         score = _Scorer(model, subset, bar, task)
         clean = score()
-        result_pgd = {}
         for m, base in attacks.items():
             points = []
             for factor in factors:
-                a = base.scaled(factor)
-                bar.update(task, description=f"PGD {m} eps={a.eps:g}")
-                gen = _generator(device, s.seed, m, "pgd")
-
-                def attack(x0, y, z, a=a, m=m, gen=gen):
-                    return pgd(lambda x: F.cross_entropy(_logits(model, z, m, x), y, reduction="sum"), x0, a, gen)
-
-                r = score(m, attack, cost=max(a.steps, 1))
-                points.append({"factor": factor, "eps": a.eps, "step_size": a.step_size, "acc": r["acc"],
-                               "loss": r["loss"], "drop_rate": _drop_rate(clean["acc"], r["acc"]),
-                               "max_abs_delta": r["max_abs_delta"]})
-            main = points[0]
-            result_pgd[m] = {"clean_acc": clean["acc"], "perturbed_acc": main["acc"], "drop_rate": main["drop_rate"],
-                             "clean_loss": clean["loss"], "perturbed_loss": main["loss"],
-                             "max_abs_delta": main["max_abs_delta"], "settings": base.to_json(),
-                             **({"sweep": points[1:]} if s.eps_factors else {})}
-        result_curves = {}
+                bar.update(task, description=f"PGD {m} x{factor:g}")
+                gen = _generator(device, s.seed, m, "pgd")  # the same random start at every eps
+                points.append(_pgd_point(score, m, base.scaled(factor), gen, clean["acc"], factor))
+            result_pgd[m] = {"clean_acc": clean["acc"], "perturbed_acc": points[0]["acc"],
+                             "drop_rate": points[0]["drop_rate"], "clean_loss": clean["loss"],
+                             "perturbed_loss": points[0]["loss"], "max_abs_delta": points[0]["max_abs_delta"],
+                             "settings": base.to_json(), **({"sweep": points[1:]} if s.eps_factors else {})}
         for m, names in curves.items():
             spec = dataset.specs[m]
             mean = _train_mean(dataset, m, device) if "missing-mean" in names else None
             for name in names:
-                c = CORRUPTIONS[name]
-                acc, loss = [], []
+                c, acc, loss = CORRUPTIONS[name], [], []
                 for level in s.levels:
                     bar.update(task, description=f"{name} {m} {level:g}")
                     gen = _generator(device, s.seed, m, name)  # re-seeded per level: common random numbers

@@ -1,10 +1,115 @@
-"""`mmlab flatness`: not built yet."""
+"""`mmlab flatness`: parse flags, analyse each run with `mmlab_cli.analysis.flatness`, compare several."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from mmlab_cli.console import not_built
+from mmlab_cli.console import cli_errors, console
 
 
-def flatness(run_dirs: list[str] = typer.Argument(None, help="Run directories to analyse.")) -> None:
-    """Not built yet: see the flatness issue. Exits with code 2."""
-    not_built("flatness", "the flatness issue")
+def _numbers(text: str, flag: str, kind=float) -> list:
+    """'0,5,10' or 'start:stop:step' (stop included) -> list of numbers."""
+    from mmlab_cli.errors import MmlabError
+
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            return [kind(round(start + i * step, 10)) for i in range(count)]
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MmlabError(f"{flag} {text!r}: expected comma-separated numbers (0,5,10) or start:stop:step "
+                         f"(0:60:5)") from None
+
+
+@cli_errors
+def flatness(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (from `mmlab train`); two or more are also "
+                                          "compared in one table and side-by-side figures."),
+    metric: str = typer.Option("all", help="hessian, lpf, fgap, landscape, a comma-separated list, or all."),
+    split: str = typer.Option("train", help="Split the subset is drawn from (F_gap always measures train and test)."),
+    samples: Optional[int] = typer.Option(64, help="Size of the fixed, seeded subset of the split (its indices are "
+                                          "stored); bounds the cost of every metric."),
+    seed: int = typer.Option(0, help="Seed of the subset and of every random draw (probes, noise, directions)."),
+    batch_size: int = typer.Option(128, help="Batch size: memory of one batch, whatever the subset size."),
+    chunk: Optional[int] = typer.Option(None, help="Perturbed weight vectors evaluated together (vmap; activations "
+                                        "grow with it). Default 16 on CUDA, 1 on CPU (where batching is slower)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    checkpoint: str = typer.Option("best", help="best | last."),
+    backend: str = typer.Option("mmlab", help="Hessian backend: mmlab (Lanczos) | pyhessian (the pyhessian package, "
+                                "as a cross-check)."),
+    top_k: int = typer.Option(5, help="Top Hessian eigenvalues (lambda* = lambda_1/lambda_5 needs 5)."),
+    tol: float = typer.Option(1e-3, help="Lanczos tolerance: residual ||Hy - theta y|| <= tol |theta| for each top-k."),
+    max_steps: int = typer.Option(100, help="Most Lanczos steps (Hessian-vector products) for the top-k."),
+    trace_probes: int = typer.Option(100, help="Hutchinson probes for the trace (0: no trace)."),
+    probe_batch: Optional[int] = typer.Option(None, help="Hutchinson probes per batched Hessian-vector product. "
+                                              "Default 10 on CUDA, 1 on CPU."),
+    density: bool = typer.Option(False, "--density/--no-density", help="Also the spectral density (SLQ) and its plot."),
+    density_steps: int = typer.Option(80, help="Lanczos steps per SLQ run."),
+    density_runs: int = typer.Option(1, help="SLQ runs averaged."),
+    lpf_sigma: float = typer.Option(0.01, help="LPF noise std sigma (Bisla et al.)."),
+    lpf_draws: int = typer.Option(100, help="LPF Monte Carlo draws M."),
+    lpf_normalize: str = typer.Option("filter", help="filter: noise per filter scaled by ||w_c|| + |b_c| (their "
+                                      "normalised network, the default) | none: N(0, sigma^2) on raw weights."),
+    fgap_directions: int = typer.Option(100, help="F_gap random unit directions K per radius."),
+    fgap_radii: Optional[str] = typer.Option(None, help="F_gap radii, e.g. 0:60:5 (default, SWAD) or 0,1,2; "
+                                             "with --fgap-relative, fractions of ||theta|| (default 0:0.6:0.05)."),
+    fgap_relative: bool = typer.Option(False, "--fgap-relative", help="Radii relative to ||theta||."),
+    grid: int = typer.Option(21, help="Landscape grid points per axis on [-span, span] (21: 21x21 in 2-D)."),
+    span: float = typer.Option(1.0, help="Landscape half-width along each filter-normalised direction."),
+    landscape_dims: str = typer.Option("1,2", help="Landscapes to draw: 1, 2 or 1,2."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: the first "
+                                       "run's directory)."),
+    force: bool = typer.Option(False, "--force", help="Recompute metrics even if flatness.json has them with these "
+                               "settings."),
+) -> None:
+    """Hessian spectrum, LPF, F_gap and loss landscapes of trained runs: writes flatness.{json,md,csv}, CSV/NPZ
+    values and PNG plots into each run directory (docs/flatness.md)."""
+    from rich.table import Table
+
+    from mmlab_cli.analysis.flatness import METRICS, FlatnessSettings, analyse_run, compare
+    from mmlab_cli.engine.rundir import load_run, resolve_device
+    from mmlab_cli.errors import MmlabError
+
+    if checkpoint not in ("best", "last"):
+        raise MmlabError(f"--checkpoint {checkpoint}: choose best or last")
+    settings = FlatnessSettings(
+        metrics=list(METRICS) if metric == "all" else [m.strip() for m in metric.split(",") if m.strip()],
+        split=split, samples=samples, seed=seed, batch_size=batch_size, chunk=chunk, backend=backend, top_k=top_k,
+        tol=tol, max_steps=max_steps, trace_probes=trace_probes, probe_batch=probe_batch, density=density,
+        density_steps=density_steps, density_runs=density_runs, lpf_sigma=lpf_sigma, lpf_draws=lpf_draws,
+        lpf_normalize=lpf_normalize, fgap_directions=fgap_directions,
+        fgap_radii=None if fgap_radii is None else _numbers(fgap_radii, "--fgap-radii"),
+        fgap_relative=fgap_relative, grid=grid, span=span,
+        landscape_dims=_numbers(landscape_dims, "--landscape-dims", int)).check()
+    dev = resolve_device(device)
+    results = []
+    for run_dir in run_dirs:
+        run = load_run(run_dir, checkpoint, str(dev))
+        result = analyse_run(run, settings, dev, checkpoint, force)
+        results.append(result)
+        reused = f" (reused: {', '.join(result['reused'])})" if result["reused"] else ""
+        console.print(f"[bold]{run.paths.root}[/]: wrote flatness.json/.md and {len(result['files']) - 2} more "
+                      f"files{reused}")
+
+    table = Table(title=f"Flatness on {settings.split} ({results[0]['samples']} samples); lower is flatter")
+    columns = ("lambda_max", "lambda_ratio", "trace", "lpf_loss", "lpf_delta", "fgap_mean_train", "fgap_mean_test")
+    shown = [c for c in columns if any(r.get(c) is not None for r in results)]
+    for col in ("run", "method", *shown):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["label"], r["method"], *("-" if r.get(c) is None else f"{r[c]:.4g}" for c in shown))
+    console.print(table)
+    comparison = None
+    if len(results) > 1:
+        folder = out or Path(run_dirs[0])
+        comparison = str(compare(results, folder)[0])
+        console.print(f"comparison: {comparison}")
+    typer.echo(json.dumps({"runs": [str(Path(r["run"]) / "flatness.json") for r in results],
+                           "comparison": comparison}))

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from data_prep.synthetic import DEFAULT_INFO
 from mmlab_cli.console import cli_errors, console
 
 app = typer.Typer(no_args_is_help=True, help="Turn raw files into a prepared dataset directory. "
@@ -69,10 +70,10 @@ def _summary(manifest: dict, out: Path, built: bool) -> None:
 @cli_errors
 def synthetic(
     out: Path = typer.Option(Path("data/synthetic"), help="Output directory."),
-    image_info: float = typer.Option(0.5, help="Informativeness of the image modality (class signal / noise)."),
-    audio_info: float = typer.Option(0.5, help="Informativeness of the audio modality."),
+    image_info: float = typer.Option(DEFAULT_INFO["image"], help="Informativeness of the image modality (class signal / noise)."),
+    audio_info: float = typer.Option(DEFAULT_INFO["audio"], help="Informativeness of the audio modality."),
     third: bool = typer.Option(False, "--third", help="Add a third modality `depth` (1x16x16 image)."),
-    depth_info: float = typer.Option(0.5, help="Informativeness of the third modality."),
+    depth_info: float = typer.Option(DEFAULT_INFO["depth"], help="Informativeness of the third modality."),
     classes: int = typer.Option(10, min=2, help="Number of classes."),
     train_size: int = typer.Option(3000, min=20, help="Training samples before the 10 % validation split."),
     test_size: int = typer.Option(1000, min=10, help="Test samples."),

@@ -45,9 +45,9 @@ class World:
         """Concatenate every process's rows, with gradient (its backward sums the gradients of all ranks)."""
         if self.size == 1:
             return t
-        from torch.distributed.nn.functional import all_gather
+        from torch.distributed._functional_collectives import all_gather_single, wait_tensor
 
-        return torch.cat(all_gather(t), dim=0)
+        return wait_tensor(all_gather_single(t.contiguous(), 0, dist.group.WORLD))
 
 
 def init_world(device_name: str) -> tuple[World, torch.device]:

@@ -124,6 +124,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
     cfg.data = str(Path(cfg.data).resolve())
     cfg.modalities = dataset.modalities
+    if cfg.text_encoder:  # recorded absolute, so that load_run works from any directory
+        cfg.text_encoder = str(Path(cfg.text_encoder).resolve())
+    cfg.pretrained = {m: str(Path(p).resolve()) for m, p in cfg.pretrained.items()}
     dataset.require_every_class("train")
     world, device = init_world(cfg.device)
     try:

@@ -129,5 +129,5 @@ class BatchAugment:
             if "flip" in self.names:
                 flip = self._local(u[:, 8] < FLIP_P, n, dev).repeat_interleave(frames, 0)
             y = crop_flip(y, box, flip)
-            out[m] = y.view_as(x)
+            out[m] = y.reshape(x.shape)
         return out

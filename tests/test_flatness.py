@@ -1,0 +1,229 @@
+"""Flatness metrics against closed forms: a micro late-fusion model (94 loss parameters, float64) whose
+exact Hessian torch builds densely, on real batches of the tiny synthetic dataset."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from mmlab_cli.analysis.common import Subset, load_subset, mean_loss
+from mmlab_cli.analysis.hessian import (HessianVectorProduct, generator, hutchinson_trace, lanczos, slq_density,
+                                        spectrum)
+from mmlab_cli.analysis.landscape import directions, landscape
+from mmlab_cli.analysis.lossfn import loss_params, losses_at
+from mmlab_cli.analysis.perturb import fgap, lpf
+from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.models.encoders import Standardize
+from mmlab_cli.models.fusion import LateFusion
+
+CPU = torch.device("cpu")
+
+
+def micro_model(dataset: PreparedDataset) -> LateFusion:
+    """LateFusion with conv-BN-ReLU-pool encoders of 33 parameters each, BN statistics off their defaults."""
+    torch.manual_seed(0)
+    model = LateFusion(dataset.specs, len(dataset.classes), encoder="mlp", dim=3)
+    for m, spec in dataset.specs.items():
+        bn = nn.BatchNorm2d(2)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        model.encoders[m] = nn.Sequential(Standardize(spec.mean, spec.std), nn.Conv2d(1, 2, 3, stride=3), bn, nn.ReLU(),
+                                          nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+    return model.double().eval()
+
+
+def double_subset(dataset: PreparedDataset, samples: int, batch_size: int, split: str = "train") -> Subset:
+    sub = load_subset(dataset, split, samples, 0, batch_size, CPU)
+    return Subset(sub.split, sub.indices, [({m: x.double() for m, x in inputs.items()}, y) for inputs, y in sub.batches])
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_synthetic):
+    dataset = PreparedDataset(tiny_synthetic, ["image", "audio"])
+    model = micro_model(dataset)
+    subset = double_subset(dataset, 24, 8)  # three batches: products are accumulated
+    lp = loss_params(model, subset)
+
+    def loss(flat):
+        total = sum(F.cross_entropy(functional_call(model, lp.unflatten(flat), (x,)).logits, y, reduction="sum")
+                    for x, y in subset.batches)
+        return total / subset.size
+
+    hessian = torch.autograd.functional.hessian(loss, lp.flat()).numpy()
+    return dataset, model, subset, lp, hessian
+
+
+def test_loss_params_are_what_the_fused_loss_uses(setup):
+    _, model, subset, lp, _ = setup
+    assert lp.numel == 94 and len(lp.names) == 14
+    assert sorted(lp.excluded) == ["probes.audio.bias", "probes.audio.weight", "probes.image.bias",
+                                   "probes.image.weight"]
+    spare = copy.deepcopy(model)
+    spare.unused = nn.Linear(2, 2).double()  # registered but never called
+    assert {"unused.weight", "unused.bias"} <= set(loss_params(spare, subset).excluded)
+
+
+def test_hessian_vector_products_match_dense(setup):
+    dataset, model, subset, lp, hessian = setup
+    v = torch.randn(4, lp.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = v.numpy() @ hessian
+    multi = HessianVectorProduct(model, subset, lp)  # 3 batches, graph rebuilt per product
+    single = HessianVectorProduct(model, double_subset(dataset, 24, 24), lp)  # 1 batch, graph kept
+    assert single._graph is not None and multi._graph is None
+    for hvp in (multi, single):
+        np.testing.assert_allclose(hvp(v).numpy(), expected, rtol=1e-9, atol=1e-12)  # batched over probes
+        np.testing.assert_allclose(hvp(v[0]).numpy(), expected[0], rtol=1e-9, atol=1e-12)
+
+
+def test_top_eigenvalues_and_trace_match_dense(setup):
+    _, model, subset, lp, hessian = setup
+    exact = np.linalg.eigvalsh(hessian)[::-1]
+    res = spectrum(model, subset, lp, top_k=5, tol=1e-3, max_steps=94, trace_probes=0, seed=0)
+    assert res["converged"] and res["lanczos_steps"] < 94
+    rel = np.abs(np.array(res["eigenvalues"]) - exact[:5]) / np.abs(exact[:5])
+    assert rel[0] < 1e-3 and np.all(rel < 1e-3), rel
+    # the stated bound: each residual is within tol |theta|
+    assert np.all(np.array(res["residuals"]) <= 1e-3 * np.abs(res["eigenvalues"]))
+
+    # Hutchinson with Rademacher probes: unbiased, Var(z^T H z) = 2 (||H||_F^2 - sum_i H_ii^2)
+    hvp = HessianVectorProduct(model, subset, lp)
+    probes = 400
+    trace = hutchinson_trace(hvp, lp.flat(), probes, batch=50, seed=0)
+    sd = math.sqrt(2 * ((hessian ** 2).sum() - (np.diag(hessian) ** 2).sum()) / probes)
+    assert abs(trace["value"] - np.trace(hessian)) < 4 * sd
+    assert 0.7 * sd < trace["stderr"] < 1.3 * sd
+    assert hvp.products == probes
+
+
+def test_lanczos_restarts_on_an_invariant_subspace():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.linspace(10.0, 1.0, 40, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))
+    matrix = basis @ torch.diag(values) @ basis.T
+    v0 = basis[:, 0] + basis[:, 1]  # Krylov space of dimension 2: beta vanishes after two steps
+    t = lanczos(lambda v: matrix @ v, v0, steps=40, k=5, tol=1e-8, gen=gen)
+    assert 0.0 in t.betas.tolist()
+    np.testing.assert_allclose(t.top(5)[0], values[:5].numpy(), rtol=1e-8)
+
+
+def test_slq_density_is_a_quadrature_of_the_spectrum(setup):
+    _, model, subset, lp, hessian = setup
+    exact = np.linalg.eigvalsh(hessian)
+    d = slq_density(HessianVectorProduct(model, subset, lp), lp.flat(), steps=lp.numel, runs=2, seed=0)
+    for nodes, weights in zip(d["nodes"], d["weights"]):
+        assert sum(weights) == pytest.approx(1.0, abs=1e-9)
+        heavy = np.array(nodes)[np.array(weights) > 1e-8]  # full Lanczos: the nodes are eigenvalues of H
+        assert np.abs(heavy[:, None] - exact[None]).min(axis=1).max() < 1e-6 * np.abs(exact).max()
+
+
+def test_filter_scale_by_hand(setup):
+    _, model, _, lp, _ = setup
+    scale = lp.unflatten(lp.filter_scale())
+    conv = model.encoders["image"][1]
+    c = conv.weight.detach().reshape(2, -1).norm(dim=1) + conv.bias.detach().abs()
+    assert torch.allclose(scale["encoders.image.1.weight"], c[:, None, None, None].expand(2, 1, 3, 3))
+    assert torch.allclose(scale["encoders.image.1.bias"], c)
+    bn = model.encoders["image"][2]
+    assert torch.allclose(scale["encoders.image.2.bias"], bn.weight.detach().abs() + bn.bias.detach().abs())
+    head = model.head
+    rows = head.weight.detach().norm(dim=1) + head.bias.detach().abs()
+    assert torch.allclose(scale["head.weight"], rows[:, None].expand_as(head.weight))
+
+
+def _in_place_loss(model, lp, flat, subset) -> float:
+    """The mean loss of a copy of the model whose parameters are overwritten with `flat` (the plain way)."""
+    clone = copy.deepcopy(model)
+    params = dict(clone.named_parameters())
+    with torch.no_grad():
+        for name, value in lp.unflatten(flat).items():
+            params[name].copy_(value)
+    return mean_loss(clone, subset)
+
+
+@pytest.mark.parametrize("normalize", ["filter", "none"])
+def test_lpf_is_the_mean_loss_under_gaussian_weight_noise(setup, normalize):
+    _, model, subset, lp, _ = setup
+    res = lpf(model, subset, lp, sigma=0.05, draws=6, normalize=normalize, seed=3, chunk=4)
+    theta = lp.flat()
+    scale = 0.05 * (lp.filter_scale() if normalize == "filter" else torch.ones_like(theta))
+    gen = generator(3, "lpf")
+    direct = [_in_place_loss(model, lp, theta + scale * torch.randn(lp.numel, generator=gen).double(), subset)
+              for _ in range(6)]
+    assert res["lpf_loss"] == pytest.approx(np.mean(direct), rel=1e-10)
+    assert res["loss"] == pytest.approx(mean_loss(model, subset), rel=1e-12)
+    assert res["delta"] == pytest.approx(res["lpf_loss"] - res["loss"], abs=1e-15)
+    assert res["normalize"] == normalize and res["draws"] == 6
+
+
+def test_fgap_small_radius_is_the_gradient_term(setup):
+    """For small gamma, |L(theta + gamma u) - L| = gamma |g.u| and E|u_1| = Gamma(n/2) / (sqrt(pi) Gamma((n+1)/2))."""
+    _, model, subset, lp, _ = setup
+    gamma, k = 1e-4, 400
+    res = fgap(model, {"train": subset}, lp, [0.0, gamma], directions=k, seed=0, chunk=16)
+    flat = lp.flat().requires_grad_()
+    loss = sum(F.cross_entropy(functional_call(model, lp.unflatten(flat), (x,)).logits, y, reduction="sum")
+               for x, y in subset.batches) / subset.size
+    grad_norm = torch.autograd.grad(loss, flat)[0].norm().item()
+    n = lp.numel
+    expected = gamma * grad_norm * math.exp(math.lgamma(n / 2) - math.lgamma((n + 1) / 2)) / math.sqrt(math.pi)
+    curve = res["splits"]["train"]
+    assert curve["F"][0] == 0.0
+    assert abs(curve["F"][1] - expected) < 4 * curve["F_stderr"][1]
+    assert res["gamma"] == [0.0, gamma] and res["directions"] == k
+    rel = fgap(model, {"train": subset}, lp, [0.0, 0.1], directions=2, relative=True, seed=0)
+    assert rel["gamma"][1] == pytest.approx(0.1 * lp.flat().norm().item())
+
+
+def test_landscape_directions_grid_and_cache(setup, tmp_path):
+    _, model, subset, lp, _ = setup
+    dirs, path = directions(lp, 2, seed=0, cache_dir=tmp_path, run_key="abc")
+    theta = lp.unflatten(lp.flat())
+    for d in dirs:
+        for name, part in lp.unflatten(d).items():
+            if part.dim() <= 1:  # biases and BN: ignored
+                assert torch.count_nonzero(part) == 0, name
+            else:  # filter-normalised: every filter has the norm of theta's filter
+                torch.testing.assert_close(part.flatten(1).norm(dim=1), theta[name].flatten(1).norm(dim=1))
+    again, same = directions(lp, 2, seed=0, cache_dir=tmp_path, run_key="abc")
+    assert same == path and torch.equal(again, dirs)
+    one, path_1d = directions(lp, 1, seed=0, cache_dir=tmp_path, run_key="abc")
+    assert path_1d != path and torch.equal(one[0], dirs[0])  # separate files; the 1-D axis is d1
+    assert directions(lp, 2, seed=1, cache_dir=tmp_path, run_key="abc")[1] != path
+    assert directions(lp, 2, seed=0, cache_dir=tmp_path, run_key="other")[1] != path
+
+    res = landscape(model, subset, lp, dims=(1, 2), grid=5, span=1.0, seed=0, cache_dir=tmp_path, run_key="abc",
+                    chunk=3)
+    surface = np.array(res["2d"]["loss"])
+    assert surface.shape == (5, 5)
+    base = mean_loss(model, subset)
+    assert surface[2, 2] == pytest.approx(base, rel=1e-12) and res["1d"]["center_loss"] == pytest.approx(base)
+    np.testing.assert_allclose(res["1d"]["loss"], surface[2], rtol=1e-12)  # beta = 0 row
+    corner = lp.flat() + 1.0 * dirs[0] - 1.0 * dirs[1]  # alpha = 1, beta = -1: row 0, last column
+    assert surface[0, 4] == pytest.approx(_in_place_loss(model, lp, corner, subset), rel=1e-10)
+
+
+def test_every_metric_leaves_the_weights_exactly_as_they_were(setup, tmp_path):
+    _, model, subset, lp, _ = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spectrum(model, subset, lp, top_k=2, max_steps=10, trace_probes=3, density=True, density_steps=5)
+    lpf(model, subset, lp, sigma=0.5, draws=3)
+    fgap(model, {"train": subset}, lp, [0.0, 5.0], directions=2)
+    landscape(model, subset, lp, dims=(1, 2), grid=3, cache_dir=tmp_path, run_key="x")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_losses_at_batched_equals_one_at_a_time(setup):
+    _, model, subset, lp, _ = setup
+    thetas = lp.flat() + 0.1 * torch.randn(5, lp.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loss_1, acc_1 = losses_at(model, subset, lp, thetas, chunk=1)
+    loss_3, acc_3 = losses_at(model, subset, lp, thetas, chunk=3)
+    torch.testing.assert_close(loss_1, loss_3, rtol=1e-12, atol=0)
+    assert torch.equal(acc_1, acc_3)
+    assert loss_1[0].item() == pytest.approx(_in_place_loss(model, lp, thetas[0], subset), rel=1e-12)

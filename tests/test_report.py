@@ -1,0 +1,236 @@
+"""`mmlab report` on a runs folder of fake-but-valid run files: every cell against hand-computed means and
+sample standard deviations, missing analyses, grouping rules, formats and the command line."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mmlab_cli.errors import MmlabError
+from mmlab_cli.main import app
+from mmlab_cli.report import TABLES, resolve, write_report
+
+R2 = math.sqrt(2)  # the sample std of two values a, b is |a - b| / sqrt(2)
+
+
+def _flatness(lmax, ratio, trace, lpf, delta, fgap):
+    return {"split": "train", "lambda_max": lmax, "lambda_ratio": ratio, "trace": trace, "lpf_loss": lpf,
+            "lpf_delta": delta, "fgap_mean_train": fgap, "hessian": {"eigenvalues": [lmax, 1.0]}}
+
+
+def _geometry(var_i, var_a, w2, split="test", extra=0.0):
+    return {"split": split,
+            "modality": {"image": {"variance": var_i, "effective_rank": 10 + extra, "semantic_margin": 0.5 + extra},
+                         "audio": {"variance": var_a, "effective_rank": 8 + extra, "semantic_margin": 0.25}},
+            "pairs": {"image|audio": {"variance_ratio": var_i / var_a, "wasserstein2_sq": w2, "drift": 1 + extra,
+                                      "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra}},
+            "ati": {m: {"feature_norm": 3.0 + extra, "invariance_error": 1e-7, "relative_error": 3e-8 + extra,
+                        "relative_error_diag": 0.002} for m in ("image", "audio")}}
+
+
+def _robustness(clean, pgd, auc):
+    return {"split": "test", "clean": {"acc": clean, "loss": 1.0},
+            "pgd": {m: {"clean_acc": clean, "perturbed_acc": acc, "drop_rate": 100 * (clean - acc) / clean}
+                    for m, acc in pgd.items()},
+            "corruptions": {m: {"gaussian": {"auc": a}} for m, a in auc.items()}}
+
+
+# name: (config, metrics (test_acc, per-modality probe accuracies), analysis files)
+RUNS = {
+    "uni/s0": ({"modalities": ["image"], "pairing": "sml", "seed": 0}, (64.0, {"image": 63.0}),
+               {"flatness.json": _flatness(9.0, 2.0, 80.0, 1.0, 0.02, 0.3),
+                "robustness.json": _robustness(64.0, {"image": 16.0}, {"image": 50.0})}),
+    "uni/s1": ({"modalities": ["image"], "pairing": "sml", "seed": 1}, (66.0, {"image": 65.0}),
+               {"robustness.json": _robustness(66.0, {"image": 11.0}, {"image": 52.0})}),
+    "sml/s0": ({"modalities": ["image", "audio"], "pairing": "sml", "seed": 0}, (70.0, {"image": 60.0, "audio": 40.0}),
+               {"geometry.json": _geometry(0.8, 0.4, 0.5)}),
+    "sml/s1": ({"modalities": ["image", "audio"], "pairing": "sml", "seed": 1}, (72.0, {"image": 61.0, "audio": 43.0}),
+               {"geometry.json": _geometry(0.9, 0.6, 0.7, extra=0.5)}),
+    "dml/s0": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 0}, (71.0, {"image": 62.0, "audio": 44.0}),
+               {"flatness.json": _flatness(5.0, 1.2, 40.0, 0.8, 0.01, 0.1),
+                "geometry.json": _geometry(1.0, 0.5, 0.4),
+                "robustness.json": _robustness(71.0, {"image": 30.0, "audio": 35.5}, {"image": 60.0, "audio": 65.0})}),
+    "dml/s1": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 1}, (74.0, {"image": 62.0, "audio": 45.0}),
+               {"flatness.json": _flatness(6.0, 1.3, 44.0, 0.9, 0.03, 0.2),
+                "robustness.json": _robustness(74.0, {"image": 37.0, "audio": 37.0}, {"image": 62.0, "audio": 66.0})}),
+    "dagr/s0": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 0, "regularizer": "dagr"},
+                (75.0, {"image": 64.0, "audio": 47.0}), {}),
+    "dagr/s1": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 1, "regularizer": "dagr"},
+                (77.0, {"image": 66.0, "audio": 47.0}), {}),
+}
+GROUPS = {  # default grouping: (modalities, pairing, regularizer); the dataset is the same everywhere
+    "uni": ("image", "sml", "none"), "sml": ("image+audio", "sml", "none"), "dml": ("image+audio", "dml", "none"),
+    "dagr": ("image+audio", "dml", "dagr")}
+NAN = float("nan")
+# table -> group -> {column label: (mean, std, n)}, computed by hand from RUNS; absent labels are empty cells
+EXPECTED = {
+    "accuracy": {
+        "uni": {"acc (fused)": (65.0, 2 / R2, 2), "acc image": (64.0, 2 / R2, 2)},
+        "sml": {"acc (fused)": (71.0, 2 / R2, 2), "acc image": (60.5, 1 / R2, 2), "acc audio": (41.5, 3 / R2, 2)},
+        "dml": {"acc (fused)": (72.5, 3 / R2, 2), "acc image": (62.0, 0.0, 2), "acc audio": (44.5, 1 / R2, 2)},
+        "dagr": {"acc (fused)": (76.0, 2 / R2, 2), "acc image": (65.0, 2 / R2, 2), "acc audio": (47.0, 0.0, 2)}},
+    "flatness": {
+        "uni": {"λ_max": (9.0, NAN, 1), "λ1/λ5": (2.0, NAN, 1), "trace": (80.0, NAN, 1), "L_LPF": (1.0, NAN, 1),
+                "Δ_LPF": (0.02, NAN, 1), "F_gap train": (0.3, NAN, 1)},
+        "dml": {"λ_max": (5.5, 1 / R2, 2), "λ1/λ5": (1.25, 0.1 / R2, 2), "trace": (42.0, 4 / R2, 2),
+                "L_LPF": (0.85, 0.1 / R2, 2), "Δ_LPF": (0.02, 0.02 / R2, 2), "F_gap train": (0.15, 0.1 / R2, 2)}},
+    "geometry": {
+        "sml": {"variance image": (0.85, 0.1 / R2, 2), "variance audio": (0.5, 0.2 / R2, 2),
+                "ratio image|audio": (1.75, 0.5 / R2, 2), "W2² image|audio": (0.6, 0.2 / R2, 2)},
+        "dml": {"variance image": (1.0, NAN, 1), "variance audio": (0.5, NAN, 1), "ratio image|audio": (2.0, NAN, 1),
+                "W2² image|audio": (0.4, NAN, 1)}},
+    "robustness": {
+        "uni": {"clean acc": (65.0, 2 / R2, 2), "PGD acc image": (13.5, 5 / R2, 2),
+                "drop image": (79.166666666666667, (83.333333333333333 - 75.0) / R2, 2)},
+        "dml": {"clean acc": (72.5, 3 / R2, 2), "PGD acc image": (33.5, 7 / R2, 2),
+                "PGD acc audio": (36.25, 1.5 / R2, 2),
+                "drop image": (53.873239436619718, (57.746478873239437 - 50.0) / R2, 2),
+                "drop audio": (50.0, 0.0, 2)}},
+}
+
+
+def _write_runs(root, runs=RUNS):
+    for name, (config, (acc, probes), files) in runs.items():
+        run = root / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"data": "/data/avmnist", **config}))
+        metrics = {"dataset": "avmnist", "modalities": config["modalities"], "pairing": config["pairing"],
+                   "seed": config["seed"], "test_acc": acc, **{f"test_acc_{m}": a for m, a in probes.items()},
+                   "test_loss": 1.0}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        for file, doc in files.items():
+            (run / file).write_text(json.dumps(doc))
+    (root / "dml/s0/geometry_tsne.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    _write_runs(tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def _row(df, group):
+    modalities, pairing, regularizer = GROUPS[group]
+    rows = df[(df.modalities == modalities) & (df.pairing == pairing) & (df.regularizer == regularizer)]
+    assert len(rows) == 1, (group, rows)
+    return rows.iloc[0]
+
+
+def _check_numbers(df, expected: dict, labels: set):
+    assert set(df["seeds"]) == {2} and len(df) == 4
+    for group in GROUPS:
+        row = _row(df, group)
+        for label in labels:
+            mean, std, n = expected.get(group, {}).get(label, (NAN, NAN, 0))
+            assert row[f"{label} n"] == n, (group, label)
+            for got, want in ((row[f"{label} mean"], mean), (row[f"{label} std"], std)):
+                assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-12, abs=1e-12), \
+                    (group, label, got, want)
+
+
+def test_every_cell_against_hand_computed_mean_and_std(runs_dir):
+    tables, text, written = write_report(runs_dir)
+    by_name = {t.spec.name: t for t in tables}
+    assert [t.spec.name for t in tables] == [s.name for s in TABLES]
+    for name, expected in EXPECTED.items():
+        csv = pd.read_csv(runs_dir / f"report_{name}.csv", keep_default_na=False, na_values=[""])
+        labels = {c[: -len(" mean")] for c in csv.columns if c.endswith(" mean")}
+        assert labels == {label for group in expected.values() for label in group}, name
+        # regularizer joins the default grouping because some runs record it; scheme does not: none do
+        assert list(csv.columns[:5]) == ["dataset", "modalities", "pairing", "regularizer", "seeds"]
+        assert set(csv["dataset"]) == {"avmnist"}
+        _check_numbers(csv, expected, labels)
+        _check_numbers(by_name[name].numbers, expected, labels)
+
+    # the tables built from geometry.json and robustness.json beyond the paper's four: mean and std of two runs
+    docs = {name: files for name, (_, _, files) in RUNS.items()}
+    for name in ("alignment", "ati", "corruptions"):
+        spec = next(s for s in TABLES if s.name == name)
+        numbers = by_name[name].numbers
+        for group in GROUPS:
+            row = _row(numbers, group)
+            values = {}
+            for run in (f"{group}/s0", f"{group}/s1"):
+                for label, path in spec.columns:
+                    for captured, v in resolve(docs[run].get(spec.file, {}), path):
+                        values.setdefault(label.format(*captured), []).append(v)
+            for label, vs in values.items():
+                assert row[f"{label} mean"] == pytest.approx(sum(vs) / len(vs), rel=1e-12)
+                assert (len(vs) == 1 and math.isnan(row[f"{label} std"])) or \
+                    row[f"{label} std"] == pytest.approx(abs(vs[0] - vs[1]) / R2, rel=1e-9, abs=1e-15)
+    alignment = _row(by_name["alignment"].numbers, "sml")
+    assert alignment["erank image mean"] == pytest.approx(10.25)
+    assert alignment["erank image std"] == pytest.approx(0.5 / R2)
+
+    md = (runs_dir / "report.md").read_text()
+    assert text == md and (runs_dir / "report.md") in written
+    assert "| avmnist | DML (image+audio) | 2 | 72.50 ± 2.12 | 62.00 ± 0.00 | 44.50 ± 0.71 |" in md
+    assert "| avmnist | DML (image+audio) + DAGR | 2 | 76.00 ± 1.41 | 65.00 ± 1.41 | 47.00 ± 0.00 |" in md
+    assert "| avmnist | image only | 2 | 65.00 ± 1.41 | 64.00 ± 1.41 | - |" in md
+    assert "| avmnist | image only | 2 | 9.0000 (n=1) | 2.0000 (n=1) | 80.0000 (n=1) | 1.0000 (n=1) | 0.0200 (n=1) | " \
+        "0.3000 (n=1) |" in md
+    assert "-: 5 of 8 runs have no flatness.json" in md and "`mmlab flatness RUN_DIR`" in md
+    assert "`mmlab geometry RUN_DIR`" in md and "`mmlab robustness RUN_DIR`" in md
+    assert "![avmnist, image+audio, dml, none: geometry_tsne.png (dml/s0)](dml/s0/geometry_tsne.png)" in md
+    assert "W2² image\\|audio" in md  # a pair key cannot break the Markdown table
+
+
+def test_formats(runs_dir):
+    _, latex, written = write_report(runs_dir, fmt="latex")
+    assert (runs_dir / "report.tex") in written and latex == (runs_dir / "report.tex").read_text()
+    assert r"72.50 $\pm$ 2.12" in latex and r"W2$^2$ image\textbar{}audio" in latex and r"\toprule" in latex
+    _, csv, _ = write_report(runs_dir, fmt="csv")
+    assert csv.startswith("# accuracy\ndataset,modalities,pairing,regularizer,seeds,acc (fused) mean")
+    with pytest.raises(MmlabError, match="--format"):
+        write_report(runs_dir, fmt="html")
+
+
+def test_grouping_rules(runs_dir, tmp_path):
+    tables, _, _ = write_report(runs_dir, ("pairing",))  # one dataset: any grouping is fine
+    assert list(tables[0].numbers["seeds"]) == [4, 4] and list(tables[0].cells.columns[:2]) == ["pairing", "seeds"]
+    with pytest.raises(MmlabError, match="cannot group by 'optimiser'"):
+        write_report(runs_dir, ("optimiser",))
+
+    other = tmp_path / "two_datasets"
+    _write_runs(other)
+    shutil.copytree(other / "dml", other / "crema" / "dml")
+    for m in (other / "crema" / "dml").rglob("metrics.json"):
+        m.write_text(json.dumps({**json.loads(m.read_text()), "dataset": "crema_d"}))
+    assert len(write_report(other)[0][0].numbers) == 5  # grouped by dataset by default
+    with pytest.raises(MmlabError, match=r"different datasets; add 'dataset' to --group-by"):
+        write_report(other, ("modalities", "pairing"))
+
+    for run in ("dagr/s0", "dagr/s1"):  # a run that records scheme brings it into the default grouping
+        config = yaml.safe_load((runs_dir / run / "config.yaml").read_text())
+        (runs_dir / run / "config.yaml").write_text(yaml.safe_dump({**config, "scheme": "dgl"}))
+    numbers = write_report(runs_dir)[0][0]
+    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "regularizer", "scheme", "seeds"]
+    assert sorted(numbers.numbers["scheme"]) == ["dgl", "joint", "joint", "joint"]  # runs without it ran joint
+    assert "DML (image+audio) + DGL + DAGR" in list(numbers.cells["method"])
+
+    val = json.loads((runs_dir / "sml/s1/geometry.json").read_text())
+    (runs_dir / "sml/s1/geometry.json").write_text(json.dumps({**val, "split": "val"}))
+    with pytest.raises(MmlabError, match=r"geometry.json measured the test split but .*the val split"):
+        write_report(runs_dir)
+    (runs_dir / "sml/s1/geometry.json").write_text("{not json")
+    with pytest.raises(MmlabError, match=r"sml/s1/geometry.json: not valid JSON"):
+        write_report(runs_dir)
+
+
+def test_command_line_and_no_torch(runs_dir):
+    cli = CliRunner()
+    result = cli.invoke(app, ["report", str(runs_dir), "--format", "md"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"# mmlab report: {runs_dir}") and "8 runs in 4 groups" in result.stderr
+    bad = cli.invoke(app, ["report", str(runs_dir), "--group-by", "dataset,nope"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: cannot group by 'nope'")
+    empty = cli.invoke(app, ["report", str(runs_dir / "uni" / "s0" / "missing")])
+    assert empty.exit_code == 2 and "no such directory" in empty.stderr
+    code = "import sys, mmlab_cli.report; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
