@@ -11,17 +11,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mmlab_cli.analysis.common import Subset, load_subset, mean_loss
+from mmlab_cli.analysis.common import Subset, load_subset
 from mmlab_cli.analysis.hessian import (HessianVectorProduct, generator, hutchinson_trace, lanczos, slq_density,
                                         spectrum)
 from mmlab_cli.analysis.landscape import directions, landscape
-from mmlab_cli.analysis.lossfn import loss_params, losses_at
+from mmlab_cli.analysis.lossfn import batch_loss, loss_params, losses_at
 from mmlab_cli.analysis.perturb import fgap, lpf
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.models.encoders import Standardize
 from mmlab_cli.models.fusion import LateFusion
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads but their synchronisation (and the machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def mean_loss(model, subset) -> float:
+    """The plain way: the module itself on every batch, in the model's precision."""
+    return sum(batch_loss(model, x, y).item() for x, y in subset.batches) / subset.size
 
 
 def micro_model(dataset: PreparedDataset) -> LateFusion:
@@ -54,7 +69,7 @@ def setup(tiny_synthetic):
                     for x, y in subset.batches)
         return total / subset.size
 
-    hessian = torch.autograd.functional.hessian(loss, lp.flat()).numpy()
+    hessian = torch.autograd.functional.hessian(loss, lp.flat(), vectorize=True).numpy()
     return dataset, model, subset, lp, hessian
 
 
@@ -114,7 +129,7 @@ def test_lanczos_restarts_on_an_invariant_subspace():
 def test_slq_density_is_a_quadrature_of_the_spectrum(setup):
     _, model, subset, lp, hessian = setup
     exact = np.linalg.eigvalsh(hessian)
-    d = slq_density(HessianVectorProduct(model, subset, lp), lp.flat(), steps=lp.numel, runs=2, seed=0)
+    d = slq_density(HessianVectorProduct(model, subset, lp), lp.flat(), steps=lp.numel, runs=1, seed=0)
     for nodes, weights in zip(d["nodes"], d["weights"]):
         assert sum(weights) == pytest.approx(1.0, abs=1e-9)
         heavy = np.array(nodes)[np.array(weights) > 1e-8]  # full Lanczos: the nodes are eigenvalues of H
