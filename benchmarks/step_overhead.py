@@ -101,9 +101,10 @@ def main() -> None:
     base = statistics.median(times["sml"])
     rows = {name: {"ms_per_step": 1e3 * statistics.median(t), "ratio_to_sml": statistics.median(t) / base}
             for name, t in times.items()}
+    clock_name = (f"{torch.cuda.get_device_name(device)}, wall time" if device.type == "cuda"
+                  else f"{torch.get_num_threads()} thread(s), process CPU time")
     what = (f"preset {args.preset} ({encoder}, {', '.join(f'{m} {list(s.shape)}' for m, s in specs.items())}), "
-            f"batch {args.batch_size}, {args.precision}, {device} "
-            f"({torch.cuda.get_device_name(device) + ', wall time' if device.type == 'cuda' else f'{torch.get_num_threads()} thread(s), process CPU time'})")
+            f"batch {args.batch_size}, {args.precision}, {device} ({clock_name})")
     print(what)
     print(f"{'variant':<18} {'ms/step':>9} {'vs SML':>8}")
     for name, row in rows.items():

@@ -12,10 +12,9 @@ from torch import nn
 from torch.func import functional_call
 
 from mmlab_cli.analysis.common import Subset, load_subset
-from mmlab_cli.analysis.hessian import (HessianVectorProduct, generator, hutchinson_trace, lanczos, slq_density,
-                                        spectrum)
+from mmlab_cli.analysis.hessian import HessianVectorProduct, hutchinson_trace, lanczos, slq_density, spectrum
 from mmlab_cli.analysis.landscape import directions, landscape
-from mmlab_cli.analysis.lossfn import batch_loss, loss_params, losses_at
+from mmlab_cli.analysis.lossfn import batch_loss, generator, loss_params, losses_at
 from mmlab_cli.analysis.perturb import fgap, lpf
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.models.encoders import Standardize
@@ -54,7 +53,8 @@ def micro_model(dataset: PreparedDataset) -> LateFusion:
 
 def double_subset(dataset: PreparedDataset, samples: int, batch_size: int, split: str = "train") -> Subset:
     sub = load_subset(dataset, split, samples, 0, batch_size, CPU)
-    return Subset(sub.split, sub.indices, [({m: x.double() for m, x in inputs.items()}, y) for inputs, y in sub.batches])
+    batches = [({m: x.double() for m, x in inputs.items()}, y) for inputs, y in sub.batches]
+    return Subset(sub.split, sub.indices, batches)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from mmlab_cli.analysis.attacks import pgd, pgd_settings
-from mmlab_cli.analysis.corruptions import CORRUPTIONS
-from mmlab_cli.analysis.robustness import RobustnessSettings, relative_robustness, robustness
+from mmlab_cli.analysis.robustness import RobustnessSettings, method_label, relative_robustness, robustness
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import write_dataset
 from mmlab_cli.data.loader import BatchLoader
@@ -155,7 +154,7 @@ def test_relative_robustness_is_multibench_area():
 
 
 def test_frames_and_features_end_to_end(tmp_path):
-    """Kinds the synthetic data lacks: PGD keeps frames in [0, 1]; frame drop and cutout run on clips."""
+    """Kinds the synthetic data lacks: PGD on frames (pixel range) and features; frame drop and cutout on clips."""
     rng = np.random.default_rng(0)
     labels = {s: np.arange(n) % 3 for s, n in (("train", 12), ("val", 3), ("test", 9))}
     arrays = {s: {"video": rng.integers(0, 256, (len(y), 4, 1, 8, 8), dtype=np.uint8),
@@ -178,6 +177,19 @@ def test_frames_and_features_end_to_end(tmp_path):
     with torch.no_grad():
         expected = 100 * (model(test).logits.argmax(1).numpy() == labels["test"]).mean()
     assert r["corruptions"]["video"]["missing-mean"]["acc"][1] == pytest.approx(expected)
+
+
+def test_method_labels_name_the_training_method():
+    from types import SimpleNamespace
+
+    from mmlab_cli.config import TrainConfig
+
+    def label(modalities, **cfg):
+        return method_label(SimpleNamespace(config=TrainConfig(**cfg), model=SimpleNamespace(modalities=modalities)))
+
+    assert label(["audio"]) == "audio only"
+    assert label(["image", "audio"]) == "SML (image+audio)"
+    assert label(["image", "audio"], pairing="dml", regularizer="dagr") == "DML (image+audio) + DAGR"
 
 
 def test_cli_writes_files_compares_and_reuses(runs, tmp_path):

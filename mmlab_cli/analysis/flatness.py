@@ -19,11 +19,11 @@ import torch
 
 from mmlab_cli.analysis import flatness_plots as plots
 from mmlab_cli.analysis.common import Subset, load_subset
-from mmlab_cli.analysis.hessian import pyhessian_spectrum, spectrum
+from mmlab_cli.analysis.hessian import HessianVectorProduct, pyhessian_spectrum, slq_density, spectrum
 from mmlab_cli.analysis.landscape import landscape
 from mmlab_cli.analysis.lossfn import LossParams, loss_params, losses_at
 from mmlab_cli.analysis.perturb import NORMALIZATIONS, fgap, lpf
-from mmlab_cli.console import console, progress
+from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
 from mmlab_cli.engine.checkpoint import find_checkpoint
@@ -103,7 +103,8 @@ class FlatnessSettings:
     def for_device(self, device: torch.device) -> "FlatnessSettings":
         """Batching defaults: vmap over perturbations/probes pays on a GPU, not on a CPU."""
         cuda = device.type == "cuda"
-        return replace(self, chunk=self.chunk or (16 if cuda else 1), probe_batch=self.probe_batch or (10 if cuda else 1))
+        return replace(self, chunk=self.chunk or (16 if cuda else 1),
+                       probe_batch=self.probe_batch or (10 if cuda else 1))
 
     def of(self, metric: str) -> dict:
         """The settings a metric's values depend on (what a reused block must match)."""
@@ -128,8 +129,8 @@ def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance
         out["method"] = ("pyhessian 0.1 hessian(model, CrossEntropyLoss): power iteration with deflation, "
                          "maxIter 100, tol 1e-3 on the relative change of the eigenvalue")
         if s.density:  # pyhessian 0.1's density() calls torch.eig, which torch removed
-            out["density"] = spectrum(model, subset, lp, 1, s.tol, s.density_steps, 0, s.probe_batch, True,
-                                      s.density_steps, s.density_runs, s.seed)["density"]
+            out["density"] = slq_density(HessianVectorProduct(model, subset, lp), lp.flat(), s.density_steps,
+                                         s.density_runs, s.seed, advance)
             out["density_backend"] = "mmlab (pyhessian 0.1's density() needs torch.eig, removed from torch)"
     else:
         out = spectrum(model, subset, lp, s.top_k, s.tol, s.max_steps, s.trace_probes, s.probe_batch, s.density,
@@ -337,7 +338,7 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
     for d in ("1d", "2d"):
         if d in land:
             written.append(out / f"flatness_landscape_{d}.npz")
-            _save_npz(written[-1], {k: np.asarray(v) for k, v in land[d].items() if k in ("alpha", "beta", "loss", "acc")})
+            _save_npz(written[-1], {k: np.asarray(land[d][k]) for k in ("alpha", "beta", "loss", "acc") if k in land[d]})
     if "1d" in land:
         written.append(plots.landscape_1d({label: land["1d"]}, out / "flatness_landscape_1d.png"))
     if "2d" in land:

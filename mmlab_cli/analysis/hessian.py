@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import zlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,19 +27,11 @@ from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
 from mmlab_cli.analysis.common import Subset
-from mmlab_cli.analysis.lossfn import LossParams, batch_loss
-
-Advance = Callable[[int], None]
-
-
-def generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator per (seed, purpose): draws are the same on every device."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-
+from mmlab_cli.analysis.lossfn import Advance, LossParams, batch_loss, generator
 
 class HessianVectorProduct:
     """v [n] or V [P, n] -> H v or H V, over the whole subset. A one-batch subset keeps its gradient
-    graph between products (as pyhessian does), so each product then costs one backward pass."""
+    graph between products (as pyhessian does), so a product then costs only the double backward."""
 
     def __init__(self, model: nn.Module, subset: Subset, lp: LossParams):
         self.model, self.subset, self.lp = model, subset, lp
@@ -236,7 +228,8 @@ def pyhessian_spectrum(model: nn.Module, subset: Subset, lp: LossParams, top_k: 
     batches = [(PackedInput.pack(x), y) for x, y in subset.batches]
     data = {"data": batches[0]} if len(batches) == 1 else {"dataloader": batches}
     devices = [device] if device.type == "cuda" else []
-    with only_requires_grad(model, lp.params), torch.random.fork_rng(devices=devices):
+    with only_requires_grad(model, lp.params), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")  # .grad is reset after
         torch.manual_seed(seed)
         h = hessian(PackedInput(model, shapes), nn.CrossEntropyLoss(), cuda=device.type == "cuda", **data)
         values, _ = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_k)

@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmlab_cli.analysis.common import Subset
-from mmlab_cli.analysis.hessian import Advance, generator
-from mmlab_cli.analysis.lossfn import LossParams, losses_at
+from mmlab_cli.analysis.lossfn import Advance, LossParams, generator, losses_at
 
 NORMALIZATION = {"normalization": "filter", "ignore": "biasbn"}
 

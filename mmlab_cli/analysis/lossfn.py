@@ -10,7 +10,9 @@ written and the original weights stay bit-for-bit as they were.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,14 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from mmlab_cli.analysis.common import Subset
+
+
+Advance = Callable[[int], None]  # progress callback: n units of work done
+
+
+def generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator per (seed, purpose): the same draws on every device and whatever else runs."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def batch_loss(model: nn.Module, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
@@ -68,7 +78,8 @@ class LossParams:
             module, _, leaf = name.rpartition(".")
             weight = values.get(f"{module}.weight" if module else "weight")
             bias = values.get(f"{module}.bias" if module else "bias")
-            if leaf not in ("weight", "bias") or weight is None or (bias is not None and bias.shape[0] != weight.shape[0]):
+            paired = leaf in ("weight", "bias") and weight is not None and weight.dim() > 0
+            if not paired or (bias is not None and bias.shape[:1] != weight.shape[:1]):
                 weight, bias = p, None
             size = weight.reshape(weight.shape[0], -1).norm(dim=1)
             if bias is not None:

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from mmlab_cli.analysis.common import Subset
-from mmlab_cli.analysis.hessian import Advance, generator
-from mmlab_cli.analysis.lossfn import LossParams, losses_at
+from mmlab_cli.analysis.lossfn import Advance, LossParams, generator, losses_at
 
 NORMALIZATIONS = ("filter", "none")
 

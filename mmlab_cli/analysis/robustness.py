@@ -12,6 +12,7 @@ reuses a robustness.json computed with the same settings and checkpoint, and wri
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import zlib
@@ -36,7 +37,6 @@ from mmlab_cli.report import method_name, to_markdown
 
 SCHEMA = "mmlab.robustness/1"
 DEFAULT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-DEFAULT_EPS_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass
@@ -61,7 +61,8 @@ class RobustnessSettings:
         unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
         if unknown:
             raise MmlabError(f"--corruption {unknown[0]}: unknown; choose from {', '.join(CORRUPTIONS)}, all or none")
-        if any(not 0 <= s <= 1 for s in self.levels) or len(set(self.levels)) != len(self.levels):
+        levels = self.levels
+        if not levels or any(not 0 <= s <= 1 for s in levels) or len(set(levels)) != len(levels):
             raise MmlabError(f"--severity {self.levels}: levels must be distinct values in [0, 1]")
         if self.eps_factors is not None and any(f < 0 for f in self.eps_factors):
             raise MmlabError(f"--eps-factors {self.eps_factors}: factors must be >= 0")
@@ -73,7 +74,8 @@ class RobustnessSettings:
 
 def _generator(device: torch.device, seed: int, *names: str) -> torch.Generator:
     """A generator for one (modality, test): the same draws whatever else is run, and across runs."""
-    return torch.Generator(device=device).manual_seed((seed << 32) | zlib.crc32("/".join(names).encode()))
+    key = ((seed & 0xFFFFFFFF) << 32) | zlib.crc32("/".join(names).encode())
+    return torch.Generator(device=device).manual_seed(key)
 
 
 def _logits(model: LateFusion, clean: dict[str, torch.Tensor], modality: str, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +126,14 @@ class _Scorer:
         return {"acc": 100.0 * correct / self.subset.size, "loss": loss / self.subset.size, "max_abs_delta": delta}
 
 
+def _channels_last(model: LateFusion) -> LateFusion:
+    """A channels-last copy of a convolutional model: the same function, about 1.4x less CPU time per
+    convolution (oneDNN; tensor cores on CUDA). Other models are returned as they are."""
+    if not any(isinstance(mod, torch.nn.Conv2d) for mod in model.modules()):
+        return model
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
 def _plan(model: LateFusion, dataset: PreparedDataset, s: RobustnessSettings):
     """Which modalities get PGD (with what settings) and which corruptions, and what is skipped and why."""
     modalities = list(model.modalities) if s.modalities is None else s.modalities
@@ -162,8 +172,8 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
                device: torch.device) -> dict:
     """Clean accuracy, PGD per modality and corruption curves per modality (see the module docstring)."""
     s = settings.check()
-    model.eval()
     modalities, kinds, attacks, curves, skipped = _plan(model, dataset, s)
+    model = _channels_last(model).eval()
     start = time.perf_counter()
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
     factors = [1.0] + list(s.eps_factors or [])  # 1.0: the attack itself, then the sweep
@@ -209,8 +219,9 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
 def method_label(run: Run) -> str:
     """'audio only', 'SML (image+audio)', plus what else trained it: 'DML (image+audio) + DAGR'."""
     cfg = run.config
-    extras = [cfg.scheme.upper() if cfg.scheme != "joint" else "", cfg.regularizer.upper() if cfg.regularizer != "none"
-              else "", "SAM" if cfg.sam > 0 else "", "SWA" if cfg.swa_start > 0 else ""]
+    extras = [cfg.scheme.upper() if cfg.scheme != "joint" else "",
+              cfg.regularizer.upper() if cfg.regularizer != "none" else "",
+              "SAM" if cfg.sam > 0 else "", "SWA" if cfg.swa_start > 0 else ""]
     return " + ".join([method_name("+".join(run.model.modalities), cfg.pairing), *filter(None, extras)])
 
 
@@ -226,8 +237,8 @@ def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, ch
               "modalities": list(run.model.modalities) if settings.modalities is None else settings.modalities}
     if not force and path.is_file():
         old = json.loads(path.read_text())
-        if old.get("schema") == SCHEMA and old.get("settings") == wanted and \
-                old.get("checkpoint_sha256") == identity["checkpoint_sha256"]:
+        same = (old.get("schema"), old.get("settings"), old.get("checkpoint_sha256"))
+        if same == (SCHEMA, wanted, identity["checkpoint_sha256"]):
             return {**old, "reused": True}
     result = {**identity, **robustness(run.model, run.dataset, settings, device)}
     write_run_outputs(result, run.paths.root)

@@ -187,7 +187,8 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             order, partners = epoch_plan(train_split.labels, dataset.modalities, cfg.pairing, cfg.seed, epoch)
             loader = BatchLoader(train_split, cfg.batch_size, device, order=order, partners=partners,
                                  drop_last=len(order) > cfg.batch_size, rank=world.rank, world=world.size)
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=float("nan")) if bar else None
+            task = (bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=float("nan"))
+                    if bar else None)
             train_stats = train_one_epoch(model, loader, opt, scaler, device, cfg.precision, bar, task, step=step,
                                           augment=augment, epoch=epoch, world=world)
             lr = opt.param_groups[0]["lr"]

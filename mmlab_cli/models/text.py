@@ -42,7 +42,7 @@ class TextEncoder(nn.Module):
         config = _config(self.path)
         self.backbone = AutoModel.from_config(config)
         if getattr(self.backbone, "pooler", None) is not None:
-            self.backbone.pooler = None  # unused: the [CLS] state is projected below (and DDP needs no unused parameter)
+            self.backbone.pooler = None  # unused (the [CLS] state is projected below); DDP wants none unused
         self.proj = nn.Linear(config.hidden_size, dim)
 
     def has_weights(self) -> bool:
