@@ -173,6 +173,8 @@ def test_lpf_is_the_mean_loss_under_gaussian_weight_noise(setup, normalize):
     assert res["loss"] == pytest.approx(mean_loss(model, subset), rel=1e-12)
     assert res["delta"] == pytest.approx(res["lpf_loss"] - res["loss"], abs=1e-15)
     assert res["normalize"] == normalize and res["draws"] == 6
+    assert lpf(model, subset, lp, sigma=0.05, draws=6, normalize=normalize, seed=3, chunk=1)["lpf_loss"] == \
+        pytest.approx(res["lpf_loss"], rel=1e-12)  # the same draws whatever the batching
 
 
 def test_fgap_small_radius_is_the_gradient_term(setup):

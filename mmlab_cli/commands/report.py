@@ -26,6 +26,26 @@ def report(
 
     keys = tuple(k.strip() for k in group_by.split(",") if k.strip()) if group_by else None
     tables, text, written = write_report(runs_dir, keys, format)
-    typer.echo(text)
+    if format == "md":
+        _print_rich(tables)
+    else:
+        typer.echo(text)
     console.print(f"{int(tables[0].numbers['seeds'].sum())} runs in {len(tables[0].numbers)} groups; "
                   f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _print_rich(tables) -> None:
+    """Each table that holds a value as a rich table (accuracy always); the empty ones as one line each."""
+    from rich.table import Table as RichTable
+
+    for i, t in enumerate(tables):
+        counts = [c for c in t.numbers.columns if c.endswith(" n")]
+        if i > 0 and not (t.numbers[counts] > 0).to_numpy().any():
+            console.print(f"[dim]{t.spec.name}: no values yet; {t.note.lstrip('-: ')}")
+            continue
+        table = RichTable(title=t.spec.title)
+        for col in t.cells.columns:
+            table.add_column(str(col), justify="left" if t.cells[col].dtype == object else "right")
+        for row in t.cells.itertuples(index=False):
+            table.add_row(*map(str, row))
+        console.print(table)
