@@ -227,7 +227,10 @@ def test_command_line_and_no_torch(runs_dir):
     cli = CliRunner()
     result = cli.invoke(app, ["report", str(runs_dir), "--format", "md"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"# mmlab report: {runs_dir}") and "8 runs in 4 groups" in result.stderr
+    assert "Test accuracy (%)" in result.stderr and "8 runs in 4 groups" in result.stderr
+    assert (runs_dir / "report.md").read_text().startswith(f"# mmlab report: {runs_dir}")
+    as_csv = cli.invoke(app, ["report", str(runs_dir), "--format", "csv"])
+    assert as_csv.exit_code == 0 and as_csv.stdout.startswith("# accuracy\n")
     bad = cli.invoke(app, ["report", str(runs_dir), "--group-by", "dataset,nope"])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: cannot group by 'nope'")
     empty = cli.invoke(app, ["report", str(runs_dir / "uni" / "s0" / "missing")])
