@@ -75,14 +75,15 @@ def contours(runs: dict[str, dict], path: Path, levels: int = 30) -> Path:
     """2-D contours side by side on one set of levels and one colour bar (the DML paper's Figure 1)."""
     lo, hi = _limits(runs)
     lv = np.linspace(lo, hi if hi > lo else lo + 1e-6, levels)
-    fig = Figure(figsize=(4.2 * len(runs) + 0.8, 4))
-    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    fig = Figure(figsize=(4.2 * len(runs) + 1.2, 4), layout="constrained")
+    axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
     for ax, (label, r) in zip(axes, runs.items()):
         a, b = np.meshgrid(r["alpha"], r["beta"])
         filled = ax.contourf(a, b, np.asarray(r["loss"]), levels=lv, cmap="viridis", extend="both")
         ax.contour(a, b, np.asarray(r["loss"]), levels=lv[::3], colors="white", linewidths=0.4)
         ax.plot(0, 0, "r+", markersize=8)
-        ax.set(title=label, xlabel="alpha", ylabel="beta", aspect="equal")
+        ax.set(title=label, xlabel="alpha", aspect="equal")
+    axes[0].set_ylabel("beta")
     fig.colorbar(filled, ax=list(axes), label="loss")
     return save(fig, path)
 

@@ -34,7 +34,7 @@ def flatness(
                                           "compared in one table and side-by-side figures."),
     metric: str = typer.Option("all", help="hessian, lpf, fgap, landscape, a comma-separated list, or all."),
     split: str = typer.Option("train", help="Split the subset is drawn from (F_gap always measures train and test)."),
-    samples: Optional[int] = typer.Option(64, help="Size of the fixed, seeded subset of the split (its indices are "
+    samples: Optional[int] = typer.Option(32, help="Size of the fixed, seeded subset of the split (its indices are "
                                           "stored); bounds the cost of every metric."),
     seed: int = typer.Option(0, help="Seed of the subset and of every random draw (probes, noise, directions)."),
     batch_size: int = typer.Option(128, help="Batch size: memory of one batch, whatever the subset size."),
