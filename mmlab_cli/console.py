@@ -40,3 +40,18 @@ def not_built(command: str, issue: str):
     """Body of a subcommand that a later issue fills in: one line, exit 2."""
     typer.echo(f"error: `mmlab {command}` is not built yet ({issue}); see README.md for what works today", err=True)
     raise typer.Exit(2)
+
+
+def parse_numbers(text: str, flag: str, kind=float) -> list:
+    """'0,5,10' or 'start:stop:step' (stop included) -> list of numbers."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            return [kind(round(start + i * step, 10)) for i in range(count)]
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MmlabError(f"{flag} {text!r}: expected comma-separated numbers (0,5,10) or start:stop:step "
+                         f"(0:60:5)") from None

@@ -35,6 +35,17 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads but their synchronisation (and the machine is shared)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(data: Path, out: Path, **overrides):
     """A TrainConfig that trains in a couple of seconds on the tiny dataset."""
     from mmlab_cli.config import TrainConfig

@@ -19,13 +19,7 @@ SMALL = ["--samples", "16", "--batch-size", "8", "--top-k", "5", "--trace-probes
          "--fgap-directions", "2", "--fgap-relative", "--fgap-radii", "0,0.05", "--grid", "3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads but their synchronisation (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

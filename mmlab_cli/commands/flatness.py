@@ -8,24 +8,7 @@ from typing import Optional
 
 import typer
 
-from mmlab_cli.console import cli_errors, console
-
-
-def _numbers(text: str, flag: str, kind=float) -> list:
-    """'0,5,10' or 'start:stop:step' (stop included) -> list of numbers."""
-    from mmlab_cli.errors import MmlabError
-
-    try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            count = int(round((stop - start) / step)) + 1
-            return [kind(round(start + i * step, 10)) for i in range(count)]
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise MmlabError(f"{flag} {text!r}: expected comma-separated numbers (0,5,10) or start:stop:step "
-                         f"(0:60:5)") from None
+from mmlab_cli.console import cli_errors, console, parse_numbers
 
 
 @cli_errors
@@ -85,9 +68,9 @@ def flatness(
         tol=tol, max_steps=max_steps, trace_probes=trace_probes, probe_batch=probe_batch, density=density,
         density_steps=density_steps, density_runs=density_runs, lpf_sigma=lpf_sigma, lpf_draws=lpf_draws,
         lpf_normalize=lpf_normalize, fgap_directions=fgap_directions,
-        fgap_radii=None if fgap_radii is None else _numbers(fgap_radii, "--fgap-radii"),
+        fgap_radii=None if fgap_radii is None else parse_numbers(fgap_radii, "--fgap-radii"),
         fgap_relative=fgap_relative, grid=grid, span=span,
-        landscape_dims=_numbers(landscape_dims, "--landscape-dims", int)).check()
+        landscape_dims=parse_numbers(landscape_dims, "--landscape-dims", int)).check()
     dev = resolve_device(device)
     results = []
     for run_dir in run_dirs:

@@ -9,16 +9,7 @@ from typing import Optional
 
 import typer
 
-from mmlab_cli.console import cli_errors, console
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    from mmlab_cli.errors import MmlabError
-
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise MmlabError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+from mmlab_cli.console import cli_errors, console, parse_numbers
 
 
 @cli_errors
@@ -64,8 +55,8 @@ def robustness(
         raise MmlabError(f"--checkpoint {checkpoint}: choose best or last")
     names = {"all": list(CORRUPTIONS), "none": []}.get(corruption, [c.strip() for c in corruption.split(",")])
     settings = RobustnessSettings(attack=attack, eps=eps, steps=steps, step_size=step_size, random_start=random_start,
-                                  eps_factors=_floats(eps_factors, "--eps-factors") if eps_sweep else None,
-                                  corruptions=names, levels=_floats(severity, "--severity"), split=split,
+                                  eps_factors=parse_numbers(eps_factors, "--eps-factors") if eps_sweep else None,
+                                  corruptions=names, levels=parse_numbers(severity, "--severity"), split=split,
                                   samples=samples, batch_size=batch_size, seed=seed).check()
     dev = resolve_device(device)
     runs = [load_run(r, checkpoint, str(dev)) for r in run_dirs]
