@@ -12,6 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mmlab_cli.errors import MmlabError
 
 console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line in logs
+if not console.is_terminal:  # logs and pipes: wide enough that the paper tables are not squeezed
+    console.width = 160
 
 
 def progress(*extra_columns, transient: bool = False) -> Progress:
