@@ -215,3 +215,18 @@ def config_from_yaml(path: str | Path) -> TrainConfig:
 
 def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def method_name(modalities: str, pairing: str) -> str:
+    """'audio only' for one modality, else 'SML (image+audio)' / 'DML (image+audio)'."""
+    if "+" not in modalities:
+        return f"{modalities} only"
+    return f"{pairing.upper()} ({modalities})"
+
+
+def method_label(cfg: TrainConfig, modalities: list[str]) -> str:
+    """method_name plus what else trained the run: 'DML (image+audio) + DAGR', '... + SAM'."""
+    extras = [cfg.scheme.upper() if cfg.scheme != "joint" else "",
+              cfg.regularizer.upper() if cfg.regularizer != "none" else "",
+              "SAM" if cfg.sam > 0 else "", "SWA" if cfg.swa_start > 0 else ""]
+    return " + ".join([method_name("+".join(modalities), cfg.pairing), *filter(None, extras)])

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from mmlab_cli.config import method_name
 from mmlab_cli.data.format import atomic_write_text
 from mmlab_cli.errors import MmlabError
 
@@ -191,12 +192,6 @@ def method_label(row, group_by: tuple[str, ...]) -> str:
     extras = [str(row[k]).upper() for k, off in (("scheme", "joint"), ("regularizer", "none"))
               if k in group_by and str(row[k]) != off]
     return " + ".join([method_name(row["modalities"], row["pairing"]), *extras])
-
-
-def method_name(modalities: str, pairing: str) -> str:
-    if "+" not in modalities:
-        return f"{modalities} only"
-    return f"{pairing.upper()} ({modalities})"
 
 
 def _cell(mean: float, std: float, n: int, seeds: int, fmt: str) -> str:

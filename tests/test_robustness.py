@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from mmlab_cli.analysis.attacks import pgd, pgd_settings
-from mmlab_cli.analysis.robustness import RobustnessSettings, method_label, relative_robustness, robustness
+from mmlab_cli.analysis.robustness import RobustnessSettings, relative_robustness, robustness
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import write_dataset
 from mmlab_cli.data.loader import BatchLoader
@@ -180,12 +180,10 @@ def test_frames_and_features_end_to_end(tmp_path):
 
 
 def test_method_labels_name_the_training_method():
-    from types import SimpleNamespace
-
-    from mmlab_cli.config import TrainConfig
+    from mmlab_cli.config import TrainConfig, method_label
 
     def label(modalities, **cfg):
-        return method_label(SimpleNamespace(config=TrainConfig(**cfg), model=SimpleNamespace(modalities=modalities)))
+        return method_label(TrainConfig(**cfg), modalities)
 
     assert label(["audio"]) == "audio only"
     assert label(["image", "audio"]) == "SML (image+audio)"

@@ -23,6 +23,7 @@ from mmlab_cli.analysis.hessian import HessianVectorProduct, pyhessian_spectrum,
 from mmlab_cli.analysis.landscape import landscape
 from mmlab_cli.analysis.lossfn import LossParams, loss_params, losses_at
 from mmlab_cli.analysis.perturb import NORMALIZATIONS, fgap, lpf
+from mmlab_cli.config import method_label
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
@@ -30,7 +31,7 @@ from mmlab_cli.engine.checkpoint import find_checkpoint
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
-from mmlab_cli.report import method_name, to_markdown
+from mmlab_cli.report import to_markdown
 
 SCHEMA = "mmlab.flatness/1"
 METRICS = ("hessian", "lpf", "fgap", "landscape")
@@ -215,7 +216,7 @@ def summary(result: dict) -> dict:
 def _identity(run: Run, checkpoint: str) -> dict:
     ckpt = find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last)
     return {"run": str(run.paths.root), "label": run.paths.root.name,
-            "method": method_name("+".join(run.model.modalities), run.config.pairing), "checkpoint": checkpoint,
+            "method": method_label(run.config, run.model.modalities), "checkpoint": checkpoint,
             "checkpoint_sha256": sha256_file(ckpt / "model.safetensors")}
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from mmlab_cli.analysis.attacks import NOT_ATTACKED, PGDSettings, pgd, pgd_settings
 from mmlab_cli.analysis.common import Subset, load_subset
 from mmlab_cli.analysis.corruptions import CORRUPTIONS
+from mmlab_cli.config import method_label
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
@@ -33,7 +34,7 @@ from mmlab_cli.engine.checkpoint import find_checkpoint
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
-from mmlab_cli.report import method_name, to_markdown
+from mmlab_cli.report import to_markdown
 
 SCHEMA = "mmlab.robustness/1"
 DEFAULT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -216,21 +217,13 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
             "pgd": result_pgd, "corruptions": result_curves, "skipped": skipped}
 
 
-def method_label(run: Run) -> str:
-    """'audio only', 'SML (image+audio)', plus what else trained it: 'DML (image+audio) + DAGR'."""
-    cfg = run.config
-    extras = [cfg.scheme.upper() if cfg.scheme != "joint" else "",
-              cfg.regularizer.upper() if cfg.regularizer != "none" else "",
-              "SAM" if cfg.sam > 0 else "", "SWA" if cfg.swa_start > 0 else ""]
-    return " + ".join([method_name("+".join(run.model.modalities), cfg.pairing), *filter(None, extras)])
-
-
 def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, checkpoint: str = "best",
                 force: bool = False) -> dict:
     """robustness() of a loaded run plus its identity, written into the run directory; a robustness.json
     with the same settings and checkpoint bytes is reused unless `force`."""
     ckpt = find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last)
-    identity = {"run": str(run.paths.root), "label": run.paths.root.name, "method": method_label(run),
+    identity = {"run": str(run.paths.root), "label": run.paths.root.name,
+                "method": method_label(run.config, run.model.modalities),
                 "checkpoint": checkpoint, "checkpoint_sha256": sha256_file(ckpt / "model.safetensors")}
     path = run.paths.root / "robustness.json"
     wanted = {**asdict(settings.check()),
