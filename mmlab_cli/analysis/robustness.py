@@ -84,12 +84,6 @@ def _logits(model: LateFusion, clean: dict[str, torch.Tensor], modality: str, x:
     return model.fuse({**clean, modality: model.encoders[modality](x)})
 
 
-def _train_mean(dataset: PreparedDataset, modality: str, device: torch.device) -> torch.Tensor:
-    """The mean training sample in the loader's units (`PreparedDataset.train_mean` is in storage units)."""
-    scale = 255.0 if dataset.specs[modality].dtype == "uint8" else 1.0
-    return torch.from_numpy(dataset.train_mean[modality] / scale).float().to(device)
-
-
 def _drop_rate(clean_acc: float, acc: float) -> float | None:
     return 100.0 * (clean_acc - acc) / clean_acc if clean_acc > 0 else None
 
@@ -197,7 +191,7 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
                              "settings": base.to_json(), **({"sweep": points[1:]} if s.eps_factors else {})}
         for m, names in curves.items():
             spec = dataset.specs[m]
-            mean = _train_mean(dataset, m, device) if "missing-mean" in names else None
+            mean = torch.from_numpy(dataset.train_mean[m]).to(device) if "missing-mean" in names else None
             for name in names:
                 c, acc, loss = CORRUPTIONS[name], [], []
                 for level in s.levels:

@@ -66,12 +66,14 @@ class PreparedDataset:
 
     @cached_property
     def train_mean(self) -> dict[str, np.ndarray]:
-        """Per-modality mean training sample (used to impute a missing modality)."""
+        """Per-modality mean training sample in the units the loader yields (uint8 scaled to [0, 1]),
+        used to impute a missing modality."""
         split = self.split("train")
         out = {}
         for m, a in split.arrays.items():
             acc = np.zeros(a.shape[1:], dtype=np.float64)
             for i in range(0, len(a), 4096):
                 acc += np.asarray(a[i:i + 4096], dtype=np.float64).sum(0)
-            out[m] = (acc / max(len(a), 1)).astype(np.float32)
+            scale = 1 / 255 if a.dtype == np.uint8 else 1.0
+            out[m] = (scale * acc / max(len(a), 1)).astype(np.float32)
         return out
