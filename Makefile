@@ -8,6 +8,8 @@ DEMO_RUNS := runs/demo
 
 .PHONY: demo test venv clean
 
+include recipes/reproduce.mk
+
 $(BIN)/mmlab: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
