@@ -131,7 +131,19 @@ def find_runs(root: str | Path) -> pd.DataFrame:
 
 
 def default_group_by(runs: pd.DataFrame) -> tuple[str, ...]:
-    return DEFAULT_GROUP_BY + tuple(k for k in OPTIONAL_GROUP_BY if k in runs.columns)
+    """DEFAULT_GROUP_BY (+ OPTIONAL_GROUP_BY keys some run records), and `data` right after `dataset` when one
+    dataset was prepared into several directories (e.g. a sweep over the synthetic informativeness)."""
+    keys = DEFAULT_GROUP_BY + tuple(k for k in OPTIONAL_GROUP_BY if k in runs.columns)
+    if "data" in runs.columns and runs.groupby("dataset")["data"].nunique().gt(1).any():
+        keys = ("dataset", "data", *keys[1:])
+    return keys
+
+
+def data_labels(paths) -> dict[str, str]:
+    """Each prepared-dataset path by its folder name, or in full where two folders share a name."""
+    names = {p: Path(p).name for p in set(paths)}
+    shared = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {p: p if n in shared else n for p, n in names.items()}
 
 
 def resolve(doc, path: str) -> list[tuple[tuple[str, ...], float]]:
@@ -266,6 +278,8 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> t
     commands = {spec.file: spec.command for spec in TABLES}
     docs = {f: [_read_json(root / run / f, commands[f]) for run in runs["run"]] for f in files}
     check_groupable(runs, group_by, docs)
+    if "data" in group_by:
+        runs["data"] = runs["data"].map(data_labels(runs["data"]))
     docs["metrics.json"] = runs.to_dict("records")
     tables = []
     for spec in TABLES:

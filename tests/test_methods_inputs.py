@@ -1,5 +1,5 @@
 """Augmentation (against torchvision, sharded like the loader), encoders: text (transformers), ResNet18
-initialisation, frames, per-modality encoder choice."""
+initialisation, frames, the strided stem, per-modality encoder choice."""
 
 import numpy as np
 import pytest
@@ -97,6 +97,16 @@ def test_frames_encoder_is_per_frame_then_temporal_mean():
     with torch.no_grad():
         per_frame = torch.stack([enc[1].frame_encoder(enc[0](x[:, k])) for k in range(2)], 1).mean(1)
         assert torch.allclose(enc(x), per_frame, atol=1e-6)
+
+
+def test_strided_cnn_is_tiny_cnn_with_a_stride_2_stem():
+    torch.manual_seed(0)
+    tiny, strided = create_encoder("tiny_cnn", SPEC, 8), create_encoder("strided_cnn", SPEC, 8)
+    strided.load_state_dict(tiny.state_dict())  # same parameters, only the first convolution's stride differs
+    x = torch.randn(2, 1, 20, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(strided[1][0](x), tiny[1][0](x)[..., ::2, ::2])
+        assert strided(x).shape == (2, 8)
 
 
 def test_resnet18_initialised_from_a_local_torchvision_state_dict(tmp_path):

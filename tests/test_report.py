@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.main import app
-from mmlab_cli.report import TABLES, resolve, write_report
+from mmlab_cli.report import TABLES, data_labels, resolve, write_report
 
 R2 = math.sqrt(2)  # the sample std of two values a, b is |a - b| / sqrt(2)
 
@@ -205,6 +205,16 @@ def test_grouping_rules(runs_dir, tmp_path):
     assert len(write_report(other)[0][0].numbers) == 5  # grouped by dataset by default
     with pytest.raises(MmlabError, match=r"different datasets; add 'dataset' to --group-by"):
         write_report(other, ("modalities", "pairing"))
+
+    sweep = tmp_path / "sweep"  # one dataset prepared twice (a sweep): grouped apart, named by folder
+    _write_runs(sweep)
+    shutil.copytree(sweep / "dml", sweep / "other" / "dml")
+    for c in (sweep / "other" / "dml").rglob("config.yaml"):
+        c.write_text(yaml.safe_dump({**yaml.safe_load(c.read_text()), "data": "/data/sweep/audio-0.05"}))
+    acc = write_report(sweep)[0][0]
+    assert list(acc.cells.columns[:3]) == ["dataset", "data", "method"]
+    assert sorted(set(acc.cells["data"])) == ["audio-0.05", "avmnist"] and len(acc.numbers) == 5
+    assert data_labels(["/a/x", "/b/x", "/c/y"]) == {"/a/x": "/a/x", "/b/x": "/b/x", "/c/y": "y"}
 
     for run in ("dagr/s0", "dagr/s1"):  # a run that records scheme brings it into the default grouping
         config = yaml.safe_load((runs_dir / run / "config.yaml").read_text())

@@ -91,6 +91,9 @@ def test_table_11_defaults_and_overrides():
     assert (spec.steps, spec.eps, spec.step_size) == (10, 0.005, 0.001)
     assert pgd_settings("frames").valid_range == (0.0, 1.0)
     assert pgd_settings("spectrogram", eps=0.2, steps=3).eps == 0.2
+    # Table 11's image steps stop at T * alpha = 0.005, inside eps = 0.1; the spectrogram's reach eps
+    assert img.reach == pytest.approx(0.005) and spec.reach == 0.005
+    assert pgd_settings("image", random_start=True).reach == 0.1
 
 
 def test_clean_accuracy_eps_zero_and_loss_increase(sml):
@@ -197,6 +200,7 @@ def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
             "--eps-sweep", "--eps-factors", "0,1,2", "--device", "cpu", "--out", str(tmp_path / "cmp")]
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output
+    assert "PGD on image moves at most T * alpha = 0.002 < eps = 0.1" in " ".join(res.output.split())
     for run in ("sml", "audio_only"):
         d = runs / run
         for f in ("robustness.json", "robustness.csv", "robustness.md", "robustness_audio.png",

@@ -36,6 +36,12 @@ class PGDSettings:
         """eps and step size both times `factor` (an eps sweep keeps Table 11's alpha / eps ratio)."""
         return replace(self, eps=self.eps * factor, step_size=self.step_size * factor)
 
+    @property
+    def reach(self) -> float:
+        """The largest L-inf distance from x0 the attack can end at: eps, or T * alpha when the steps fall
+        short of the ball's surface (Table 11's image setting: 5 * 0.001 < 0.1)."""
+        return self.eps if self.random_start else min(self.eps, self.steps * self.step_size)
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["valid_range"] = list(self.valid_range) if self.valid_range else None

@@ -46,6 +46,7 @@ def robustness(
     into each run directory."""
     from rich.table import Table
 
+    from mmlab_cli.analysis.attacks import PGDSettings
     from mmlab_cli.analysis.corruptions import CORRUPTIONS
     from mmlab_cli.analysis.robustness import RobustnessSettings, analyse_run, compare, pgd_cell
     from mmlab_cli.engine.rundir import load_run, resolve_device
@@ -82,6 +83,10 @@ def robustness(
         table.add_row(res["label"], res["method"], f"{res['clean']['acc']:.2f}",
                       *(pgd_cell(res["pgd"].get(m)) for m in modalities))
     console.print(table)
+    for m, a in {m: PGDSettings(**res["pgd"][m]["settings"]) for res in results for m in res["pgd"]}.items():
+        if a.reach < a.eps:
+            console.print(f"[yellow]note: PGD on {m} moves at most T * alpha = {a.reach:g} < eps = {a.eps:g}, so it "
+                          f"never reaches the eps-ball's surface (raise --step-size or --steps to reach it)")
     comparison = None
     if len(results) > 1:
         folder = out or Path(run_dirs[0]).resolve().parent / "robustness_comparison"
