@@ -1,5 +1,8 @@
 """Geometry metrics against closed forms, hand-computed cases and reference solvers (no training)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +116,15 @@ def test_ati_of_an_affine_fusion_is_exact_to_first_order(fusion):
         assert r["relative_error"] < 1e-5  # float32 round-off only
         assert r["shift_norm"] > 1e3 * r["invariance_error"]
         assert r["relative_error_diag"] > 1e-4  # the head's weight is not diagonal: alpha * tau misses W tau
+
+
+def test_ati_in_a_fresh_process_prints_no_torch_deprecation_warning():
+    """torch's first forward-AD call of a process warns about its own use of torch.jit.script."""
+    code = ("import torch\nfrom mmlab_cli.analysis.geometry_metrics import ati_check\n"
+            "z = {m: torch.randn(8, 4) for m in 'uv'}\n"
+            "ati_check(lambda e: torch.nn.functional.log_softmax(e['u'] * e['v'], 1), z, 'v')\n")
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_ati_of_addition_is_exact_with_the_diagonal_and_nonlinear_error_is_second_order():

@@ -6,6 +6,8 @@ spectrum of a near-collapsed cloud needs the precision.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwad
@@ -162,10 +164,14 @@ def ati_check(fuse, embeddings: dict[str, torch.Tensor], modality: str, tau_scal
         return fuse({**z, modality: x})
 
     def jvp(tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(phi(v), J tangent) by forward-mode AD, one pass over the batch."""
-        with fwad.dual_level():
-            out = fwad.unpack_dual(phi(fwad.make_dual(v, tangent)))
-            return out.primal.clone(), out.tangent.clone()
+        """(phi(v), J tangent) by forward-mode AD, one pass over the batch. A process's first forward-AD call
+        makes torch script its own decompositions with the deprecated torch.jit.script, which warns on every
+        geometry run; that warning is torch's internals, not the user's to act on, so it is silenced here."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            with fwad.dual_level():
+                out = fwad.unpack_dual(phi(fwad.make_dual(v, tangent)))
+                return out.primal.clone(), out.tangent.clone()
 
     with torch.no_grad():
         base, j_tau = jvp(tau)
