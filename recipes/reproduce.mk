@@ -1,13 +1,14 @@
 # The papers' experiments end to end, included by the Makefile (results: docs/results/).
 #   make reproduce-avmnist [MNIST=DIR FSDD=DIR] [SEEDS="0 1 2"] [DEVICE=cuda]
-#   make reproduce-synthetic [SEEDS="0 1 2"] [AUDIO_INFO="0.3 0.2 0.1 0.05"]
+#   make reproduce-synthetic [SEEDS="0 1 2"] [AUDIO_INFO="0.3 0.25 0.2 0.15 0.1 0.05"]
 # Every step is a file target or an idempotent mmlab call, so an interrupted reproduction picks up where it
 # stopped: a finished run (metrics.json) is skipped, an interrupted one resumes from its last checkpoint, and
 # the analyses reuse their JSON when the settings and the checkpoint are unchanged.
 #
-# On a CPU the runs go JOBS at a time (default: one per core) with one thread each, which keeps small CNNs
-# busier than two threads per run; the settings are cut to fit 60 minutes on 2 cores (docs/results/avmnist.md
-# says how they were chosen). DEVICE=cuda runs the recipes as written: the DML paper's Table 6.
+# On a CPU the runs go JOBS at a time (default: one per core) with one thread each, so they share the cores
+# without oversubscribing them (make -O prints each step's output when that step ends); the settings
+# are cut to fit 60 minutes on 2 cores (docs/results/avmnist.md says how they were chosen).
+# DEVICE=cuda runs the recipes as written: the DML paper's Table 6.
 
 MNIST ?= ../shared/data/mnist
 FSDD ?= ../shared/data/fsdd
@@ -24,7 +25,7 @@ SYNTH_RUNS := runs/synthetic-sweep
 SYNTH_METHODS := sml-dagr sml dml audio image
 # image-only ~83 % test accuracy; audio 0.3 matches it (balanced), 0.05 leaves audio near chance
 IMAGE_INFO ?= 0.2
-AUDIO_INFO ?= 0.3 0.2 0.1 0.05
+AUDIO_INFO ?= 0.3 0.25 0.2 0.15 0.1 0.05
 
 ifeq ($(DEVICE),cuda)
 JOBS ?= 1

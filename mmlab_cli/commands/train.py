@@ -20,8 +20,9 @@ def train(
     pairing: Optional[str] = typer.Option(None, help="sml: fixed pairs; dml: re-pair each non-anchor modality "
                                           "with a random same-class training sample every epoch."),
     fusion: Optional[str] = typer.Option(None, help="concat | sum."),
-    encoder: Optional[str] = typer.Option(None, help="small_cnn | tiny_cnn | strided_cnn | resnet18 | mlp | bert, or one per modality: "
-                                          "image=resnet18,text=bert (text_tokens modalities always use bert)."),
+    encoder: Optional[str] = typer.Option(None, help="small_cnn | tiny_cnn | strided_cnn | resnet18 | mlp | bert, "
+                                          "or one per modality: image=resnet18,text=bert (text_tokens modalities "
+                                          "always use bert)."),
     text_encoder: Optional[str] = typer.Option(None, help="Local transformers model directory (BERT family) for "
                                                "text modalities: config.json, and weights to start from if present."),
     pretrained: Optional[str] = typer.Option(None, help="Per-modality ResNet18 initial weights, a local torchvision "
