@@ -114,7 +114,17 @@ def test_command_line(runs):
                               "--device", "cpu", "--recall-k", "1,2"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"runs": [str(runs / "uni" / "geometry.json")]}
-    assert _strict_json(runs / "uni" / "geometry.json")["settings"]["recall_k"] == [1, 2]
+    first = _strict_json(runs / "uni" / "geometry.json")
+    assert first["settings"]["recall_k"] == [1, 2]
+    again = cli.invoke(app, ["geometry", str(runs / "uni"), "--samples", "30", "--tsne-samples", "0",
+                             "--device", "cpu", "--recall-k", "1,2"])
+    assert again.exit_code == 0 and "reused" in again.output  # same settings and checkpoint
+    assert _strict_json(runs / "uni" / "geometry.json") == first
+    forced = cli.invoke(app, ["geometry", str(runs / "uni"), "--samples", "30", "--tsne-samples", "0",
+                              "--device", "cpu", "--recall-k", "1,2", "--force"])
+    assert forced.exit_code == 0 and "reused" not in forced.output
+    redo = _strict_json(runs / "uni" / "geometry.json")
+    assert redo["modality"] == first["modality"] and redo["seconds"] != first["seconds"]  # seeded: same numbers
     for args, needle in ((["geometry", str(runs / "nope")], "not a run directory"),
                          (["geometry", str(runs / "uni"), "--recall-k", "a"], "--recall-k"),
                          (["geometry", str(runs / "uni"), "--samples", "1"], "--samples")):

@@ -9,6 +9,7 @@ and PNGs into the run directory.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,8 +23,9 @@ from mmlab_cli.analysis import geometry_metrics as gm
 from mmlab_cli.analysis.common import subset_indices
 from mmlab_cli.console import console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
 from mmlab_cli.data.loader import BatchLoader
+from mmlab_cli.engine.checkpoint import find_checkpoint
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
@@ -150,12 +152,22 @@ def geometry(model: LateFusion, dataset: PreparedDataset, settings: GeometrySett
     return result, emb
 
 
-def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, checkpoint: str = "best") -> dict:
-    """geometry() of a loaded run plus its identity, with every output file written into the run directory."""
+def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, checkpoint: str = "best",
+                force: bool = False) -> dict:
+    """geometry() of a loaded run plus its identity, with every output file written into the run directory;
+    a geometry.json with the same settings and checkpoint bytes is reused unless `force`."""
     from mmlab_cli.analysis.geometry_plots import write_plots
 
+    ckpt = find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last)
+    sha = sha256_file(ckpt / "model.safetensors")
+    path = run.paths.root / "geometry.json"
+    if not force and path.is_file():
+        old = json.loads(path.read_text())
+        wanted = (SCHEMA, asdict(settings.check()), sha)
+        if (old.get("schema"), old.get("settings"), old.get("checkpoint_sha256")) == wanted:
+            return {**old, "reused": True}
     result, emb = geometry(run.model, run.dataset, settings, device)
-    result = {"run": str(run.paths.root), "checkpoint": checkpoint, **result}
+    result = {"run": str(run.paths.root), "checkpoint": checkpoint, "checkpoint_sha256": sha, **result}
     for stale in [*run.paths.root.glob("geometry_*.png"), *run.paths.root.glob("geometry_*.csv")]:
         stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
     with console.status("geometry: t-SNE and plots"):

@@ -32,6 +32,7 @@ def geometry(
     seed: int = typer.Option(0, help="Seed of the subset, negative pairs, ATI directions and t-SNE."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     checkpoint: str = typer.Option("best", help="best | last."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if geometry.json has these settings."),
 ) -> None:
     """Embedding geometry: modality variance, W2 modality gap, effective rank, semantic margin, cross-modal
     drift, cosine separation, Recall@K, the ATI check of the fusion and a t-SNE plot. Writes
@@ -57,8 +58,9 @@ def geometry(
     for col in ("run", "modality / pair", "variance", "eff. rank", "margin", "W2²", "drift", "cos gap", "KS", "R@1"):
         table.add_column(col)
     for run in runs:
-        result = analyse_run(run, settings, dev, checkpoint)
-        console.print(f"[bold]{run.paths.root}[/]: {result['samples']} samples in {result['seconds']:.1f} s; "
+        result = analyse_run(run, settings, dev, checkpoint, force)
+        note = "reused" if result.get("reused") else f"{result['seconds']:.1f} s"
+        console.print(f"[bold]{run.paths.root}[/]: {result['samples']} samples ({note}); "
                       f"wrote {', '.join(result['files'])}")
         for m, v in result["modality"].items():
             table.add_row(run.paths.root.name, m, _num(v["variance"]), _num(v["effective_rank"], ".2f"),
