@@ -18,16 +18,14 @@ import numpy as np
 import torch
 
 from mmlab_cli.analysis import flatness_plots as plots
-from mmlab_cli.analysis.common import Subset, load_subset
+from mmlab_cli.analysis.common import Subset, load_subset, run_identity
 from mmlab_cli.analysis.hessian import HessianVectorProduct, pyhessian_spectrum, slq_density, spectrum
 from mmlab_cli.analysis.landscape import landscape
 from mmlab_cli.analysis.lossfn import LossParams, loss_params, losses_at
 from mmlab_cli.analysis.perturb import NORMALIZATIONS, fgap, lpf
-from mmlab_cli.config import method_label
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
-from mmlab_cli.engine.checkpoint import find_checkpoint
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
@@ -213,13 +211,6 @@ def summary(result: dict) -> dict:
 # ---------------------------------------------------------------- one run: identity, reuse, files
 
 
-def _identity(run: Run, checkpoint: str) -> dict:
-    ckpt = find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last)
-    return {"run": str(run.paths.root), "label": run.paths.root.name,
-            "method": method_label(run.config, run.model.modalities), "checkpoint": checkpoint,
-            "checkpoint_sha256": sha256_file(ckpt / "model.safetensors")}
-
-
 def _reusable(old: dict, identity: dict, s: FlatnessSettings) -> dict:
     """Metric blocks of an earlier flatness.json measured on the same checkpoint bytes and subset: the
     requested ones only if their settings match, the others to keep in the file."""
@@ -234,7 +225,7 @@ def analyse_run(run: Run, settings: FlatnessSettings, device: torch.device, chec
                 force: bool = False) -> dict:
     """flatness() of a loaded run plus its identity, merged with reusable blocks of its flatness.json, written."""
     s = settings.check()
-    identity = _identity(run, checkpoint)
+    identity = run_identity(run, checkpoint)
     path = run.paths.root / "flatness.json"
     old = {} if force or not path.is_file() else _reusable(json.loads(path.read_text()), identity, s)
     requested = {m: old[m] for m in s.metrics if m in old}

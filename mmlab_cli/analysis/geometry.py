@@ -9,7 +9,6 @@ and PNGs into the run directory.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,12 +19,11 @@ import pandas as pd
 import torch
 
 from mmlab_cli.analysis import geometry_metrics as gm
-from mmlab_cli.analysis.common import subset_indices
+from mmlab_cli.analysis.common import reusable_result, run_identity, subset_indices
 from mmlab_cli.console import console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.data.loader import BatchLoader
-from mmlab_cli.engine.checkpoint import find_checkpoint
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
@@ -158,16 +156,13 @@ def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, chec
     a geometry.json with the same settings and checkpoint bytes is reused unless `force`."""
     from mmlab_cli.analysis.geometry_plots import write_plots
 
-    ckpt = find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last)
-    sha = sha256_file(ckpt / "model.safetensors")
-    path = run.paths.root / "geometry.json"
-    if not force and path.is_file():
-        old = json.loads(path.read_text())
-        wanted = (SCHEMA, asdict(settings.check()), sha)
-        if (old.get("schema"), old.get("settings"), old.get("checkpoint_sha256")) == wanted:
-            return {**old, "reused": True}
+    identity = run_identity(run, checkpoint)
+    old = None if force else reusable_result(run.paths.root / "geometry.json", SCHEMA, asdict(settings.check()),
+                                             identity)
+    if old is not None:
+        return old
     result, emb = geometry(run.model, run.dataset, settings, device)
-    result = {"run": str(run.paths.root), "checkpoint": checkpoint, "checkpoint_sha256": sha, **result}
+    result = {**identity, **result}
     for stale in [*run.paths.root.glob("geometry_*.png"), *run.paths.root.glob("geometry_*.csv")]:
         stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
     with console.status("geometry: t-SNE and plots"):

@@ -13,7 +13,6 @@ reuses a robustness.json computed with the same settings and checkpoint, and wri
 from __future__ import annotations
 
 import copy
-import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -24,13 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from mmlab_cli.analysis.attacks import NOT_ATTACKED, PGDSettings, pgd, pgd_settings
-from mmlab_cli.analysis.common import Subset, load_subset
+from mmlab_cli.analysis.common import Subset, load_subset, reusable_result, run_identity
 from mmlab_cli.analysis.corruptions import CORRUPTIONS
-from mmlab_cli.config import method_label
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text, sha256_file
-from mmlab_cli.engine.checkpoint import find_checkpoint
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
@@ -215,18 +212,12 @@ def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, ch
                 force: bool = False) -> dict:
     """robustness() of a loaded run plus its identity, written into the run directory; a robustness.json
     with the same settings and checkpoint bytes is reused unless `force`."""
-    ckpt = find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last)
-    identity = {"run": str(run.paths.root), "label": run.paths.root.name,
-                "method": method_label(run.config, run.model.modalities),
-                "checkpoint": checkpoint, "checkpoint_sha256": sha256_file(ckpt / "model.safetensors")}
-    path = run.paths.root / "robustness.json"
+    identity = run_identity(run, checkpoint)
     wanted = {**asdict(settings.check()),
               "modalities": list(run.model.modalities) if settings.modalities is None else settings.modalities}
-    if not force and path.is_file():
-        old = json.loads(path.read_text())
-        same = (old.get("schema"), old.get("settings"), old.get("checkpoint_sha256"))
-        if same == (SCHEMA, wanted, identity["checkpoint_sha256"]):
-            return {**old, "reused": True}
+    old = None if force else reusable_result(run.paths.root / "robustness.json", SCHEMA, wanted, identity)
+    if old is not None:
+        return old
     result = {**identity, **robustness(run.model, run.dataset, settings, device)}
     write_run_outputs(result, run.paths.root)
     return result
