@@ -9,6 +9,7 @@ and the resolved config.yaml of a run records them all, so `report` can group ru
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,8 +144,8 @@ def load_recipe(path: str | Path) -> dict:
         raise MmlabError(f"{path}: recipe not found; see recipes/ for the shipped ones")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise MmlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MmlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix or replace the file") from None
     if not isinstance(raw, dict):
         raise MmlabError(f"{path}: a recipe is a mapping of key: value")
     unknown = [k for k in raw if k not in FIELDS]
@@ -153,7 +154,16 @@ def load_recipe(path: str | Path) -> dict:
     return {k: _coerce(k, v, str(path)) for k, v in raw.items()}
 
 
+def _numbers(value) -> list:
+    """The floats inside a field's value (a number, a list or a mapping of numbers)."""
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, float)]
+
+
 def validate(cfg: TrainConfig, source: str) -> TrainConfig:
+    for key in FIELDS:
+        if not all(math.isfinite(v) for v in _numbers(getattr(cfg, key))):
+            raise MmlabError(f"{source}: '{key}' is {getattr(cfg, key)!r}; every number must be finite")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise MmlabError(f"{source}: '{key}' is {getattr(cfg, key)!r}; choose one of {', '.join(allowed)}")
@@ -204,6 +214,10 @@ def resolve_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
     source = str(recipe) if recipe else "command line"
     from_recipe = load_recipe(recipe) if recipe else {}
     from_flags = {k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
+    for layer, where in ((from_recipe, source), (from_flags, "command line")):
+        if layer.get("modalities") == []:  # `--modalities ,` must not silently mean "all of them"
+            raise MmlabError(f"{where}: 'modalities' names no modality; give e.g. image,audio, or leave it out "
+                             f"for every modality of the dataset")
     values = {**from_recipe, **from_flags, **_dagr_mode([from_recipe, from_flags], source)}
     return validate(TrainConfig(**values), source)
 

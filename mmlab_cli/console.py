@@ -23,7 +23,8 @@ def progress(*extra_columns, transient: bool = False) -> Progress:
 
 
 def cli_errors(fn):
-    """Turn an MmlabError into `error: <message>` on stderr and exit code 2 (MMLAB_DEBUG=1 re-raises)."""
+    """Turn an MmlabError into `error: <message>` on stderr and its exit code: 2 for bad input, 3 for a
+    diverged training run (MMLAB_DEBUG=1 re-raises)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,7 +34,7 @@ def cli_errors(fn):
             if os.environ.get("MMLAB_DEBUG"):
                 raise
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(e.exit_code) from None
 
     return wrapper
 

@@ -1,5 +1,13 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2."""
+"""The exceptions the CLI turns into a one-line message and an exit code (docs/reliability.md)."""
 
 
 class MmlabError(Exception):
-    """A problem with the user's input: the message names the file and the fix."""
+    """A problem with the user's input: the message names the file and the fix. Exit code 2."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(MmlabError):
+    """Training produced a non-finite loss or weights; the last good checkpoint is kept. Exit code 3."""
+
+    exit_code = 3

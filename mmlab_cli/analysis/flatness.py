@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mmlab_cli.analysis import flatness_plots as plots
-from mmlab_cli.analysis.common import Subset, load_subset, run_identity
+from mmlab_cli.analysis.common import Subset, load_subset, previous_result, run_identity, same_measurement
 from mmlab_cli.analysis.hessian import HessianVectorProduct, pyhessian_spectrum, slq_density, spectrum
 from mmlab_cli.analysis.landscape import landscape
 from mmlab_cli.analysis.lossfn import LossParams, loss_params, losses_at
@@ -214,7 +214,7 @@ def summary(result: dict) -> dict:
 def _reusable(old: dict, identity: dict, s: FlatnessSettings) -> dict:
     """Metric blocks of an earlier flatness.json measured on the same checkpoint bytes and subset: the
     requested ones only if their settings match, the others to keep in the file."""
-    same = old.get("schema") == SCHEMA and old.get("checkpoint_sha256") == identity["checkpoint_sha256"] and \
+    same = same_measurement(old, SCHEMA, identity) and \
         all(old.get("settings", {}).get(k) == getattr(s, k) for k in ("split", "samples", "seed"))
     if not same:
         return {}
@@ -227,13 +227,15 @@ def analyse_run(run: Run, settings: FlatnessSettings, device: torch.device, chec
     s = settings.check()
     identity = run_identity(run, checkpoint)
     path = run.paths.root / "flatness.json"
-    old = {} if force or not path.is_file() else _reusable(json.loads(path.read_text()), identity, s)
+    previous = None if force else previous_result(path)
+    old = {} if previous is None else _reusable(previous, identity, s)
     requested = {m: old[m] for m in s.metrics if m in old}
     kept = {m: b for m, b in old.items() if m not in s.metrics}
     result = flatness(run.model, run.dataset, s, device, run.paths.root / "flatness_cache",
                       identity["checkpoint_sha256"], requested)
     result = {**identity, **result, **kept}
     result = {**result, **summary(result), "reused": sorted(requested)}
+    path.unlink(missing_ok=True)  # the files below change: the old result no longer describes them
     write_run_outputs(result, run.paths.root)  # sets result["files"]
     atomic_write_json(path, result)
     return result

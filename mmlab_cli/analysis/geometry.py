@@ -163,6 +163,7 @@ def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, chec
         return old
     result, emb = geometry(run.model, run.dataset, settings, device)
     result = {**identity, **result}
+    (run.paths.root / "geometry.json").unlink(missing_ok=True)  # written last again, once every file is new
     for stale in [*run.paths.root.glob("geometry_*.png"), *run.paths.root.glob("geometry_*.csv")]:
         stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
     with console.status("geometry: t-SNE and plots"):
@@ -227,9 +228,9 @@ def write_outputs(result: dict, emb: Embeddings, out: Path, plots: list[Path] = 
     csvs = [out / f"geometry_{name}.csv" for name in frames]
     written = [out / "geometry.json", out / "geometry.md", *csvs, out / "embeddings.npz", *plots]
     result["files"] = [p.name for p in written]
-    atomic_write_json(written[0], result)
     atomic_write_text(written[1], markdown(result))
     for path, df in zip(csvs, frames.values()):
         atomic_write_text(path, df.to_csv(index=False))
     save_embeddings(out / "embeddings.npz", emb)
+    atomic_write_json(written[0], result)  # last: its presence means every file above is complete
     return written

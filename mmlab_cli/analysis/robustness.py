@@ -219,6 +219,7 @@ def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, ch
     if old is not None:
         return old
     result = {**identity, **robustness(run.model, run.dataset, settings, device)}
+    (run.paths.root / "robustness.json").unlink(missing_ok=True)  # written last again, once every file is new
     write_run_outputs(result, run.paths.root)
     return result
 
@@ -312,7 +313,6 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
     """robustness.json/.csv/.md and the PNG curves of one run."""
     out = Path(out)
     written = [out / "robustness.json", out / "robustness.csv", out / "robustness.md"]
-    atomic_write_json(written[0], result)
     atomic_write_text(written[1], _frame(rows(result)).to_csv(index=False))
     atomic_write_text(written[2], markdown(result))
     for m, curves in result["corruptions"].items():
@@ -324,6 +324,8 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
     if sweeps:
         written.append(out / "robustness_pgd_sweep.png")
         plot_panels({f"PGD on {m}": v for m, v in sweeps.items()}, written[-1], "eps")
+    result["files"] = [p.name for p in written]
+    atomic_write_json(written[0], result)  # last: its presence means every file above is complete
     return written
 
 

@@ -56,8 +56,9 @@ def flatness(
     values and PNG plots into each run directory (docs/flatness.md)."""
     from rich.table import Table
 
+    from mmlab_cli.analysis.common import open_runs
     from mmlab_cli.analysis.flatness import METRICS, FlatnessSettings, analyse_run, compare
-    from mmlab_cli.engine.rundir import load_run, resolve_device
+    from mmlab_cli.engine.rundir import resolve_device
     from mmlab_cli.errors import MmlabError
 
     if checkpoint not in ("best", "last"):
@@ -72,9 +73,9 @@ def flatness(
         fgap_relative=fgap_relative, grid=grid, span=span,
         landscape_dims=parse_numbers(landscape_dims, "--landscape-dims", int)).check()
     dev = resolve_device(device)
+    folder = out or Path(run_dirs[0])
     results = []
-    for run_dir in run_dirs:
-        run = load_run(run_dir, checkpoint, str(dev))
+    for run in open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else []):
         result = analyse_run(run, settings, dev, checkpoint, force)
         results.append(result)
         reused = f" (reused: {', '.join(result['reused'])})" if result["reused"] else ""
@@ -91,7 +92,6 @@ def flatness(
     console.print(table)
     comparison = None
     if len(results) > 1:
-        folder = out or Path(run_dirs[0])
         comparison = str(compare(results, folder)[0])
         console.print(f"comparison: {comparison}")
     typer.echo(json.dumps({"runs": [str(Path(r["run"]) / "flatness.json") for r in results],

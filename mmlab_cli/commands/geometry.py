@@ -39,8 +39,9 @@ def geometry(
     geometry.{json,md}, geometry_*.csv, embeddings.npz and geometry_*.png into each run directory."""
     from rich.table import Table
 
+    from mmlab_cli.analysis.common import open_runs
     from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run
-    from mmlab_cli.engine.rundir import load_run, resolve_device
+    from mmlab_cli.engine.rundir import resolve_device
     from mmlab_cli.errors import MmlabError
 
     if checkpoint not in ("best", "last"):
@@ -53,7 +54,7 @@ def geometry(
                                 exact_ot_max=exact_ot_max, sinkhorn_reg=sinkhorn_reg, negatives=negatives,
                                 recall_k=ks, tau=tau, tsne_samples=tsne_samples, perplexity=perplexity).check()
     dev = resolve_device(device)
-    runs = [load_run(r, checkpoint, str(dev)) for r in run_dirs]
+    runs = open_runs(run_dirs, checkpoint, dev)
     table = Table(title=f"Geometry ({split} split, unit-normalised embeddings)")
     for col in ("run", "modality / pair", "variance", "eff. rank", "margin", "W2²", "drift", "cos gap", "KS", "R@1"):
         table.add_column(col)

@@ -47,9 +47,10 @@ def robustness(
     from rich.table import Table
 
     from mmlab_cli.analysis.attacks import PGDSettings
+    from mmlab_cli.analysis.common import open_runs
     from mmlab_cli.analysis.corruptions import CORRUPTIONS
     from mmlab_cli.analysis.robustness import RobustnessSettings, analyse_run, compare, pgd_cell
-    from mmlab_cli.engine.rundir import load_run, resolve_device
+    from mmlab_cli.engine.rundir import resolve_device
     from mmlab_cli.errors import MmlabError
 
     if checkpoint not in ("best", "last"):
@@ -60,7 +61,8 @@ def robustness(
                                   corruptions=names, levels=parse_numbers(severity, "--severity"), split=split,
                                   samples=samples, batch_size=batch_size, seed=seed).check()
     dev = resolve_device(device)
-    runs = [load_run(r, checkpoint, str(dev)) for r in run_dirs]
+    folder = out or Path(run_dirs[0]).resolve().parent / "robustness_comparison"
+    runs = open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else [])
     if modality != "all" and not any(modality in r.model.modalities for r in runs):
         raise MmlabError(f"--modality {modality}: no run has it; they have "
                          f"{', '.join(sorted({m for r in runs for m in r.model.modalities}))}")
@@ -89,7 +91,6 @@ def robustness(
                           f"never reaches the eps-ball's surface (raise --step-size or --steps to reach it)")
     comparison = None
     if len(results) > 1:
-        folder = out or Path(run_dirs[0]).resolve().parent / "robustness_comparison"
         comparison = str(compare(results, folder)[0])
         console.print(f"comparison: {folder}")
     typer.echo(json.dumps({"runs": [str(Path(r.paths.root) / "robustness.json") for r in runs],

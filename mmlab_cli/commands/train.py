@@ -61,38 +61,31 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed: same seed on CPU gives identical metrics."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
     precision: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint "
-                                "(its saved config is used); a finished run is left as it is."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint, "
+                                "wherever the directory now lies, with its saved config (only --device, and --data "
+                                "naming the same preparation, may be given too); a finished run is left as it is."),
 ) -> None:
     """Train a late-fusion classifier (or a unimodal one) on a prepared dataset into a run directory.
 
     Multi-GPU / multi-node: `torchrun --nproc_per_node N -m mmlab_cli train ...` (batch-size is the global batch)."""
-    from mmlab_cli.config import config_from_yaml, resolve_config
+    from mmlab_cli.config import resolve_config
     from mmlab_cli.engine.fit import train as fit
-    from mmlab_cli.engine.rundir import RunPaths
-    from mmlab_cli.errors import MmlabError
 
+    overrides = dict(data=data, out=out, modalities=modalities, pairing=pairing, fusion=fusion, encoder=encoder,
+                     text_encoder=text_encoder, pretrained=pretrained, embed_dim=embed_dim, epochs=epochs,
+                     batch_size=batch_size, lr=lr, encoder_lr=encoder_lr, optimizer=optimizer, momentum=momentum,
+                     weight_decay=weight_decay, encoder_weight_decay=encoder_weight_decay, scheduler=scheduler,
+                     step_size=step_size, gamma=gamma, clip_grad_norm=clip_grad_norm, scheme=scheme,
+                     dgl_alpha=dgl_alpha, regularizer=regularizer, dagr_weights=dagr_weights,
+                     dagr_pareto=dagr_pareto, dagr_lambda=dagr_lambda, dagr_temperature=dagr_temperature,
+                     dagr_delta=dagr_delta, sam=sam, swa_start=swa_start, swa_lr=swa_lr,
+                     label_smoothing=label_smoothing, augment=augment, sync_bn=sync_bn, seed=seed, device=device,
+                     precision=precision)
     if resume:
-        if not out:
-            raise MmlabError("--resume needs --out RUN_DIR")
-        paths = RunPaths(out)
-        if paths.metrics.is_file():
-            console.print(f"{out}: already finished; metrics in {paths.metrics}")
-            return
-        cfg = config_from_yaml(paths.config) if paths.config.is_file() else None
+        cfg = _resumed_config(recipe, overrides)
         if cfg is None:
-            raise MmlabError(f"{paths.config}: missing, so there is nothing to resume; start the run without --resume")
+            return
     else:
-        overrides = dict(data=data, out=out, modalities=modalities, pairing=pairing, fusion=fusion, encoder=encoder,
-                         text_encoder=text_encoder, pretrained=pretrained, embed_dim=embed_dim, epochs=epochs,
-                         batch_size=batch_size, lr=lr, encoder_lr=encoder_lr, optimizer=optimizer, momentum=momentum,
-                         weight_decay=weight_decay, encoder_weight_decay=encoder_weight_decay, scheduler=scheduler,
-                         step_size=step_size, gamma=gamma, clip_grad_norm=clip_grad_norm, scheme=scheme,
-                         dgl_alpha=dgl_alpha, regularizer=regularizer, dagr_weights=dagr_weights,
-                         dagr_pareto=dagr_pareto, dagr_lambda=dagr_lambda, dagr_temperature=dagr_temperature,
-                         dagr_delta=dagr_delta, sam=sam, swa_start=swa_start, swa_lr=swa_lr,
-                         label_smoothing=label_smoothing, augment=augment, sync_bn=sync_bn, seed=seed, device=device,
-                         precision=precision)
         cfg = resolve_config(recipe, overrides)
     metrics = fit(cfg, resume=resume)
     if not metrics:  # a non-zero rank of a distributed run: rank 0 reports
@@ -101,3 +94,35 @@ def train(
     console.print(f"[bold]{cfg.out}[/]: test accuracy {metrics['test_acc']:.2f}% (probes: {per_mod}); "
                   f"best val {metrics['val_acc']:.2f}% at epoch {metrics['best_epoch']}")
     typer.echo(json.dumps({"out": cfg.out, "test_acc": metrics["test_acc"]}))
+
+
+RESUME_FLAGS = ("out", "device", "data")  # what --resume may be given: where the run is, where it runs, its data
+
+
+def _resumed_config(recipe: Optional[Path], overrides: dict):
+    """The config a --resume continues with: the run's config.yaml, re-based on --out; None when the run
+    has finished. A flag that would change the run is a one-line error, not silently ignored."""
+    from mmlab_cli.config import validate
+    from mmlab_cli.engine.rundir import RunPaths
+    from mmlab_cli.errors import MmlabError
+
+    out = overrides["out"]
+    if not out:
+        raise MmlabError("--resume needs --out RUN_DIR")
+    paths = RunPaths(out)
+    if not paths.config.is_file():
+        raise MmlabError(f"{paths.config}: missing, so there is nothing to resume; start the run without --resume")
+    changing = (["--recipe"] if recipe else []) + [f"--{k.replace('_', '-')}" for k, v in overrides.items()
+                                                   if v is not None and k not in RESUME_FLAGS]
+    if changing:
+        raise MmlabError(f"--resume continues {out} exactly as {paths.config} records it; {', '.join(changing)} "
+                         f"would change the run: drop them, or start a new run with another --out")
+    if paths.finished():
+        console.print(f"{out}: already finished; metrics in {paths.metrics}")
+        return None
+    if paths.metrics.exists():
+        console.print(f"[yellow]{paths.metrics}: unreadable; finishing the run again from its checkpoints")
+    cfg = paths.load_config()
+    cfg.device = overrides["device"] or cfg.device
+    cfg.data = overrides["data"] or cfg.data  # the same preparation elsewhere: fit checks its manifest
+    return validate(cfg, "command line")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmlab_cli.data.format import SPLITS, ModalitySpec, open_array, read_manifest
+from mmlab_cli.data.format import SPLITS, ModalitySpec, open_array, read_manifest, sha256_file
 from mmlab_cli.errors import MmlabError
 
 
@@ -41,6 +41,18 @@ class PreparedDataset:
     @property
     def name(self) -> str:
         return self.manifest["dataset"]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of manifest.json: it records every parameter, source hash and split count, so two
+        preparations that differ in any of them differ here."""
+        return sha256_file(self.root / "manifest.json")
+
+    def check_splits(self, names=SPLITS) -> None:
+        """Open every array of these splits now (readable, lengths and shapes as the manifest says), so that
+        a truncated test array is reported before training, not after the last epoch."""
+        for name in names:
+            self.split(name)
 
     def split(self, name: str) -> Split:
         if name not in SPLITS or name not in self.manifest["splits"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,42 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _finite(obj, where: str, replaced: dict):
+    """`obj` with every non-finite float replaced by None, noting each in `replaced` {path: 'nan'|'inf'|'-inf'}."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        replaced[where] = repr(obj)
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), replaced) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", replaced) for i, v in enumerate(obj)]
+    return obj
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    """Strict JSON (no NaN/Infinity tokens): a non-finite number becomes null, and a top-level mapping gets a
+    `non_finite` entry naming each such value and what it was, so a reader knows why it is null."""
+    replaced: dict[str, str] = {}
+    clean = _finite(obj, "", replaced)
+    if replaced and isinstance(clean, dict):
+        clean["non_finite"] = {**clean.get("non_finite", {}), **replaced}
+    return json.dumps(clean, indent=indent, allow_nan=False)
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, strict_json(obj) + "\n")
+
+
+def check_writable(folder: str | Path) -> None:
+    """Fail now, with one line, if `folder` cannot be created or written (before minutes of computing)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MmlabError(f"{folder}: cannot write here ({e.strerror or e}); choose a writable directory") from None
 
 
 def array_path(root: str | Path, split: str, name: str) -> Path:
@@ -181,17 +216,45 @@ def read_manifest(root: str | Path) -> dict:
         raise MmlabError(f"{path}: missing; {root} is not a prepared dataset (or its preparation did not finish): "
                          f"run `mmlab prepare NAME --out {root}`")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MmlabError(f"{path}: not valid JSON ({e.msg}); re-run `mmlab prepare` with --force") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise MmlabError(f"{path}: format version {version!r}, this mmlab reads version {FORMAT_VERSION}; "
-                         f"re-run `mmlab prepare` with this version to rebuild it")
-    for key in ("dataset", "classes", "modalities", "splits"):
-        if key not in manifest:
-            raise MmlabError(f"{path}: no '{key}' entry; re-run `mmlab prepare` with --force")
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MmlabError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); re-run `mmlab prepare NAME --out {root} "
+                         f"--force`") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise MmlabError(f"{path}: {problem}; re-run `mmlab prepare NAME --out {root} --force`")
     return manifest
+
+
+def _manifest_problem(m) -> str | None:
+    """What is wrong with a parsed manifest's structure, or None: checked here so that no reader meets a
+    KeyError or a zero std later (a zero std would turn standardised inputs into NaN)."""
+    if not isinstance(m, dict):
+        return f"a manifest is a JSON object, got {type(m).__name__}"
+    if m.get("format_version") != FORMAT_VERSION:
+        return f"format version {m.get('format_version')!r}, this mmlab reads version {FORMAT_VERSION}"
+    missing = [k for k in ("dataset", "classes", "modalities", "splits") if k not in m]
+    if missing:
+        return f"no '{missing[0]}' entry"
+    if not isinstance(m["classes"], list) or not m["classes"]:
+        return "'classes' must be a non-empty list of class names"
+    if not isinstance(m["modalities"], dict) or not m["modalities"]:
+        return "'modalities' must be a non-empty mapping of name: {shape, dtype, kind, mean, std}"
+    for name, spec in m["modalities"].items():
+        if not isinstance(spec, dict) or any(k not in spec for k in ("shape", "dtype", "kind")):
+            return f"modality '{name}' lacks one of shape, dtype, kind"
+        shape = spec["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
+            return f"modality '{name}' has shape {shape!r}; expected a list of positive integers"
+        if spec["kind"] not in KINDS:
+            return f"modality '{name}' has kind {spec['kind']!r}; expected one of {', '.join(KINDS)}"
+        mean, std = spec.get("mean", 0.0), spec.get("std", 1.0)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mean, std)) or std <= 0:
+            return f"modality '{name}' has mean {mean!r}, std {std!r}; the std must be finite and > 0"
+    if not isinstance(m["splits"], dict) or not all(isinstance(v, dict) and isinstance(v.get("count"), int)
+                                                     for v in m["splits"].values()):
+        return "'splits' must map each split to {count, class_counts}"
+    return None
 
 
 def open_array(root: str | Path, split: str, name: str, shape: tuple[int, ...] | None = None,
@@ -202,8 +265,9 @@ def open_array(root: str | Path, split: str, name: str, shape: tuple[int, ...] |
         raise MmlabError(f"{path}: missing; re-run `mmlab prepare` with --force to rebuild {Path(root)}")
     try:
         arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise MmlabError(f"{path}: corrupt array file ({e}); re-run `mmlab prepare` with --force") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise MmlabError(f"{path}: corrupt array file ({e}); re-run `mmlab prepare NAME --out {Path(root)} "
+                         f"--force`") from None
     if count is not None and len(arr) != count:
         raise MmlabError(f"{path}: {len(arr)} rows but the manifest says {count}; "
                          f"re-run `mmlab prepare` with --force")

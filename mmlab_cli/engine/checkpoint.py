@@ -5,11 +5,20 @@ so a kill at any moment leaves either the old or the new checkpoint, never a mix
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from mmlab_cli.errors import MmlabError
+
+# What a truncated or overwritten checkpoint file raises when read (torch.load: zip and pickle errors).
+UNREADABLE = (SafetensorError, OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile,
+              pickle.UnpicklingError)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, state: dict) -> None:
@@ -40,9 +49,27 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+def read_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The checkpoint's weights; a truncated or corrupt file is a one-line MmlabError naming it."""
+    file = Path(path) / "model.safetensors"
+    try:
+        return load_file(str(file), device=str(device))
+    except UNREADABLE as e:
+        raise MmlabError(f"{file}: unreadable checkpoint ({str(e).splitlines()[0] or type(e).__name__})") from None
+
+
 def load_weights(path: str | Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> None:
-    model.load_state_dict(load_file(str(Path(path) / "model.safetensors"), device=str(device)))
+    model.load_state_dict(read_weights(path, device))
 
 
 def load_state(path: str | Path) -> dict:
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    file = Path(path) / "state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except UNREADABLE as e:
+        raise MmlabError(f"{file}: unreadable checkpoint ({str(e).splitlines()[0] or type(e).__name__})") from None
+
+
+def non_finite_weights(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf (a diverged model)."""
+    return [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

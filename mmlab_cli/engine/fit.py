@@ -1,9 +1,12 @@
 """`train(cfg)`: the whole training recipe, read top to bottom.
 
-setup (processes, dataset, model, optimizer, method, resume) -> for each epoch: DML/SML epoch plan,
-train steps (mmlab_cli.engine.step: joint or DGL, DAGR, SAM), validation, SWA averaging, checkpoints,
-metrics -> (SWA: batch-norm statistics of the average) -> best checkpoint on test -> metrics.json.
+setup (every split opened and checked, run lock, processes, dataset, model, optimizer, method, resume)
+-> for each epoch: DML/SML epoch plan, train steps (mmlab_cli.engine.step: joint or DGL, DAGR, SAM),
+divergence checks, validation, SWA averaging, checkpoints, metrics -> (SWA: batch-norm statistics of the
+average) -> best checkpoint on test -> metrics.json.
 Model selection uses the val split only; test is touched once, at the end.
+A non-finite loss or weight stops the run with TrainingDiverged (exit 3) before anything non-finite
+is saved: the last good checkpoint stays, and metrics.jsonl records where it diverged.
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from mmlab_cli.config import TrainConfig, config_to_yaml
 from mmlab_cli.console import console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text, strict_json
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pairing import epoch_plan
-from mmlab_cli.engine.checkpoint import find_checkpoint, load_state, load_weights, save_checkpoint
+from mmlab_cli.engine.checkpoint import (find_checkpoint, load_state, load_weights, non_finite_weights,
+                                        read_weights, save_checkpoint)
 from mmlab_cli.engine.distributed import World, init_world, shutdown
 from mmlab_cli.engine.evaluate import evaluate
+from mmlab_cli.engine.lock import run_lock
 from mmlab_cli.engine.rundir import RunPaths, build_model, environment
 from mmlab_cli.engine.step import TrainStep, build_step
-from mmlab_cli.errors import MmlabError
+from mmlab_cli.errors import MmlabError, TrainingDiverged
 from mmlab_cli.methods.augment import BatchAugment
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.models.pretrained import init_pretrained
@@ -60,16 +65,38 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=gamma)
 
 
+class Diverged(Exception):
+    """Raised inside an epoch at the first check that finds a non-finite training loss."""
+
+    def __init__(self, step: int):
+        super().__init__(f"non-finite training loss by step {step}")
+        self.step = step
+
+
+def _check_finite(total: torch.Tensor, world: World, step: int) -> None:
+    """Raise Diverged if the running sum of training losses (on any process) is not finite. One device
+    sync (and one all-reduce under torchrun) per call: on a GPU it is called every CHECK_EVERY steps."""
+    bad = world.sum((~torch.isfinite(total)).double().reshape(1))
+    if bad.item():
+        raise Diverged(step)
+
+
+CHECK_EVERY = {"cpu": 1, "cuda": 50}  # steps between divergence checks (a check syncs the device)
+
+
 def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None, task=None, *,
                     step: TrainStep | None = None, augment: BatchAugment | None = None, epoch: int = 0,
                     world: World = World()) -> dict:
     """One pass of optimisation steps; returns the mean fused CE and accuracy over the (global) epoch,
     plus the DAGR terms' means and Pareto's mean alpha* when they are on. Without `step`: plain joint
-    training on the fused loss (+ the probes' loss on detached embeddings)."""
+    training on the fused loss (+ the probes' loss on detached embeddings). A non-finite training loss
+    raises Diverged (checked every CHECK_EVERY steps and at the end of the epoch)."""
     step = step or TrainStep(Objective(model), model, opt, scaler, device, precision)
     model.train()
     keys = ("ce", "dispersion", "anchoring", "alpha")
     sums = torch.zeros(len(keys) + 2, device=device, dtype=torch.float64)  # ..., correct, n
+    total = torch.zeros((), device=device, dtype=torch.float64)  # every loss the step optimised
+    every = CHECK_EVERY.get(device.type, CHECK_EVERY["cuda"])
     for i, (inputs, y) in enumerate(loader):
         if augment:
             inputs = augment(inputs, epoch, i)
@@ -77,8 +104,12 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
         n = len(y)
         stats = [out[k].detach().double() * n if k in out else sums.new_zeros(()) for k in keys]
         sums += torch.stack([*stats, (out["logits"].argmax(1) == y).sum().double(), sums.new_tensor(float(n))])
+        total += out["loss"].detach().double()
+        if (i + 1) % every == 0:
+            _check_finite(total, world, i + 1)
         if bar is not None:  # reading the loss syncs the device: only every 10 steps
             bar.update(task, advance=1, **({"loss": out["ce"].item()} if i % 10 == 0 else {}))
+    _check_finite(total, world, len(loader))
     sums = world.sum(sums).tolist()
     n = max(sums[-1], 1)
     record = {"loss": sums[0] / n, "acc": 100.0 * sums[-2] / n}
@@ -89,18 +120,72 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
     return record
 
 
-def _prepare_run_dir(cfg: TrainConfig, resume: bool, world: World) -> RunPaths:
-    if not cfg.out:
-        raise MmlabError("no run directory: pass --out RUN_DIR")
+def _prepare_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: World) -> RunPaths:
+    """Check the run directory (held under the run lock) and write the resolved config.yaml."""
     paths = RunPaths(cfg.out)
     if paths.config.exists() and not resume:
         raise MmlabError(f"{paths.config}: {paths.root} already holds a run; pass --resume to continue it "
                          f"or choose another --out")
+    trained_on = _read_json(paths.env).get("dataset_sha256") if resume else None
+    if trained_on and trained_on != dataset.fingerprint:
+        raise MmlabError(f"{dataset.root / 'manifest.json'}: not the dataset {paths.root} was trained on (its "
+                         f"manifest changed); resume with --data pointing at that preparation, or start a new run")
     world.barrier()  # every process has checked before rank 0 writes
     if world.main:
-        paths.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(paths.config, config_to_yaml(cfg))
     return paths
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(strict_json(r, indent=None) + "\n" for r in records)
+
+
+def _resume_point(paths: RunPaths, say) -> tuple[Path, dict] | None:
+    """The checkpoint a resumed run continues from, and its state: checkpoints/last (or the previous one
+    of an interrupted swap); if that is missing or unreadable, checkpoints/best, whose state is just as
+    complete (the epochs after it are trained again, identically on a CPU). None when the run has not
+    finished an epoch yet. Anything else is a one-line error: a resume never silently restarts."""
+    problems = []
+    for path in (paths.last, paths.best):
+        ckpt = find_checkpoint(path)
+        try:
+            if ckpt is None:
+                raise MmlabError(f"{path}: missing")
+            state = load_state(ckpt)
+            if non_finite_weights(read_weights(ckpt)):
+                raise MmlabError(f"{ckpt / 'model.safetensors'}: non-finite weights")
+        except MmlabError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            say(f"[yellow]{problems[0]}; continuing from {path} (epoch {state['epoch']}): the epochs after it "
+                f"are trained again")
+        return ckpt, state
+    started = paths.metrics_jsonl.is_file() and paths.metrics_jsonl.read_text().strip()
+    if not started and find_checkpoint(paths.last) is None and find_checkpoint(paths.best) is None:
+        return None
+    raise MmlabError(f"{problems[0]}, and no other good checkpoint is kept, so {paths.root} cannot continue "
+                     f"where it stopped; {paths.restart_advice()}")
+
+
+def _stop_diverged(paths: RunPaths, state: dict, epoch: int, step: int, lr: float, world: World):
+    """Record the divergence in metrics.jsonl and stop with exit code 3; the checkpoints stay as they were."""
+    record = {"epoch": epoch, "diverged": True, "step": step,
+              "reason": "non-finite training loss or weights; nothing of this epoch was saved"}
+    if world.main:
+        atomic_write_text(paths.metrics_jsonl, _jsonl(state["history"] + [record]))
+    kept = (f"{paths.last} keeps epoch {state['epoch']}" if state["epoch"] else "no epoch had finished")
+    raise TrainingDiverged(f"{paths.root}: training diverged in epoch {epoch} (non-finite loss or weights by step "
+                           f"{step}); {kept}; lower --lr (the rate was {lr:g} in this epoch) or set --clip-grad-norm, and start a "
+                           f"new run with another --out")
 
 
 def _swa_finish(swa: AveragedModel, model, dataset: PreparedDataset, cfg: TrainConfig, device, world: World,
@@ -118,19 +203,24 @@ def _swa_finish(swa: AveragedModel, model, dataset: PreparedDataset, cfg: TrainC
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train one run into cfg.out and return its final metrics (also written to metrics.json).
 
-    Under torchrun every process calls this; rank 0 writes the run directory, the others return {}."""
+    Under torchrun every process calls this; rank 0 holds the run lock and writes the run directory,
+    the others return {}."""
     if not cfg.data:
         raise MmlabError("no dataset: pass --data DIR (a directory made by `mmlab prepare`) or set `data:` in the recipe")
+    if not cfg.out:
+        raise MmlabError("no run directory: pass --out RUN_DIR")
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
+    dataset.check_splits()  # a truncated test array is found now, not after the last epoch
+    dataset.require_every_class("train")
     cfg.data = str(Path(cfg.data).resolve())
     cfg.modalities = dataset.modalities
     if cfg.text_encoder:  # recorded absolute, so that load_run works from any directory
         cfg.text_encoder = str(Path(cfg.text_encoder).resolve())
     cfg.pretrained = {m: str(Path(p).resolve()) for m, p in cfg.pretrained.items()}
-    dataset.require_every_class("train")
     world, device = init_world(cfg.device)
     try:
-        return _train(cfg, dataset, resume, world, device)
+        with run_lock(cfg.out) if world.main else contextlib.nullcontext():
+            return _train(cfg, dataset, resume, world, device)
     finally:
         shutdown(world)
 
@@ -139,12 +229,16 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     if cfg.batch_size % world.size:
         raise MmlabError(f"batch_size {cfg.batch_size} is the global batch: it must divide among the "
                          f"{world.size} processes")
-    paths = _prepare_run_dir(cfg, resume, world)
+    paths = _prepare_run_dir(cfg, dataset, resume, world)
     say = console.print if world.main else (lambda *a, **k: None)
     if cfg.precision != "fp32" and device.type != "cuda":
         say(f"[yellow]precision {cfg.precision} applies on CUDA only; training in fp32 on {device}")
+    point = _resume_point(paths, say) if resume else None
+    if resume and point is None:
+        say(f"{paths.root}: nothing trained yet (no checkpoint, no metrics.jsonl); training from epoch 1")
     if world.main:
-        atomic_write_json(paths.env, {**environment(device, cfg.seed), "world_size": world.size})
+        atomic_write_json(paths.env, {**environment(device, cfg.seed), "world_size": world.size,
+                                      "dataset_sha256": dataset.fingerprint})
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset).to(device)
@@ -156,9 +250,12 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.precision == "fp16")
     swa = AveragedModel(model) if cfg.swa_start else None
     state = {"epoch": 0, "history": [], "best_val_acc": -1.0, "best_epoch": 0}
-    if resume and (ckpt := find_checkpoint(paths.last)) is not None:
+    if point is not None:
+        ckpt, state = point
+        if state["best_epoch"] and find_checkpoint(paths.best) is None:
+            raise MmlabError(f"{paths.best}: missing, but the run chose epoch {state['best_epoch']} as its best; "
+                             f"{paths.restart_advice()}")
         load_weights(ckpt, model, device)
-        state = load_state(ckpt)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -189,8 +286,13 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                                  drop_last=len(order) > cfg.batch_size, rank=world.rank, world=world.size)
             task = (bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=float("nan"))
                     if bar else None)
-            train_stats = train_one_epoch(model, loader, opt, scaler, device, cfg.precision, bar, task, step=step,
-                                          augment=augment, epoch=epoch, world=world)
+            try:
+                train_stats = train_one_epoch(model, loader, opt, scaler, device, cfg.precision, bar, task,
+                                              step=step, augment=augment, epoch=epoch, world=world)
+                if non_finite_weights(model.state_dict()):
+                    raise Diverged(len(loader))
+            except Diverged as d:
+                _stop_diverged(paths, state, epoch + 1, d.step, opt.param_groups[0]["lr"], world)
             lr = opt.param_groups[0]["lr"]
             if averaging:
                 swa.update_parameters(model)
@@ -210,7 +312,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                     state["best_val_acc"], state["best_epoch"] = val["acc"], epoch + 1
                     save_checkpoint(paths.best, model, state)
                 save_checkpoint(paths.last, model, state)
-                atomic_write_text(paths.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in state["history"]))
+                atomic_write_text(paths.metrics_jsonl, _jsonl(state["history"]))
             elif val["acc"] > state["best_val_acc"]:
                 state["best_val_acc"], state["best_epoch"] = val["acc"], epoch + 1
 

@@ -8,6 +8,8 @@
     checkpoints/best/      the same, for the best validation accuracy so far
 
 `load_run` turns a run directory back into (model, dataset, config) for notebooks and analyses.
+A run directory is self-contained: its own location is where it is now, never the `out` recorded in
+config.yaml, so a moved or copied run loads and resumes where it lies.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from mmlab_cli.config import TrainConfig, config_from_yaml
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.engine.checkpoint import find_checkpoint, load_weights
+from mmlab_cli.engine.checkpoint import find_checkpoint, non_finite_weights, read_weights
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
 
@@ -36,6 +38,23 @@ class RunPaths:
         self.metrics = self.root / "metrics.json"
         self.last = self.root / "checkpoints" / "last"
         self.best = self.root / "checkpoints" / "best"
+
+    def load_config(self) -> TrainConfig:
+        """config.yaml with `out` re-based on where the run directory is now."""
+        cfg = config_from_yaml(self.config)
+        cfg.out = str(self.root)
+        return cfg
+
+    def finished(self) -> bool:
+        """metrics.json is present and readable (a corrupt one means the run must be finished again)."""
+        try:
+            return isinstance(json.loads(self.metrics.read_bytes()), dict)
+        except (OSError, ValueError):
+            return False
+
+    def restart_advice(self) -> str:
+        return (f"to train it again from epoch 1: rm -rf {self.root / 'checkpoints'} {self.metrics_jsonl} "
+                f"{self.metrics} && mmlab train --resume --out {self.root}")
 
 
 @dataclass
@@ -83,19 +102,26 @@ def environment(device: torch.device, seed: int) -> dict:
             platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "seed": seed}
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> Run:
-    """(model in eval mode with the chosen checkpoint's weights, dataset, config) of a run directory."""
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:
+    """A `Run` (model in eval mode with the chosen checkpoint's weights, dataset, config, paths) of a run
+    directory. A missing, unreadable or non-finite (diverged) checkpoint is a one-line MmlabError."""
     paths = RunPaths(run_dir)
     if not paths.config.is_file():
         raise MmlabError(f"{paths.config}: missing; {run_dir} is not a run directory (make one with `mmlab train`)")
-    cfg = config_from_yaml(paths.config)
+    cfg = paths.load_config()
     ckpt = find_checkpoint(paths.best if checkpoint == "best" else paths.last)
     if ckpt is None:
-        raise MmlabError(f"{paths.root / 'checkpoints' / checkpoint}: no checkpoint; finish the run with "
-                         f"`mmlab train --resume --out {run_dir}`")
+        fix = (f"the run finished but its weights are gone; {paths.restart_advice()}" if paths.finished() else
+               f"finish the run with `mmlab train --resume --out {run_dir}`")
+        raise MmlabError(f"{paths.root / 'checkpoints' / checkpoint}: no checkpoint; {fix}")
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
-    dev = resolve_device(device)
+    dev = resolve_device(str(device))
+    weights = read_weights(ckpt, dev)
+    bad = non_finite_weights(weights)
+    if bad:
+        raise MmlabError(f"{ckpt / 'model.safetensors'}: non-finite weights in {bad[0]} (and {len(bad) - 1} more "
+                         f"tensors): the run diverged; train it again with a lower --lr or --clip-grad-norm")
     model = build_model(cfg, dataset).to(dev)
-    load_weights(ckpt, model, dev)
+    model.load_state_dict(weights)
     model.eval()
     return Run(model, dataset, cfg, paths)

@@ -1,0 +1,441 @@
+"""Nothing silent, nothing lost (docs/reliability.md): kill -9 at any point, moved and copied runs,
+divergence, corrupt checkpoints and results, locks, and the one-line errors for bad input. Every
+error's suggested fix is followed where it can be."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mmlab_cli.data.format import atomic_write_json
+from mmlab_cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"seconds", "train_seconds", "wall_seconds_this_process"}
+runner = CliRunner()
+
+
+def _flags(data, epochs=4, **extra):
+    flags = {"data": data, "modalities": "image,audio", "pairing": "dml", "encoder": "tiny_cnn", "embed-dim": 16,
+             "epochs": epochs, "batch-size": 16, "lr": 0.05, "step-size": 2, "device": "cpu", "seed": 3, **extra}
+    return [str(a) for k, v in flags.items() for a in (f"--{k}", v)]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "mmlab_cli", "train", *map(str, args)]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _metrics(run: Path) -> dict:
+    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k not in TIMING_KEYS}
+
+
+def _history(run: Path) -> list:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Same final metrics, same per-epoch history and byte-identical weights in both checkpoints."""
+    assert _metrics(a) == _metrics(b)
+    assert _history(a) == _history(b)
+    for ckpt in ("last", "best"):
+        assert (a / f"checkpoints/{ckpt}/model.safetensors").read_bytes() == \
+            (b / f"checkpoints/{ckpt}/model.safetensors").read_bytes(), ckpt
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(result, code=2, *needles):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()  # a progress bar may stand above the error
+    err = lines[-1]
+    assert err.startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, result.stderr
+    assert "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# Runs `mmlab train` with a fault: the process SIGKILLs itself just before the n-th call of os.<name>
+# (os.rename: the checkpoint swaps; os.replace: every atomic file write), so a kill lands exactly
+# between two steps of a write, which a timed kill would almost never hit.
+CRASHING_TRAIN = """
+import os, signal, sys
+name, n = sys.argv[1], int(sys.argv[2])
+real, calls = getattr(os, name), [0]
+def crash(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(os, name, crash)
+sys.argv = ["mmlab", "train", *sys.argv[3:]]
+from mmlab_cli.main import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_synthetic, tmp_path_factory):
+    """The reference: the same run trained without interruption."""
+    out = tmp_path_factory.mktemp("reference") / "full"
+    subprocess.run(_cli(*_flags(tiny_synthetic), "--out", out), check=True, capture_output=True, env=_env())
+    return out
+
+
+# rename 4 and 6: between the two renames of a checkpoint swap (the checkpoint is only at its .old
+# name); replace 5 and 8: just before metrics.jsonl / a later file lands; timed: anywhere in an epoch.
+FAULTS = [("rename", 4), ("rename", 6), ("rename", 9), ("replace", 5), ("replace", 8), ("timed", 0)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", FAULTS, ids=[f"{n}-{k}" for n, k in FAULTS])
+def test_kill_9_anywhere_then_resume_from_another_directory(tiny_synthetic, uninterrupted, tmp_path, fault):
+    """Killed with a relative --out (mid checkpoint swap, mid file write, or at a random moment), resumed
+    from another working directory: the run finishes in its own directory, equal to the uninterrupted one."""
+    name, k = fault
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    flags = [*_flags(tiny_synthetic), "--out", "runs/r"]
+    if name == "timed":
+        proc = subprocess.Popen(_cli(*flags), cwd=start, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (start / "runs/r/metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(random.Random(k).uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        code = proc.wait()
+    else:
+        code = subprocess.run([sys.executable, "-c", CRASHING_TRAIN, name, str(k), *flags], cwd=start,
+                              env=_env(), capture_output=True).returncode
+    run = start / "runs/r"
+    if code != 0:
+        assert code == -signal.SIGKILL and not (run / "metrics.json").exists()
+
+    resumed = subprocess.run(_cli("--resume", "--out", "../start/runs/r"), cwd=elsewhere, env=_env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert list(elsewhere.iterdir()) == [], "the resume trained somewhere else"
+    _same_run(run, uninterrupted)
+    assert not (run / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original_alone(tiny_synthetic, uninterrupted, tmp_path):
+    code = subprocess.run([sys.executable, "-c", CRASHING_TRAIN, "rename", "6", *_flags(tiny_synthetic),
+                           "--out", "r"], cwd=tmp_path, env=_env(), capture_output=True).returncode
+    assert code == -signal.SIGKILL
+    original = tmp_path / "r"
+    before = _tree(original)
+    copy = tmp_path / "moved" / "copy"
+    shutil.copytree(original, copy)
+    resumed = subprocess.run(_cli("--resume", "--out", copy), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _tree(original) == before
+    _same_run(copy, uninterrupted)
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tiny_synthetic, tmp_path):
+    """lr x 1e4 after epoch 1: epoch 1 trains, epoch 2 diverges. Exit 3, one line; checkpoints/last holds
+    exactly the epoch-1 weights (those of a 1-epoch run), metrics.jsonl says where it diverged."""
+    flags = _flags(tiny_synthetic, epochs=3, **{"step-size": 1, "gamma": 1e4, "pairing": "sml"})
+    result = runner.invoke(app, ["train", *flags, "--out", str(tmp_path / "div")])
+    err = _one_line_error(result, 3, "diverged in epoch 2", "--lr", "--clip-grad-norm")
+    run = tmp_path / "div"
+    assert not (run / "metrics.json").exists()
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["diverged"] and "diverged" not in history[0]
+    assert runner.invoke(app, ["train", *_flags(tiny_synthetic, epochs=1, pairing="sml"),
+                               "--out", str(tmp_path / "one")]).exit_code == 0
+    for ckpt in ("last", "best"):
+        weights = load_file(str(run / f"checkpoints/{ckpt}/model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert (run / "checkpoints/last/model.safetensors").read_bytes() == \
+        (tmp_path / "one/checkpoints/last/model.safetensors").read_bytes()
+    assert "keeps epoch 1" in err
+
+
+@pytest.mark.parametrize("where, value", [("flag", "nan"), ("flag", "inf"), ("recipe", ".nan"), ("recipe", ".inf"),
+                                          ("recipe", "-.inf")])
+def test_non_finite_config_values_are_rejected_before_training(tiny_synthetic, tmp_path, where, value):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"weight_decay: {value}\n" if where == "recipe" else "epochs: 1\n")
+    extra = ["--lr", value] if where == "flag" else []
+    result = runner.invoke(app, ["train", "--recipe", str(recipe), *_flags(tiny_synthetic, epochs=1)[:-2], *extra,
+                                 "--out", str(tmp_path / "run")])
+    _one_line_error(result, 2, "must be finite")
+    assert not (tmp_path / "run").exists()
+
+
+def test_json_is_strict_and_says_why_a_value_is_null(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
+
+    def refuse(token):
+        raise ValueError(f"non-strict JSON token {token}")
+
+    value = json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse)
+    assert value == {"a": None, "b": [1.0, None], "c": {"d": None},
+                     "non_finite": {"a": "nan", "b[1]": "inf", "c.d": "-inf"}}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_synthetic, tmp_path_factory):
+    """A finished 2-epoch run, copied by the tests that change it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert runner.invoke(app, ["train", *_flags(tiny_synthetic, epochs=2), "--out", str(out)]).exit_code == 0
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+ANALYSES = {"robustness": ["--corruption", "missing-zero", "--severity", "0,1", "--steps", "1"],
+            "geometry": ["--tsne-samples", "0", "--negatives", "2"],
+            "flatness": ["--metric", "lpf", "--lpf-draws", "2", "--samples", "16"]}
+
+
+@pytest.mark.parametrize("analysis", ANALYSES)
+def test_analyses_refuse_a_diverged_checkpoint(trained, tmp_path, analysis):
+    run = _copy(trained, tmp_path)
+    path = run / "checkpoints/best/model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(path))
+    result = runner.invoke(app, [analysis, str(run), "--device", "cpu", *ANALYSES[analysis]])
+    _one_line_error(result, 2, "non-finite weights", "diverged")
+    assert not (run / f"{analysis}.json").exists()
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_resume_refuses_flags_that_would_change_the_run(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    (run / "metrics.json").unlink()
+    before = _tree(run)
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run), "--epochs", "4", "--lr", "5"])
+    _one_line_error(result, 2, "--epochs, --lr", "start a new run")
+    assert _tree(run) == before
+
+
+def test_resume_falls_back_to_best_when_last_is_corrupt(tiny_synthetic, uninterrupted, tmp_path):
+    run = _copy(uninterrupted, tmp_path)
+    (run / "metrics.json").unlink()
+    state = run / "checkpoints/last/state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "state.pt: unreadable" in result.stderr and "continuing from" in result.stderr
+    _same_run(run, uninterrupted)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_resume_without_a_good_checkpoint_is_an_error_whose_advice_works(uninterrupted, tmp_path, damage):
+    run = _copy(uninterrupted, tmp_path)
+    (run / "metrics.json").unlink()
+    for ckpt in ("last", "best"):
+        weights = run / f"checkpoints/{ckpt}/model.safetensors"
+        if damage == "truncate":
+            weights.write_bytes(weights.read_bytes()[:100])
+        else:
+            shutil.rmtree(weights.parent)
+    history = (run / "metrics.jsonl").read_bytes()
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+    err = _one_line_error(result, 2, "cannot continue", "rm -rf")
+    assert (run / "metrics.jsonl").read_bytes() == history, "the history was overwritten"
+    advice = err[err.index("rm -rf"):].replace("mmlab train", f"{sys.executable} -m mmlab_cli train")
+    done = subprocess.run(advice, shell=True, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _same_run(run, uninterrupted)
+
+
+def test_unreadable_metrics_json_is_finished_again_not_called_finished(uninterrupted, tmp_path):
+    run = _copy(uninterrupted, tmp_path)
+    (run / "metrics.json").write_text('{"test_acc": 4')
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+    assert result.exit_code == 0 and "already finished" not in result.stderr, result.output
+    _same_run(run, uninterrupted)
+
+
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    (run / "metrics.json").unlink()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (run / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+        _one_line_error(result, 2, f"process {sleeper.pid}", "is training")
+        assert not (run / "metrics.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])  # the holder is dead now
+    assert result.exit_code == 0, result.output
+    assert (run / "metrics.json").is_file() and not (run / ".lock").exists()
+
+
+def test_resume_refuses_a_dataset_that_changed(tiny_synthetic, trained, tmp_path):
+    data = Path(shutil.copytree(tiny_synthetic, tmp_path / "data"))
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", *_flags(data, epochs=2), "--out", str(run)]).exit_code == 0
+    (run / "metrics.json").unlink()
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["preprocessing"]["note"] = "prepared again with other parameters"
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+    _one_line_error(result, 2, "not the dataset", "--data")
+
+
+# ---------------------------------------------------------------- fail fast, one line
+
+
+def _broken_dataset(tiny_synthetic, tmp_path, damage) -> Path:
+    data = Path(shutil.copytree(tiny_synthetic, tmp_path / "data"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    if damage == "manifest-list":
+        manifest = []
+    elif damage == "no-shape":
+        del manifest["modalities"]["image"]["shape"]
+    elif damage == "std-0":
+        manifest["modalities"]["audio"]["std"] = 0
+    elif damage == "no-test-split":
+        del manifest["splits"]["test"]
+    elif damage == "empty-labels":
+        (data / "train/labels.npy").write_bytes(b"")
+    elif damage == "truncated-test":
+        test = data / "test/audio.npy"
+        test.write_bytes(test.read_bytes()[:-500])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("manifest-list", "manifest.json: a manifest is a JSON object"),
+    ("no-shape", "manifest.json: modality 'image' lacks one of shape"),
+    ("std-0", "manifest.json: modality 'audio' has mean"),
+    ("no-test-split", "manifest.json: no split 'test'"),
+    ("empty-labels", "train/labels.npy: corrupt array file"),
+    ("truncated-test", "test/audio.npy: corrupt array file"),
+])
+def test_bad_datasets_are_one_line_before_any_training(tiny_synthetic, tmp_path, damage, needle):
+    data = _broken_dataset(tiny_synthetic, tmp_path, damage)
+    result = runner.invoke(app, ["train", *_flags(data, epochs=1), "--out", str(tmp_path / "run")])
+    _one_line_error(result, 2, needle)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_run_directories_are_one_line(tiny_synthetic, trained, tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    for out in (file, file / "run"):
+        _one_line_error(runner.invoke(app, ["train", *_flags(tiny_synthetic, epochs=1), "--out", str(out)]), 2,
+                        "cannot write here")
+    run = _copy(trained, tmp_path)
+    (run / "metrics.json").unlink()
+    (run / "config.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    _one_line_error(runner.invoke(app, ["train", "--resume", "--out", str(run)]), 2, "config.yaml: not valid YAML")
+    _one_line_error(runner.invoke(app, ["train", *_flags(tiny_synthetic, epochs=1), "--modalities", ",",
+                                        "--out", str(tmp_path / "m")]), 2, "names no modality")
+
+
+def test_analyses_check_their_output_folder_before_computing(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    other = _copy(trained, tmp_path / "b")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["robustness", str(run), str(other), "--device", "cpu", "--out",
+                                 str(blocker / "cmp"), *ANALYSES["robustness"]])
+    _one_line_error(result, 2, "cannot write here")
+    assert not (run / "robustness.json").exists()
+
+
+# ---------------------------------------------------------------- analysis results
+
+
+@pytest.mark.parametrize("analysis", ANALYSES)
+def test_a_corrupt_previous_result_is_recomputed(trained, tmp_path, analysis):
+    run = _copy(trained, tmp_path)
+    args = [analysis, str(run), "--device", "cpu", *ANALYSES[analysis]]
+    assert runner.invoke(app, args).exit_code == 0
+    good = json.loads((run / f"{analysis}.json").read_text())
+    (run / f"{analysis}.json").write_text('{"schema": ')
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "unreadable" in result.stderr and "computing it again" in result.stderr
+    again = json.loads((run / f"{analysis}.json").read_text())
+    assert not again.get("reused") and again["checkpoint_sha256"] == good["checkpoint_sha256"]
+
+
+@pytest.mark.parametrize("analysis", ANALYSES)
+def test_a_result_is_not_reused_on_another_preparation_of_the_data(trained, tmp_path, analysis):
+    run = _copy(trained, tmp_path)
+    args = [analysis, str(run), "--device", "cpu", *ANALYSES[analysis]]
+    assert runner.invoke(app, args).exit_code == 0
+    assert "(reused" in runner.invoke(app, args).stderr  # same checkpoint, settings and data
+    first = json.loads((run / f"{analysis}.json").read_text())
+    data = Path(shutil.copytree(_data_of(run), tmp_path / "data"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["preprocessing"]["note"] = "other parameters"
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    _point_at(run, data)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "(reused" not in result.stderr, result.output
+    assert json.loads((run / f"{analysis}.json").read_text())["dataset_sha256"] != first["dataset_sha256"]
+
+
+def _data_of(run: Path) -> Path:
+    import yaml
+
+    return Path(yaml.safe_load((run / "config.yaml").read_text())["data"])
+
+
+def _point_at(run: Path, data: Path) -> None:
+    text = (run / "config.yaml").read_text().replace(str(_data_of(run)), str(data))
+    (run / "config.yaml").write_text(text)
+
+
+def test_a_kill_while_writing_outputs_leaves_no_result_claimed(trained, tmp_path, monkeypatch):
+    """robustness.json is the completion mark: killed after the CSV, before the plots and the JSON, the old
+    result is gone and nothing claims the half-written files; the next run computes, not reuses."""
+    import mmlab_cli.analysis.robustness as rob
+
+    run = _copy(trained, tmp_path)
+    args = ["robustness", str(run), "--device", "cpu", *ANALYSES["robustness"]]
+    assert runner.invoke(app, args).exit_code == 0
+    assert (run / "robustness.json").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rob, "markdown", killed)
+    assert runner.invoke(app, [*args, "--force"]).exit_code != 0
+    assert not (run / "robustness.json").exists()
+    monkeypatch.undo()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "(reused" not in result.stderr
+    assert set(json.loads((run / "robustness.json").read_text())["files"]) <= {p.name for p in run.iterdir()}
