@@ -15,6 +15,7 @@ LABELS = np.arange(30) % 3
 SPLIT = assign_splits(LABELS, seed=0)
 CLIPS = [Clip("nan" if i == 4 else f"c{i:02d}", str(s), int(y), {}) for i, (s, y) in enumerate(zip(SPLIT, LABELS))]
 OUTPUTS = {"feature": ModalitySpec((2, 3), "float32", "features")}
+TRAIN = np.array([c.label + int(c.id[1:]) for c in CLIPS if c.split == "train" and c.id != "nan"], float)
 
 
 def features(clip: Clip, *, scale: float, stop: str = "") -> dict:
@@ -38,10 +39,8 @@ def test_finished_dataset_prepared_otherwise_is_refused_until_force(tmp_path):
     [nan] = report["left_out"]
     assert nan["clip"] == "nan" and "non-finite" in nan["reason"]
     assert "nan" not in {c for s in ("train", "val", "test") for c in (out / s / "clips.txt").read_text().split()}
-    train = [c for c in CLIPS if c.split == "train" and c.id != "nan"]
-    values = np.array([c.label + int(c.id[1:]) for c in train], float)
-    assert manifest["modalities"]["feature"]["mean"] == pytest.approx(values.mean())
-    assert manifest["modalities"]["feature"]["std"] == pytest.approx(values.std())
+    assert manifest["modalities"]["feature"]["mean"] == pytest.approx(TRAIN.mean())
+    assert manifest["modalities"]["feature"]["std"] == pytest.approx(TRAIN.std())
 
     before = snapshot(out)
     with pytest.raises(MmlabError, match=r"manifest.json: .*different preprocessing.scale.*--force") as e:
@@ -52,10 +51,11 @@ def test_finished_dataset_prepared_otherwise_is_refused_until_force(tmp_path):
 
     manifest, _, built = prepare(out, scale=2.0, force=True)
     assert built and manifest["preprocessing"] == {"scale": 2.0}
-    assert manifest["modalities"]["feature"]["mean"] == pytest.approx(2 * values.mean())
+    assert manifest["modalities"]["feature"]["mean"] == pytest.approx(2 * TRAIN.mean())
 
 
-def test_half_done_dataset_prepared_otherwise_is_not_resumed(tmp_path):
+@pytest.mark.parametrize("scale, force", [(1.0, False), (2.0, True)], ids=["same-parameters-resume", "force"])
+def test_half_done_dataset_prepared_otherwise_is_not_resumed(tmp_path, scale, force):
     out = tmp_path / "toy"
     with pytest.raises(KeyboardInterrupt):
         prepare(out, scale=1.0, stop="c20")
@@ -65,6 +65,7 @@ def test_half_done_dataset_prepared_otherwise_is_not_resumed(tmp_path):
         prepare(out, scale=2.0)
     assert str(e.value).startswith(str(out / PROGRESS))
     assert snapshot(out) == before
-    _, report, built = prepare(out, scale=1.0)  # the same parameters resume
-    assert built and report["prepared"] == 29 and not (out / PROGRESS).exists()
-    assert read_manifest(out)["preprocessing"] == {"scale": 1.0} and (out / REPORT).is_file()
+    manifest, report, built = prepare(out, scale=scale, force=force)
+    assert built and report["prepared"] == 29 and not (out / PROGRESS).exists() and (out / REPORT).is_file()
+    assert manifest["preprocessing"] == read_manifest(out)["preprocessing"] == {"scale": scale}
+    np.testing.assert_array_equal(np.load(out / "train" / "feature.npy")[:, 0, 0], scale * TRAIN)
