@@ -20,7 +20,9 @@ import soundfile as sf
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Mono float32 waveform in [-1, 1] and its sample rate (multi-channel files are averaged)."""
+    """Mono float32 waveform in [-1, 1] and its sample rate (multi-channel files are averaged); a file
+    shorter than its RIFF header declares raises ValueError (see `check_wav_complete`)."""
+    check_wav_complete(path)
     wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
     if wave.shape[0] == 0:
         raise ValueError("no samples")

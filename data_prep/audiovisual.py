@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from data_prep.audio import AUDIO_RECIPES, check_wav_complete, read_wav, resample
+from data_prep.audio import AUDIO_RECIPES, read_wav, resample
 from data_prep.streaming import Clip, reading
 from data_prep.video import audio_track, video_frames
 from mmlab_cli.data.format import ModalitySpec
@@ -39,7 +39,6 @@ def process_clip(clip: Clip, *, recipe: str, frames: int, size: int) -> dict:
         if source == video:
             wave = audio_track(video, r.sample_rate)
         else:
-            check_wav_complete(source)
             wave, sr = read_wav(source)
             wave = resample(wave, sr, r.sample_rate)
         audio = r.compute(wave)

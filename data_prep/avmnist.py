@@ -11,6 +11,10 @@ stratified `test_fraction` of the 10,000 test images; val is a stratified `val_f
 FSDD takes 0-4 (the conventional test takes) pair only with test images, takes 5-9 only with val
 images and takes 10-49 only with train images, so no recording is shared between splits and the
 validation accuracy that selects the model is not inflated by recordings seen in training.
+
+A recording that cannot be used (a name that does not parse, an unreadable file, a wav shorter than
+its header declares, NaN or inf samples) is left out of the pairing and listed with the reason in
+`prepare_report.json`, the report every `prepare` writes (`data_prep.streaming.write_report`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.audio import add_noise_at_snr, log_spectrogram, pad_or_cut, read_wav, resample
-from mmlab_cli.data.format import read_manifest, sha256_file, stratified_split, write_dataset
+from data_prep.streaming import DONE, FAILED, Problem, finished, write_report
+from mmlab_cli.data.format import SPLITS, sha256_file, stratified_split, write_dataset
 from mmlab_cli.errors import MmlabError
 
 SAMPLE_RATE = 8000
@@ -117,32 +123,39 @@ def recordings(fsdd_dir: str | Path) -> list[Path]:
     return wavs
 
 
+def take_splits(takes: np.ndarray) -> np.ndarray:
+    """The split each take index pairs with: 0-4 test, 5-9 val, 10 and up train."""
+    return np.where(takes < FIRST_VAL_TAKE, "test", np.where(takes < FIRST_TRAIN_TAKE, "val", "train"))
+
+
 def load_takes(wavs: list[Path], snr_db: float | None, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-    """Read every take once: names, digits, take indices, log spectrograms [T, 112, 112], and the
-    files skipped (unparsable name or unreadable audio) with the reason."""
-    names, digits, takes, waves, skipped = [], [], [], [], []
-    for path in wavs:
-        match = TAKE_NAME.match(path.name)
-        if not match:
-            skipped.append({"path": str(path), "reason": "name is not {digit}_{speaker}_{index}.wav"})
-            continue
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[Problem], list[Problem]]:
+    """Read every take once. For each well-named file: its name, digit, take index, log spectrogram
+    [112, 112] and whether it is usable; then the files left out with the reason, found while scanning
+    (a name that does not parse) and while reading (unreadable, truncated, NaN or inf samples)."""
+    matches = [(path, TAKE_NAME.match(path.name)) for path in wavs]
+    scanned = [Problem(str(path), "name is not {digit}_{speaker}_{index}.wav") for path, m in matches if not m]
+    matches = [(path, m) for path, m in matches if m]
+    length = int(SAMPLE_RATE * DURATION_S)
+    waves, reasons = np.zeros((len(matches), length), np.float32), {}
+    for i, (path, _) in enumerate(matches):
         try:
             wave, sr = read_wav(path)
         except (RuntimeError, ValueError, OSError) as e:
-            skipped.append({"path": str(path), "reason": str(e)})
+            reasons[i] = str(e)
             continue
-        wave = pad_or_cut(resample(wave, sr, SAMPLE_RATE), int(SAMPLE_RATE * DURATION_S))
-        if snr_db is not None:
-            wave = add_noise_at_snr(wave, snr_db, rng)
-        names.append(path.name)
-        digits.append(int(match[1]))
-        takes.append(int(match[3]))
-        waves.append(wave)
-    if not waves:
+        wave = pad_or_cut(resample(wave, sr, SAMPLE_RATE), length)
+        waves[i] = wave if snr_db is None else add_noise_at_snr(wave, snr_db, rng)
+    specs = log_spectrogram(waves, n_fft=N_FFT, hop_length=HOP, eps=LOG_EPS)
+    for i in np.flatnonzero(~np.isfinite(specs).all(axis=(1, 2))):
+        reasons.setdefault(int(i), "NaN or inf samples")
+    usable = np.ones(len(matches), bool)
+    usable[list(reasons)] = False
+    if not usable.any():
         raise MmlabError(f"{wavs[0].parent}: none of the recordings could be read; expected {FSDD_LAYOUT}")
-    specs = log_spectrogram(np.stack(waves), n_fft=N_FFT, hop_length=HOP, eps=LOG_EPS)
-    return np.array(names), np.array(digits), np.array(takes), specs, skipped
+    failed = [Problem(str(matches[i][0]), reasons[i], matches[i][0].stem) for i in sorted(reasons)]
+    return (np.array([path.name for path, _ in matches]), np.array([int(m[1]) for _, m in matches]),
+            np.array([int(m[3]) for _, m in matches]), specs, usable, scanned, failed)
 
 
 def pair(labels: np.ndarray, take_digits: np.ndarray, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -192,14 +205,15 @@ def _sources(files: dict[str, tuple[Path, Path]], wavs: list[Path]) -> dict[str,
 
 def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path, *, pca_keep: float = 0.25,
                     snr_db: float | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                    seed: int = 0, force: bool = False) -> tuple[dict, bool]:
-    """Write AVMNIST to `out`; returns (manifest, built) where built=False means it was already there
-    with the same parameters and the same source files.
+                    seed: int = 0, force: bool = False) -> tuple[dict, dict, bool]:
+    """Write AVMNIST to `out`; returns (manifest, report, built) where built=False means it was already
+    there with the same parameters and the same source files; prepared otherwise, it is a one-line
+    error unless `force`.
 
     Besides the modalities, each split holds two arrays that record the pairing, described in the
     manifest's "pairs" entry: {split}/mnist_index.npy (the image's row in the MNIST IDX file the
-    split came from) and {split}/fsdd_take.npy (the paired recording's file name). The manifest's
-    "skipped" entry lists the FSDD files left out, each {"path", "reason"}.
+    split came from) and {split}/fsdd_take.npy (the paired recording's file name). The FSDD files
+    left out, each {"clip", "path", "reason"}, are the report's "left_out" and the manifest's "skipped".
     """
     files, wavs = mnist_files(mnist_dir), recordings(fsdd_dir)
     official = "train" in files
@@ -210,17 +224,11 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
               "snr_db": snr_db, "n_fft": N_FFT, "hop_length": HOP, "window": "hann", "center": True,
               "log_eps": LOG_EPS, "spectrogram": "log(|STFT| + 1e-7)",
               "pairing": "same digit; takes 0-4 with test, 5-9 with val, 10-49 with train; seeded, balanced reuse"}
-    derived = ("pca_n_components", "pca_energy_kept")
     sources = _sources(files, wavs)
     out = Path(out)
-    if not force and (out / "manifest.json").exists():
-        try:
-            manifest = read_manifest(out)
-            kept = {k: v for k, v in manifest.get("preprocessing", {}).items() if k not in derived}
-            if kept == params and manifest.get("sources") == sources:
-                return manifest, False
-        except Exception:
-            pass  # unreadable or another version: rebuild below
+    if done := finished(out, {"preprocessing": params, "sources": sources}, force):
+        return *done, False
+    started = time.time()
 
     test_x, test_y = read_mnist(*files["test"])
     if official:
@@ -232,13 +240,15 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
         test_x, test_y = test_x[test_rows], test_y[test_rows]
     train, val = stratified_split(trainval_y, val_fraction, seed)
 
-    names, digits, takes, specs, skipped = load_takes(wavs, snr_db, np.random.default_rng([seed, 1]))
-    pools = {"test": takes < FIRST_VAL_TAKE, "val": (takes >= FIRST_VAL_TAKE) & (takes < FIRST_TRAIN_TAKE),
-             "train": takes >= FIRST_TRAIN_TAKE}
+    names, digits, takes, specs, usable, scanned, failed = load_takes(wavs, snr_db, np.random.default_rng([seed, 1]))
+    split_of = take_splits(takes)
+    pools = {split: usable & (split_of == split) for split in SPLITS}
     for split, pool in pools.items():
         if missing := sorted(set(range(10)) - set(digits[pool].tolist())):
-            raise MmlabError(f"{fsdd_dir}: no readable {split} take (0-4 test, 5-9 val, 10-49 train) of digit(s) "
-                             f"{missing}; every digit needs takes in each range ({FSDD_LAYOUT})")
+            unusable = names[~usable & (split_of == split) & np.isin(digits, missing)]
+            left_out = f" ({', '.join(unusable)} unreadable)" if len(unusable) else ""
+            raise MmlabError(f"{fsdd_dir}: no usable {split} take (0-4 test, 5-9 val, 10-49 train) of digit(s) "
+                             f"{missing}{left_out}; every digit needs a readable take in each range ({FSDD_LAYOUT})")
     rng = np.random.default_rng([seed, 0])
     labels = {"train": trainval_y[train], "val": trainval_y[val], "test": test_y}
     chosen = {s: pair(y, digits, pools[s], rng) for s, y in labels.items()}
@@ -249,8 +259,10 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
     # mnist_index and fsdd_take get no kind, so write_dataset stores them without making them modalities.
     arrays = {s: {"image": images[s], "audio": specs[chosen[s]][:, None],
                   "mnist_index": rows[s], "fsdd_take": names[chosen[s]]} for s in labels}
+    report = write_report(out, "avmnist", split_of, np.where(usable, DONE, FAILED), scanned, failed,
+                          time.time() - started)
     manifest = write_dataset(out, dataset="avmnist", classes=[str(d) for d in range(10)],
                              kinds={"image": "image", "audio": "spectrogram"}, arrays=arrays, labels=labels,
                              preprocessing={**params, "pca_n_components": k, "pca_energy_kept": energy},
-                             sources=sources, extra={"skipped": skipped, "pairs": PAIRS})
-    return manifest, True
+                             sources=sources, extra={"skipped": report["left_out"], "pairs": PAIRS})
+    return manifest, report, True

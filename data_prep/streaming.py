@@ -8,8 +8,9 @@ A dataset module lists its clips (`Clip`: id, split, label, source files) and gi
   the arrays, so the memory in use is one clip per worker plus the clip list, whatever the
   dataset size.
 - `.prepare_progress.npz` (per-clip status, per-clip sums for the train statistics, failure
-  reasons) is replaced atomically every few seconds and on Ctrl-C. It is tied to a fingerprint
-  of the clip list and every parameter, so a re-run resumes where the last one stopped.
+  reasons) is replaced atomically every few seconds and on Ctrl-C. It records the parameters,
+  the sources and a fingerprint of the clip list, so the same command resumes where the last one
+  stopped, and another one is refused rather than resumed (`--force` starts over).
 - A clip whose file is corrupt, truncated or missing is never fatal and never silent: its path
   and reason go to `prepare_report.json`, it is counted in the summary and left out of the arrays.
   A worker that dies (a crashing decoder) is replaced and the clips it held are retried alone,
@@ -17,7 +18,8 @@ A dataset module lists its clips (`Clip`: id, split, label, source files) and gi
 - At the end the partial arrays are renamed into place (or compacted without the failed rows),
   labels and `{split}/clips.txt` (the clip id of every row) written, and manifest.json last: a
   crash at any point leaves no manifest, so `train` never reads a half-written dataset.
-- A finished dataset with the same fingerprint is left alone (`built` is False) in milliseconds.
+- A finished dataset with the same fingerprint is left alone (`built` is False) in milliseconds;
+  one prepared otherwise is a one-line error unless `force` (`format.existing_dataset`).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from rich.text import Text
 
 from mmlab_cli.console import progress
 from mmlab_cli.data.format import (SPLITS, ModalitySpec, array_path, atomic_write_json, atomic_write_text,
-                                   partial_array_path, read_manifest, save_array, stratified_split,
-                                   write_manifest)
+                                   check_same_preparation, existing_dataset, mean_std, partial_array_path,
+                                   save_array, stratified_split, write_manifest)
 from mmlab_cli.errors import MmlabError
 
 REPORT = "prepare_report.json"
@@ -155,12 +157,14 @@ def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip
         raise MmlabError(f"no usable clip in the source ({len(problems)} files left out{example})")
     fp = fingerprint(dataset=dataset, classes=classes, clips=clips, outputs=outputs, preprocessing=preprocessing,
                      problems=problems)
-    finished = _finished(out, fp)
-    if finished and not force:
-        return finished[0], finished[1], False
+    identity = {"preprocessing": preprocessing, "sources": sources, "fingerprint": fp}
+    if done := finished(out, identity, force):
+        return *done, False
+    if not force and (out / PROGRESS).is_file():
+        check_same_preparation(out / PROGRESS, _progress_identity(out), identity, "a half-done dataset")
     (out / "manifest.json").unlink(missing_ok=True)  # from here on the directory is not a valid dataset
     started = time.time()
-    run = _Run(out, clips, outputs, process, fp, force, workers or len(os.sched_getaffinity(0)))
+    run = _Run(out, clips, outputs, process, json.dumps(identity), force, workers or len(os.sched_getaffinity(0)))
     run.execute(dataset)
     report = run.finish(dataset, problems, time.time() - started)
     manifest = write_manifest(out, dataset=dataset, classes=classes, modalities=run.specs(), labels=run.labels(),
@@ -169,23 +173,51 @@ def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip
     return manifest, report, True
 
 
-def _finished(out: Path, fp: str) -> tuple[dict, dict] | None:
-    """(manifest, report) of a complete dataset with this fingerprint, else None."""
+def finished(out: Path, identity: dict, force: bool) -> tuple[dict, dict] | None:
+    """(manifest, report) of the complete dataset in `out` prepared with `identity`; None when there is
+    none (a lost report makes it incomplete) or `force`; a one-line error when it was prepared otherwise."""
+    manifest = existing_dataset(out, identity, force)
     try:
-        manifest = read_manifest(out)
-        if manifest.get("fingerprint") == fp:
-            return manifest, json.loads((out / REPORT).read_text())
-    except Exception:  # noqa: BLE001 - absent, partial or foreign: rebuild
-        pass
-    return None
+        return (manifest, json.loads((out / REPORT).read_text())) if manifest else None
+    except (OSError, ValueError):
+        return None
+
+
+def _progress_identity(out: Path) -> dict | None:
+    """The parameters and sources a half-done run recorded in its progress file; None when unreadable."""
+    try:
+        with np.load(out / PROGRESS) as z:
+            return json.loads(str(z["identity"]))
+    except Exception:  # noqa: BLE001 - a damaged or older progress file cannot be compared
+        return None
+
+
+def write_report(out: Path, dataset: str, split_of: np.ndarray, status: np.ndarray, scanned: list[Problem],
+                 failed: list[Problem], seconds: float) -> dict:
+    """Write prepare_report.json, the same for every dataset; returns it. `split_of` and `status` (TODO,
+    DONE, FAILED) are per clip; `scanned` are the files rejected before processing, `failed` while."""
+    report = {
+        "dataset": dataset,
+        "clips": len(status),
+        "prepared": int((status == DONE).sum()),
+        "left_out_while_scanning": len(scanned),
+        "failed_while_processing": len(failed),
+        "per_split": {s: {"prepared": int(((split_of == s) & (status == DONE)).sum()),
+                          "failed": int(((split_of == s) & (status == FAILED)).sum())} for s in SPLITS},
+        "seconds": round(seconds, 2),
+        "left_out": [p.to_json() for p in [*scanned, *failed]],
+    }
+    atomic_write_json(out / REPORT, report)
+    return report
 
 
 class _Run:
     """One build: partial arrays, progress state, the pool loop and the final commit."""
 
-    def __init__(self, out: Path, clips: list[Clip], outputs: dict[str, ModalitySpec], process, fp: str,
+    def __init__(self, out: Path, clips: list[Clip], outputs: dict[str, ModalitySpec], process, identity: str,
                  force: bool, workers: int):
-        self.out, self.clips, self.outputs, self.process, self.fp, self.workers = out, clips, outputs, process, fp, workers
+        self.out, self.clips, self.outputs, self.process, self.workers = out, clips, outputs, process, workers
+        self.identity = identity  # JSON, saved with the progress so that a re-run can check it
         self.rows = np.zeros(len(clips), dtype=np.int64)  # row of each clip inside its split
         self.counts = dict.fromkeys(SPLITS, 0)
         for i, c in enumerate(clips):
@@ -201,24 +233,18 @@ class _Run:
 
     # ----- progress state
     def _load_progress(self, resume: bool) -> tuple[np.ndarray, np.ndarray, dict[int, Problem]]:
-        """The saved state of an interrupted run with the same fingerprint, else a fresh one."""
-        fresh = (np.zeros(len(self.clips), np.int8), np.zeros((len(self.clips), len(self.outputs), 2)), {})
+        """The saved state of an interrupted run (`build` checked it was prepared alike), else a fresh one."""
         path = self.out / PROGRESS
         if not resume or not path.is_file():
-            return fresh
-        try:
-            with np.load(path) as z:
-                if str(z["fingerprint"]) != self.fp:
-                    return fresh
-                failures = {int(i): Problem(**p) for i, p in json.loads(str(z["failures"])).items()}
-                return z["status"].copy(), z["sums"].copy(), failures
-        except Exception:  # noqa: BLE001 - unreadable progress: start over
-            return fresh
+            return np.zeros(len(self.clips), np.int8), np.zeros((len(self.clips), len(self.outputs), 2)), {}
+        with np.load(path) as z:
+            failures = {int(i): Problem(**p) for i, p in json.loads(str(z["failures"])).items()}
+            return z["status"].copy(), z["sums"].copy(), failures
 
     def _save_progress(self) -> None:
         tmp = self.out / f".{PROGRESS}.tmp"
         with open(tmp, "wb") as f:
-            np.savez(f, fingerprint=np.array(self.fp), status=self.status, sums=self.sums,
+            np.savez(f, identity=np.array(self.identity), status=self.status, sums=self.sums,
                      failures=np.array(json.dumps({i: p.to_json() for i, p in self.failures.items()})))
         os.replace(tmp, self.out / PROGRESS)
 
@@ -318,18 +344,8 @@ class _Run:
                 _commit(path, array_path(self.out, split, m), keep, offset, nbytes, spec)
             save_array(array_path(self.out, split, "labels"), self.label_of[idx])
             atomic_write_text(self.out / split / "clips.txt", "".join(f"{self.clips[i].id}\n" for i in idx))
-        report = {
-            "dataset": dataset,
-            "clips": len(self.clips),
-            "prepared": int((self.status == DONE).sum()),
-            "left_out_while_scanning": len(problems),
-            "failed_while_processing": len(self.failures),
-            "per_split": {s: {"prepared": len(self._prepared(s)),
-                              "failed": int(((self.split_of == s) & (self.status == FAILED)).sum())} for s in SPLITS},
-            "seconds": round(seconds, 2),
-            "left_out": [p.to_json() for p in problems + [self.failures[i] for i in sorted(self.failures)]],
-        }
-        atomic_write_json(self.out / REPORT, report)
+        report = write_report(self.out, dataset, self.split_of, self.status, problems,
+                              [self.failures[i] for i in sorted(self.failures)], seconds)
         (self.out / PROGRESS).unlink(missing_ok=True)
         return report
 
@@ -348,10 +364,9 @@ class _Run:
             if spec.kind == "text_tokens" or not len(train):
                 specs[m] = spec
                 continue
-            n = len(train) * int(np.prod(spec.shape))
-            mean = self.sums[train, j, 0].sum() / n
-            std = float(np.sqrt(max(self.sums[train, j, 1].sum() / n - mean * mean, 0.0)))
-            specs[m] = dataclasses.replace(spec, mean=float(mean), std=std if std > 0 else 1.0)
+            mean, std = mean_std(len(train) * int(np.prod(spec.shape)), self.sums[train, j, 0].sum(),
+                                 self.sums[train, j, 1].sum())
+            specs[m] = dataclasses.replace(spec, mean=mean, std=std)
         return specs
 
 
@@ -384,6 +399,8 @@ def _work(clip: Clip, layout: dict[str, tuple[str, int]]) -> np.ndarray:
         a = np.ascontiguousarray(arrays[m], dtype=spec.dtype)
         if a.shape != tuple(spec.shape):
             raise ValueError(f"{m}: produced shape {a.shape}, expected {tuple(spec.shape)}")
+        if not np.isfinite(a).all():  # NaN or inf samples in the source: left out, never in the statistics
+            raise ValueError(f"{m}: produced non-finite values (NaN or inf)")
         path, offset = layout[m]
         if path not in _WORKER["files"]:
             _WORKER["files"][path] = os.open(path, os.O_WRONLY)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.audio import log_spectrogram
-from mmlab_cli.data.format import read_manifest, stratified_split, write_dataset
+from mmlab_cli.data.format import existing_dataset, stratified_split, write_dataset
 
 SAMPLE_RATE = 8000
 DURATION_S = 0.5
@@ -92,19 +92,15 @@ def prepare_synthetic(out: str | Path, *, num_classes: int = 10, train_size: int
                       third: bool = False, depth_info: float = DEFAULT_INFO["depth"], val_fraction: float = 0.1, seed: int = 0,
                       force: bool = False) -> tuple[dict, bool]:
     """Write the synthetic dataset to `out`; returns (manifest, built) where built=False means it was
-    already there with the same parameters."""
+    already there with the same parameters. A dataset prepared otherwise in `out` is a one-line error
+    unless `force`."""
     params = {"num_classes": num_classes, "train_size": train_size, "test_size": test_size,
               "informativeness": {"image": image_info, "audio": audio_info, **({"depth": depth_info} if third else {})},
               "val_fraction": val_fraction, "seed": seed, "sample_rate": SAMPLE_RATE, "duration_s": DURATION_S,
               "n_fft": N_FFT, "hop_length": HOP, "spectrogram": "log(|STFT| + 1e-7), hann window, centred"}
-    out = Path(out)
-    if not force and (out / "manifest.json").exists():
-        try:
-            manifest = read_manifest(out)
-            if manifest.get("preprocessing") == params:
-                return manifest, False
-        except Exception:
-            pass  # unreadable or another version: rebuild below
+    sources = {"generator": "data_prep/synthetic.py (no external files)"}
+    if manifest := existing_dataset(out, {"preprocessing": params, "sources": sources}, force):
+        return manifest, False
     info = {"image": image_info, "audio": audio_info, "depth": depth_info}
     y_train_all, x_train_all = generate(num_classes, train_size, info, seed, 1, third)
     y_test, x_test = generate(num_classes, test_size, info, seed, 2, third)
@@ -116,5 +112,5 @@ def prepare_synthetic(out: str | Path, *, num_classes: int = 10, train_size: int
     kinds = {"image": "image", "audio": "spectrogram", **({"depth": "image"} if third else {})}
     manifest = write_dataset(out, dataset="synthetic", classes=[f"class{c}" for c in range(num_classes)],
                              kinds=kinds, arrays=arrays, labels=labels, preprocessing=params,
-                             sources={"generator": "data_prep/synthetic.py (no external files)"})
+                             sources=sources)
     return manifest, True

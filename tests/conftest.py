@@ -54,3 +54,10 @@ def tiny_config(data: Path, out: Path, **overrides):
                   epochs=3, batch_size=16, lr=0.05, step_size=2, seed=0, device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` by relative path: equal snapshots mean nothing was touched."""
+    from mmlab_cli.data.format import sha256_file
+
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import read_manifest, stratified_split, write_dataset
+from mmlab_cli.data.format import read_manifest, scaled_stats, stratified_split, write_dataset
 from mmlab_cli.errors import MmlabError
 
 
@@ -35,6 +35,29 @@ def test_round_trip_is_memory_mapped_with_scaled_stats(tmp_path):
     assert m["modalities"]["image"]["mean"] == pytest.approx(arrays["train"]["image"].mean() / 255, rel=1e-9)
     assert m["modalities"]["audio"]["std"] == pytest.approx(arrays["train"]["audio"].std(), rel=1e-6)
     assert not list(tmp_path.rglob(".*partial*")), "temporary files must be renamed away"
+
+
+@pytest.mark.parametrize("value, dtype", [(0.1, np.float32), (0.7, np.float32), (-9.5, np.float32),
+                                          (200, np.uint8), (0, np.float32)])
+def test_constant_modality_is_stored_with_std_one(tmp_path, value, dtype):
+    # Rounding noise in the sums gave a constant 0.1 (at this size) a std of 1e-9, not 0: dividing by it
+    # blows float noise up a billion times.
+    constant = np.full((157, 1, 8, 8), value, dtype)
+    mean, std = scaled_stats(constant)
+    assert std == 1.0 and mean == pytest.approx(value / 255 if dtype == np.uint8 else value, rel=1e-6)
+    y = np.arange(157) % 3
+    write_dataset(tmp_path, dataset="toy", classes=["a", "b", "c"], kinds={"audio": "spectrogram"},
+                  arrays={s: {"audio": constant} for s in ("train", "val", "test")},
+                  labels=dict.fromkeys(("train", "val", "test"), y), preprocessing={}, sources={})
+    assert read_manifest(tmp_path)["modalities"]["audio"]["std"] == 1.0
+
+
+def test_small_but_real_spread_is_kept_and_nan_is_refused():
+    quiet = np.random.default_rng(0).normal(0.0, 1e-4, (50, 8)).astype(np.float32)
+    assert scaled_stats(quiet)[1] == pytest.approx(quiet.std(), rel=1e-4)
+    quiet[3, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        scaled_stats(quiet)
 
 
 def test_stratified_split_is_disjoint_and_stratified():

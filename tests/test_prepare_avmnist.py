@@ -1,17 +1,22 @@
 """AVMNIST preparation on the real MNIST test split and FSDD recordings (skipped when absent).
 
 The full dataset is prepared once per module; a small copy (2,000 MNIST images as raw IDX, 50
-FSDD takes plus broken files) covers the edge cases without a second full build.
+FSDD takes plus broken files) covers the edge cases without a second full build. A tiny generated
+source (random IDX images, tone recordings) covers reporting and refusing, without ../shared/data.
 """
 
+import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
+import fixtures_media as media
+from conftest import snapshot
 from data_prep.audio import log_spectrogram, pad_or_cut
 from data_prep.avmnist import prepare_avmnist, read_mnist
 from mmlab_cli.errors import MmlabError
@@ -30,7 +35,7 @@ def load(root, split, name):
 @pytest.fixture(scope="module")
 def full(tmp_path_factory, mnist_dir, fsdd_dir):
     out = tmp_path_factory.mktemp("avmnist")
-    manifest, built = prepare_avmnist(mnist_dir, fsdd_dir, out)
+    manifest, _, built = prepare_avmnist(mnist_dir, fsdd_dir, out)
     assert built
     return out, manifest
 
@@ -57,7 +62,7 @@ def small(tmp_path_factory, mnist_dir, fsdd_dir):
               "5_george_2.wav": (fsdd_dir / "5_george_2.wav").read_bytes()[:44]}  # header, no samples
     for name, data in broken.items():
         (recordings / name).write_bytes(data)
-    manifest, built = prepare_avmnist(root / "mnist", root / "fsdd", root / "out", pca_keep=1.0)
+    manifest, _, built = prepare_avmnist(root / "mnist", root / "fsdd", root / "out", pca_keep=1.0)
     assert built
     return root, manifest, set(broken)
 
@@ -147,7 +152,7 @@ def test_broken_wavs_are_skipped_and_listed(small):
 
 def test_second_call_is_a_no_op(full, mnist_dir, fsdd_dir):
     out, manifest = full
-    again, built = prepare_avmnist(mnist_dir, fsdd_dir.parent, out)  # the folder holding recordings/
+    again, _, built = prepare_avmnist(mnist_dir, fsdd_dir.parent, out)  # the folder holding recordings/
     assert not built and again == manifest
 
 
@@ -184,3 +189,63 @@ def test_cli(full, mnist_dir, fsdd_dir, tmp_path):
     assert bad.exit_code == 2
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def tone_take(path, digit):
+    """A 0.5 s, 8 kHz, 16-bit recording of a tone that depends on the digit."""
+    t = np.arange(4000) / 8000
+    sf.write(path, 0.3 * np.sin(2 * np.pi * (300 + 100 * digit) * t), 8000, subtype="PCM_16")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """200 random MNIST-like images (raw IDX, 20 per digit) and takes 0, 5, 10, 11 of every digit."""
+    mnist, recordings = tmp_path / "mnist", tmp_path / "recordings"
+    mnist.mkdir()
+    recordings.mkdir()
+    write_idx(mnist / "t10k-images-idx3-ubyte", np.random.default_rng(0).integers(0, 256, (200, 28, 28)), 2051)
+    write_idx(mnist / "t10k-labels-idx1-ubyte", np.arange(200) % 10, 2049)
+    for digit in range(10):
+        for take in (0, 5, 10, 11):
+            tone_take(recordings / f"{digit}_tone_{take}.wav", digit)
+    return mnist, recordings
+
+
+def test_truncated_and_garbage_wavs_are_reported_left_out_and_counted(tiny, tmp_path):
+    from mmlab_cli.main import app
+
+    mnist, recordings = tiny
+    truncated = media.truncate(recordings / "3_tone_11.wav")
+    assert sf.info(truncated).frames > 0  # libsndfile alone reads it as a shorter take
+    (recordings / "4_tone_12.wav").write_bytes(b"\x00garbage, not audio" * 50)
+    out = tmp_path / "out"
+    command = ["prepare", "avmnist", "--mnist", str(mnist), "--fsdd", str(recordings), "--out", str(out)]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "left out 2:" in " ".join(result.output.split())
+    report = json.loads((out / "prepare_report.json").read_text())
+    reasons = {Path(p["path"]).name: p["reason"] for p in report["left_out"]}
+    assert set(reasons) == {"3_tone_11.wav", "4_tone_12.wav"}
+    assert "truncated" in reasons["3_tone_11.wav"] and "not a RIFF/WAVE file" in reasons["4_tone_12.wav"]
+    assert (report["clips"], report["prepared"], report["failed_while_processing"]) == (41, 39, 2)
+    assert report["per_split"]["train"] == {"prepared": 19, "failed": 2}
+    used = set(np.concatenate([load(out, s, "fsdd_take") for s in ("train", "val", "test")]))
+    assert not used & set(reasons) and "3_tone_10.wav" in used
+
+    before = snapshot(out)
+    again = CliRunner().invoke(app, command)  # same sources and parameters: nothing to do, same summary
+    assert again.exit_code == 0 and "already prepared" in again.output and "left out 2:" in again.output
+    refused = CliRunner().invoke(app, [*command, "--pca-keep", "0.5"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert str(out / "manifest.json") in refused.stderr and "preprocessing.pca_keep" in refused.stderr
+    assert snapshot(out) == before
+
+
+def test_digit_left_without_a_take_names_the_unreadable_file(tiny, tmp_path):
+    mnist, recordings = tiny
+    media.truncate(recordings / "7_tone_0.wav")  # the only test take of digit 7
+    with pytest.raises(MmlabError, match=r"no usable test take .* digit\(s\) \[7\] \(7_tone_0.wav unreadable\)") as e:
+        prepare_avmnist(mnist, recordings, tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out" / "manifest.json").exists()
+    tone_take(recordings / "7_tone_0.wav", 7)  # the fix the message asks for: a readable take
+    assert prepare_avmnist(mnist, recordings, tmp_path / "out")[2]

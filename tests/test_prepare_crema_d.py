@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import fixtures_media as media
+from conftest import snapshot
 from data_prep import audiovisual
 from data_prep.audio import ogm_stft, read_wav, resample
 from data_prep.crema_d import LABEL_ORDERS, OGM_ORDER, prepare_crema_d, scan
@@ -114,6 +115,16 @@ def test_rerun_skips_and_force_rebuilds(prepared, release):
     _, report, built = prepare_crema_d(release, out, force=True)
     assert built and report["prepared"] == 46 and (out / "manifest.json").stat().st_mtime_ns != stamp
     np.testing.assert_array_equal(np.load(out / "train" / "audio.npy"), before)  # deterministic
+
+
+def test_other_parameters_are_refused_and_leave_the_dataset_untouched(prepared, release):
+    out, _ = prepared
+    before = snapshot(out)
+    result = CliRunner().invoke(app, ["crema-d", "--src", str(release), "--out", str(out), "--frames", "1"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith(f"error: {out / 'manifest.json'}: ")
+    assert "preprocessing.visual" in result.output and "--force" in result.output
+    assert snapshot(out) == before
 
 
 def test_split_file_speaker_disjoint_and_label_order(release, tmp_path):

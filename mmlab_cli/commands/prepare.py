@@ -78,7 +78,8 @@ def synthetic(
     train_size: int = typer.Option(3000, min=20, help="Training samples before the 10 % validation split."),
     test_size: int = typer.Option(1000, min=10, help="Test samples."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same bytes."),
-    force: bool = typer.Option(False, help="Rebuild even if OUT already holds this dataset."),
+    force: bool = typer.Option(False, help="Rebuild from scratch, replacing the dataset OUT holds (without it, "
+                               "OUT prepared with other parameters is an error)."),
 ) -> None:
     """The embedded default: a class-conditional synthetic dataset, no download.
 
@@ -108,7 +109,8 @@ def avmnist(
     snr_db: Optional[float] = typer.Option(None, help="Add white noise to the audio at this SNR in dB."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when only the 10,000 MNIST test images exist."),
     seed: int = typer.Option(0, help="Seed for splits, pairing and noise."),
-    force: bool = typer.Option(False, help="Rebuild even if OUT already holds this dataset."),
+    force: bool = typer.Option(False, help="Rebuild from scratch, replacing the dataset OUT holds (without it, "
+                               "OUT prepared with other parameters is an error)."),
 ) -> None:
     """AVMNIST from MNIST IDX files and FSDD recordings.
 
@@ -119,19 +121,22 @@ def avmnist(
 
     image [1,28,28] float32: MNIST reconstructed from its top principal components;
     audio [1,112,112] float32: log(|STFT|+1e-7) of an FSDD take of the same digit.
+    Unreadable or truncated recordings are listed in OUT/prepare_report.json and left out.
     """
     from data_prep.avmnist import prepare_avmnist
 
-    manifest, built = prepare_avmnist(mnist, fsdd, out, pca_keep=pca_keep, snr_db=snr_db,
-                                      test_fraction=test_fraction, seed=seed, force=force)
+    manifest, report, built = prepare_avmnist(mnist, fsdd, out, pca_keep=pca_keep, snr_db=snr_db,
+                                              test_fraction=test_fraction, seed=seed, force=force)
     _summary(manifest, out, built)
+    _left_out(report, out)
 
 
 # ----- the real benchmarks: options shared by the three commands
 SRC = typer.Option(..., "--src", help="Folder with the raw files, in the layout shown above.")
 WORKERS = typer.Option(None, min=1, help="Worker processes (default: every available core).")
 SEED = typer.Option(0, help="Seed of the held-out splits.")
-FORCE = typer.Option(False, "--force", help="Rebuild from scratch, even if OUT is finished or half-done.")
+FORCE = typer.Option(False, "--force", help="Rebuild from scratch, even if OUT is finished or half-done (without "
+                     "it, OUT prepared with other parameters is an error).")
 FRAMES = typer.Option(3, min=1, help="Frames K kept per clip (evenly spaced, time order, repeated when fewer).")
 FRAME_SIZE = typer.Option(224, min=8, help="Frame side S: shorter side resized to S, then center crop S x S.")
 

@@ -144,9 +144,21 @@ def scaled_stats(array: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
         n += x.size
         s += x.sum()
         ss += np.square(x).sum()
-    mean = s / max(n, 1)
-    std = float(np.sqrt(max(ss / max(n, 1) - mean * mean, 0.0)))
-    return float(mean), std if std > 0 else 1.0
+    return mean_std(n, s, ss)
+
+
+def mean_std(count: int, total: float, total_sq: float) -> tuple[float, float]:
+    """The manifest's mean and std from the sum and sum of squares of `count` values.
+
+    A std below float32 resolution at that mean (a constant modality, whose variance the sums
+    give as rounding noise) is stored as 1, so standardising never divides by (almost) zero.
+    Non-finite sums mean non-finite values got past the checks that leave them out: a bug.
+    """
+    mean = total / max(count, 1)
+    std = float(np.sqrt(max(total_sq / max(count, 1) - mean * mean, 0.0)))
+    if not np.isfinite([mean, std]).all():
+        raise ValueError(f"non-finite train statistics (mean {mean}, std {std}): the data holds NaN or inf")
+    return float(mean), std if std > 1e-6 * abs(mean) else 1.0
 
 
 def write_manifest(root: str | Path, *, dataset: str, classes: list[str], modalities: dict[str, ModalitySpec],
@@ -255,6 +267,46 @@ def _manifest_problem(m) -> str | None:
                                                      for v in m["splits"].values()):
         return "'splits' must map each split to {count, class_counts}"
     return None
+
+
+def changed_entries(recorded: dict, identity: dict) -> list[str]:
+    """The entries of `identity` that `recorded` (a manifest) holds with other values. In
+    "preprocessing" only the parameters asked for count: values derived while preparing (AVMNIST's
+    PCA component count) are recorded beside them. `identity` goes through JSON first, as the record
+    did (a tuple is recorded as a list)."""
+    changed = []
+    for entry, wanted in json.loads(json.dumps(identity)).items():
+        held = recorded.get(entry)
+        if entry == "preprocessing" and isinstance(held, dict) and isinstance(wanted, dict):
+            changed += [f"{entry}.{key}" for key, value in wanted.items() if key not in held or held[key] != value]
+        elif held != wanted:
+            changed.append(entry)
+    return changed
+
+
+def check_same_preparation(path: Path, recorded: dict | None, identity: dict, what: str = "a dataset") -> None:
+    """One-line error unless `recorded` (read from `path`, None when unreadable) was prepared with
+    `identity`: `prepare` never replaces, nor resumes, another preparation silently."""
+    changed = None if recorded is None else changed_entries(recorded, identity)
+    if changed != []:
+        detail = f"different {', '.join(changed)}" if changed else "unreadable"
+        raise MmlabError(f"{path}: {path.parent} holds {what} not prepared with these parameters and sources "
+                         f"({detail}); add --force to rebuild it, or choose another --out")
+
+
+def existing_dataset(out: str | Path, identity: dict, force: bool) -> dict | None:
+    """The manifest of the finished dataset in `out` when it was prepared with `identity` (the manifest
+    entries that must match: "preprocessing", "sources", ...), so the caller can skip the work; None
+    when there is none or `force` rebuilds; a one-line error when it was prepared otherwise."""
+    path = Path(out) / "manifest.json"
+    if force or not path.is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+    except MmlabError:
+        manifest = None
+    check_same_preparation(path, manifest, identity)
+    return manifest
 
 
 def open_array(root: str | Path, split: str, name: str, shape: tuple[int, ...] | None = None,
