@@ -17,59 +17,78 @@ import yaml
 
 from mmlab_cli.errors import MmlabError
 
-CHOICES = {
-    "pairing": ("sml", "dml"),
-    "fusion": ("concat", "sum"),
-    "optimizer": ("sgd", "adam"),
-    "scheduler": ("step", "none"),
-    "device": ("auto", "cpu", "cuda"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "scheme": ("joint", "dgl"),
-    "regularizer": ("none", "dagr"),
-}
 AUGMENTS = ("jitter", "crop", "flip", "specaugment")
+
+
+def option(default, help: str, choices: tuple = (), metavar: str = ""):
+    """A TrainConfig field with what `mmlab train --help` says about it: the one declaration of a training
+    option (the flag, its help, default and choices are generated from it). Lists and dicts get a fresh
+    copy of `default` per config."""
+    meta = {"help": help, "choices": tuple(choices), "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # prepared dataset directory
-    out: str = ""  # run directory
-    modalities: list[str] = field(default_factory=list)  # empty: every modality in the manifest
-    pairing: str = "sml"  # sml: fixed pairs; dml: re-pair non-anchor modalities within the class each step
-    fusion: str = "concat"
-    encoder: str | dict[str, str] = "small_cnn"  # one name for every modality, or {modality: name}
-    text_encoder: str = ""  # transformers model directory (config.json, optional weights) for text_tokens
-    pretrained: dict[str, str] = field(default_factory=dict)  # {modality: local weights file} (resnet18)
-    embed_dim: int = 128
-    epochs: int = 70
-    batch_size: int = 64  # global batch: split over the processes of a distributed run
-    lr: float = 1e-3  # fusion head, probes and every encoder not in encoder_lr
-    encoder_lr: dict[str, float] = field(default_factory=dict)  # {modality: lr of its encoder}
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    encoder_weight_decay: dict[str, float] = field(default_factory=dict)
-    scheduler: str = "step"
-    step_size: int = 30
-    gamma: float = 0.1
-    clip_grad_norm: float = 0.0  # 0: off
-    scheme: str = "joint"  # joint: end to end; dgl: disentangled gradient learning (Wei et al. 2025)
-    dgl_alpha: float = 1.0  # weight of DGL's unimodal losses
-    regularizer: str = "none"  # dagr: dispersion + anchoring on L2-normalised embeddings
-    dagr_pareto: bool = True  # min-norm (Pareto) mix of the two DAGR gradients, the DAGR paper's default
-    dagr_lambda: float = 0.1  # base factor of the Pareto-mixed DAGR gradient
-    dagr_weights: list[float] = field(default_factory=lambda: [0.1, 0.1])  # (lambda_d, lambda_a) without Pareto
-    dagr_temperature: float = 2.0  # t of the RBF uniformity term
-    dagr_delta: float = 0.5  # tolerance radius of the anchoring hinge (unit-sphere distance, in [0, 2])
-    sam: float = 0.0  # SAM neighbourhood radius rho; 0: off
-    swa_start: int = 0  # first epoch (1-based) averaged by SWA; 0: off
-    swa_lr: float = 0.0  # constant learning rate from swa_start on; 0: keep the rate reached there
-    label_smoothing: float = 0.0
-    augment: list[str] = field(default_factory=list)  # jitter, crop, flip (image/frames), specaugment
-    sync_bn: bool = False  # SyncBatchNorm in a multi-GPU run (batch statistics over the global batch)
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"  # bf16/fp16 use autocast on CUDA only
+    data: str = option("", "Prepared dataset directory (from `mmlab prepare`).", metavar="DIR")
+    out: str = option("", "Run directory to create (or to continue with --resume).", metavar="DIR")
+    modalities: list[str] = option([], "Comma-separated modalities, e.g. image,audio; one name = unimodal; "
+                                   "default: every modality of the dataset.", metavar="NAMES")
+    pairing: str = option("sml", "sml: fixed pairs; dml: re-pair each non-anchor modality with a random "
+                          "same-class training sample every epoch.", ("sml", "dml"))
+    fusion: str = option("concat", "How the embeddings are fused before the classifier.", ("concat", "sum"))
+    encoder: str | dict[str, str] = option("small_cnn", "small_cnn | tiny_cnn | strided_cnn | resnet18 | mlp | "
+                                           "bert, or one per modality: image=resnet18,text=bert (text_tokens "
+                                           "modalities always use bert).", metavar="NAME")
+    text_encoder: str = option("", "Local transformers model directory (BERT family) for text modalities: "
+                               "config.json, and weights to start from if present.", metavar="DIR")
+    pretrained: dict[str, str] = option({}, "Per-modality ResNet18 initial weights, a local torchvision state "
+                                        "dict: image=resnet18-imagenet.pth.", metavar="MODALITY=FILE")
+    embed_dim: int = option(128, "Embedding size d of every modality.", metavar="INT")
+    epochs: int = option(70, "Training epochs.", metavar="INT")
+    batch_size: int = option(64, "Global batch size (split over the processes of a distributed run).",
+                             metavar="INT")
+    lr: float = option(1e-3, "Learning rate of the fusion head, the probes and every encoder not in "
+                       "--encoder-lr.", metavar="FLOAT")
+    encoder_lr: dict[str, float] = option({}, "Per-modality encoder learning rates: text=0.001,image=0.01.",
+                                          metavar="MODALITY=FLOAT")
+    optimizer: str = option("sgd", "Optimizer (SGD uses --momentum).", ("sgd", "adam"))
+    momentum: float = option(0.9, "SGD momentum.", metavar="FLOAT")
+    weight_decay: float = option(1e-4, "Weight decay.", metavar="FLOAT")
+    encoder_weight_decay: dict[str, float] = option({}, "Per-modality encoder weight decay: text=0.001.",
+                                                    metavar="MODALITY=FLOAT")
+    scheduler: str = option("step", "step: multiply the rate by --gamma every --step-size epochs; none: "
+                            "constant.", ("step", "none"))
+    step_size: int = option(30, "StepLR period in epochs.", metavar="INT")
+    gamma: float = option(0.1, "StepLR factor.", metavar="FLOAT")
+    clip_grad_norm: float = option(0.0, "Clip the gradient norm to this (0: off).", metavar="FLOAT")
+    scheme: str = option("joint", "joint: end to end; dgl: disentangled gradient learning (Wei et al. 2025): "
+                         "fused loss on detached embeddings trains the head, unimodal losses the encoders.",
+                         ("joint", "dgl"))
+    dgl_alpha: float = option(1.0, "Weight of DGL's unimodal losses.", metavar="FLOAT")
+    regularizer: str = option("none", "dagr: dispersion + anchoring on L2-normalised embeddings.",
+                              ("none", "dagr"))
+    dagr_pareto: bool = option(True, "Min-norm (Pareto) mix of the two DAGR gradients on the encoders, the "
+                               "DAGR paper's default.")
+    dagr_lambda: float = option(0.1, "Base factor of the Pareto-mixed DAGR gradient.", metavar="FLOAT")
+    dagr_weights: list[float] = option([0.1, 0.1], "lambda_d,lambda_a: weighted sum of the DAGR terms (giving "
+                                       "them turns Pareto mixing off).", metavar="FLOAT,FLOAT")
+    dagr_temperature: float = option(2.0, "Temperature t of DAGR's RBF dispersion term.", metavar="FLOAT")
+    dagr_delta: float = option(0.5, "Tolerance radius of DAGR's anchoring hinge (unit-sphere distance, in "
+                               "[0, 2]).", metavar="FLOAT")
+    sam: float = option(0.0, "Sharpness-aware minimisation radius rho (0: off).", metavar="FLOAT")
+    swa_start: int = option(0, "First epoch (1-based) averaged by SWA (0: off).", metavar="INT")
+    swa_lr: float = option(0.0, "Constant learning rate from --swa-start on (0: keep the rate reached there).",
+                           metavar="FLOAT")
+    label_smoothing: float = option(0.0, "Label smoothing of the training loss.", metavar="FLOAT")
+    augment: list[str] = option([], f"Training augmentations, comma-separated: {', '.join(AUGMENTS)} "
+                                f"(jitter, crop, flip: images/frames; specaugment: spectrograms).", metavar="NAMES")
+    sync_bn: bool = option(False, "SyncBatchNorm in a multi-GPU run (batch statistics over the global batch).")
+    seed: int = option(0, "Seed: the same seed on a CPU gives identical metrics.", metavar="INT")
+    device: str = option("auto", "Where to train.", ("auto", "cpu", "cuda"))
+    precision: str = option("fp32", "bf16/fp16 use autocast, on CUDA only.", ("fp32", "bf16", "fp16"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,7 +183,7 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     for key in FIELDS:
         if not all(math.isfinite(v) for v in _numbers(getattr(cfg, key))):
             raise MmlabError(f"{source}: '{key}' is {getattr(cfg, key)!r}; every number must be finite")
-    for key, allowed in CHOICES.items():
+    for key, allowed in ((k, f.metadata["choices"]) for k, f in FIELDS.items() if f.metadata["choices"]):
         if getattr(cfg, key) not in allowed:
             raise MmlabError(f"{source}: '{key}' is {getattr(cfg, key)!r}; choose one of {', '.join(allowed)}")
     for key in ("epochs", "batch_size", "embed_dim", "step_size"):
@@ -207,6 +226,25 @@ def _dagr_mode(layers: list[dict], source: str) -> dict:
         if "dagr_pareto" in values:
             mode["dagr_pareto"] = values["dagr_pareto"]
     return mode
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` arguments (torchtune/Hydra style) -> {field: value}; values are read as YAML, so
+    `modalities=[image,audio]` and `encoder_lr={text: 0.001}` work as well as `epochs=8`."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in FIELDS:
+            raise MmlabError(f"command line: {item!r} is not key=value with a training option as key; valid keys: "
+                             f"{', '.join(FIELDS)}")
+        if key in values:
+            raise MmlabError(f"command line: '{key}' given twice")
+        try:
+            values[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            values[key] = text
+    return values
 
 
 def resolve_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:

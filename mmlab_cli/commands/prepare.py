@@ -10,7 +10,7 @@ import typer
 from data_prep.synthetic import DEFAULT_INFO
 from mmlab_cli.console import cli_errors, console
 
-app = typer.Typer(no_args_is_help=True, help="Turn raw files into a prepared dataset directory. "
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Turn raw files into a prepared dataset directory. "
                   "`mmlab prepare --list` shows every dataset's expected raw layout; "
                   "`mmlab prepare NAME --help` documents its parameters and output shapes.")
 
