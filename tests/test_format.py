@@ -1,12 +1,14 @@
 """The prepared-dataset format: round trip, memory mapping, atomic writes, and the errors a user sees."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import read_manifest, stratified_split, write_dataset
+from mmlab_cli.data.format import (atomic_write_json, atomic_write_text, commit_array, open_array_for_writing,
+                                   read_manifest, save_array, stratified_split, write_dataset)
 from mmlab_cli.errors import MmlabError
 
 
@@ -89,3 +91,63 @@ def test_empty_class_is_reported(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(MmlabError, match="class 'ghost' has no train samples"):
         PreparedDataset(tmp_path).require_every_class("train")
+
+
+def _streamed(path, array):
+    """How `prepare` writes a large array: fill a memmap at the temporary name, then commit it."""
+    out, tmp = open_array_for_writing(path, array.shape, array.dtype)
+    out[...] = array
+    commit_array(out, tmp, path)
+
+
+def _load(path):
+    return np.load(path, mmap_mode="r").tolist()
+
+
+# writer, reader, the old and the new content
+WRITERS = {"atomic_write_text": (atomic_write_text, lambda p: p.read_text(), "old\n", "new\n" * 1000),
+           "atomic_write_json": (atomic_write_json, lambda p: json.loads(p.read_text()), {"epoch": 1},
+                                 {"epoch": 2, "history": list(range(1000))}),
+           "save_array": (save_array, _load, np.arange(6, dtype=np.int64), np.arange(5000, dtype=np.int64)),
+           "commit_array": (_streamed, _load, np.ones((3, 2), np.float32), np.zeros((900, 2), np.float32))}
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_crash_before_the_rename_keeps_the_previous_file(tmp_path, monkeypatch, name):
+    write, read, old, new = WRITERS[name]
+    path = tmp_path / "sub" / ("file.npy" if "array" in name else "file.json")
+    write(path, old)
+    expected_old = read(path)
+    written = []
+
+    def crash(src, dst):  # the temporary file is complete when the process dies
+        written.append(read(type(path)(src)))
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        write(path, new)
+    monkeypatch.undo()
+    assert written and written[0] == (new.tolist() if isinstance(new, np.ndarray) else new)
+    assert read(path) == expected_old, "the valid name holds the previous, complete file"
+    write(path, new)
+    assert read(path) == written[0]
+
+
+def test_crash_while_rebuilding_a_dataset_leaves_no_valid_dataset(tmp_path, monkeypatch):
+    """Arrays are replaced one by one: until the new manifest lands the directory must not read as prepared."""
+    _write(tmp_path)
+    calls, real = [], os.replace
+
+    def crash_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_third)
+    with pytest.raises(OSError, match="simulated crash"):
+        _write(tmp_path, n_train=33)
+    monkeypatch.undo()
+    with pytest.raises(MmlabError, match="manifest.json: missing"):
+        PreparedDataset(tmp_path)
