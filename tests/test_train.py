@@ -6,13 +6,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import mmlab_cli.engine.fit as fit
 from conftest import tiny_config
+from fed_rows import RowIndex, self_pair_bound
+from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.evaluate import evaluate
 from mmlab_cli.engine.fit import train
@@ -51,13 +55,34 @@ def test_run_directory_loss_decreases_and_load_run(tiny_synthetic, tmp_path):
     assert loaded.config.modalities == ["image", "audio"]
 
 
-def test_same_seed_same_metrics_and_dml_differs(tiny_synthetic, tmp_path):
+def test_same_seed_same_metrics_and_dml_trains_on_repaired_batches(tiny_synthetic, tmp_path, monkeypatch):
+    fed, build_step = {}, fit.build_step
+
+    class Recorded:  # the training step, recording every batch it is given
+        def __init__(self, step, batches):
+            self.step, self.batches = step, batches
+
+        def __getattr__(self, name):
+            return getattr(self.step, name)
+
+        def __call__(self, inputs, y):
+            self.batches.append((inputs, y))
+            return self.step(inputs, y)
+
+    monkeypatch.setattr(fit, "build_step", lambda cfg, *a, **k: Recorded(build_step(cfg, *a, **k),
+                                                                          fed.setdefault(Path(cfg.out).name, [])))
     a = train(tiny_config(tiny_synthetic, tmp_path / "a", epochs=2))
     b = train(tiny_config(tiny_synthetic, tmp_path / "b", epochs=2))
-    c = train(tiny_config(tiny_synthetic, tmp_path / "c", epochs=2, pairing="dml"))
+    train(tiny_config(tiny_synthetic, tmp_path / "c", epochs=2, pairing="dml"))
     assert _history(tmp_path / "a") == _history(tmp_path / "b")
     assert a["test_acc"] == b["test_acc"]
-    assert _history(tmp_path / "a") != _history(tmp_path / "c")
+    split = PreparedDataset(tiny_synthetic).split("train")
+    sml, _ = RowIndex(split).rows(fed["a"])
+    dml, y = RowIndex(split).rows(fed["c"])
+    assert np.array_equal(sml["audio"], sml["image"]), "SML trains on the true pairs"
+    assert np.array_equal(split.labels[dml["image"]], y) and np.array_equal(split.labels[dml["audio"]], y)
+    # DML: the audio of another sample of the class, the sample's own with probability 1 / class size only
+    assert np.mean(dml["audio"] == dml["image"]) <= self_pair_bound(y)
 
 
 def test_three_modalities_and_unimodal(tiny_synthetic, tmp_path):
