@@ -2,7 +2,6 @@
 
 import json
 
-import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from checks import png_image
 from conftest import tiny_config
 from mmlab_cli.analysis.common import load_subset
 from mmlab_cli.analysis.hessian import pyhessian_spectrum, spectrum
@@ -76,14 +76,6 @@ def _reference(run_dir, doc):
             "eigenvalues": np.sort(eig)[::-1]}
 
 
-def _image(path):
-    """A decodable PNG with something drawn on it (more than one colour)."""
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
-    img = mpimg.imread(path)
-    assert img.ndim == 3 and min(img.shape[:2]) > 50 and len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 2
-    return img
-
-
 @pytest.mark.slow
 def test_cli_writes_files_reuses_and_compares(runs):
     sml, audio = runs
@@ -114,13 +106,13 @@ def test_cli_writes_files_reuses_and_compares(runs):
                 "flatness_landscape_1d.npz", "flatness_density.png"} <= set(doc["files"])
         for f in doc["files"]:
             if f.endswith(".png"):
-                _image(run / f)
+                png_image(run / f)
     comparison = json.loads((sml / "flatness_comparison.json").read_text())["runs"]
     assert [r["label"] for r in comparison] == ["sml", "audio"]
     for r, run in zip(comparison, runs):
         assert r["lambda_max"] == pytest.approx(refs[run]["eigenvalues"][0], rel=1e-2)
     for f in ("flatness_comparison_landscape_2d_contour.png", "flatness_comparison_fgap.png"):
-        _image(sml / f)
+        png_image(sml / f)
 
     # the same settings again: nothing recomputed; a changed LPF sigma recomputes LPF only, keeps the rest
     first = json.loads((sml / "flatness.json").read_text())

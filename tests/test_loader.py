@@ -7,7 +7,7 @@ import torch
 
 import mmlab_cli.engine.fit as fit
 from conftest import tiny_config
-from fed_rows import RowIndex, self_pair_bound
+from checks import RowIndex, self_pair_bound
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pairing import epoch_plan

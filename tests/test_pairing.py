@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from fed_rows import self_pair_bound
+from checks import self_pair_bound
 from mmlab_cli.data.pairing import epoch_plan, same_class_partners
 
 

@@ -1,5 +1,7 @@
-"""Which stored rows a batch was built from: every fed tensor row is looked up, byte for byte, among the rows of
-the split as the loader scales them, so a test can check what training and evaluation really consumed."""
+"""Checks shared by tests: which stored rows a batch was built from (every fed tensor row is looked up, byte for
+byte, among the rows of the split as the loader scales them), the bound on DML self-pairs, a real PNG."""
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,3 +36,14 @@ def self_pair_bound(labels: np.ndarray, sigmas: float = 6.0) -> float:
     probability 1 / (its class size), so the count is a sum of Bernoullis; mean + `sigmas` standard deviations."""
     p = 1.0 / np.bincount(labels)[labels]
     return float((p.sum() + sigmas * np.sqrt((p * (1 - p)).sum())) / len(labels))
+
+
+def png_image(path: Path) -> np.ndarray:
+    """The decoded pixels of a real PNG file with something drawn on it (more than two colours)."""
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and min(img.shape[:2]) > 50, f"{path}: {img.shape}"
+    assert len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 2, f"{path}: blank"
+    return img
