@@ -8,10 +8,12 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
+import mmlab_cli.methods.objective as objective
 from conftest import tiny_config
 from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.format import ModalitySpec
-from mmlab_cli.engine.fit import build_optimizer, train
+from mmlab_cli.engine.evaluate import evaluate
+from mmlab_cli.engine.fit import build_optimizer, train, train_one_epoch
 from mmlab_cli.engine.step import build_step
 from mmlab_cli.methods.dagr import anchoring, dagr_terms, dispersion
 from mmlab_cli.methods.pareto import min_norm_alpha, pareto_alpha
@@ -256,10 +258,6 @@ def test_sam_second_pass_leaves_batchnorm_statistics_alone():
 def test_dagr_adds_no_parameters_and_runs_in_training_only(monkeypatch):
     """DAGR's terms are computed in the training step and never at evaluation, and they change nothing about
     the model: after a DAGR step, evaluate() gives the plain CE and accuracy of a plain model with its weights."""
-    import mmlab_cli.methods.objective as objective
-    from mmlab_cli.engine.evaluate import evaluate
-    from mmlab_cli.engine.fit import train_one_epoch
-
     calls, real = [], objective.dagr_terms
     monkeypatch.setattr(objective, "dagr_terms", lambda *a, **k: calls.append(1) or real(*a, **k))
     plain, dagr = _model(), _model()
