@@ -1,12 +1,15 @@
-"""The prepared-dataset format: round trip, memory mapping, atomic writes, and the errors a user sees."""
+"""The prepared-dataset format: round trip, memory mapping and atomic writes (the errors a user sees for a damaged
+dataset are tested through `mmlab train` in test_cli.py)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import read_manifest, scaled_stats, stratified_split, write_dataset
+from mmlab_cli.data.format import (atomic_write_json, atomic_write_text, commit_array, open_array_for_writing,
+                                   read_manifest, save_array, scaled_stats, stratified_split, write_dataset)
 from mmlab_cli.errors import MmlabError
 
 
@@ -70,45 +73,61 @@ def test_stratified_split_is_disjoint_and_stratified():
     assert not np.array_equal(held, stratified_split(labels, 0.1, seed=4)[1])
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("version", "format version 99"),
-    ("corrupt", "corrupt array file"),
-    ("rows", "rows but the manifest says"),
-    ("missing", "missing"),
-])
-def test_bad_datasets_are_one_line_errors_naming_the_file(tmp_path, damage, message):
+def _streamed(path, array):
+    """How `prepare` writes a large array: fill a memmap at the temporary name, then commit it."""
+    out, tmp = open_array_for_writing(path, array.shape, array.dtype)
+    out[...] = array
+    commit_array(out, tmp, path)
+
+
+def _load(path):
+    return np.load(path, mmap_mode="r").tolist()
+
+
+# writer, reader, the old and the new content
+WRITERS = {"atomic_write_text": (atomic_write_text, lambda p: p.read_text(), "old\n", "new\n" * 1000),
+           "atomic_write_json": (atomic_write_json, lambda p: json.loads(p.read_text()), {"epoch": 1},
+                                 {"epoch": 2, "history": list(range(1000))}),
+           "save_array": (save_array, _load, np.arange(6, dtype=np.int64), np.arange(5000, dtype=np.int64)),
+           "commit_array": (_streamed, _load, np.ones((3, 2), np.float32), np.zeros((900, 2), np.float32))}
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_crash_before_the_rename_keeps_the_previous_file(tmp_path, monkeypatch, name):
+    write, read, old, new = WRITERS[name]
+    path = tmp_path / "sub" / ("file.npy" if "array" in name else "file.json")
+    write(path, old)
+    expected_old = read(path)
+    written = []
+
+    def crash(src, dst):  # the temporary file is complete when the process dies
+        written.append(read(type(path)(src)))
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        write(path, new)
+    monkeypatch.undo()
+    assert written and written[0] == (new.tolist() if isinstance(new, np.ndarray) else new)
+    assert read(path) == expected_old, "the valid name holds the previous, complete file"
+    write(path, new)
+    assert read(path) == written[0]
+
+
+def test_crash_while_rebuilding_a_dataset_leaves_no_valid_dataset(tmp_path, monkeypatch):
+    """Arrays are replaced one by one: until the new manifest lands the directory must not read as prepared."""
     _write(tmp_path)
-    if damage == "version":
-        m = json.loads((tmp_path / "manifest.json").read_text())
-        m["format_version"] = 99
-        (tmp_path / "manifest.json").write_text(json.dumps(m))
-    elif damage == "corrupt":
-        (tmp_path / "train" / "audio.npy").write_bytes(b"\x93NUMPY garbage")
-    elif damage == "rows":
-        np.save(tmp_path / "train" / "audio.npy", np.zeros((7, 1, 3, 5), np.float32))
-    else:
-        (tmp_path / "train" / "audio.npy").unlink()
-    with pytest.raises(MmlabError) as e:
-        PreparedDataset(tmp_path).split("train")
-    assert message in str(e.value) and "\n" not in str(e.value)
-    assert str(tmp_path) in str(e.value)
+    calls, real = [], os.replace
 
+    def crash_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("simulated crash")
+        real(src, dst)
 
-def test_unknown_modality_and_missing_directory(tmp_path):
-    _write(tmp_path / "d")
-    with pytest.raises(MmlabError, match="no modality 'video'.*image, audio"):
-        PreparedDataset(tmp_path / "d", ["video"])
-    with pytest.raises(MmlabError, match="no such dataset directory"):
-        PreparedDataset(tmp_path / "nope")
-    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(os, "replace", crash_third)
+    with pytest.raises(OSError, match="simulated crash"):
+        _write(tmp_path, n_train=33)
+    monkeypatch.undo()
     with pytest.raises(MmlabError, match="manifest.json: missing"):
-        PreparedDataset(tmp_path / "empty")
-
-
-def test_empty_class_is_reported(tmp_path):
-    _write(tmp_path, n_train=30, classes=4)
-    m = json.loads((tmp_path / "manifest.json").read_text())
-    m["classes"].append("ghost")
-    (tmp_path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(MmlabError, match="class 'ghost' has no train samples"):
-        PreparedDataset(tmp_path).require_every_class("train")
+        PreparedDataset(tmp_path)

@@ -114,17 +114,26 @@ def test_command_line(runs):
                               "--device", "cpu", "--recall-k", "1,2"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"runs": [str(runs / "uni" / "geometry.json")]}
-    first = _strict_json(runs / "uni" / "geometry.json")
+    path = runs / "uni" / "geometry.json"
+    first = _strict_json(path)
     assert first["settings"]["recall_k"] == [1, 2]
+    # mark the file: a run that reuses it leaves the mark, one that recomputes replaces it with the true value
+    marked = {**first, "modality": {"audio": {**first["modality"]["audio"], "variance": -1.0}}}
+    path.write_text(json.dumps(marked))
     again = cli.invoke(app, ["geometry", str(runs / "uni"), "--samples", "30", "--tsne-samples", "0",
                              "--device", "cpu", "--recall-k", "1,2"])
     assert again.exit_code == 0 and "reused" in again.output  # same settings and checkpoint
-    assert _strict_json(runs / "uni" / "geometry.json") == first
+    assert _strict_json(path) == marked
     forced = cli.invoke(app, ["geometry", str(runs / "uni"), "--samples", "30", "--tsne-samples", "0",
                               "--device", "cpu", "--recall-k", "1,2", "--force"])
     assert forced.exit_code == 0 and "reused" not in forced.output
-    redo = _strict_json(runs / "uni" / "geometry.json")
-    assert redo["modality"] == first["modality"] and redo["seconds"] != first["seconds"]  # seeded: same numbers
+    assert _strict_json(path)["modality"] == first["modality"]  # recomputed, seeded: the same numbers
+    path.write_text(json.dumps(marked))
+    changed = cli.invoke(app, ["geometry", str(runs / "uni"), "--samples", "30", "--tsne-samples", "0",
+                               "--device", "cpu", "--recall-k", "1,3"])
+    assert changed.exit_code == 0 and "reused" not in changed.output
+    redo = _strict_json(path)
+    assert redo["settings"]["recall_k"] == [1, 3] and redo["modality"] == first["modality"]
     for args, needle in ((["geometry", str(runs / "nope")], "not a run directory"),
                          (["geometry", str(runs / "uni"), "--recall-k", "a"], "--recall-k"),
                          (["geometry", str(runs / "uni"), "--samples", "1"], "--samples")):

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
+import mmlab_cli.methods.objective as objective
 from conftest import tiny_config
 from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.format import ModalitySpec
-from mmlab_cli.engine.fit import build_optimizer, train
+from mmlab_cli.engine.evaluate import evaluate
+from mmlab_cli.engine.fit import build_optimizer, train, train_one_epoch
 from mmlab_cli.engine.step import build_step
 from mmlab_cli.methods.dagr import anchoring, dagr_terms, dispersion
 from mmlab_cli.methods.pareto import min_norm_alpha, pareto_alpha
@@ -253,21 +255,28 @@ def test_sam_second_pass_leaves_batchnorm_statistics_alone():
     sam.descend()
 
 
-def test_dagr_adds_no_parameters_and_nothing_at_evaluation(monkeypatch):
+def test_dagr_adds_no_parameters_and_runs_in_training_only(monkeypatch):
+    """DAGR's terms are computed in the training step and never at evaluation, and they change nothing about
+    the model: after a DAGR step, evaluate() gives the plain CE and accuracy of a plain model with its weights."""
+    calls, real = [], objective.dagr_terms
+    monkeypatch.setattr(objective, "dagr_terms", lambda *a, **k: calls.append(1) or real(*a, **k))
     plain, dagr = _model(), _model()
     cfg = _cfg(regularizer="dagr")
     opt, _ = build_optimizer(cfg, dagr)
-    build_step(cfg, dagr, opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+    step = build_step(cfg, dagr, opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in dagr.named_parameters()]
-    assert sum(p.numel() for p in opt.param_groups[0]["params"] + [q for g in opt.param_groups[1:] for q in g["params"]]) \
-        == sum(p.numel() for p in plain.parameters())
-    import mmlab_cli.methods.objective as objective
-
-    monkeypatch.setattr(objective, "dagr_terms", lambda *a, **k: pytest.fail("DAGR ran at evaluation"))
-    inputs, _ = _batch()
-    dagr.eval()
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in plain.parameters())
+    inputs, y = _batch()
+    record = train_one_epoch(dagr, [(inputs, y)], opt, None, torch.device("cpu"), "fp32", step=step)
+    assert len(calls) == 1 and math.isfinite(record["dispersion"]), "DAGR did not run in training"
+    plain.load_state_dict(dagr.state_dict())
+    result = evaluate(dagr, [(inputs, y)], torch.device("cpu"))
+    assert len(calls) == 1, "DAGR ran at evaluation"
     with torch.no_grad():
-        assert torch.equal(dagr(inputs).logits, plain.eval()(inputs).logits)
+        logits = plain.eval()(inputs).logits
+        assert torch.equal(dagr(inputs).logits, logits)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert result["acc"] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
 
 
 def test_per_modality_learning_rates_and_weight_decay():

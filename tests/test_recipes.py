@@ -40,9 +40,10 @@ def test_typo_is_one_line_naming_key_and_file(tmp_path):
     bad.parent.mkdir(parents=True)
     bad.write_text("epochs: 2\ndagr_temprature: 3\n")
     result = _train("--recipe", bad, "--out", tmp_path / "run")
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "dagr_temprature" in lines[0] and str(bad) in lines[0] and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "unknown key 'dagr_temprature'" in err and str(bad) in err
 
 
 @pytest.mark.parametrize("text, key", [("encoder_lr: 0.1\n", "encoder_lr"),  # a mapping is expected

@@ -3,17 +3,20 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from checks import png_image
 from conftest import tiny_config
+from mmlab_cli.analysis.common import subset_indices
 from mmlab_cli.analysis.attacks import pgd, pgd_settings
 from mmlab_cli.analysis.robustness import RobustnessSettings, relative_robustness, robustness
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import write_dataset
-from mmlab_cli.data.loader import BatchLoader
+from mmlab_cli.data.loader import BatchLoader, to_tensor
 from mmlab_cli.engine.evaluate import evaluate
 from mmlab_cli.engine.fit import train
 from mmlab_cli.engine.rundir import load_run
@@ -193,6 +196,23 @@ def test_method_labels_name_the_training_method():
     assert label(["image", "audio"], pairing="dml", regularizer="dagr") == "DML (image+audio) + DAGR"
 
 
+def _direct(run_dir, result):
+    """[accuracy, mean CE] of the best checkpoint on the result's subset, clean and with each modality all zeros."""
+    run = load_run(run_dir)
+    split = run.dataset.split(result["split"])
+    idx = subset_indices(len(split), result["samples"], result["settings"]["seed"])
+    inputs = {m: to_tensor(np.array(a[idx]), CPU) for m, a in split.arrays.items()}
+    y = split.labels[idx]
+    model = run.model.eval()
+
+    def measure(x):
+        with torch.no_grad():
+            logits = model(x).logits
+        return [100 * np.mean(logits.argmax(1).numpy() == y), F.cross_entropy(logits, torch.from_numpy(y)).item()]
+
+    return {"clean": measure(inputs), **{m: measure({**inputs, m: torch.zeros_like(inputs[m])}) for m in inputs}}
+
+
 def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
     cli = CliRunner()
     args = ["robustness", str(runs / "sml"), str(runs / "audio_only"), "--severity", "0,0.5,1", "--samples", "24",
@@ -201,12 +221,6 @@ def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "PGD on image moves at most T * alpha = 0.002 < eps = 0.1" in " ".join(res.output.split())
-    for run in ("sml", "audio_only"):
-        d = runs / run
-        for f in ("robustness.json", "robustness.csv", "robustness.md", "robustness_audio.png",
-                  "robustness_pgd_sweep.png"):
-            assert (d / f).is_file() and (d / f).stat().st_size > 0, (run, f)
-    assert (runs / "sml" / "robustness_image.png").is_file()
     out = json.loads((runs / "sml" / "robustness.json").read_text())
     assert {"schema", "run", "label", "method", "checkpoint_sha256", "settings", "clean", "pgd", "corruptions",
             "skipped", "samples", "seconds"} <= set(out)
@@ -214,17 +228,40 @@ def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
         assert {"clean_acc", "perturbed_acc", "drop_rate"} <= set(out["pgd"][m])
     uni = json.loads((runs / "audio_only" / "robustness.json").read_text())
     assert list(uni["pgd"]) == ["audio"] and uni["method"] == "audio only"
-    csv = (runs / "sml" / "robustness.csv").read_text().splitlines()
-    assert csv[0] == "section,modality,test,level,value,acc,loss,drop_rate"
-    n_curves = sum(len(c) for c in out["corruptions"].values())
-    assert len(csv) == 1 + 1 + 2 * (1 + 3) + 3 * n_curves
+    direct = {}
+    for run, result in (("sml", out), ("audio_only", uni)):
+        # the clean accuracy and "missing-zero" at p = 1 (the modality all zeros) computed here, from the arrays
+        acc = direct[run] = _direct(runs / run, result)
+        assert [result["clean"]["acc"], result["clean"]["loss"]] == pytest.approx(acc["clean"], rel=1e-5)
+        csv = pd.read_csv(runs / run / "robustness.csv", keep_default_na=False)
+        assert list(csv.columns) == ["section", "modality", "test", "level", "value", "acc", "loss", "drop_rate"]
+        pick = lambda section, m, test, level="": csv[(csv.section == section) & (csv.modality == m)  # noqa: E731
+                                                       & (csv.test == test) & (csv.level.astype(str) == str(level))]
+        assert pick("clean", "", "clean")[["acc", "loss"]].values[0] == pytest.approx(acc["clean"], rel=1e-5)
+        for m, curves in result["corruptions"].items():
+            c = curves["missing-zero"]
+            assert [c["acc"][-1], c["loss"][-1]] == pytest.approx(acc[m], rel=1e-5)
+            row = pick("corruption", m, "missing-zero", 1.0)
+            assert row[["acc", "loss"]].values[0] == pytest.approx(acc[m], rel=1e-5)
+            png_image(runs / run / f"robustness_{m}.png")
+        for m, r in result["pgd"].items():
+            assert pick("pgd", m, "pgd", 1.0).acc.item() == pytest.approx(r["perturbed_acc"])
+        n_curves = sum(len(c) for c in result["corruptions"].values())
+        n_pgd = len(result["pgd"])
+        assert len(csv) == 1 + n_pgd * (1 + 3) + 3 * n_curves  # clean, per PGD modality 1 + 3 sweep points
+        png_image(runs / run / "robustness_pgd_sweep.png")
+    assert set(out["corruptions"]) == {"image", "audio"} and sum(len(c) for c in out["corruptions"].values()) == 4
     md = (runs / "sml" / "robustness.md").read_text()
-    assert "drop rate" in md and "audio-noise" in md and n_curves == 4  # image: missing, cutout; audio: missing, noise
-    for f in ("comparison.json", "comparison.csv", "comparison.md", "comparison_audio.png", "comparison_image.png",
-              "comparison_pgd_sweep.png"):
-        assert (tmp_path / "cmp" / f).is_file(), f
+    assert "drop rate" in md and "audio-noise" in md and f"{direct['sml']['clean'][0]:.2f}" in md
+    for f in ("comparison_audio.png", "comparison_image.png", "comparison_pgd_sweep.png"):
+        png_image(tmp_path / "cmp" / f)
     cmp = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [r["label"] for r in cmp["runs"]] == ["sml", "audio_only"]
+    clean = [direct["sml"]["clean"], direct["audio_only"]["clean"]]
+    assert [r["clean_acc"] for r in cmp["runs"]] == pytest.approx([a for a, _ in clean])
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv", keep_default_na=False)
+    rows = table[table.section == "clean"][["acc", "loss"]].values.tolist()
+    assert rows == [pytest.approx(c, rel=1e-5) for c in clean]
     assert cmp["runs"][0]["pgd"]["image"]["perturbed_acc"] == out["pgd"]["image"]["perturbed_acc"]
     # same settings and checkpoint: reused, identical; --force recomputes the same numbers (seeded)
     again = cli.invoke(app, args)

@@ -1,18 +1,17 @@
-"""`mmlab train` end to end on a tiny synthetic dataset: run directory, determinism, resume after kill -9."""
+"""`mmlab train` end to end on a tiny synthetic dataset: run directory, determinism, DML batches (kill -9 and
+resume: test_reliability.py)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+import mmlab_cli.engine.fit as fit
 from conftest import tiny_config
+from checks import RowIndex, self_pair_bound
+from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.evaluate import evaluate
 from mmlab_cli.engine.fit import train
@@ -24,10 +23,6 @@ TIMING_KEYS = {"seconds", "train_seconds", "wall_seconds_this_process"}
 def _history(run):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _metrics(run):
-    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k not in TIMING_KEYS}
 
 
 def test_run_directory_loss_decreases_and_load_run(tiny_synthetic, tmp_path):
@@ -51,13 +46,34 @@ def test_run_directory_loss_decreases_and_load_run(tiny_synthetic, tmp_path):
     assert loaded.config.modalities == ["image", "audio"]
 
 
-def test_same_seed_same_metrics_and_dml_differs(tiny_synthetic, tmp_path):
+def test_same_seed_same_metrics_and_dml_trains_on_repaired_batches(tiny_synthetic, tmp_path, monkeypatch):
+    fed, build_step = {}, fit.build_step
+
+    class Recorded:  # the training step, recording every batch it is given
+        def __init__(self, step, batches):
+            self.step, self.batches = step, batches
+
+        def __getattr__(self, name):
+            return getattr(self.step, name)
+
+        def __call__(self, inputs, y):
+            self.batches.append((inputs, y))
+            return self.step(inputs, y)
+
+    monkeypatch.setattr(fit, "build_step", lambda cfg, *a, **k: Recorded(build_step(cfg, *a, **k),
+                                                                          fed.setdefault(Path(cfg.out).name, [])))
     a = train(tiny_config(tiny_synthetic, tmp_path / "a", epochs=2))
     b = train(tiny_config(tiny_synthetic, tmp_path / "b", epochs=2))
-    c = train(tiny_config(tiny_synthetic, tmp_path / "c", epochs=2, pairing="dml"))
+    train(tiny_config(tiny_synthetic, tmp_path / "c", epochs=2, pairing="dml"))
     assert _history(tmp_path / "a") == _history(tmp_path / "b")
     assert a["test_acc"] == b["test_acc"]
-    assert _history(tmp_path / "a") != _history(tmp_path / "c")
+    split = PreparedDataset(tiny_synthetic).split("train")
+    sml, _ = RowIndex(split).rows(fed["a"])
+    dml, y = RowIndex(split).rows(fed["c"])
+    assert np.array_equal(sml["audio"], sml["image"]), "SML trains on the true pairs"
+    assert np.array_equal(split.labels[dml["image"]], y) and np.array_equal(split.labels[dml["audio"]], y)
+    # DML: the audio of another sample of the class, the sample's own with probability 1 / class size only
+    assert np.mean(dml["audio"] == dml["image"]) <= self_pair_bound(y)
 
 
 def test_three_modalities_and_unimodal(tiny_synthetic, tmp_path):
@@ -66,40 +82,3 @@ def test_three_modalities_and_unimodal(tiny_synthetic, tmp_path):
     assert {"test_acc_image", "test_acc_audio", "test_acc_depth"} <= set(m3)
     uni = train(tiny_config(tiny_synthetic, tmp_path / "uni", modalities=["audio"], epochs=2, fusion="sum"))
     assert uni["modalities"] == ["audio"]
-
-
-def _cli(*args):
-    return [sys.executable, "-m", "mmlab_cli", "train", *map(str, args)]
-
-
-def test_resume_after_kill_9_matches_uninterrupted_run(tiny_synthetic, tmp_path):
-    flags = ["--data", tiny_synthetic, "--modalities", "image,audio", "--pairing", "dml", "--encoder", "tiny_cnn",
-             "--embed-dim", "16", "--epochs", "6", "--batch-size", "16", "--lr", "0.05", "--step-size", "3",
-             "--device", "cpu", "--seed", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_cli(*flags, "--out", full), check=True, capture_output=True, env=env)
-
-    proc = subprocess.Popen(_cli(*flags, "--out", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        jsonl = killed / "metrics.jsonl"
-        if jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    time.sleep(0.1)  # into the next epoch
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "metrics.json").exists()
-
-    resumed = subprocess.run(_cli("--resume", "--out", killed), capture_output=True, text=True, env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr
-    assert _metrics(killed) == _metrics(full)
-    assert _history(killed) == _history(full)
-    wa = load_file(str(full / "checkpoints/last/model.safetensors"))
-    wb = load_file(str(killed / "checkpoints/last/model.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    again = subprocess.run(_cli("--resume", "--out", killed), capture_output=True, text=True, env=env)
-    assert again.returncode == 0 and "already finished" in again.stderr

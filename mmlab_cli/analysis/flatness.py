@@ -9,7 +9,6 @@ and settings, and writes flatness.json / flatness.md / CSV / NPZ / PNG into the 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path

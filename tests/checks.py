@@ -1,0 +1,49 @@
+"""Checks shared by tests: which stored rows a batch was built from (every fed tensor row is looked up, byte for
+byte, among the rows of the split as the loader scales them), the bound on DML self-pairs, a real PNG."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmlab_cli.data.loader import to_tensor
+
+
+class RowIndex:
+    """Row lookup for every modality of one split (rows must be unique: the synthetic data's noise sees to it)."""
+
+    def __init__(self, split):
+        self.split = split
+        self.index = {}
+        for m, a in split.arrays.items():
+            rows = to_tensor(np.array(a), torch.device("cpu")).numpy()
+            self.index[m] = {r.tobytes(): i for i, r in enumerate(rows)}
+            assert len(self.index[m]) == len(rows), f"{split.name}/{m}: duplicate rows, lookup would be ambiguous"
+
+    def rows(self, batches) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """({modality: source row of every fed sample}, fed labels), concatenated over `batches`."""
+        src = {m: [] for m in self.index}
+        labels = []
+        for inputs, y in batches:
+            for m, x in inputs.items():
+                src[m] += [self.index[m][r.tobytes()] for r in x.detach().cpu().numpy()]
+            labels.append(y.cpu().numpy())
+        return {m: np.array(v) for m, v in src.items()}, np.concatenate(labels)
+
+
+def self_pair_bound(labels: np.ndarray, sigmas: float = 6.0) -> float:
+    """An upper bound on the fraction of DML partners equal to the sample itself: each is its own partner with
+    probability 1 / (its class size), so the count is a sum of Bernoullis; mean + `sigmas` standard deviations."""
+    p = 1.0 / np.bincount(labels)[labels]
+    return float((p.sum() + sigmas * np.sqrt((p * (1 - p)).sum())) / len(labels))
+
+
+def png_image(path: Path) -> np.ndarray:
+    """The decoded pixels of a real PNG file with something drawn on it (more than two colours)."""
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and min(img.shape[:2]) > 50, f"{path}: {img.shape}"
+    assert len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 2, f"{path}: blank"
+    return img
