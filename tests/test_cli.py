@@ -113,3 +113,58 @@ def test_report_prints_accuracy_table(tiny_synthetic, tmp_path):
     assert result.exit_code == 0, result.output
     assert "SML (image+audio)" in (tmp_path / "runs" / "report.md").read_text()
     _one_line_error(runner.invoke(app, ["report", str(tmp_path / "empty-nothing")]), "no such directory")
+
+
+def test_train_help_is_generated_from_the_config_and_fits_80_columns():
+    """Every TrainConfig field is a flag with its own help and default (one declaration), readable at 80 columns."""
+    import dataclasses
+
+    from mmlab_cli.config import TrainConfig
+
+    result = runner.invoke(app, ["train", "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    help_text = " ".join(result.output.split())
+    for f in dataclasses.fields(TrainConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        assert flag in help_text, flag
+        assert " ".join(f.metadata["help"].split())[:40] in help_text, f.name
+    assert "--pairing sml|dml" in help_text and "[default: sml]" in help_text and "[default: 0.001]" in help_text
+    assert max(map(len, result.output.splitlines())) <= 80
+
+
+def test_key_value_overrides_and_print_config(tiny_synthetic, tmp_path):
+    """key=value (read as YAML) and flags both override the recipe; --print-config shows the result and trains
+    nothing; the same key twice, or an unknown key, is one line."""
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("encoder: tiny_cnn\nepochs: 5\nlr: 0.1\n")
+    result = runner.invoke(app, ["train", "--recipe", str(recipe), "--data", str(tiny_synthetic), "epochs=2",
+                                 "modalities=[image,audio]", "encoder_lr={audio: 0.01}", "batch-size=8", "--lr",
+                                 "0.02", "--out", str(tmp_path / "run"), "--print-config"])
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.stdout)
+    assert (cfg["epochs"], cfg["modalities"], cfg["encoder_lr"], cfg["batch_size"], cfg["lr"], cfg["encoder"]) == \
+        (2, ["image", "audio"], {"audio": 0.01}, 8, 0.02, "tiny_cnn")
+    assert not (tmp_path / "run").exists()
+    _one_line_error(runner.invoke(app, ["train", "--data", str(tiny_synthetic), "epochs=2", "--epochs", "3"]),
+                    "'epochs' given both")
+    _one_line_error(runner.invoke(app, ["train", "--data", str(tiny_synthetic), "epoch=2"]),
+                    "'epoch=2' is not key=value", "epochs")
+    _one_line_error(runner.invoke(app, ["train", "--data", str(tiny_synthetic), "lr=fast"]), "'lr' must be float")
+
+
+def test_version_and_completion():
+    import mmlab_cli
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"mmlab {mmlab_cli.__version__}\n"
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
+
+
+@pytest.mark.parametrize("command", [["train"], ["flatness"], ["robustness"], ["geometry"], ["report"],
+                                     ["prepare", "synthetic"], ["prepare", "avmnist"], ["prepare", "crema-d"]])
+def test_every_help_fits_80_columns_and_shows_defaults(command):
+    result = runner.invoke(app, [*command, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0 and "[default: " in result.output
+    assert max(map(len, result.output.splitlines())) <= 80
