@@ -7,7 +7,6 @@ result or nothing claimed."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from mmlab_cli.config import method_label
 from mmlab_cli.console import console
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import check_writable, sha256_file
+from mmlab_cli.data.format import check_writable, read_json_object, sha256_file
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.checkpoint import find_checkpoint
 from mmlab_cli.engine.rundir import Run, load_run
@@ -79,11 +78,8 @@ def previous_result(path: Path) -> dict | None:
     """The analysis JSON at `path`, or None when absent; an unreadable one is noted and computed again."""
     if not path.is_file():
         return None
-    try:
-        old = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        old = None
-    if isinstance(old, dict):
+    old = read_json_object(path)
+    if old is not None:
         return old
     console.print(f"[yellow]{path}: unreadable (corrupt or cut short); computing it again")
     return None

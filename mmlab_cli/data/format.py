@@ -91,6 +91,15 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, strict_json(obj) + "\n")
 
 
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object in `path`, or None when the file is absent, unreadable, cut short or not an object."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def check_writable(folder: str | Path) -> None:
     """Fail now, with one line, if `folder` cannot be created or written (before minutes of computing)."""
     folder = Path(folder)

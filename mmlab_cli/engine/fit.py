@@ -12,7 +12,6 @@ is saved: the last good checkpoint stays, and metrics.jsonl records where it div
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from mmlab_cli.config import TrainConfig, config_to_yaml
 from mmlab_cli.console import console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text, strict_json
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_json_object, strict_json
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pairing import epoch_plan
 from mmlab_cli.engine.checkpoint import (find_checkpoint, load_state, load_weights, non_finite_weights,
@@ -126,7 +125,7 @@ def _prepare_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, w
     if paths.config.exists() and not resume:
         raise MmlabError(f"{paths.config}: {paths.root} already holds a run; pass --resume to continue it "
                          f"or choose another --out")
-    trained_on = _read_json(paths.env).get("dataset_sha256") if resume else None
+    trained_on = (read_json_object(paths.env) or {}).get("dataset_sha256") if resume else None
     if trained_on and trained_on != dataset.fingerprint:
         raise MmlabError(f"{dataset.root / 'manifest.json'}: not the dataset {paths.root} was trained on (its "
                          f"manifest changed); resume with --data pointing at that preparation, or start a new run")
@@ -134,14 +133,6 @@ def _prepare_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, w
     if world.main:
         atomic_write_text(paths.config, config_to_yaml(cfg))
     return paths
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _jsonl(records: list[dict]) -> str:

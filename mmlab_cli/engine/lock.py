@@ -11,17 +11,14 @@ import os
 import socket
 from pathlib import Path
 
-from mmlab_cli.data.format import check_writable
+from mmlab_cli.data.format import check_writable, read_json_object
 from mmlab_cli.errors import MmlabError
 
 LOCK_NAME = ".lock"
 
 
 def _holder(lock: Path) -> dict:
-    try:
-        return json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json_object(lock) or {}
 
 
 def _alive(holder: dict) -> bool:

@@ -14,7 +14,6 @@ config.yaml, so a moved or copied run loads and resumes where it lies.
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 
 from mmlab_cli.config import TrainConfig, config_from_yaml
 from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.data.format import read_json_object
 from mmlab_cli.engine.checkpoint import find_checkpoint, non_finite_weights, read_weights
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
@@ -47,10 +47,7 @@ class RunPaths:
 
     def finished(self) -> bool:
         """metrics.json is present and readable (a corrupt one means the run must be finished again)."""
-        try:
-            return isinstance(json.loads(self.metrics.read_bytes()), dict)
-        except (OSError, ValueError):
-            return False
+        return read_json_object(self.metrics) is not None
 
     def restart_advice(self) -> str:
         return (f"to train it again from epoch 1: rm -rf {self.root / 'checkpoints'} {self.metrics_jsonl} "
@@ -66,7 +63,7 @@ class Run:
 
     @property
     def metrics(self) -> dict:
-        return json.loads(self.paths.metrics.read_text()) if self.paths.metrics.is_file() else {}
+        return read_json_object(self.paths.metrics) or {}
 
 
 def resolve_device(name: str) -> torch.device:
