@@ -438,3 +438,23 @@ def test_a_kill_while_writing_outputs_leaves_no_result_claimed(trained, tmp_path
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and "(reused" not in result.stderr
     assert set(json.loads((run / "robustness.json").read_text())["files"]) <= {p.name for p in run.iterdir()}
+
+
+def test_the_advice_of_run_errors_works_when_followed(tiny_synthetic, tmp_path):
+    """'already holds a run; pass --resume' and an analysis's 'finish the run with mmlab train --resume', each
+    followed as written."""
+    run = tmp_path / "run"
+    flags = ["train", *_flags(tiny_synthetic, epochs=1), "--out", str(run)]
+    assert runner.invoke(app, flags).exit_code == 0
+    _one_line_error(runner.invoke(app, flags), 2, "already holds a run", "--resume")
+    again = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+    assert again.exit_code == 0 and "already finished" in again.stderr
+    killed_early = tmp_path / "early"  # killed before its first epoch ended: a config, nothing else
+    killed_early.mkdir()
+    shutil.copy(run / "config.yaml", killed_early / "config.yaml")
+    err = _one_line_error(runner.invoke(app, ["geometry", str(killed_early), "--device", "cpu",
+                                              *ANALYSES["geometry"]]), 2, "finish the run")
+    assert f"mmlab train --resume --out {killed_early}" in err
+    assert runner.invoke(app, ["train", "--resume", "--out", str(killed_early)]).exit_code == 0
+    _same_run(killed_early, run)
+    assert runner.invoke(app, ["geometry", str(killed_early), "--device", "cpu", *ANALYSES["geometry"]]).exit_code == 0
