@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mmlab_cli.console import cli_errors, console, parse_numbers
+from mmlab_cli.console import FIGURE_FORMAT_HELP, cli_errors, comparison_dir, console, parse_numbers
 
 
 @cli_errors
@@ -47,8 +47,9 @@ def flatness(
     grid: int = typer.Option(21, help="Landscape grid points per axis on [-span, span] (21: 21x21 in 2-D)."),
     span: float = typer.Option(1.0, help="Landscape half-width along each filter-normalised direction."),
     landscape_dims: str = typer.Option("1,2", help="Landscapes to draw: 1, 2 or 1,2."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: the first "
-                                       "run's directory)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: "
+                                       "compare/flatness in the runs' common folder)."),
+    figure_format: str = typer.Option("png", help=FIGURE_FORMAT_HELP),
     force: bool = typer.Option(False, "--force", help="Recompute metrics even if flatness.json has them with these "
                                "settings."),
 ) -> None:
@@ -56,6 +57,7 @@ def flatness(
     values and PNG plots into each run directory (docs/flatness.md)."""
     from rich.table import Table
 
+    from mmlab_cli import figures
     from mmlab_cli.analysis.flatness import METRICS, FlatnessSettings, analyse_run, compare
     from mmlab_cli.engine.rundir import load_run, resolve_device
     from mmlab_cli.errors import MmlabError
@@ -75,7 +77,8 @@ def flatness(
     results = []
     for run_dir in run_dirs:
         run = load_run(run_dir, checkpoint, str(dev))
-        result = analyse_run(run, settings, dev, checkpoint, force)
+        with figures.formats(figure_format):
+            result = analyse_run(run, settings, dev, checkpoint, force)
         results.append(result)
         reused = f" (reused: {', '.join(result['reused'])})" if result["reused"] else ""
         console.print(f"[bold]{run.paths.root}[/]: wrote flatness.json/.md and {len(result['files']) - 2} more "
@@ -91,8 +94,8 @@ def flatness(
     console.print(table)
     comparison = None
     if len(results) > 1:
-        folder = out or Path(run_dirs[0])
-        comparison = str(compare(results, folder)[0])
+        with figures.formats(figure_format):
+            comparison = str(compare(results, comparison_dir(run_dirs, "flatness", out))[0])
         console.print(f"comparison: {comparison}")
     typer.echo(json.dumps({"runs": [str(Path(r["run"]) / "flatness.json") for r in results],
                            "comparison": comparison}))
