@@ -66,10 +66,11 @@ def test_cli_writes_files_reuses_and_compares(runs):
         assert {"flatness_fgap.png", "flatness_landscape_2d_contour.png", "flatness_landscape_2d_surface.png",
                 "flatness_landscape_1d.npz", "flatness_density.png"} <= set(doc["files"])
         assert np.load(run / "flatness_landscape_2d.npz")["loss"].shape == (3, 3)
-    for f in ("flatness_comparison.json", "flatness_comparison.md", "flatness_comparison_landscape_2d_contour.png",
-              "flatness_comparison_fgap.png"):
-        assert (sml / f).is_file(), f
-    assert [r["label"] for r in json.loads((sml / "flatness_comparison.json").read_text())["runs"]] == ["sml", "audio"]
+    compared = sml.parent / "compare" / "flatness"  # the comparison's one home, named by method
+    doc = json.loads((compared / "flatness_comparison.json").read_text())
+    assert [r["label"] for r in doc["runs"]] == ["SML (image+audio)", "audio only"]
+    assert {"flatness_comparison.md", "flatness_comparison_landscape_2d_contour.png",
+            "flatness_comparison_fgap.png"} <= set(doc["files"]) and all((compared / f).is_file() for f in doc["files"])
 
     # the same settings again: nothing recomputed; a changed LPF sigma recomputes LPF only, keeps the rest
     first = json.loads((sml / "flatness.json").read_text())
@@ -80,6 +81,13 @@ def test_cli_writes_files_reuses_and_compares(runs):
     assert result.exit_code == 0, result.output
     doc = json.loads((sml / "flatness.json").read_text())
     assert doc["lpf"]["sigma"] == 0.02 and doc["hessian"] == first["hessian"] and doc["reused"] == []
+
+    # another subset drops the other metrics from flatness.json, and their files go with them
+    result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--metric", "lpf", "--samples", "8"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((sml / "flatness.json").read_text())
+    assert "fgap" not in doc and "landscape" not in doc
+    assert not list(sml.glob("flatness_fgap.*")) and not list(sml.glob("flatness_landscape_*"))
 
 
 def test_cli_pyhessian_backend_and_errors(runs):

@@ -197,7 +197,7 @@ def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
     cli = CliRunner()
     args = ["robustness", str(runs / "sml"), str(runs / "audio_only"), "--severity", "0,0.5,1", "--samples", "24",
             "--corruption", "missing-zero,audio-noise,cutout", "--steps", "2",
-            "--eps-sweep", "--eps-factors", "0,1,2", "--device", "cpu", "--out", str(tmp_path / "cmp")]
+            "--eps-sweep", "--eps-factors", "0,1,2", "--device", "cpu"]
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "PGD on image moves at most T * alpha = 0.002 < eps = 0.1" in " ".join(res.output.split())
@@ -220,11 +220,14 @@ def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
     assert len(csv) == 1 + 1 + 2 * (1 + 3) + 3 * n_curves
     md = (runs / "sml" / "robustness.md").read_text()
     assert "drop rate" in md and "audio-noise" in md and n_curves == 4  # image: missing, cutout; audio: missing, noise
-    for f in ("comparison.json", "comparison.csv", "comparison.md", "comparison_audio.png", "comparison_image.png",
-              "comparison_pgd_sweep.png"):
-        assert (tmp_path / "cmp" / f).is_file(), f
-    cmp = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert [r["label"] for r in cmp["runs"]] == ["sml", "audio_only"]
+    assert set(out["files"]) == {"robustness.json", "robustness.csv", "robustness.md", "robustness_image.png",
+                                 "robustness_audio.png", "robustness_pgd_sweep.png"}
+    compared = runs / "compare" / "robustness"  # default: compare/<analysis> in the runs' common folder
+    cmp = json.loads((compared / "comparison.json").read_text())
+    assert cmp["files"] == ["comparison.json", "comparison.csv", "comparison.md", "comparison_image.png",
+                            "comparison_audio.png", "comparison_pgd_sweep.png"]
+    assert all((compared / f).is_file() for f in cmp["files"])
+    assert [r["label"] for r in cmp["runs"]] == ["SML (image+audio)", "audio only"]
     assert cmp["runs"][0]["pgd"]["image"]["perturbed_acc"] == out["pgd"]["image"]["perturbed_acc"]
     # same settings and checkpoint: reused, identical; --force recomputes the same numbers (seeded)
     again = cli.invoke(app, args)
