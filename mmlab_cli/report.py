@@ -215,10 +215,10 @@ def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[st
                 differs = sorted(k for k in {*reference, *settings} if reference.get(k) != settings.get(k))
                 if differs:
                     k = differs[0]
-                    raise MmlabError(f"{first}/{file} was measured with {k} = {reference.get(k)} but {run}/{file} with "
-                                     f"{k} = {settings.get(k)}, and both runs fall into one group ({where}); re-run one "
-                                     f"analysis with the other's setting (or put them in different groups with "
-                                     f"--group-by)")
+                    raise MmlabError(f"{first}/{file} was measured with {k} = {reference.get(k)} but {run}/{file} "
+                                     f"with {k} = {settings.get(k)}, and both runs fall into one group ({where}); "
+                                     f"re-run one analysis with the other's setting (or put them in different groups "
+                                     f"with --group-by)")
 
 
 def method_label(row, group_by: tuple[str, ...]) -> str:

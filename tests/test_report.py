@@ -49,7 +49,7 @@ RUNS = {
     "uni/s1": ({"modalities": ["image"], "pairing": "sml", "seed": 1}, (66.0, {"image": 65.0}),
                {"robustness.json": _robustness(66.0, {"image": 11.0}, {"image": 52.0})}),
     "sml/s0": ({"modalities": ["image", "audio"], "pairing": "sml", "seed": 0}, (70.0, {"image": 60.0, "audio": 40.0}),
-               {"geometry.json": _geometry(0.8, 0.4, 0.5)}),  # its geometry_tsne.png is stale: the JSON does not list it
+               {"geometry.json": _geometry(0.8, 0.4, 0.5)}),  # its geometry_tsne.png is stale: not listed
     "sml/s1": ({"modalities": ["image", "audio"], "pairing": "sml", "seed": 1}, (72.0, {"image": 61.0, "audio": 43.0}),
                {"geometry.json": _geometry(0.9, 0.6, 0.7, extra=0.5)}),
     "dml/s0": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 0}, (71.0, {"image": 62.0, "audio": 44.0}),
@@ -286,8 +286,8 @@ def test_refuses_to_average_different_subset_sizes(runs_dir):
         doc = json.loads((runs_dir / run / "flatness.json").read_text())
         (runs_dir / run / "flatness.json").write_text(json.dumps({**doc, "samples": samples, "settings": {
             "samples": samples, "batch_size": samples}}))
-    with pytest.raises(MmlabError, match=r"dml/s0/flatness.json was measured with samples = 32 but dml/s1/flatness.json "
-                                         r"with samples = 64"):
+    with pytest.raises(MmlabError, match=r"dml/s0/flatness.json was measured with samples = 32 but "
+                                         r"dml/s1/flatness.json with samples = 64"):
         write_report(runs_dir)
     tables, _, _ = write_report(runs_dir, ("dataset", "modalities", "pairing", "regularizer", "seed"))  # apart: fine
     assert len(tables[1].numbers) == 8

@@ -66,6 +66,7 @@ def landscape_1d(runs: dict[str, dict], path: Path) -> list[Path]:
     for name, r in runs.items():
         ax.plot(r["alpha"], r["loss"], marker="o", color=figures.method_colour(name), label=name)
     ax.set(xlabel=r"$\alpha$ (filter-normalised direction)", ylabel=LOSS, title="1-D loss landscape")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
     ax.legend()
     return figures.save(fig, path)
 
@@ -106,7 +107,7 @@ def contours(runs: dict[str, dict], path: Path, levels: int = 20) -> list[Path]:
 def surfaces(runs: dict[str, dict], path: Path) -> list[Path]:
     """3-D loss surfaces side by side with one z range and one log colour scale, and its colour bar."""
     norm = _log_norm(runs)
-    fig = figures.figure(2 if len(runs) > 1 else 1, 2.8)
+    fig = figures.figure(2 if len(runs) > 1 else 1, 3.0)
     axes = []
     for i, (name, r) in enumerate(runs.items()):
         ax = fig.add_subplot(1, len(runs), i + 1, projection="3d")
@@ -114,7 +115,9 @@ def surfaces(runs: dict[str, dict], path: Path) -> list[Path]:
         ax.plot_surface(a, b, np.asarray(r["loss"]), norm=norm, cmap="viridis", linewidth=0, antialiased=True)
         ax.set(title=name, xlabel=r"$\alpha$", ylabel=r"$\beta$", zlim=(norm.vmin, norm.vmax))
         ax.tick_params(pad=0)
-        ax.zaxis.set_major_locator(ticker.MaxNLocator(4))
+        ax.set_box_aspect(None, zoom=0.85)  # room for the axis labels inside the figure
+        for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+            axis.set_major_locator(ticker.MaxNLocator(4))
         axes.append(ax)
     fig.colorbar(ScalarMappable(norm), ax=axes, label=LOSS, shrink=0.7, ticks=ROUND_TICKS,
                  format="%g")

@@ -253,9 +253,10 @@ def compare(results: list[dict], out: Path, classes: list[str]) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = figures.run_names(results)
-    table = pd.DataFrame([{"run": name, "method": r["method"], "split": r["split"], "samples": r["samples"],
-                           **{f"{key} {part}": v.get(key) for section, keys in COMPARED.items()
-                              for part, v in r[section].items() for key in keys}} for name, r in zip(names, results)])
+    records = [{"run": name, "method": r["method"], "split": r["split"], "samples": r["samples"],
+                **{f"{key} {part}": v.get(key) for section, keys in COMPARED.items()
+                   for part, v in r[section].items() for key in keys}} for name, r in zip(names, results)]
+    table = pd.DataFrame(records)
     written = [out / "geometry_comparison.json", out / "geometry_comparison.md", out / "geometry_comparison.csv"]
     atomic_write_text(written[1], "# Geometry comparison\n\n" + to_markdown(table.map(_fmt)))
     atomic_write_text(written[2], table.to_csv(index=False))
@@ -271,5 +272,5 @@ def compare(results: list[dict], out: Path, classes: list[str]) -> list[Path]:
             written += plot_tsne(panels, classes, out / "geometry_comparison_tsne.png",
                                  f"t-SNE ({results[0]['dataset']}, {results[0]['split']})")
     atomic_write_json(written[0], {"schema": "mmlab.geometry-comparison/1", "files": [p.name for p in written],
-                                   "runs": table.to_dict("records")})
+                                   "runs": records})
     return written

@@ -87,7 +87,7 @@ def plot_spectra(emb, result: dict, path: Path) -> list[Path]:
         p = eig / eig.sum() if eig.sum() > 0 else eig
         ax.semilogy(np.arange(1, len(p) + 1), np.maximum(p, 1e-12),
                     label=f"{m} (erank {result['modality'][m]['effective_rank']:.1f})")
-    ax.set(xlabel="eigenvalue index $k$", ylabel=r"$\lambda_k / \sum_j \lambda_j$",
+    ax.set(xlabel="eigenvalue index $k$", ylabel=r"$\lambda_k\,/\,\mathrm{tr}\,\Sigma$",
            title=f"Covariance spectrum: {result['method']}")
     ax.legend()
     return figures.save(fig, path)
@@ -103,5 +103,6 @@ def write_plots(emb, result: dict, settings, out: Path, classes: list[str]) -> l
     if min(settings.tsne_samples, len(emb.indices)) * len(emb.raw) >= 5:
         unit = {m: z.cpu().numpy() for m, z in emb.unit.items()}
         panel = {result["method"]: tsne_panel(unit, emb.labels, settings)}
-        written += plot_tsne(panel, classes, out / "geometry_tsne.png", f"t-SNE ({result['dataset']}, {result['split']})")
+        title = f"t-SNE ({result['dataset']}, {result['split']})"
+        written += plot_tsne(panel, classes, out / "geometry_tsne.png", title)
     return written

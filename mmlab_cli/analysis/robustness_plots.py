@@ -58,7 +58,8 @@ def corruption_curves(results: dict[str, dict], modality: str, path: Path) -> li
         finite = [v for v in c["values"] if v is not None]
         if len(finite) > 1 and finite[-1] < finite[0]:
             ax.invert_xaxis()
-        ax.set(title=f"{name} on {modality}", xlabel=CORRUPTIONS[name].axis if name in CORRUPTIONS else c["parameter"])
+        axis = CORRUPTIONS[name].axis if name in CORRUPTIONS else c["parameter"]
+        ax.set(title=f"{name} on {modality}", xlabel=axis)
     _finish(fig, axes, results)
     return figures.save(fig, path)
 

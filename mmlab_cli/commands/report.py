@@ -20,8 +20,9 @@ def report(
                                "every table's CSV, or the LaTeX tables); latex also writes report.tex."),
 ) -> None:
     """Group finished runs and average over seeds (mean ± std): accuracy, flatness, geometry and robustness
-    tables from the files `train` and the analyses wrote. Writes report.md (plots embedded) and one
-    report_<table>.csv per table into RUNS_DIR and prints the report on stdout; a missing analysis shows as '-' with the command that makes it."""
+    tables from the files `train` and the analyses wrote. Writes report.md (per-run and comparison figures
+    embedded) and one report_<table>.csv per table into RUNS_DIR and prints the report on stdout; a missing
+    analysis shows as '-' with the command that makes it."""
     from mmlab_cli.report import write_report
 
     keys = tuple(k.strip() for k in group_by.split(",") if k.strip()) if group_by else None
