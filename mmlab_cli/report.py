@@ -235,6 +235,14 @@ def _cell(mean: float, std: float, n: int, runs: int, fmt: str) -> str:
     return text if n == runs else f"{text} (n={n})"
 
 
+def _best(mean: pd.Series, within: list[pd.Series], arrow: str) -> pd.Series:
+    """True where a mean is the best of its dataset (↑ highest, ↓ lowest) and had another mean to beat."""
+    if not arrow:
+        return pd.Series(False, index=mean.index)
+    by = mean.groupby(within, dropna=False) if within else mean.groupby(lambda _: 0)
+    return (mean == by.transform("max" if arrow == "↑" else "min")) & (by.transform("count") > 1)
+
+
 def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> Table:
     """Per-run values from the spec's paths, then mean, sample std and count per group; a column no run has a
     value for is left out (the note names it and the command that fills it)."""
@@ -274,14 +282,7 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         header = f"{label} {direction[label]}".rstrip()
         cells[header] = [_cell(m, sd, n, k, spec.fmt) for m, sd, n, k in zip(
             numbers[f"{label} mean"], numbers[f"{label} std"], numbers[f"{label} n"], numbers["runs"])]
-        mean = numbers[f"{label} mean"]
-        if direction[label]:
-            pick = "max" if direction[label] == "↑" else "min"
-            top = mean.groupby([numbers[k] for k in within]).transform(pick) if within else getattr(mean, pick)()
-            count = mean.groupby([numbers[k] for k in within]).transform("count") if within else mean.count()
-            best[header] = (mean == top) & (count > 1)
-        else:
-            best[header] = False
+        best[header] = _best(numbers[f"{label} mean"], [numbers[k] for k in within], direction[label])
     notes = []
     absent = [runs.at[i, "run"] for i, doc in enumerate(docs) if doc is None]
     if absent:
@@ -293,7 +294,7 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
     return Table(spec, numbers, cells, best, ["seeds", *cells.columns[len(keys) + 1:]], " ".join(notes))
 
 
-def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], root: Path, docs: list) -> None:
+def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> None:
     """For each group, the PNGs of its first run that the run's analysis file lists (so a file a later analysis
     no longer produces is never shown) and that match the spec's patterns."""
     for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
@@ -339,7 +340,7 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> t
     tables = []
     for spec in TABLES:
         table = build_table(spec, runs, group_by, docs[spec.file])
-        attach_plots(table, runs, group_by, root, docs[spec.file])
+        attach_plots(table, runs, group_by, docs[spec.file])
         tables.append(table)
     return tables, group_by
 

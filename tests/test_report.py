@@ -3,6 +3,7 @@ sample standard deviations, missing analyses, grouping rules, formats and the co
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -264,10 +265,8 @@ def test_command_line_and_no_torch(runs_dir):
 
 
 def _check_latex_structure(latex: str, tables: int) -> None:
-    """What a TeX engine would reject (none is installable here): unbalanced environments, a row whose cell
-    count differs from the column spec, a table without booktabs rules, caption or label."""
-    import re
-
+    """What a TeX engine would reject, checked without one (test_latex_compiles runs pdflatex where installed):
+    unbalanced environments, a row whose cell count differs from the column spec, no caption or label."""
     for env in ("table", "tabular"):
         assert latex.count(rf"\begin{{{env}}}") == latex.count(rf"\end{{{env}}}") == tables, env
     for block in latex.split(r"\end{table}")[:-1]:
@@ -279,6 +278,18 @@ def _check_latex_structure(latex: str, tables: int) -> None:
         assert re.search(r"\\caption\{.+\}", block) and re.search(r"\\label\{tab:\w+\}", block)
         assert block.count("$") % 2 == 0  # every math shift closed
         assert not re.search(r"(?<!\\)[_%&#](?![^$]*\$)", block.replace(" & ", " ")), block  # escaped outside math
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None,
+                    reason="no pdflatex (.ci/run installs texlive-latex-base and texlive-latex-recommended)")
+def test_latex_compiles(runs_dir, tmp_path):
+    _, latex, _ = write_report(runs_dir, fmt="latex")
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                                      f"{latex}\\end{{document}}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 0
 
 
 def test_refuses_to_average_different_subset_sizes(runs_dir):

@@ -206,8 +206,7 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
                     "acc": acc, "loss": loss, "auc": relative_robustness(s.levels, acc)}
     return {"schema": SCHEMA, "dataset": dataset.name, "split": s.split, "samples": subset.size,
             "classes": len(dataset.classes), "modalities": kinds, "settings": {**asdict(s), "modalities": modalities},
-            "device": str(device),
-            "seconds": time.perf_counter() - start, "clean": {"acc": clean["acc"], "loss": clean["loss"]},
+            "device": str(device), "seconds": time.perf_counter() - start, "clean": {"acc": clean["acc"], "loss": clean["loss"]},
             "pgd": result_pgd, "corruptions": result_curves, "skipped": skipped}
 
 
@@ -289,7 +288,8 @@ def _frame(records: list[dict]):
 
 
 def write_run_outputs(result: dict, out: Path) -> list[Path]:
-    """robustness.json/.csv/.md and the PNG curves of one run."""
+    """robustness.csv/.md and the figures of one run, then robustness.json listing them in `files`; files of an
+    earlier result that this one no longer has are removed."""
     out = Path(out)
     written = [out / "robustness.json", out / "robustness.csv", out / "robustness.md"]
     atomic_write_text(written[1], _frame(rows(result)).to_csv(index=False))
@@ -307,7 +307,8 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
 
 
 def compare(results: list[dict], out: Path) -> list[Path]:
-    """One table and shared-axis plots for several runs' results: comparison.{json,csv,md} and PNGs."""
+    """One table and shared-axis figures for several runs' results: comparison.{csv,md}, PNGs, then
+    comparison.json listing them in `files`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = [{**r, "label": name} for r, name in zip(results, figures.run_names(results))]
