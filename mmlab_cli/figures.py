@@ -23,13 +23,13 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
 VECTOR_FORMATS = ("pdf", "svg")
 _formats: ContextVar[tuple[str, ...]] = ContextVar("figure_formats", default=())
 
-# Okabe-Ito colours (distinguishable with colour-blindness) for the methods the papers compare; a label's
+# Okabe-Ito and Paul Tol colours (told apart with colour-blindness) for the methods the papers compare; a label's
 # modalities in parentheses do not change its colour ("DML (image+audio)" and "DML (image+audio+depth)": DML)
 METHOD_COLOURS = {"image only": "#56B4E9", "audio only": "#E69F00", "depth only": "#999999", "text only": "#F0E442",
                   "SML": "#009E73", "DML": "#D55E00", "SML + DAGR": "#0072B2", "DML + DAGR": "#CC79A7",
                   "SML + DGL": "#44AA99", "DML + DGL": "#882255", "DML + DGL + DAGR": "#332288",
                   "SML + SAM": "#117733", "DML + SAM": "#AA4499", "SML + SWA": "#999933", "DML + SWA": "#661100"}
-OTHER_COLOURS = ("#6699CC", "#AA4466", "#DDCC77", "#88CCEE", "#117733", "#CC6677", "#44AA99", "#999933")
+OTHER_COLOURS = ("#6699CC", "#AA4466", "#DDCC77", "#88CCEE", "#CC6677", "#004488", "#BB5566", "#666633")
 RUN_SEPARATOR = " – "  # 'DML (image+audio) – seed1': a method's runs share its colour
 
 

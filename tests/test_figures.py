@@ -45,7 +45,8 @@ def test_a_method_has_one_colour_in_every_figure(tmp_path):
 def test_colour_keys_and_legend_names():
     assert figures.method_key("DML (image+audio+depth) + DAGR – seed1") == "DML + DAGR"
     assert figures.method_colour("DML (image+audio) + DAGR") == figures.method_colour("DML (image+depth) + DAGR")
-    assert figures.method_colour("DML (image+audio) + LS") == figures.method_colour("DML (image+audio) + LS")
+    assert figures.method_colour("DML (image+audio) + LS") in figures.OTHER_COLOURS  # hashed, stable
+    assert not set(figures.OTHER_COLOURS) & set(figures.METHOD_COLOURS.values())  # never a named method's colour
     runs = [{"method": SML, "label": "a"}, {"method": SML, "label": "b"}, {"method": DML, "label": "c"}]
     assert figures.run_names(runs) == [f"{SML} – a", f"{SML} – b", DML]
     with pytest.raises(MmlabError, match="--figure-format eps"):

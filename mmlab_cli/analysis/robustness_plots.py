@@ -38,8 +38,11 @@ def _finish(fig, axes, results: dict[str, dict]) -> None:
         ax.set_ylim(bottom=0)
     for ax in axes[::3]:
         ax.set_ylabel(ACC)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4))
+    entries = {}  # every run once, also one missing from the first panel
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 4))
 
 
 @figures.styled
