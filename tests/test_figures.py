@@ -3,6 +3,7 @@ the runs drawn with it; legends name methods; vector formats on request."""
 
 import re
 
+import numpy as np
 import pytest
 
 from mmlab_cli import figures
@@ -52,3 +53,15 @@ def test_colour_keys_and_legend_names():
     with pytest.raises(MmlabError, match="--figure-format eps"):
         with figures.formats("png,eps"):
             pass
+
+
+def test_tsne_panels_side_by_side_are_named_by_run(tmp_path):
+    from mmlab_cli.analysis.geometry_plots import plot_tsne
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(12) % 3
+    panel = ({"image": rng.normal(size=(12, 2)), "audio": rng.normal(size=(12, 2))}, labels)
+    with figures.formats("svg"):
+        paths = plot_tsne({SML: panel, DML: panel}, ["zero", "one", "two"], tmp_path / "tsne.png", "t-SNE")
+    svg = paths[1].read_text()
+    assert SML in svg and DML in svg and "zero" in svg and "audio" in svg  # titles, class and modality legends
