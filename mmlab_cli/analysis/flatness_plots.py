@@ -78,6 +78,12 @@ def _log_norm(runs: dict[str, dict]) -> LogNorm:
     return LogNorm(lo, max(float(values.max()), lo * 1.01))
 
 
+def _colour_bar(fig, norm: LogNorm, axes: list, **kw) -> None:
+    """One colour bar for all panels, labelled at round values only (1, 2, 5 x 10^k)."""
+    bar = fig.colorbar(ScalarMappable(norm), ax=axes, label=LOSS, ticks=ROUND_TICKS, format="%g", **kw)
+    bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _panels(runs: dict[str, dict], height: float, **kw):
     fig = figures.figure(2 if len(runs) > 1 else 1, height)
     return fig, fig.subplots(1, len(runs), squeeze=False, **kw)[0]
@@ -98,8 +104,7 @@ def contours(runs: dict[str, dict], path: Path, levels: int = 20) -> list[Path]:
         ax.set(title=name, xlabel=r"$\alpha$", aspect="equal")
         ax.grid(False)
     axes[0].set_ylabel(r"$\beta$")
-    fig.colorbar(ScalarMappable(norm), ax=list(axes), label=LOSS, ticks=ROUND_TICKS,
-                 format="%g")
+    _colour_bar(fig, norm, list(axes))
     return figures.save(fig, path)
 
 
@@ -119,6 +124,5 @@ def surfaces(runs: dict[str, dict], path: Path) -> list[Path]:
         for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
             axis.set_major_locator(ticker.MaxNLocator(4))
         axes.append(ax)
-    fig.colorbar(ScalarMappable(norm), ax=axes, label=LOSS, shrink=0.7, ticks=ROUND_TICKS,
-                 format="%g")
+    _colour_bar(fig, norm, axes, shrink=0.7)
     return figures.save(fig, path)

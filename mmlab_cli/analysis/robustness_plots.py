@@ -38,11 +38,14 @@ def _finish(fig, axes, results: dict[str, dict]) -> None:
         ax.set_ylim(bottom=0)
     for ax in axes[::3]:
         ax.set_ylabel(ACC)
-    entries = {}  # every run once, also one missing from the first panel
+    entries = {}  # every run once, also one missing from the first panel; the chance line last
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            entries.setdefault(label, handle)
-    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 4))
+            if label != "chance":
+                entries.setdefault(label, handle)
+    if axes[0].lines and axes[0].lines[-1].get_label() == "chance":
+        entries["chance"] = axes[0].lines[-1]
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 5))
 
 
 @figures.styled
@@ -81,7 +84,7 @@ def pgd_sweeps(results: dict[str, dict], path: Path) -> list[Path]:
         kind = next(r["modalities"][m] for r in results.values() if m in r["modalities"])
         ax.set(title=f"PGD on {m}", xlabel=rf"$\epsilon$ ($L_\infty$, {EPS_UNITS.get(kind, 'input units')})")
         ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     _finish(fig, axes, results)
     return figures.save(fig, path)
 
