@@ -181,19 +181,20 @@ def resolve(doc, path: str) -> list[tuple[tuple[str, ...], float]]:
 # ---------------------------------------------------------------- grouping
 
 
-SETTINGS_IGNORED = ("seed", "batch_size", "chunk", "probe_batch", "metrics", "tsne_samples", "perplexity")
+# settings that change no number of a table: computation, the seed of the random draws, figure-only outputs
+SETTINGS_IGNORED = ("seed", "batch_size", "chunk", "probe_batch", "metrics", "tsne_samples", "perplexity", "density",
+                    "density_steps", "density_runs", "eps_factors")
 
 
 def analysis_settings(doc: dict) -> dict:
     """What an analysis file's numbers depend on besides the model: split, subset size, checkpoint and its
     settings, a metric block's own settings overriding the file's (flatness keeps blocks of earlier calls);
-    not batch sizes, the seed of the random draws or plot-only settings."""
-    out = {k: doc[k] for k in ("split", "samples", "checkpoint") if k in doc}
-    out.update({k: v for k, v in (doc.get("settings") or {}).items() if k not in SETTINGS_IGNORED})
+    not SETTINGS_IGNORED."""
+    out = {k: v for k, v in (doc.get("settings") or {}).items() if k not in SETTINGS_IGNORED}
     for block in doc.values():
         if isinstance(block, dict) and isinstance(block.get("settings"), dict):
             out.update({k: v for k, v in block["settings"].items() if k not in SETTINGS_IGNORED})
-    return out
+    return {**out, **{k: doc[k] for k in ("split", "samples", "checkpoint") if k in doc}}  # measured, not asked
 
 
 def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[str, list]) -> None:

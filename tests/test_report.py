@@ -293,10 +293,14 @@ def test_latex_compiles(runs_dir, tmp_path):
 
 
 def test_refuses_to_average_different_subset_sizes(runs_dir):
+    for run, batch, density in (("dml/s0", 32, True), ("dml/s1", 64, False)):
+        doc = json.loads((runs_dir / run / "flatness.json").read_text())
+        (runs_dir / run / "flatness.json").write_text(json.dumps({**doc, "samples": 32, "settings": {
+            "samples": 32, "batch_size": batch, "density": density}}))
+    write_report(runs_dir)  # a batch size or a density plot changes no number: averaged
     for run, samples in (("dml/s0", 32), ("dml/s1", 64)):
         doc = json.loads((runs_dir / run / "flatness.json").read_text())
-        (runs_dir / run / "flatness.json").write_text(json.dumps({**doc, "samples": samples, "settings": {
-            "samples": samples, "batch_size": samples}}))
+        (runs_dir / run / "flatness.json").write_text(json.dumps({**doc, "samples": samples}))
     with pytest.raises(MmlabError, match=r"dml/s0/flatness.json was measured with samples = 32 but "
                                          r"dml/s1/flatness.json with samples = 64"):
         write_report(runs_dir)
