@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 DEVICE ?= auto
 DEMO_DATA := data/synthetic
 DEMO_RUNS := runs/demo
+GALLERY_RUNS := runs/gallery
+GALLERY_FLATNESS := --samples 32 --density --density-steps 30 --max-steps 20 --trace-probes 10 --lpf-draws 20 \
+	--fgap-directions 10 --fgap-relative --fgap-radii 0:0.3:0.05 --grid 11
 
-.PHONY: demo test venv clean
+.PHONY: demo gallery test venv clean
 
 include recipes/reproduce.mk
 
@@ -26,6 +29,19 @@ demo: venv
 	$(BIN)/mmlab train --recipe recipes/synthetic/sml.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/sml --device $(DEVICE)
 	$(BIN)/mmlab train --recipe recipes/synthetic/dml.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/dml --device $(DEVICE)
 	$(BIN)/mmlab report $(DEMO_RUNS)
+
+# docs/figures.md: one example of every figure type, from small demo runs (about 5 min on 2 cores)
+gallery: venv
+	rm -rf $(GALLERY_RUNS)
+	$(BIN)/mmlab prepare synthetic --out $(DEMO_DATA)
+	for m in image audio sml dml; do $(BIN)/mmlab train --recipe recipes/synthetic/$$m.yaml --data $(DEMO_DATA) \
+		--out $(GALLERY_RUNS)/$$m --epochs 3 --device $(DEVICE) || exit 1; done
+	$(BIN)/mmlab flatness $(GALLERY_RUNS)/sml $(GALLERY_RUNS)/dml $(GALLERY_FLATNESS) --device $(DEVICE)
+	$(BIN)/mmlab robustness $(GALLERY_RUNS)/image $(GALLERY_RUNS)/audio $(GALLERY_RUNS)/sml $(GALLERY_RUNS)/dml \
+		--samples 256 --eps-sweep --device $(DEVICE)
+	$(BIN)/mmlab geometry $(GALLERY_RUNS)/sml $(GALLERY_RUNS)/dml --samples 500 --tsne-samples 300 --device $(DEVICE)
+	$(BIN)/mmlab report $(GALLERY_RUNS) > /dev/null
+	$(BIN)/python docs/gallery.py $(GALLERY_RUNS)
 
 test: venv
 	$(BIN)/python -m pytest -n 2

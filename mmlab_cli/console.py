@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -58,3 +59,11 @@ def parse_numbers(text: str, flag: str, kind=float) -> list:
     except ValueError:
         raise MmlabError(f"{flag} {text!r}: expected comma-separated numbers (0,5,10) or start:stop:step "
                          f"(0:60:5)") from None
+
+
+FIGURE_FORMAT_HELP = "Figure files: png, plus pdf and/or svg for vector figures (e.g. png,pdf)."
+
+
+def comparison_dir(run_dirs: list[Path], analysis: str, out: Path | None) -> Path:
+    """The one home of a comparison of several runs: `out`, else <the runs' common folder>/compare/<analysis>."""
+    return out or Path(os.path.commonpath([Path(r).resolve() for r in run_dirs])) / "compare" / analysis

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,7 @@ import yaml
 from mmlab_cli.config import method_name
 from mmlab_cli.data.format import atomic_write_text
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.tables import mean_std, to_latex, to_markdown
 
 DEFAULT_GROUP_BY = ("dataset", "modalities", "pairing")
 OPTIONAL_GROUP_BY = ("regularizer", "scheme")  # in the default grouping when some run records them
@@ -36,49 +38,53 @@ class TableSpec:
     title: str
     file: str  # the per-run JSON the columns read
     command: str  # what writes that file (named in the note when it is missing)
-    columns: tuple[tuple[str, str], ...]  # (label, JSON path)
-    fmt: str = ".2f"
-    plots: tuple[str, ...] = ()  # glob patterns of PNGs in the run directory, embedded once per group
+    columns: tuple[tuple[str, str, str], ...]  # (label, JSON path, direction: ↑ higher is better, ↓ lower, "")
+    fmt: str = ".2f"  # a cell without a seed spread to round to (one run, or equal values)
+    plots: tuple[str, ...] = ()  # patterns of PNGs in the run directory (listed in its file), embedded once per group
 
 
 TABLES = (
     TableSpec("accuracy", "Test accuracy (%): fused prediction and each modality's linear probe "
               "(DML paper Table 1, DAGR paper Table 1)", "metrics.json", "mmlab train",
-              (("acc (fused)", "test_acc"), ("acc {}", "test_acc_*"))),
+              (("acc (fused)", "test_acc", "↑"), ("acc {}", "test_acc_*", "↑"))),
     TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter)",
               "flatness.json", "mmlab flatness RUN_DIR",
-              (("λ_max", "lambda_max"), ("λ1/λ5", "lambda_ratio"), ("trace", "trace"), ("L_LPF", "lpf_loss"),
-               ("Δ_LPF", "lpf_delta"), ("F_gap {}", "fgap_mean_*")), ".4f",
-              ("flatness_fgap.png", "flatness_density.png")),
+              (("λ_max", "lambda_max", "↓"), ("λ1/λ5", "lambda_ratio", ""), ("trace", "trace", "↓"),
+               ("L_LPF", "lpf_loss", "↓"), ("Δ_LPF", "lpf_delta", "↓"), ("F_gap {}", "fgap_mean_*", "↓")), ".4g",
+              ("flatness_fgap.png", "flatness_density.png", "flatness_landscape_2d_contour.png")),
     TableSpec("geometry", "Modality variance Tr Σ of unit embeddings, variance ratio and modality gap W2² "
               "(DML paper Table 5)", "geometry.json", "mmlab geometry RUN_DIR",
-              (("variance {}", "modality.*.variance"), ("ratio {}", "pairs.*.variance_ratio"),
-               ("W2² {}", "pairs.*.wasserstein2_sq")), ".4f", ("geometry_tsne.png",)),
+              (("variance {}", "modality.*.variance", ""), ("ratio {}", "pairs.*.variance_ratio", ""),
+               ("W2² {}", "pairs.*.wasserstein2_sq", "")), ".4g", ("geometry_tsne.png",)),
     TableSpec("alignment", "Representation diagnostics: effective rank, semantic margin, cross-modal drift, "
               "cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
               "mmlab geometry RUN_DIR",
-              (("erank {}", "modality.*.effective_rank"), ("margin {}", "modality.*.semantic_margin"),
-               ("drift {}", "pairs.*.drift"), ("cos gap {}", "pairs.*.cosine_gap"), ("KS {}", "pairs.*.cosine_ks"),
-               ("R@1 {}", "pairs.*.recall@1")), ".4f", ("geometry_cosine.png",)),
+              (("erank {}", "modality.*.effective_rank", ""), ("margin {}", "modality.*.semantic_margin", ""),
+               ("drift {}", "pairs.*.drift", ""), ("cos gap {}", "pairs.*.cosine_gap", ""),
+               ("KS {}", "pairs.*.cosine_ks", ""), ("R@1 {}", "pairs.*.recall@1", "↑")), ".4g",
+              ("geometry_cosine.png",)),
     TableSpec("ati", "ATI check of the fusion, perturbing one modality's embedding (DML paper Table 13)",
               "geometry.json", "mmlab geometry RUN_DIR",
-              (("feature norm {}", "ati.*.feature_norm"), ("invariance error {}", "ati.*.invariance_error"),
-               ("rel. error {}", "ati.*.relative_error"), ("rel. error diag {}", "ati.*.relative_error_diag")), ".3g"),
+              (("feature norm {}", "ati.*.feature_norm", ""), ("invariance error {}", "ati.*.invariance_error", ""),
+               ("rel. error {}", "ati.*.relative_error", ""), ("rel. error diag {}", "ati.*.relative_error_diag", "")),
+              ".3g"),
     TableSpec("robustness", "PGD on one modality, the others clean: accuracy (%) and drop rate (%) "
               "(DML paper Table 12)", "robustness.json", "mmlab robustness RUN_DIR",
-              (("clean acc", "clean.acc"), ("PGD acc {}", "pgd.*.perturbed_acc"), ("drop {}", "pgd.*.drop_rate")),
-              ".2f", ("robustness_*.png",)),
+              (("clean acc", "clean.acc", "↑"), ("PGD acc {}", "pgd.*.perturbed_acc", "↑"),
+               ("drop {}", "pgd.*.drop_rate", "↓")), ".2f", ("robustness_*.png",)),
     TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
               "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
-              (("AUC {} {}", "corruptions.*.*.auc"),)),
+              (("AUC {} {}", "corruptions.*.*.auc", "↑"),)),
 )
 
 
 @dataclass
 class Table:
     spec: TableSpec
-    numbers: pd.DataFrame  # group keys, seeds, then <label> mean / std / n per column
-    cells: pd.DataFrame  # group keys (+ method), seeds, then 'mean ± std' per column
+    numbers: pd.DataFrame  # group keys, seeds, runs, then <label> mean / std / n per column
+    cells: pd.DataFrame  # group keys (+ method), seeds, then 'mean ± std' per column (header with ↑/↓)
+    best: pd.DataFrame  # like cells: True where a column with a direction has its best value
+    numeric: list[str]  # the cells columns holding numbers (right-aligned)
     note: str = ""
     plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to the runs folder)
 
@@ -175,28 +181,68 @@ def resolve(doc, path: str) -> list[tuple[tuple[str, ...], float]]:
 # ---------------------------------------------------------------- grouping
 
 
-def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[str, list]) -> None:
-    """Runs averaged together must share the dataset and, per analysis file, the split it measured."""
+# settings that change no number of a table: computation, the seed of the random draws, figure-only outputs
+SETTINGS_IGNORED = ("seed", "batch_size", "chunk", "probe_batch", "metrics", "tsne_samples", "perplexity", "density",
+                    "density_steps", "density_runs", "eps_factors")
+
+
+def analysis_settings(doc: dict) -> dict:
+    """What an analysis file's numbers depend on besides the model: split, subset size, checkpoint and its
+    settings, a metric block's own settings overriding the file's (flatness keeps blocks of earlier calls);
+    not SETTINGS_IGNORED."""
+    out = {k: v for k, v in (doc.get("settings") or {}).items() if k not in SETTINGS_IGNORED}
+    for block in doc.values():
+        if isinstance(block, dict) and isinstance(block.get("settings"), dict):
+            out.update({k: v for k, v in block["settings"].items() if k not in SETTINGS_IGNORED})
+    return {**out, **{k: doc[k] for k in ("split", "samples", "checkpoint") if k in doc}}  # measured, not asked
+
+
+# config keys that runs averaged as seeds of one experiment may differ in: the seed, where and how they ran
+SEED_LIKE = ("seed", "out", "device", "threads", "logger")
+
+
+def _config_difference(group: pd.DataFrame) -> str | None:
+    """The first training option (config key) in which the runs of a group differ, besides SEED_LIKE."""
+    from mmlab_cli.config import FIELDS
+
+    defaults = key_defaults()  # a run older than a key ran with its default
+    for key in FIELDS:
+        if key not in SEED_LIKE and key in group and group[key].fillna(defaults[key]).astype(str).nunique() > 1:
+            return key
+    return None
+
+
+def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[str, list],
+                    asked: bool = False) -> None:
+    """Runs averaged together must share the dataset and, per analysis file, the settings it was measured with;
+    with the default grouping (not `asked` for a grouping) also every training option but the seed."""
     missing = [k for k in group_by if k not in runs.columns]
     if missing:
         raise MmlabError(f"cannot group by '{missing[0]}': no run records it; known keys: "
                          f"{', '.join(sorted(map(str, runs.columns)))}")
     for _, group in runs.groupby(list(group_by), dropna=False, sort=False):
         where = ", ".join(f"{k}={group[k].iloc[0]}" for k in group_by)
+        key = None if asked else _config_difference(group)
+        if key:
+            (r1, v1), (r2, v2) = group.drop_duplicates(key)[["run", key]].values[:2]
+            raise MmlabError(f"runs {r1} ({key} = {v1}) and {r2} ({key} = {v2}) fall into one group ({where}) but "
+                             f"differ in more than the seed; add '{key}' to --group-by, or pass the grouping you "
+                             f"want with --group-by to average them anyway")
         if "dataset" in group and group["dataset"].nunique(dropna=False) > 1:
             (r1, d1), (r2, d2) = group.drop_duplicates("dataset")[["run", "dataset"]].values[:2]
             raise MmlabError(f"runs {r1} (dataset {d1}) and {r2} (dataset {d2}) fall into one group ({where}) but "
                              f"were trained on different datasets; add 'dataset' to --group-by")
         for file, per_run in docs.items():
-            splits = {}
-            for i in group.index:
-                if per_run[i] is not None and "split" in per_run[i]:
-                    splits.setdefault(per_run[i]["split"], runs.at[i, "run"])
-            if len(splits) > 1:
-                (s1, r1), (s2, r2) = list(splits.items())[:2]
-                raise MmlabError(f"{r1}/{file} measured the {s1} split but {r2}/{file} the {s2} split, and both runs "
-                                 f"fall into one group ({where}); re-run the analysis of one of them with "
-                                 f"--split {s1} (or put them in different groups with --group-by)")
+            measured = [(runs.at[i, "run"], analysis_settings(per_run[i])) for i in group.index if per_run[i]]
+            for run, settings in measured[1:]:
+                first, reference = measured[0]
+                differs = sorted(k for k in {*reference, *settings} if reference.get(k) != settings.get(k))
+                if differs:
+                    k = differs[0]
+                    raise MmlabError(f"{first}/{file} was measured with {k} = {reference.get(k)} but {run}/{file} "
+                                     f"with {k} = {settings.get(k)}, and both runs fall into one group ({where}); "
+                                     f"re-run one analysis with the other's setting (or put them in different groups "
+                                     f"with --group-by)")
 
 
 def method_label(row, group_by: tuple[str, ...]) -> str:
@@ -206,28 +252,42 @@ def method_label(row, group_by: tuple[str, ...]) -> str:
     return " + ".join([method_name(row["modalities"], row["pairing"]), *extras])
 
 
-def _cell(mean: float, std: float, n: int, seeds: int, fmt: str) -> str:
+def _cell(mean: float, std: float, n: int, runs: int, fmt: str) -> str:
     if n == 0:
         return "-"
-    text = f"{mean:{fmt}}" if pd.isna(std) else f"{mean:{fmt}} ± {std:{fmt}}"
-    return text if n == seeds else f"{text} (n={n})"
+    text = mean_std(mean, std, fmt)
+    return text if n == runs else f"{text} (n={n})"
+
+
+def _best(mean: pd.Series, within: list[pd.Series], arrow: str) -> pd.Series:
+    """True where a mean is the best of its dataset (↑ highest, ↓ lowest) and had another mean to beat."""
+    if not arrow:
+        return pd.Series(False, index=mean.index)
+    by = mean.groupby(within, dropna=False) if within else mean.groupby(lambda _: 0)
+    return (mean == by.transform("max" if arrow == "↑" else "min")) & (by.transform("count") > 1)
 
 
 def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> Table:
-    """Per-run values from the spec's paths, then mean, sample std and count per group."""
+    """Per-run values from the spec's paths, then mean, sample std and count per group; a column no run has a
+    value for is left out (the note names it and the command that fills it)."""
     values: dict[str, dict[int, float]] = {}  # column label -> {run row: value}; labels in first-seen order
-    for label, path in spec.columns:
+    direction: dict[str, str] = {}
+    empty = []
+    for label, path, arrow in spec.columns:
         before = len(values)
         for i, doc in enumerate(docs):
             for captured, value in resolve(doc, path) if doc is not None else []:
                 values.setdefault(label.format(*captured), {})[i] = value
-        if len(values) == before:  # no run has it: one placeholder column of '-'
-            values[label.format(*["*"] * path.count("*"))] = {}
+                direction[label.format(*captured)] = arrow
+        if len(values) == before:
+            empty.append(label.replace(" {}", ""))
     per_run = runs[list(group_by)].copy()
+    per_run["seed"] = runs["seed"] if "seed" in runs else range(len(runs))  # no seed recorded: each run counts
     for label, by_run in values.items():
         per_run[label] = pd.Series(by_run, dtype=float)
     grouped = per_run.groupby(list(group_by), dropna=False, sort=True)
-    numbers = grouped.size().rename("seeds").to_frame()
+    numbers = grouped["seed"].nunique().rename("seeds").to_frame()
+    numbers["runs"] = grouped.size()
     for label in values:
         numbers[f"{label} mean"] = grouped[label].mean()
         numbers[f"{label} std"] = grouped[label].std(ddof=1)
@@ -238,35 +298,56 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         cells["method"] = [method_label(row, group_by) for _, row in numbers.iterrows()]
     else:
         cells = numbers[list(group_by)].copy()
+    keys = list(cells.columns)
     cells["seeds"] = numbers["seeds"]
+    best = pd.DataFrame(False, index=cells.index, columns=[*keys, "seeds"])
+    within = [k for k in group_by if k not in METHOD_KEYS]  # best among the methods of one dataset
     for label in values:
-        cells[label] = [_cell(m, s, n, k, spec.fmt) for m, s, n, k in zip(
-            numbers[f"{label} mean"], numbers[f"{label} std"], numbers[f"{label} n"], numbers["seeds"])]
+        header = f"{label} {direction[label]}".rstrip()
+        cells[header] = [_cell(m, sd, n, k, spec.fmt) for m, sd, n, k in zip(
+            numbers[f"{label} mean"], numbers[f"{label} std"], numbers[f"{label} n"], numbers["runs"])]
+        best[header] = _best(numbers[f"{label} mean"], [numbers[k] for k in within], direction[label])
+    notes = []
     absent = [runs.at[i, "run"] for i, doc in enumerate(docs) if doc is None]
-    note = ""
     if absent:
         listed = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
-        note = (f"-: {len(absent)} of {len(runs)} runs have no {spec.file} ({listed}); "
-                f"produce it with `{spec.command}`.")
-    return Table(spec, numbers, cells, note)
+        notes.append(f"-: {len(absent)} of {len(runs)} runs have no {spec.file} ({listed}); "
+                     f"produce it with `{spec.command}`.")
+    if empty and len(absent) < len(runs):
+        notes.append(f"Not measured by any run yet, so left out: {', '.join(empty)} (`{spec.command}`).")
+    return Table(spec, numbers, cells, best, ["seeds", *cells.columns[len(keys) + 1:]], " ".join(notes))
 
 
-def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], root: Path) -> None:
-    """For each group, the first run's PNGs matching the spec's patterns."""
+def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> None:
+    """For each group, the PNGs of its first run that the run's analysis file lists (so a file a later analysis
+    no longer produces is never shown) and that match the spec's patterns."""
     for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        for run in group["run"]:
-            pngs = sorted({p for pattern in table.spec.plots for p in (root / run).glob(pattern)})
+        for i, run in zip(group.index, group["run"]):
+            listed = (docs[i] or {}).get("files", [])
+            pngs = [f for f in listed if any(fnmatch(f, pattern) for pattern in table.spec.plots)]
             if pngs:
                 caption = ", ".join(map(str, key))
-                table.plots += [(f"{caption}: {p.name} ({run})", str(p.relative_to(root))) for p in pngs]
+                table.plots += [(f"{caption}: {f} ({run})", f"{run}/{f}") for f in pngs]
                 break
+
+
+def comparison_figures(root: Path) -> list[tuple[str, str]]:
+    """(caption, path) of every PNG a comparison under `root` lists in its JSON (`mmlab <analysis> RUN RUN ...`
+    writes them into <runs>/compare/<analysis>/)."""
+    found = []
+    for doc_path in sorted(root.rglob("compare/*/*.json")):
+        doc = _read_json(doc_path, f"mmlab {doc_path.parent.name} RUN_DIR RUN_DIR ...") or {}
+        folder = doc_path.parent.relative_to(root)
+        found += [(f"{folder}: {f}", f"{folder}/{f}") for f in doc.get("files", []) if f.endswith(".png")]
+    return found
 
 
 def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> tuple[list[Table], tuple[str, ...]]:
     """Every table of TABLES for the runs under `root` (group_by None: the default grouping)."""
     root = Path(root)
     runs = find_runs(root)
+    asked = group_by
     group_by = tuple(group_by) if group_by else default_group_by(runs)
     defaults = key_defaults()
     for k in group_by:
@@ -277,14 +358,14 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> t
     files = dict.fromkeys(spec.file for spec in TABLES if spec.file != "metrics.json")
     commands = {spec.file: spec.command for spec in TABLES}
     docs = {f: [_read_json(root / run / f, commands[f]) for run in runs["run"]] for f in files}
-    check_groupable(runs, group_by, docs)
+    check_groupable(runs, group_by, docs, asked=bool(asked))
     if "data" in group_by:
         runs["data"] = runs["data"].map(data_labels(runs["data"]))
     docs["metrics.json"] = runs.to_dict("records")
     tables = []
     for spec in TABLES:
         table = build_table(spec, runs, group_by, docs[spec.file])
-        attach_plots(table, runs, group_by, root)
+        attach_plots(table, runs, group_by, docs[spec.file])
         tables.append(table)
     return tables, group_by
 
@@ -292,42 +373,22 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> t
 # ---------------------------------------------------------------- rendering
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    def esc(v) -> str:
-        return str(v).replace("|", "\\|")
-
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(esc, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-LATEX = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                       "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                       "|": r"\textbar{}", "±": r"$\pm$", "λ": r"$\lambda$", "Δ": r"$\Delta$", "²": r"$^2$",
-                       "Σ": r"$\Sigma$"})
-
-
-def to_latex(df: pd.DataFrame, caption: str) -> str:
-    """A booktabs table (needs \\usepackage{booktabs})."""
-    def row(values) -> str:
-        return " & ".join(str(v).translate(LATEX) for v in values) + r" \\"
-
-    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{caption.translate(LATEX)}}}",
-                      rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule", row(df.columns), r"\midrule",
-                      *(row(r) for r in df.itertuples(index=False)), r"\bottomrule", r"\end{tabular}",
-                      r"\end{table}", ""])
+def has_values(table: Table) -> bool:
+    return len(table.numeric) > 1
 
 
 def render(tables: list[Table], fmt: str) -> str:
-    """All tables as one text: Markdown sections, LaTeX tables, or '# name' headed CSV blocks."""
+    """All tables as one text: Markdown sections (best values in bold), LaTeX tables, or '# name' headed CSV."""
     if fmt == "latex":
-        return "\n".join(to_latex(t.cells, t.spec.title) for t in tables)
+        return "\n".join(to_latex(t.cells, t.spec.title, f"tab:{t.spec.name}", t.numeric, t.best)
+                         for t in tables if has_values(t))
     if fmt == "csv":
         return "\n".join(f"# {t.spec.name}\n{t.numbers.to_csv(index=False)}" for t in tables)
     parts = []
     for t in tables:
-        parts += [f"## {t.spec.title}", "", to_markdown(t.cells)]
+        parts += [f"## {t.spec.title}", ""]
+        if has_values(t):
+            parts.append(to_markdown(t.cells.mask(t.best, "**" + t.cells.astype(str) + "**"), t.numeric))
         parts += [t.note, ""] if t.note else []
         parts += [f"![{caption}]({path})" for caption, path in t.plots] + ([""] if t.plots else [])
     return "\n".join(parts)
@@ -335,18 +396,21 @@ def render(tables: list[Table], fmt: str) -> str:
 
 def write_report(root: str | Path, group_by: tuple[str, ...] | None = None,
                  fmt: str = "md") -> tuple[list[Table], str, list[Path]]:
-    """Write report.md (plots embedded) and report_<table>.csv into `root` (and report.tex for latex);
-    returns the tables, the report rendered in `fmt`, and the paths written."""
+    """Write report.md (per-run and comparison figures embedded) and report_<table>.csv into `root` (and
+    report.tex for latex); returns the tables, the report rendered in `fmt`, and the paths written."""
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
     tables, group_by = build_tables(root, group_by)
-    seeds = int(tables[0].numbers["seeds"].sum())
-    md = (f"# mmlab report: {root}\n\n{seeds} runs in {len(tables[0].numbers)} groups by "
-          f"{', '.join(group_by)}. Each cell is the mean ± sample standard deviation over the runs (seeds) of the "
-          f"group, read from the files the runs hold; (n=k) marks a cell averaged over only k of them, "
-          f"and - a value no run of the group has. Accuracy is on the test split at the best-validation "
-          f"checkpoint.\n\n" + render(tables, "md"))
+    runs = int(tables[0].numbers["runs"].sum())
+    compared = comparison_figures(root)
+    md = (f"# mmlab report: {root}\n\n{runs} runs in {len(tables[0].numbers)} groups by "
+          f"{', '.join(group_by)}. Each cell is the mean ± sample standard deviation over the runs of the group "
+          f"(`seeds` counts their distinct seeds), rounded to two significant digits of the standard deviation, "
+          f"read from the files the runs hold; (n=k) marks a cell averaged over only k of them, - a value no run "
+          f"of the group has, and bold the best value of a column marked ↑ (higher is better) or ↓ (lower). "
+          f"Accuracy is on the test split at the best-validation checkpoint.\n\n" + render(tables, "md") + "\n"
+          + ("## Comparisons\n\n" + "\n".join(f"![{c}]({p})" for c, p in compared) + "\n" if compared else ""))
     written = [root / "report.md"]
     atomic_write_text(written[0], md)
     for t in tables:

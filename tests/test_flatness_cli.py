@@ -107,12 +107,15 @@ def test_cli_writes_files_reuses_and_compares(runs):
         for f in doc["files"]:
             if f.endswith(".png"):
                 png_image(run / f)
-    comparison = json.loads((sml / "flatness_comparison.json").read_text())["runs"]
-    assert [r["label"] for r in comparison] == ["sml", "audio"]
-    for r, run in zip(comparison, runs):
+    compared = sml.parent / "compare" / "flatness"  # the comparison's one home, named by method
+    doc = json.loads((compared / "flatness_comparison.json").read_text())
+    assert [r["label"] for r in doc["runs"]] == ["SML (image+audio)", "audio only"]
+    for r, run in zip(doc["runs"], runs):
         assert r["lambda_max"] == pytest.approx(refs[run]["eigenvalues"][0], rel=1e-2)
+    assert {"flatness_comparison.md", "flatness_comparison_landscape_2d_contour.png",
+            "flatness_comparison_fgap.png"} <= set(doc["files"]) and all((compared / f).is_file() for f in doc["files"])
     for f in ("flatness_comparison_landscape_2d_contour.png", "flatness_comparison_fgap.png"):
-        png_image(sml / f)
+        png_image(compared / f)
 
     # the same settings again: nothing recomputed; a changed LPF sigma recomputes LPF only, keeps the rest
     first = json.loads((sml / "flatness.json").read_text())
@@ -123,6 +126,13 @@ def test_cli_writes_files_reuses_and_compares(runs):
     assert result.exit_code == 0, result.output
     doc = json.loads((sml / "flatness.json").read_text())
     assert doc["lpf"]["sigma"] == 0.02 and doc["hessian"] == first["hessian"] and doc["reused"] == []
+
+    # another subset drops the other metrics from flatness.json, and their files go with them
+    result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--metric", "lpf", "--samples", "8"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((sml / "flatness.json").read_text())
+    assert "fgap" not in doc and "landscape" not in doc
+    assert not list(sml.glob("flatness_fgap.*")) and not list(sml.glob("flatness_landscape_*"))
 
 
 def test_cli_pyhessian_backend_and_errors(runs):

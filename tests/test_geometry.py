@@ -11,7 +11,7 @@ from scipy.spatial.distance import cdist
 from typer.testing import CliRunner
 
 from conftest import tiny_config
-from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, geometry
+from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, compare, geometry
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.fit import train
 from mmlab_cli.engine.rundir import load_run
@@ -113,7 +113,8 @@ def test_command_line(runs):
     result = cli.invoke(app, ["geometry", str(runs / "uni"), "--samples", "30", "--tsne-samples", "0",
                               "--device", "cpu", "--recall-k", "1,2"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"runs": [str(runs / "uni" / "geometry.json")]}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"runs": [str(runs / "uni" / "geometry.json")],
+                                                                  "comparison": None}
     path = runs / "uni" / "geometry.json"
     first = _strict_json(path)
     assert first["settings"]["recall_k"] == [1, 2]
@@ -139,3 +140,16 @@ def test_command_line(runs):
                          (["geometry", str(runs / "uni"), "--samples", "1"], "--samples")):
         bad = cli.invoke(app, args)
         assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and needle in bad.stderr, bad.output
+
+
+def test_compare_puts_the_runs_side_by_side(runs, tmp_path):
+    results = [analyse_run(load_run(runs / name), GeometrySettings(**SETTINGS), CPU) for name in ("two", "three")]
+    compare(results, tmp_path / "cmp", load_run(runs / "two").dataset.classes)
+    doc = _strict_json(tmp_path / "cmp" / "geometry_comparison.json")
+    assert doc["files"] == ["geometry_comparison.json", "geometry_comparison.md", "geometry_comparison.csv",
+                            "geometry_comparison_tsne.png"]
+    assert all((tmp_path / "cmp" / f).stat().st_size > 0 for f in doc["files"])
+    rows = {r["method"]: r for r in doc["runs"]}
+    assert set(rows) == {"SML (image+audio)", "SML (image+audio+depth)"}
+    assert rows["SML (image+audio+depth)"]["variance depth"] == results[1]["modality"]["depth"]["variance"]
+    assert "variance depth" not in rows["SML (image+audio)"]  # a modality the run does not have (no NaN)

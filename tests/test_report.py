@@ -3,6 +3,7 @@ sample standard deviations, missing analyses, grouping rules, formats and the co
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -49,12 +50,12 @@ RUNS = {
     "uni/s1": ({"modalities": ["image"], "pairing": "sml", "seed": 1}, (66.0, {"image": 65.0}),
                {"robustness.json": _robustness(66.0, {"image": 11.0}, {"image": 52.0})}),
     "sml/s0": ({"modalities": ["image", "audio"], "pairing": "sml", "seed": 0}, (70.0, {"image": 60.0, "audio": 40.0}),
-               {"geometry.json": _geometry(0.8, 0.4, 0.5)}),
+               {"geometry.json": _geometry(0.8, 0.4, 0.5)}),  # its geometry_tsne.png is stale: not listed
     "sml/s1": ({"modalities": ["image", "audio"], "pairing": "sml", "seed": 1}, (72.0, {"image": 61.0, "audio": 43.0}),
                {"geometry.json": _geometry(0.9, 0.6, 0.7, extra=0.5)}),
     "dml/s0": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 0}, (71.0, {"image": 62.0, "audio": 44.0}),
                {"flatness.json": _flatness(5.0, 1.2, 40.0, 0.8, 0.01, 0.1),
-                "geometry.json": _geometry(1.0, 0.5, 0.4),
+                "geometry.json": {**_geometry(1.0, 0.5, 0.4), "files": ["geometry.json", "geometry_tsne.png"]},
                 "robustness.json": _robustness(71.0, {"image": 30.0, "audio": 35.5}, {"image": 60.0, "audio": 65.0})}),
     "dml/s1": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 1}, (74.0, {"image": 62.0, "audio": 45.0}),
                {"flatness.json": _flatness(6.0, 1.3, 44.0, 0.9, 0.03, 0.2),
@@ -106,7 +107,8 @@ def _write_runs(root, runs=RUNS):
         (run / "metrics.json").write_text(json.dumps(metrics))
         for file, doc in files.items():
             (run / file).write_text(json.dumps(doc))
-    (root / "dml/s0/geometry_tsne.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    for run in ("dml/s0", "sml/s0"):
+        (root / run / "geometry_tsne.png").write_bytes(b"\x89PNG\r\n\x1a\n")
 
 
 @pytest.fixture
@@ -157,7 +159,7 @@ def test_every_cell_against_hand_computed_mean_and_std(runs_dir):
             row = _row(numbers, group)
             values = {}
             for run in (f"{group}/s0", f"{group}/s1"):
-                for label, path in spec.columns:
+                for label, path, _ in spec.columns:
                     for captured, v in resolve(docs[run].get(spec.file, {}), path):
                         values.setdefault(label.format(*captured), []).append(v)
             for label, vs in values.items():
@@ -170,30 +172,41 @@ def test_every_cell_against_hand_computed_mean_and_std(runs_dir):
 
     md = (runs_dir / "report.md").read_text()
     assert text == md and (runs_dir / "report.md") in written
-    assert "| avmnist | DML (image+audio) | 2 | 72.50 ± 2.12 | 62.00 ± 0.00 | 44.50 ± 0.71 |" in md
-    assert "| avmnist | DML (image+audio) + DAGR | 2 | 76.00 ± 1.41 | 65.00 ± 1.41 | 47.00 ± 0.00 |" in md
-    assert "| avmnist | image only | 2 | 65.00 ± 1.41 | 64.00 ± 1.41 | - |" in md
-    assert "| avmnist | image only | 2 | 9.0000 (n=1) | 2.0000 (n=1) | 80.0000 (n=1) | 1.0000 (n=1) | 0.0200 (n=1) | " \
-        "0.3000 (n=1) |" in md
+    # rounded to two significant digits of the seed spread; a zero or missing spread keeps the table's format
+    cells = by_name["accuracy"].cells.set_index("method")
+    assert list(cells.columns) == ["dataset", "seeds", "acc (fused) ↑", "acc image ↑", "acc audio ↑"]
+    assert list(cells.loc["DML (image+audio)"])[2:] == ["72.5 ± 2.1", "62.00 ± 0.00", "44.50 ± 0.71"]
+    assert list(cells.loc["DML (image+audio) + DAGR"])[2:] == ["76.0 ± 1.4", "65.0 ± 1.4", "47.00 ± 0.00"]
+    assert list(cells.loc["image only"])[2:] == ["65.0 ± 1.4", "64.0 ± 1.4", "-"]
+    flat = by_name["flatness"].cells.set_index("method")
+    assert list(flat.loc["image only"])[2:] == ["9 (n=1)", "2 (n=1)", "80 (n=1)", "1 (n=1)", "0.02 (n=1)", "0.3 (n=1)"]
+    # the best value of a column with a direction is bold: highest accuracy, lowest lambda_max
+    accuracy = md.split("## Flatness")[0]
+    assert "**76.0 ± 1.4**" in accuracy and "**72.5 ± 2.1**" not in accuracy and "**5.50 ± 0.71**" in md
     assert "-: 5 of 8 runs have no flatness.json" in md and "`mmlab flatness RUN_DIR`" in md
     assert "`mmlab geometry RUN_DIR`" in md and "`mmlab robustness RUN_DIR`" in md
     assert "![avmnist, image+audio, dml, none: geometry_tsne.png (dml/s0)](dml/s0/geometry_tsne.png)" in md
+    assert "sml/s0/geometry_tsne.png" not in md  # on disk, but not listed by its geometry.json: stale
     assert "W2² image\\|audio" in md  # a pair key cannot break the Markdown table
 
 
 def test_formats(runs_dir):
     _, latex, written = write_report(runs_dir, fmt="latex")
     assert (runs_dir / "report.tex") in written and latex == (runs_dir / "report.tex").read_text()
-    assert r"72.50 $\pm$ 2.12" in latex and r"W2$^2$ image\textbar{}audio" in latex and r"\toprule" in latex
+    assert r"72.5 $\pm$ 2.1" in latex and r"\textbf{76.0 $\pm$ 1.4}" in latex
+    assert r"$W_2^2$ image$|$audio" in latex and r"$\lambda_{\max}$ $\downarrow$" in latex
+    _check_latex_structure(latex, tables=7)
     _, csv, _ = write_report(runs_dir, fmt="csv")
-    assert csv.startswith("# accuracy\ndataset,modalities,pairing,regularizer,seeds,acc (fused) mean")
+    assert csv.startswith("# accuracy\ndataset,modalities,pairing,regularizer,seeds,runs,acc (fused) mean")
     with pytest.raises(MmlabError, match="--format"):
         write_report(runs_dir, fmt="html")
 
 
 def test_grouping_rules(runs_dir, tmp_path):
     tables, _, _ = write_report(runs_dir, ("pairing",))  # one dataset: any grouping is fine
-    assert list(tables[0].numbers["seeds"]) == [4, 4] and list(tables[0].cells.columns[:2]) == ["pairing", "seeds"]
+    # four runs per pairing but only two distinct seeds: seeds counts seeds, runs counts runs
+    assert list(tables[0].numbers["seeds"]) == [2, 2] and list(tables[0].numbers["runs"]) == [4, 4]
+    assert list(tables[0].cells.columns[:2]) == ["pairing", "seeds"]
     with pytest.raises(MmlabError, match="cannot group by 'optimiser'"):
         write_report(runs_dir, ("optimiser",))
 
@@ -226,7 +239,8 @@ def test_grouping_rules(runs_dir, tmp_path):
 
     val = json.loads((runs_dir / "sml/s1/geometry.json").read_text())
     (runs_dir / "sml/s1/geometry.json").write_text(json.dumps({**val, "split": "val"}))
-    with pytest.raises(MmlabError, match=r"geometry.json measured the test split but .*the val split"):
+    with pytest.raises(MmlabError, match=r"geometry.json was measured with split = test but .*geometry.json with "
+                                         r"split = val"):
         write_report(runs_dir)
     (runs_dir / "sml/s1/geometry.json").write_text("{not json")
     with pytest.raises(MmlabError, match=r"sml/s1/geometry.json: not valid JSON"):
@@ -237,8 +251,9 @@ def test_command_line_and_no_torch(runs_dir):
     cli = CliRunner()
     result = cli.invoke(app, ["report", str(runs_dir), "--format", "md"])
     assert result.exit_code == 0, result.output
-    assert "Test accuracy (%)" in result.stderr and "8 runs in 4 groups" in result.stderr
-    assert (runs_dir / "report.md").read_text().startswith(f"# mmlab report: {runs_dir}")
+    assert "8 runs in 4 groups" in result.stderr
+    assert result.stdout == (runs_dir / "report.md").read_text() + "\n"  # the table on stdout, as documented
+    assert result.stdout.startswith(f"# mmlab report: {runs_dir}") and "## Test accuracy (%)" in result.stdout
     as_csv = cli.invoke(app, ["report", str(runs_dir), "--format", "csv"])
     assert as_csv.exit_code == 0 and as_csv.stdout.startswith("# accuracy\n")
     bad = cli.invoke(app, ["report", str(runs_dir), "--group-by", "dataset,nope"])
@@ -247,3 +262,72 @@ def test_command_line_and_no_torch(runs_dir):
     assert empty.exit_code == 2 and "no such directory" in empty.stderr
     code = "import sys, mmlab_cli.report; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _check_latex_structure(latex: str, tables: int) -> None:
+    """What a TeX engine would reject, checked without one (test_latex_compiles runs pdflatex where installed):
+    unbalanced environments, a row whose cell count differs from the column spec, no caption or label."""
+    for env in ("table", "tabular"):
+        assert latex.count(rf"\begin{{{env}}}") == latex.count(rf"\end{{{env}}}") == tables, env
+    for block in latex.split(r"\end{table}")[:-1]:
+        spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", block).group(1)
+        assert spec.startswith("l") and spec.endswith("r")  # keys left, numbers right
+        body = block.split(r"\toprule")[1].split(r"\bottomrule")[0].replace(r"\midrule", "")
+        rows = [r for r in body.split(r"\\") if r.strip()]
+        assert rows and all(r.count(" & ") == len(spec) - 1 for r in rows), (spec, rows)
+        assert re.search(r"\\caption\{.+\}", block) and re.search(r"\\label\{tab:\w+\}", block)
+        assert block.count("$") % 2 == 0  # every math shift closed
+        assert not re.search(r"(?<!\\)[_%&#](?![^$]*\$)", block.replace(" & ", " ")), block  # escaped outside math
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None,
+                    reason="no pdflatex (.ci/run installs texlive-latex-base and texlive-latex-recommended)")
+def test_latex_compiles(runs_dir, tmp_path):
+    _, latex, _ = write_report(runs_dir, fmt="latex")
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                                      f"{latex}\\end{{document}}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 0
+
+
+def test_refuses_to_average_different_subset_sizes(runs_dir):
+    for run, batch, density in (("dml/s0", 32, True), ("dml/s1", 64, False)):
+        doc = json.loads((runs_dir / run / "flatness.json").read_text())
+        (runs_dir / run / "flatness.json").write_text(json.dumps({**doc, "samples": 32, "settings": {
+            "samples": 32, "batch_size": batch, "density": density}}))
+    write_report(runs_dir)  # a batch size or a density plot changes no number: averaged
+    for run, samples in (("dml/s0", 32), ("dml/s1", 64)):
+        doc = json.loads((runs_dir / run / "flatness.json").read_text())
+        (runs_dir / run / "flatness.json").write_text(json.dumps({**doc, "samples": samples}))
+    with pytest.raises(MmlabError, match=r"dml/s0/flatness.json was measured with samples = 32 but "
+                                         r"dml/s1/flatness.json with samples = 64"):
+        write_report(runs_dir)
+    tables, _, _ = write_report(runs_dir, ("dataset", "modalities", "pairing", "regularizer", "seed"))  # apart: fine
+    assert len(tables[1].numbers) == 8
+
+
+def test_columns_without_values_are_left_out(tmp_path):
+    runs = {name: (config, metrics, {}) for name, (config, metrics, _) in RUNS.items()}
+    runs["dml/s0"] = (*runs["dml/s0"][:2], {"flatness.json": {"split": "train", "lambda_max": 3.0}})
+    _write_runs(tmp_path / "runs", runs)
+    tables, md, _ = write_report(tmp_path / "runs")
+    flat = {t.spec.name: t for t in tables}["flatness"]
+    assert list(flat.cells.columns[2:]) == ["seeds", "λ_max ↓"]  # no 'F_gap *' or 'L_LPF' placeholder
+    assert "left out: λ1/λ5, trace, L_LPF, Δ_LPF, F_gap (`mmlab flatness RUN_DIR`)" in flat.note
+    assert "*" not in md.split("## Modality variance")[1].split("## ")[0]  # no wildcard header anywhere
+    assert "| avmnist" not in md.split("## Modality variance")[1].split("## ")[0]  # no geometry: no table, a note
+
+
+def test_refuses_to_average_runs_that_differ_in_more_than_the_seed(runs_dir):
+    """Seeds of one experiment differ in the seed (and where they ran) only: a different learning rate in one
+    default group is refused with one line naming it; asked for by --group-by, the grouping is the user's."""
+    config = yaml.safe_load((runs_dir / "sml/s1/config.yaml").read_text())
+    (runs_dir / "sml/s1/config.yaml").write_text(yaml.safe_dump({**config, "lr": 0.5, "device": "cuda"}))
+    with pytest.raises(MmlabError, match=r"sml/s1 \(lr = 0.5\) .* differ in more than the seed; add 'lr'"):
+        write_report(runs_dir)
+    assert len(write_report(runs_dir, ("dataset", "modalities", "pairing", "lr"))[0][0].numbers) == 4
+    assert len(write_report(runs_dir, ("dataset", "modalities", "pairing"))[0][0].numbers) == 3
+    result = CliRunner().invoke(app, ["report", str(runs_dir)])
+    assert result.exit_code == 2 and "differ in more than the seed" in result.stderr

@@ -213,11 +213,11 @@ def _direct(run_dir, result):
     return {"clean": measure(inputs), **{m: measure({**inputs, m: torch.zeros_like(inputs[m])}) for m in inputs}}
 
 
-def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
+def test_cli_writes_files_compares_and_reuses(runs):
     cli = CliRunner()
     args = ["robustness", str(runs / "sml"), str(runs / "audio_only"), "--severity", "0,0.5,1", "--samples", "24",
             "--corruption", "missing-zero,audio-noise,cutout", "--steps", "2",
-            "--eps-sweep", "--eps-factors", "0,1,2", "--device", "cpu", "--out", str(tmp_path / "cmp")]
+            "--eps-sweep", "--eps-factors", "0,1,2", "--device", "cpu"]
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "PGD on image moves at most T * alpha = 0.002 < eps = 0.1" in " ".join(res.output.split())
@@ -253,13 +253,19 @@ def test_cli_writes_files_compares_and_reuses(runs, tmp_path):
     assert set(out["corruptions"]) == {"image", "audio"} and sum(len(c) for c in out["corruptions"].values()) == 4
     md = (runs / "sml" / "robustness.md").read_text()
     assert "drop rate" in md and "audio-noise" in md and f"{direct['sml']['clean'][0]:.2f}" in md
-    for f in ("comparison_audio.png", "comparison_image.png", "comparison_pgd_sweep.png"):
-        png_image(tmp_path / "cmp" / f)
-    cmp = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert [r["label"] for r in cmp["runs"]] == ["sml", "audio_only"]
+    assert n_curves == 4  # image: missing, cutout; audio: missing, noise
+    assert set(out["files"]) == {"robustness.json", "robustness.csv", "robustness.md", "robustness_image.png",
+                                 "robustness_audio.png", "robustness_pgd_sweep.png"}
+    compared = runs / "compare" / "robustness"  # default: compare/<analysis> in the runs' common folder
+    cmp = json.loads((compared / "comparison.json").read_text())
+    assert cmp["files"] == ["comparison.json", "comparison.csv", "comparison.md", "comparison_image.png",
+                            "comparison_audio.png", "comparison_pgd_sweep.png"]
+    for f in cmp["files"][3:]:
+        png_image(compared / f)
+    assert [r["label"] for r in cmp["runs"]] == ["SML (image+audio)", "audio only"]
     clean = [direct["sml"]["clean"], direct["audio_only"]["clean"]]
     assert [r["clean_acc"] for r in cmp["runs"]] == pytest.approx([a for a, _ in clean])
-    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv", keep_default_na=False)
+    table = pd.read_csv(compared / "comparison.csv", keep_default_na=False)
     rows = table[table.section == "clean"][["acc", "loss"]].values.tolist()
     assert rows == [pytest.approx(c, rel=1e-5) for c in clean]
     assert cmp["runs"][0]["pgd"]["image"]["perturbed_acc"] == out["pgd"]["image"]["perturbed_acc"]

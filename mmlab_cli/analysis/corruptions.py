@@ -110,7 +110,8 @@ def feature_dropout(x: torch.Tensor, ratio: float, spec: ModalitySpec, gen: torc
 class Corruption:
     name: str
     kinds: tuple[str, ...]  # modality kinds it applies to
-    parameter: str  # what value(level) is, for tables and plots
+    parameter: str  # what value(level) is, for tables
+    axis: str  # value(level) as a short axis label with its unit (mathtext), for plots
     apply: Callable[..., torch.Tensor]  # (x, value, spec, train_mean, gen) -> corrupted x
     value: Callable[[float], float] = float
 
@@ -122,19 +123,23 @@ def _snr_db(level: float) -> float:
 CONTINUOUS = ("image", "spectrogram", "frames", "features")  # text tokens are discrete: not corrupted
 CORRUPTIONS = {c.name: c for c in (
     Corruption("missing-zero", CONTINUOUS, "p (probability the modality is zeros)",
+               r"$p$ (probability missing)",
                lambda x, v, spec, mean, gen: missing(x, v, torch.zeros((), device=x.device), gen)),
     Corruption("missing-mean", CONTINUOUS, "p (probability the modality is the mean training sample)",
+               r"$p$ (probability missing)",
                lambda x, v, spec, mean, gen: missing(x, v, mean, gen)),
     Corruption("gaussian", CONTINUOUS, "sigma (noise std / modality train std)",
+               r"$\sigma$ (× train std)",
                lambda x, v, spec, mean, gen: gaussian(x, v, spec, gen)),
-    Corruption("audio-noise", ("spectrogram",), "SNR in dB (power of exp(x))",
+    Corruption("audio-noise", ("spectrogram",), "SNR in dB (power of exp(x))", "SNR (dB)",
                lambda x, v, spec, mean, gen: audio_noise(x, v, gen), _snr_db),
     Corruption("specaugment", ("spectrogram",), "fraction of frequency bins and of time frames masked",
+               "masked fraction per axis",
                lambda x, v, spec, mean, gen: specaugment(x, v, spec, gen)),
-    Corruption("frame-drop", ("frames",), "fraction of frames dropped",
+    Corruption("frame-drop", ("frames",), "fraction of frames dropped", "dropped fraction",
                lambda x, v, spec, mean, gen: frame_drop(x, v, spec, gen)),
-    Corruption("cutout", ("image", "frames"), "area ratio of the occluded rectangle",
+    Corruption("cutout", ("image", "frames"), "area ratio of the occluded rectangle", "occluded area fraction",
                lambda x, v, spec, mean, gen: cutout(x, v, spec, gen)),
-    Corruption("feature-dropout", CONTINUOUS, "ratio of input elements masked",
+    Corruption("feature-dropout", CONTINUOUS, "ratio of input elements masked", r"masked ratio $p$",
                lambda x, v, spec, mean, gen: feature_dropout(x, v, spec, gen)),
 )}

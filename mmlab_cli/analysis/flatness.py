@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmlab_cli import figures
 from mmlab_cli.analysis import flatness_plots as plots
 from mmlab_cli.analysis.common import Subset, load_subset, previous_result, run_identity, same_measurement
 from mmlab_cli.analysis.hessian import HessianVectorProduct, pyhessian_spectrum, slq_density, spectrum
@@ -28,7 +29,7 @@ from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
-from mmlab_cli.report import to_markdown
+from mmlab_cli.tables import to_markdown
 
 SCHEMA = "mmlab.flatness/1"
 METRICS = ("hessian", "lpf", "fgap", "landscape")
@@ -317,26 +318,28 @@ def markdown(result: dict) -> str:
 def write_run_outputs(result: dict, out: Path) -> list[Path]:
     """flatness.md, CSVs, NPZs and PNGs of one run (flatness.json is written by the caller, listing these)."""
     out = Path(out)
-    label = result["label"]
+    label = result["method"]
     written = [out / "flatness.json", out / "flatness.md", out / "flatness.csv"]
     atomic_write_text(written[2], _frame(scalar_rows(result)).to_csv(index=False))
     h = result.get("hessian")
     if h and h.get("density"):
-        written.append(plots.density({label: h["density"]}, out / "flatness_density.png"))
+        written += plots.density({label: h["density"]}, out / "flatness_density.png")
     if "fgap" in result:
         written.append(out / "flatness_fgap.csv")
         atomic_write_text(written[-1], _frame(fgap_rows(result)).to_csv(index=False))
-        written.append(plots.fgap({label: result["fgap"]}, out / "flatness_fgap.png"))
+        written += plots.fgap({label: result["fgap"]}, out / "flatness_fgap.png")
     land = result.get("landscape", {})
     for d in ("1d", "2d"):
         if d in land:
             written.append(out / f"flatness_landscape_{d}.npz")
             _save_npz(written[-1], {k: np.asarray(land[d][k]) for k in ("alpha", "beta", "loss", "acc") if k in land[d]})
     if "1d" in land:
-        written.append(plots.landscape_1d({label: land["1d"]}, out / "flatness_landscape_1d.png"))
+        written += plots.landscape_1d({label: land["1d"]}, out / "flatness_landscape_1d.png")
     if "2d" in land:
-        written.append(plots.contours({label: land["2d"]}, out / "flatness_landscape_2d_contour.png"))
-        written.append(plots.surfaces({label: land["2d"]}, out / "flatness_landscape_2d_surface.png"))
+        written += plots.contours({label: land["2d"]}, out / "flatness_landscape_2d_contour.png")
+        written += plots.surfaces({label: land["2d"]}, out / "flatness_landscape_2d_surface.png")
+    for stale in set(out.glob("flatness_*.*")) - set(written):  # metrics this result no longer holds
+        stale.unlink()
     result["files"] = [p.name for p in written]
     atomic_write_text(written[1], markdown(result))
     return written
@@ -355,16 +358,10 @@ def compare(results: list[dict], out: Path) -> list[Path]:
     """flatness_comparison.{json,csv,md} and side-by-side PNGs (shared colour limits) for several runs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = [r["label"] for r in results]
-    if len(set(labels)) < len(labels):  # two runs/<x>/sml: name them by their paths
-        labels = [r["run"] for r in results]
-    runs = dict(zip(labels, results))
+    runs = dict(zip(figures.run_names(results), results))
     values = {label: {row["metric"]: row["value"] for row in scalar_rows(r)} for label, r in runs.items()}
     metrics = list(dict.fromkeys(m for v in values.values() for m in v))
     written = [out / "flatness_comparison.json", out / "flatness_comparison.csv", out / "flatness_comparison.md"]
-    atomic_write_json(written[0], {"schema": "mmlab.flatness-comparison/1", "runs": [
-        {"label": label, "run": r["run"], "method": r["method"], "split": r["split"], "samples": r["samples"],
-         **summary(r)} for label, r in runs.items()]})
     atomic_write_text(written[1], _frame([{"run": label, "method": r["method"], "split": r["split"],
                                            "samples": r["samples"], **values[label]}
                                           for label, r in runs.items()]).to_csv(index=False))
@@ -373,19 +370,23 @@ def compare(results: list[dict], out: Path) -> list[Path]:
     table += [{"metric": m, **{label: _fmt(values[label].get(m)) for label in runs}} for m in metrics]
     fg = {label: r["fgap"] for label, r in runs.items() if "fgap" in r}
     if fg:
-        written.append(plots.fgap(fg, out / "flatness_comparison_fgap.png"))
+        written += plots.fgap(fg, out / "flatness_comparison_fgap.png")
     land = {d: {label: r["landscape"][d] for label, r in runs.items() if d in r.get("landscape", {})}
             for d in ("1d", "2d")}
     if land["1d"]:
-        written.append(plots.landscape_1d(land["1d"], out / "flatness_comparison_landscape_1d.png"))
+        written += plots.landscape_1d(land["1d"], out / "flatness_comparison_landscape_1d.png")
     if land["2d"]:
-        written.append(plots.contours(land["2d"], out / "flatness_comparison_landscape_2d_contour.png"))
-        written.append(plots.surfaces(land["2d"], out / "flatness_comparison_landscape_2d_surface.png"))
+        written += plots.contours(land["2d"], out / "flatness_comparison_landscape_2d_contour.png")
+        written += plots.surfaces(land["2d"], out / "flatness_comparison_landscape_2d_surface.png")
     dens = {label: r["hessian"]["density"] for label, r in runs.items() if (r.get("hessian") or {}).get("density")}
     if dens:
-        written.append(plots.density(dens, out / "flatness_comparison_density.png"))
+        written += plots.density(dens, out / "flatness_comparison_density.png")
     md = ["# Flatness comparison", "", "Lower is flatter. Each run's own flatness.json holds its settings, subset "
           "indices and the eval-mode note.", "", to_markdown(_frame(table)),
           "Figures: " + (", ".join(p.name for p in written[3:]) or "none"), ""]
     atomic_write_text(written[2], "\n".join(md))
+    atomic_write_json(written[0], {"schema": "mmlab.flatness-comparison/1", "files": [p.name for p in written],
+                                   "runs": [{"label": label, "run": r["run"], "method": r["method"],
+                                             "split": r["split"], "samples": r["samples"], **summary(r)}
+                                            for label, r in runs.items()]})
     return written

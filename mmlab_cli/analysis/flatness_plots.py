@@ -1,102 +1,128 @@
-"""PNG figures of the flatness analysis (matplotlib's object API, no pyplot state). Every function
-takes one panel or line per run, so a single run and a comparison of runs share the code; panels
-of one figure share their colour and axis limits."""
+"""Figures of the flatness analysis in the style of `mmlab_cli.figures`. Every function takes one
+line or panel per run (keyed by its legend name), so a single run and a comparison share the code;
+panels of one figure share their axes, colour levels and colour bar."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
+from matplotlib import ticker
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
 
+from mmlab_cli import figures
 from mmlab_cli.analysis.hessian import density_curve
 
-
-def save(fig: Figure, path: Path) -> Path:
-    """Write a figure atomically as PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    tmp.replace(path)
-    return path
+LOSS = "loss (nats)"
+ROUND_TICKS = ticker.LogLocator(subs=(1.0, 2.0, 5.0))  # colour-bar ticks at 1, 2, 5 x 10^k
 
 
-def density(runs: dict[str, dict], path: Path) -> Path:
-    """SLQ eigenvalue density per run, log scale (Ghorbani et al. 2019's Figure 1 style)."""
-    fig = Figure(figsize=(6, 4))
+@figures.styled
+def density(runs: dict[str, dict], path: Path) -> list[Path]:
+    """SLQ eigenvalue density per run on a log axis (Ghorbani et al. 2019's Figure 1), every run smoothed
+    with the same Gaussian width on the same grid; values below 1e-6 of the peak fall off the axis."""
+    nodes = np.concatenate([np.ravel(n) for d in runs.values() for n in d["nodes"]])
+    bounds = (float(nodes.min()), float(nodes.max()))
+    fig = figures.figure(1)
     ax = fig.subplots()
-    for label, d in runs.items():
-        grid, dens = density_curve(d["nodes"], d["weights"])
-        ax.semilogy(grid, np.maximum(dens, 1e-10 * dens.max()), label=label)  # floor: no log(0)
-    ax.set(xlabel="eigenvalue", ylabel="density (log scale)", title="Hessian eigenvalue density (SLQ)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save(fig, path)
+    peak = 0.0
+    for name, d in runs.items():
+        grid, dens = density_curve(d["nodes"], d["weights"], bounds=bounds)
+        ax.plot(grid, np.where(dens > 0, dens, np.nan), color=figures.method_colour(name), label=name)
+        peak = max(peak, float(dens.max()))
+    ax.set(yscale="log", ylim=(1e-6 * peak, 2 * peak), xlabel=r"Hessian eigenvalue $\lambda$",
+           ylabel=r"density $\rho(\lambda)$", title="Hessian eigenvalue density (SLQ)")
+    ax.legend()
+    return figures.save(fig, path)
 
 
-def fgap(runs: dict[str, dict], path: Path) -> Path:
-    """F_gap(gamma) on train and test, one line per run (the DML paper's Figure 4)."""
-    splits = list(dict.fromkeys(s for r in runs.values() for s in r["splits"]))
-    fig = Figure(figsize=(4.5 * len(splits), 3.6))
+@figures.styled
+def fgap(runs: dict[str, dict], path: Path) -> list[Path]:
+    """F_gap on train and test side by side, one line per run (the DML paper's Figure 4). The x axis is what
+    the JSON records: the radius as a fraction of ||theta|| when relative, else gamma in weight-space units."""
+    splits = [s for s in ("train", "test") if any(s in r["splits"] for r in runs.values())]
+    relative = all(r["relative"] for r in runs.values())
+    fig = figures.figure(2, 2.6)
     axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
     for ax, split in zip(axes, splits):
-        for label, r in runs.items():
+        for name, r in runs.items():
             if split in r["splits"]:
                 c = r["splits"][split]
                 err = np.array([e or 0.0 for e in c["F_stderr"]])
-                ax.errorbar(r["gamma"], c["F"], yerr=err, marker="o", markersize=3, capsize=2, label=label)
-        relative = next(iter(runs.values()))["relative"]
-        ax.set(title=f"{split}", xlabel="radius gamma" + (" (x ||theta|| per run)" if relative else ""))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("F_gap = E|L(theta + gamma u) - L(theta)|")
-    fig.tight_layout()
-    return save(fig, path)
+                ax.errorbar(r["radii"] if relative else r["gamma"], c["F"], yerr=err, marker="o", capsize=2,
+                            color=figures.method_colour(name), label=name)
+        ax.set(title=f"{split} split", xlabel=r"relative radius $\gamma / \|\theta\|$" if relative else
+               r"radius $\gamma$ ($\ell_2$ distance in weight space)")
+    axes[0].set_ylabel(r"$F_{\mathrm{gap}}(\gamma) = \mathbb{E}_u\,|L(\theta + \gamma u) - L(\theta)|$ (nats)")
+    axes[-1].legend()
+    return figures.save(fig, path)
 
 
-def landscape_1d(runs: dict[str, dict], path: Path) -> Path:
-    fig = Figure(figsize=(5.5, 4))
+@figures.styled
+def landscape_1d(runs: dict[str, dict], path: Path) -> list[Path]:
+    fig = figures.figure(1)
     ax = fig.subplots()
-    for label, r in runs.items():
-        ax.plot(r["alpha"], r["loss"], marker="o", markersize=3, label=label)
-    ax.set(xlabel="alpha (filter-normalised direction)", ylabel="loss", title="1-D loss landscape")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save(fig, path)
+    for name, r in runs.items():
+        ax.plot(r["alpha"], r["loss"], marker="o", color=figures.method_colour(name), label=name)
+    ax.set(xlabel=r"$\alpha$ (filter-normalised direction)", ylabel=LOSS, title="1-D loss landscape")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
+    ax.legend()
+    return figures.save(fig, path)
 
 
-def _limits(runs: dict[str, dict]) -> tuple[float, float]:
+def _log_norm(runs: dict[str, dict]) -> LogNorm:
+    """One log colour scale over every run's losses (a cross-entropy is > 0)."""
     values = np.concatenate([np.asarray(r["loss"]).ravel() for r in runs.values()])
-    return float(values.min()), float(values.max())
+    lo = float(values[values > 0].min())
+    return LogNorm(lo, max(float(values.max()), lo * 1.01))
 
 
-def contours(runs: dict[str, dict], path: Path, levels: int = 30) -> Path:
-    """2-D contours side by side on one set of levels and one colour bar (the DML paper's Figure 1)."""
-    lo, hi = _limits(runs)
-    lv = np.linspace(lo, hi if hi > lo else lo + 1e-6, levels)
-    fig = Figure(figsize=(4.2 * len(runs) + 1.2, 4), layout="constrained")
-    axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
-    for ax, (label, r) in zip(axes, runs.items()):
+def _colour_bar(fig, norm: LogNorm, axes: list, **kw) -> None:
+    """One colour bar for all panels, labelled at round values only (1, 2, 5 x 10^k)."""
+    bar = fig.colorbar(ScalarMappable(norm), ax=axes, label=LOSS, ticks=ROUND_TICKS, format="%g", **kw)
+    bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _panels(runs: dict[str, dict], height: float, **kw):
+    fig = figures.figure(2 if len(runs) > 1 else 1, height)
+    return fig, fig.subplots(1, len(runs), squeeze=False, **kw)[0]
+
+
+@figures.styled
+def contours(runs: dict[str, dict], path: Path, levels: int = 20) -> list[Path]:
+    """2-D contours side by side on shared log-spaced levels and one colour bar with round ticks (the DML
+    paper's Figure 1): basins of different depth get different colours."""
+    norm = _log_norm(runs)
+    lv = np.geomspace(norm.vmin, norm.vmax, levels)
+    fig, axes = _panels(runs, 2.6, sharex=True, sharey=True)
+    for ax, (name, r) in zip(axes, runs.items()):
         a, b = np.meshgrid(r["alpha"], r["beta"])
-        filled = ax.contourf(a, b, np.asarray(r["loss"]), levels=lv, cmap="viridis", extend="both")
-        ax.contour(a, b, np.asarray(r["loss"]), levels=lv[::3], colors="white", linewidths=0.4)
-        ax.plot(0, 0, "r+", markersize=8)
-        ax.set(title=label, xlabel="alpha", aspect="equal")
-    axes[0].set_ylabel("beta")
-    fig.colorbar(filled, ax=list(axes), label="loss")
-    return save(fig, path)
+        ax.contourf(a, b, np.asarray(r["loss"]), levels=lv, norm=norm, extend="both")
+        ax.contour(a, b, np.asarray(r["loss"]), levels=lv[::4], colors="white", linewidths=0.4)
+        ax.plot(0, 0, "+", color="red", markersize=6)
+        ax.set(title=name, xlabel=r"$\alpha$", aspect="equal")
+        ax.grid(False)
+    axes[0].set_ylabel(r"$\beta$")
+    _colour_bar(fig, norm, list(axes))
+    return figures.save(fig, path)
 
 
-def surfaces(runs: dict[str, dict], path: Path) -> Path:
-    """3-D loss surfaces side by side with one z range and one colour scale."""
-    lo, hi = _limits(runs)
-    fig = Figure(figsize=(4.5 * len(runs), 4.2))
-    for i, (label, r) in enumerate(runs.items()):
+@figures.styled
+def surfaces(runs: dict[str, dict], path: Path) -> list[Path]:
+    """3-D loss surfaces side by side with one z range and one log colour scale, and its colour bar."""
+    norm = _log_norm(runs)
+    fig = figures.figure(2 if len(runs) > 1 else 1, 3.0)
+    axes = []
+    for i, (name, r) in enumerate(runs.items()):
         ax = fig.add_subplot(1, len(runs), i + 1, projection="3d")
         a, b = np.meshgrid(r["alpha"], r["beta"])
-        ax.plot_surface(a, b, np.asarray(r["loss"]), cmap="viridis", vmin=lo, vmax=hi, linewidth=0,
-                        antialiased=True)
-        ax.set(title=label, xlabel="alpha", ylabel="beta", zlabel="loss", zlim=(lo, hi))
-    fig.tight_layout()
-    return save(fig, path)
+        ax.plot_surface(a, b, np.asarray(r["loss"]), norm=norm, cmap="viridis", linewidth=0, antialiased=True)
+        ax.set(title=name, xlabel=r"$\alpha$", ylabel=r"$\beta$", zlim=(norm.vmin, norm.vmax))
+        ax.tick_params(pad=0)
+        ax.set_box_aspect(None, zoom=0.85)  # room for the axis labels inside the figure
+        for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+            axis.set_major_locator(ticker.MaxNLocator(4))
+        axes.append(ax)
+    _colour_bar(fig, norm, axes, shrink=0.7)
+    return figures.save(fig, path)

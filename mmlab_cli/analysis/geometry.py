@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmlab_cli import figures
 from mmlab_cli.analysis import geometry_metrics as gm
 from mmlab_cli.analysis.common import reusable_result, run_identity, subset_indices
 from mmlab_cli.console import console, progress
@@ -27,7 +28,7 @@ from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
-from mmlab_cli.report import to_markdown
+from mmlab_cli.tables import to_markdown
 
 SCHEMA = "mmlab.geometry/1"
 
@@ -164,7 +165,7 @@ def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, chec
     result, emb = geometry(run.model, run.dataset, settings, device)
     result = {**identity, **result}
     (run.paths.root / "geometry.json").unlink(missing_ok=True)  # written last again, once every file is new
-    for stale in [*run.paths.root.glob("geometry_*.png"), *run.paths.root.glob("geometry_*.csv")]:
+    for stale in run.paths.root.glob("geometry_*.*"):
         stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
     with console.status("geometry: t-SNE and plots"):
         plots = write_plots(emb, result, settings, run.paths.root, run.dataset.classes)
@@ -233,4 +234,44 @@ def write_outputs(result: dict, emb: Embeddings, out: Path, plots: list[Path] = 
         atomic_write_text(path, df.to_csv(index=False))
     save_embeddings(out / "embeddings.npz", emb)
     atomic_write_json(written[0], result)  # last: its presence means every file above is complete
+    return written
+
+
+# ---------------------------------------------------------------- several runs
+
+COMPARED = {"modality": ("variance", "effective_rank", "semantic_margin"),
+            "pairs": ("variance_ratio", "wasserstein2_sq", "cosine_gap", "recall@1")}
+
+
+def compare(results: list[dict], out: Path, classes: list[str]) -> list[Path]:
+    """geometry_comparison.{md,csv} (one row per run) and geometry_comparison_tsne.png: each run's t-SNE side by
+    side on one class colour code (the DML paper's Figure 5), from the embeddings.npz the runs hold;
+    geometry_comparison.json, written last, lists the files."""
+    from types import SimpleNamespace
+
+    from mmlab_cli.analysis.geometry_plots import plot_tsne, tsne_panel
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = figures.run_names(results)
+    records = [{"run": name, "method": r["method"], "split": r["split"], "samples": r["samples"],
+                **{f"{key} {part}": v.get(key) for section, keys in COMPARED.items()
+                   for part, v in r[section].items() for key in keys}} for name, r in zip(names, results)]
+    table = pd.DataFrame(records)
+    written = [out / "geometry_comparison.json", out / "geometry_comparison.md", out / "geometry_comparison.csv"]
+    atomic_write_text(written[1], "# Geometry comparison\n\n" + to_markdown(table.map(_fmt)))
+    atomic_write_text(written[2], table.to_csv(index=False))
+    panels = {}
+    for name, r in zip(names, results):
+        s = SimpleNamespace(**r["settings"])
+        if s.tsne_samples and "embeddings.npz" in r.get("files", []):
+            with np.load(Path(r["run"]) / "embeddings.npz") as npz:
+                unit = {m: gm.unit(torch.from_numpy(npz[f"emb_{m}"])).numpy() for m in r["modalities"]}
+                panels[name] = tsne_panel(unit, npz["labels"], s)
+    if len(panels) > 1:
+        with console.status("geometry: t-SNE of the compared runs"):
+            written += plot_tsne(panels, classes, out / "geometry_comparison_tsne.png",
+                                 f"t-SNE ({results[0]['dataset']}, {results[0]['split']})")
+    atomic_write_json(written[0], {"schema": "mmlab.geometry-comparison/1", "files": [p.name for p in written],
+                                   "runs": records})
     return written

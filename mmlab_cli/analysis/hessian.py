@@ -157,10 +157,11 @@ def slq_density(hvp, theta: torch.Tensor, steps: int, runs: int, seed: int, adva
 
 
 def density_curve(nodes: list[list[float]], weights: list[list[float]], points: int = 1000,
-                  width: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """SLQ density on a grid: Gaussians of std `width` x (spectrum range) at the nodes, averaged over runs."""
+                  width: float = 0.01, bounds: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SLQ density on a grid: Gaussians of std `width` x (spectrum range) at the nodes, averaged over runs.
+    `bounds` fixes the range (and so grid and width) for curves that are to be compared; default the nodes'."""
     all_nodes = np.concatenate([np.asarray(n) for n in nodes])
-    lo, hi = all_nodes.min(), all_nodes.max()
+    lo, hi = bounds or (all_nodes.min(), all_nodes.max())
     sigma = width * max(hi - lo, 1e-12)
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
     dens = np.zeros_like(grid)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmlab_cli import figures
+from mmlab_cli.analysis import robustness_plots as plots
 from mmlab_cli.analysis.attacks import NOT_ATTACKED, PGDSettings, pgd, pgd_settings
 from mmlab_cli.analysis.common import Subset, load_subset, reusable_result, run_identity
 from mmlab_cli.analysis.corruptions import CORRUPTIONS
@@ -31,7 +33,7 @@ from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
-from mmlab_cli.report import to_markdown
+from mmlab_cli.tables import to_markdown
 
 SCHEMA = "mmlab.robustness/1"
 DEFAULT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -203,8 +205,8 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
                     "values": [v if np.isfinite(v) else None for v in values],  # null = infinite SNR (no noise)
                     "acc": acc, "loss": loss, "auc": relative_robustness(s.levels, acc)}
     return {"schema": SCHEMA, "dataset": dataset.name, "split": s.split, "samples": subset.size,
-            "modalities": kinds, "settings": {**asdict(s), "modalities": modalities}, "device": str(device),
-            "seconds": time.perf_counter() - start, "clean": {"acc": clean["acc"], "loss": clean["loss"]},
+            "classes": len(dataset.classes), "modalities": kinds, "settings": {**asdict(s), "modalities": modalities},
+            "device": str(device), "seconds": time.perf_counter() - start, "clean": {"acc": clean["acc"], "loss": clean["loss"]},
             "pgd": result_pgd, "corruptions": result_curves, "skipped": skipped}
 
 
@@ -286,56 +288,31 @@ def _frame(records: list[dict]):
     return pd.DataFrame(records)
 
 
-def plot_panels(panels: dict[str, dict[str, tuple[list, list]]], path: Path, xlabel: str) -> None:
-    """One panel per key, one line per label, shared accuracy axis; written atomically as PNG."""
-    from matplotlib.figure import Figure
-
-    cols = min(len(panels), 3)
-    nrows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.5 * cols, 3.5 * nrows))
-    axes = fig.subplots(nrows, cols, sharey=True, squeeze=False).flat
-    for ax, (title, lines) in zip(axes, panels.items()):
-        for label, (x, y) in lines.items():
-            ax.plot(x, y, marker="o", markersize=3, label=label)
-        ax.set(title=title, xlabel=xlabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in axes:  # the unused rest
-        ax.set_visible(False)
-    fig.supylabel("accuracy (%)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    tmp.replace(path)
-
-
 def write_run_outputs(result: dict, out: Path) -> list[Path]:
-    """robustness.json/.csv/.md and the PNG curves of one run."""
+    """robustness.csv/.md and the figures of one run, then robustness.json listing them in `files`; files of an
+    earlier result that this one no longer has are removed."""
     out = Path(out)
     written = [out / "robustness.json", out / "robustness.csv", out / "robustness.md"]
     atomic_write_text(written[1], _frame(rows(result)).to_csv(index=False))
     atomic_write_text(written[2], markdown(result))
-    for m, curves in result["corruptions"].items():
-        written.append(out / f"robustness_{m}.png")
-        plot_panels({f"{result['label']}: corrupting {m}": {n: (c["levels"], c["acc"]) for n, c in curves.items()}},
-                    written[-1], "severity level")
-    sweeps = {m: {result["label"]: ([p["eps"] for p in r["sweep"]], [p["acc"] for p in r["sweep"]])}
-              for m, r in result["pgd"].items() if r.get("sweep")}
-    if sweeps:
-        written.append(out / "robustness_pgd_sweep.png")
-        plot_panels({f"PGD on {m}": v for m, v in sweeps.items()}, written[-1], "eps")
+    runs = {result["method"]: result}
+    for m in result["corruptions"]:
+        written += plots.corruption_curves(runs, m, out / f"robustness_{m}.png")
+    if any(r.get("sweep") for r in result["pgd"].values()):
+        written += plots.pgd_sweeps(runs, out / "robustness_pgd_sweep.png")
+    for stale in set(out.glob("robustness_*.*")) - set(written):  # modalities or sweeps this result no longer has
+        stale.unlink()
     result["files"] = [p.name for p in written]
-    atomic_write_json(written[0], result)  # last: its presence means every file above is complete
+    atomic_write_json(written[0], result)  # last: it lists the files above
     return written
 
 
 def compare(results: list[dict], out: Path) -> list[Path]:
-    """One table and shared-axis plots for several runs' results: comparison.{json,csv,md} and PNGs."""
+    """One table and shared-axis figures for several runs' results: comparison.{csv,md}, PNGs, then
+    comparison.json listing them in `files`."""
     out = Path(out)
-    labels = [r["label"] for r in results]
-    if len(set(labels)) < len(labels):  # two runs/<x>/sml: name them by their paths
-        labels = [r["run"] for r in results]
-    results = [{**r, "label": label} for r, label in zip(results, labels)]
+    out.mkdir(parents=True, exist_ok=True)
+    results = [{**r, "label": name} for r, name in zip(results, figures.run_names(results))]
     modalities = list(dict.fromkeys(m for r in results for m in r["modalities"]))
     summary = [{"run": r["run"], "label": r["label"], "method": r["method"], "clean_acc": r["clean"]["acc"],
                 "pgd": {m: {k: p[k] for k in ("clean_acc", "perturbed_acc", "drop_rate")} for m, p in r["pgd"].items()},
@@ -350,22 +327,15 @@ def compare(results: list[dict], out: Path) -> list[Path]:
           "## Corruptions: area under the accuracy-severity curve (mean accuracy over levels, %)", "",
           to_markdown(_frame(aucs).fillna("-"))]
     written = [out / "comparison.json", out / "comparison.csv", out / "comparison.md"]
-    atomic_write_json(written[0], {"schema": "mmlab.robustness-comparison/1", "runs": summary})
     atomic_write_text(written[1], _frame([{"run": r["label"], "method": r["method"], **row}
                                           for r in results for row in rows(r)]).to_csv(index=False))
     atomic_write_text(written[2], "\n".join(md))
+    runs = {r["label"]: r for r in results}
     for m in modalities:
-        names = list(dict.fromkeys(n for r in results for n in r["corruptions"].get(m, {})))
-        if names:
-            written.append(out / f"comparison_{m}.png")
-            plot_panels({f"{n} on {m}": {r["label"]: (r["corruptions"][m][n]["levels"], r["corruptions"][m][n]["acc"])
-                                         for r in results if n in r["corruptions"].get(m, {})} for n in names},
-                        written[-1], "severity level")
-    sweeps = {f"PGD on {m}": {r["label"]: ([p["eps"] for p in r["pgd"][m]["sweep"]],
-                                           [p["acc"] for p in r["pgd"][m]["sweep"]])
-                              for r in results if r["pgd"].get(m, {}).get("sweep")} for m in modalities}
-    sweeps = {k: v for k, v in sweeps.items() if v}
-    if sweeps:
-        written.append(out / "comparison_pgd_sweep.png")
-        plot_panels(sweeps, written[-1], "eps")
+        if any(r["corruptions"].get(m) for r in results):
+            written += plots.corruption_curves(runs, m, out / f"comparison_{m}.png")
+    if any(p.get("sweep") for r in results for p in r["pgd"].values()):
+        written += plots.pgd_sweeps(runs, out / "comparison_pgd_sweep.png")
+    atomic_write_json(written[0], {"schema": "mmlab.robustness-comparison/1", "files": [p.name for p in written],
+                                   "runs": summary})
     return written

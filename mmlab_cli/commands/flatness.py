@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mmlab_cli.console import cli_errors, console, parse_numbers
+from mmlab_cli.console import FIGURE_FORMAT_HELP, cli_errors, comparison_dir, console, parse_numbers
 
 
 @cli_errors
@@ -47,8 +47,9 @@ def flatness(
     grid: int = typer.Option(21, help="Landscape grid points per axis on [-span, span] (21: 21x21 in 2-D)."),
     span: float = typer.Option(1.0, help="Landscape half-width along each filter-normalised direction."),
     landscape_dims: str = typer.Option("1,2", help="Landscapes to draw: 1, 2 or 1,2."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: the first "
-                                       "run's directory)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: "
+                                       "compare/flatness in the runs' common folder)."),
+    figure_format: str = typer.Option("png", help=FIGURE_FORMAT_HELP),
     force: bool = typer.Option(False, "--force", help="Recompute metrics even if flatness.json has them with these "
                                "settings."),
 ) -> None:
@@ -56,6 +57,7 @@ def flatness(
     values and PNG plots into each run directory (docs/flatness.md)."""
     from rich.table import Table
 
+    from mmlab_cli import figures
     from mmlab_cli.analysis.common import open_runs
     from mmlab_cli.analysis.flatness import METRICS, FlatnessSettings, analyse_run, compare
     from mmlab_cli.engine.rundir import resolve_device
@@ -73,10 +75,11 @@ def flatness(
         fgap_relative=fgap_relative, grid=grid, span=span,
         landscape_dims=parse_numbers(landscape_dims, "--landscape-dims", int)).check()
     dev = resolve_device(device)
-    folder = out or Path(run_dirs[0])
+    folder = comparison_dir(run_dirs, "flatness", out)
     results = []
     for run in open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else []):
-        result = analyse_run(run, settings, dev, checkpoint, force)
+        with figures.formats(figure_format):
+            result = analyse_run(run, settings, dev, checkpoint, force)
         results.append(result)
         reused = f" (reused: {', '.join(result['reused'])})" if result["reused"] else ""
         console.print(f"[bold]{run.paths.root}[/]: wrote flatness.json/.md and {len(result['files']) - 2} more "
@@ -92,7 +95,8 @@ def flatness(
     console.print(table)
     comparison = None
     if len(results) > 1:
-        comparison = str(compare(results, folder)[0])
+        with figures.formats(figure_format):
+            comparison = str(compare(results, folder)[0])
         console.print(f"comparison: {comparison}")
     typer.echo(json.dumps({"runs": [str(Path(r["run"]) / "flatness.json") for r in results],
                            "comparison": comparison}))

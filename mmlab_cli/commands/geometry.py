@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mmlab_cli.console import cli_errors, console
+from mmlab_cli.console import FIGURE_FORMAT_HELP, cli_errors, comparison_dir, console
 
 
 def _num(v: float | None, fmt: str = ".4f") -> str:
@@ -33,14 +33,18 @@ def geometry(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     checkpoint: str = typer.Option("best", help="best | last."),
     force: bool = typer.Option(False, "--force", help="Recompute even if geometry.json has these settings."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: "
+                                       "compare/geometry in the runs' common folder)."),
+    figure_format: str = typer.Option("png", help=FIGURE_FORMAT_HELP),
 ) -> None:
     """Embedding geometry: modality variance, W2 modality gap, effective rank, semantic margin, cross-modal
     drift, cosine separation, Recall@K, the ATI check of the fusion and a t-SNE plot. Writes
     geometry.{json,md}, geometry_*.csv, embeddings.npz and geometry_*.png into each run directory."""
     from rich.table import Table
 
+    from mmlab_cli import figures
     from mmlab_cli.analysis.common import open_runs
-    from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run
+    from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, compare
     from mmlab_cli.engine.rundir import resolve_device
     from mmlab_cli.errors import MmlabError
 
@@ -54,12 +58,16 @@ def geometry(
                                 exact_ot_max=exact_ot_max, sinkhorn_reg=sinkhorn_reg, negatives=negatives,
                                 recall_k=ks, tau=tau, tsne_samples=tsne_samples, perplexity=perplexity).check()
     dev = resolve_device(device)
-    runs = open_runs(run_dirs, checkpoint, dev)
+    folder = comparison_dir(run_dirs, "geometry", out)
+    runs = open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else [])
     table = Table(title=f"Geometry ({split} split, unit-normalised embeddings)")
     for col in ("run", "modality / pair", "variance", "eff. rank", "margin", "W2²", "drift", "cos gap", "KS", "R@1"):
         table.add_column(col)
+    results = []
     for run in runs:
-        result = analyse_run(run, settings, dev, checkpoint, force)
+        with figures.formats(figure_format):
+            result = analyse_run(run, settings, dev, checkpoint, force)
+        results.append(result)
         note = "reused" if result.get("reused") else f"{result['seconds']:.1f} s"
         console.print(f"[bold]{run.paths.root}[/]: {result['samples']} samples ({note}); "
                       f"wrote {', '.join(result['files'])}")
@@ -71,4 +79,9 @@ def geometry(
                           _num(v["wasserstein2_sq"]), _num(v["drift"]), _num(v["cosine_gap"]),
                           _num(v["cosine_ks"], ".3f"), _num(v.get("recall@1"), ".3f"))
     console.print(table)
-    typer.echo(json.dumps({"runs": [str(r.paths.root / "geometry.json") for r in runs]}))
+    comparison = None
+    if len(runs) > 1:
+        with figures.formats(figure_format):
+            comparison = str(compare(results, folder, runs[0].dataset.classes)[0])
+        console.print(f"comparison: {comparison}")
+    typer.echo(json.dumps({"runs": [str(r.paths.root / "geometry.json") for r in runs], "comparison": comparison}))

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from mmlab_cli.console import cli_errors, console, parse_numbers
+from mmlab_cli.console import FIGURE_FORMAT_HELP, cli_errors, comparison_dir, console, parse_numbers
 
 
 @cli_errors
@@ -39,13 +39,15 @@ def robustness(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     checkpoint: str = typer.Option("best", help="best | last."),
     out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: "
-                                       "robustness_comparison next to the first run)."),
+                                       "compare/robustness in the runs' common folder)."),
+    figure_format: str = typer.Option("png", help=FIGURE_FORMAT_HELP),
     force: bool = typer.Option(False, "--force", help="Recompute even if robustness.json has these settings."),
 ) -> None:
     """PGD and corruption robustness, one modality at a time: writes robustness.{json,csv,md} and PNG curves
     into each run directory."""
     from rich.table import Table
 
+    from mmlab_cli import figures
     from mmlab_cli.analysis.attacks import PGDSettings
     from mmlab_cli.analysis.common import open_runs
     from mmlab_cli.analysis.corruptions import CORRUPTIONS
@@ -61,7 +63,7 @@ def robustness(
                                   corruptions=names, levels=parse_numbers(severity, "--severity"), split=split,
                                   samples=samples, batch_size=batch_size, seed=seed).check()
     dev = resolve_device(device)
-    folder = out or Path(run_dirs[0]).resolve().parent / "robustness_comparison"
+    folder = comparison_dir(run_dirs, "robustness", out)
     runs = open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else [])
     if modality != "all" and not any(modality in r.model.modalities for r in runs):
         raise MmlabError(f"--modality {modality}: no run has it; they have "
@@ -71,7 +73,8 @@ def robustness(
         chosen = None if modality == "all" else [modality] if modality in r.model.modalities else []
         if chosen == []:
             console.print(f"{r.paths.root}: has no {modality}; only its clean accuracy is measured")
-        result = analyse_run(r, replace(settings, modalities=chosen), dev, checkpoint, force)
+        with figures.formats(figure_format):
+            result = analyse_run(r, replace(settings, modalities=chosen), dev, checkpoint, force)
         results.append(result)
         note = "reused" if result.get("reused") else f"{result['seconds']:.1f} s"
         console.print(f"[bold]{r.paths.root}[/]: clean {result['clean']['acc']:.2f}% ({note}); "
@@ -91,7 +94,8 @@ def robustness(
                           f"never reaches the eps-ball's surface (raise --step-size or --steps to reach it)")
     comparison = None
     if len(results) > 1:
-        comparison = str(compare(results, folder)[0])
+        with figures.formats(figure_format):
+            comparison = str(compare(results, folder)[0])
         console.print(f"comparison: {folder}")
     typer.echo(json.dumps({"runs": [str(Path(r.paths.root) / "robustness.json") for r in runs],
                            "comparison": comparison}))

@@ -1,0 +1,90 @@
+"""Figures of the robustness analysis in the style of `mmlab_cli.figures`: accuracy against each
+corruption's physical parameter (the values robustness.json records from the corruption
+definitions) with the chance level, and accuracy against the PGD radius. One line per run
+(keyed by its legend name), one panel per corruption or attacked modality, one legend per figure."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from matplotlib import ticker
+
+from mmlab_cli import figures
+from mmlab_cli.analysis.corruptions import CORRUPTIONS
+
+EPS_UNITS = {"image": "pixel intensity in [0, 1]", "frames": "pixel intensity in [0, 1]",
+             "spectrogram": "log-magnitude", "features": "feature units"}
+ACC = "accuracy (%)"
+
+
+def _grid(n: int, height: float = 2.0):
+    """n panels, at most 3 a row, with no empty panel left over."""
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = figures.figure(2 if n > 1 else 1, height * rows + 0.4)
+    axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    return fig, axes[:n]
+
+
+def _finish(fig, axes, results: dict[str, dict]) -> None:
+    """Chance level in every panel, the accuracy label, and one legend for the figure."""
+    classes = {r.get("classes") for r in results.values()} - {None}  # older files do not record it
+    for ax in axes:
+        if len(classes) == 1:
+            ax.axhline(100 / next(iter(classes)), color="0.5", ls=":", lw=1, label="chance")
+        ax.set_ylim(bottom=0)
+    for ax in axes[::3]:
+        ax.set_ylabel(ACC)
+    entries = {}  # every run once, also one missing from the first panel; the chance line last
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label != "chance":
+                entries.setdefault(label, handle)
+    if axes[0].lines and axes[0].lines[-1].get_label() == "chance":
+        entries["chance"] = axes[0].lines[-1]
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 5))
+
+
+@figures.styled
+def corruption_curves(results: dict[str, dict], modality: str, path: Path) -> list[Path]:
+    """Accuracy vs the physical parameter of each corruption of `modality` (an SNR axis runs from clean to
+    noisy, right to left in dB); a level with no finite value (no noise) is left out of its line."""
+    names = list(dict.fromkeys(n for r in results.values() for n in r["corruptions"].get(modality, {})))
+    fig, axes = _grid(len(names))
+    for ax, name in zip(axes, names):
+        curves = {k: r["corruptions"][modality][name] for k, r in results.items()
+                  if name in r["corruptions"].get(modality, {})}
+        for k, c in curves.items():
+            points = [(v, a) for v, a in zip(c["values"], c["acc"]) if v is not None and math.isfinite(v)]
+            ax.plot(*zip(*points), marker="o", color=figures.method_colour(k), label=k)
+        c = next(iter(curves.values()))
+        finite = [v for v in c["values"] if v is not None]
+        if len(finite) > 1 and finite[-1] < finite[0]:
+            ax.invert_xaxis()
+        axis = CORRUPTIONS[name].axis if name in CORRUPTIONS else c["parameter"]
+        ax.set(title=f"{name} on {modality}", xlabel=axis)
+    _finish(fig, axes, results)
+    return figures.save(fig, path)
+
+
+@figures.styled
+def pgd_sweeps(results: dict[str, dict], path: Path) -> list[Path]:
+    """Accuracy vs the PGD radius ε, one panel per attacked modality, ε in that modality's input units."""
+    modalities = list(dict.fromkeys(m for r in results.values() for m, p in r["pgd"].items() if p.get("sweep")))
+    fig, axes = _grid(len(modalities))
+    for ax, m in zip(axes, modalities):
+        for k, r in results.items():
+            sweep = r["pgd"].get(m, {}).get("sweep")
+            if sweep:
+                ax.plot([p["eps"] for p in sweep], [p["acc"] for p in sweep], marker="o",
+                        color=figures.method_colour(k), label=k)
+        kind = next(r["modalities"][m] for r in results.values() if m in r["modalities"])
+        ax.set(title=f"PGD on {m}", xlabel=rf"$\epsilon$ ($L_\infty$, {EPS_UNITS.get(kind, 'input units')})")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    _finish(fig, axes, results)
+    return figures.save(fig, path)
+

@@ -1,0 +1,94 @@
+"""The one figure style of every mmlab plot: sizes for a one- or two-column paper figure, fonts,
+a fixed colour per method label (the same run has the same colour in every figure), legend names
+from method labels, and atomic saving as PNG plus the vector formats `--figure-format` asks for.
+Plots use matplotlib's object API (no pyplot state) inside `styled`."""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+from matplotlib import rc_context
+from matplotlib.figure import Figure
+
+WIDTH = {1: 3.4, 2: 7.0}  # inches: one column / the full text width of a two-column paper
+DPI = 150
+STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
+         "ytick.labelsize": 7, "lines.linewidth": 1.3, "lines.markersize": 3.5, "axes.grid": True,
+         "grid.alpha": 0.3, "legend.frameon": False, "axes.spines.top": False, "axes.spines.right": False,
+         "savefig.dpi": DPI, "image.cmap": "viridis"}
+VECTOR_FORMATS = ("pdf", "svg")
+_formats: ContextVar[tuple[str, ...]] = ContextVar("figure_formats", default=())
+
+# Okabe-Ito and Paul Tol colours (told apart with colour-blindness) for the methods the papers compare; a label's
+# modalities in parentheses do not change its colour ("DML (image+audio)" and "DML (image+audio+depth)": DML)
+METHOD_COLOURS = {"image only": "#56B4E9", "audio only": "#E69F00", "depth only": "#999999", "text only": "#F0E442",
+                  "SML": "#009E73", "DML": "#D55E00", "SML + DAGR": "#0072B2", "DML + DAGR": "#CC79A7",
+                  "SML + DGL": "#44AA99", "DML + DGL": "#882255", "DML + DGL + DAGR": "#332288",
+                  "SML + SAM": "#117733", "DML + SAM": "#AA4499", "SML + SWA": "#999933", "DML + SWA": "#661100"}
+OTHER_COLOURS = ("#6699CC", "#AA4466", "#DDCC77", "#88CCEE", "#CC6677", "#004488", "#BB5566", "#666633")
+RUN_SEPARATOR = " – "  # 'DML (image+audio) – seed1': a method's runs share its colour
+
+
+def method_key(name: str) -> str:
+    """'DML (image+audio) + DAGR – run' -> 'DML + DAGR': the part of a legend name that decides the colour."""
+    method = name.split(RUN_SEPARATOR)[0]
+    head, _, rest = method.partition(" (")
+    return head + (rest.partition(")")[2] if rest else "")
+
+
+def method_colour(name: str) -> str:
+    """The fixed colour of a method label (a stable hash for labels outside METHOD_COLOURS)."""
+    key = method_key(name)
+    return METHOD_COLOURS.get(key) or OTHER_COLOURS[zlib.crc32(key.encode()) % len(OTHER_COLOURS)]
+
+
+def run_names(results: list[dict]) -> list[str]:
+    """Legend names of analysed runs: the method label, plus the run directory where two runs share it."""
+    methods = [r["method"] for r in results]
+    return [m if methods.count(m) == 1 else f"{m}{RUN_SEPARATOR}{r['label']}" for m, r in zip(methods, results)]
+
+
+def styled(plot):
+    """Run a plotting function under STYLE (matplotlib reads most settings when an artist is created)."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with rc_context(STYLE):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
+def figure(columns: int = 1, height: float = 2.6) -> Figure:
+    """A figure one or two paper columns wide (constrained layout: labels never collide)."""
+    return Figure(figsize=(WIDTH[columns], height), layout="constrained")
+
+
+@contextmanager
+def formats(spec: str):
+    """Inside this block every figure is saved as PNG plus the vector formats in `spec` ('png,pdf,svg')."""
+    extra = tuple(dict.fromkeys(f.strip() for f in spec.split(",") if f.strip() not in ("", "png")))
+    bad = [f for f in extra if f not in VECTOR_FORMATS]
+    if bad:
+        from mmlab_cli.errors import MmlabError
+
+        raise MmlabError(f"--figure-format {bad[0]}: choose png plus any of {', '.join(VECTOR_FORMATS)}, e.g. png,pdf")
+    token = _formats.set(extra)
+    try:
+        yield
+    finally:
+        _formats.reset(token)
+
+
+def save(fig: Figure, path: Path) -> list[Path]:
+    """Write `path` (.png) and its vector twins atomically; returns every path written, the PNG first."""
+    written = []
+    for fmt in ("png", *_formats.get()):
+        target = Path(path).with_suffix(f".{fmt}")
+        tmp = target.with_name(f".{target.name}.tmp")
+        fig.savefig(tmp, format=fmt, dpi=DPI)
+        tmp.replace(target)
+        written.append(target)
+    return written
