@@ -50,6 +50,11 @@ class Job:
     recipe: str
     config: TrainConfig
 
+    @property
+    def log(self) -> Path:
+        """Everything the job prints while it trains and analyses its run."""
+        return Path(self.config.out) / LOG_NAME
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -198,14 +203,14 @@ def _differences(job: Job, dataset) -> list[str]:
         trained_on = json.loads(paths.env.read_text()).get("dataset_sha256")
     except (OSError, AttributeError, ValueError):
         trained_on = None
-    if trained_on != dataset.fingerprint if trained_on else Path(stored.data) != Path(wanted.data).resolve():
-        diff.append("data")
-    return diff
+    same_data = (trained_on == dataset.fingerprint) if trained_on else Path(stored.data) == Path(wanted.data).resolve()
+    return diff + ([] if same_data else ["data"])
 
 
 def plan(jobs: list[Job]) -> dict[str, str]:
-    """{job name: 'new' | 'finished' | 'interrupted' | 'diverged'}, after checking every job's dataset and every existing
-    run directory; a run directory holding a run with other settings is an error, found before any run."""
+    """{job name: 'new' | 'finished' | 'interrupted' | 'diverged'}, after checking every job's dataset and
+    every existing run directory; a run directory holding a run with other settings is an error, found
+    before any run starts."""
     from mmlab_cli.engine.rundir import RunPaths
 
     states, cache = {}, {}
@@ -242,9 +247,8 @@ def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) 
     import torch
 
     torch.set_num_threads(threads)
-    log = Path(job.config.out) / LOG_NAME
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
             return _execute(job, state, analyses)
         except TrainingDiverged as e:
@@ -253,7 +257,7 @@ def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) 
             return Outcome(job.name, "failed", str(e))
         except Exception as e:  # noqa: BLE001 - one run's crash must not stop the sweep; the log has the trace
             traceback.print_exc()
-            return Outcome(job.name, "failed", f"{type(e).__name__}: {e} (traceback in {log})")
+            return Outcome(job.name, "failed", f"{type(e).__name__}: {e} (traceback in {job.log})")
 
 
 def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
@@ -268,7 +272,7 @@ def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
     for name, args in analyses.items():
         code = run_command([name, job.config.out, *args, "--device", job.config.device])
         if code:
-            return Outcome(job.name, "failed", f"{detail}; `mmlab {name}` exited with {code} (see {LOG_NAME})")
+            return Outcome(job.name, "failed", f"{detail}; `mmlab {name}` exited with {code} (see {job.log})")
     return Outcome(job.name, status, detail)
 
 
@@ -328,7 +332,8 @@ def run(jobs: list[Job], states: dict[str, str], analyses: dict, executor="local
         threads: int = 1, on_done=lambda outcome: None) -> list[Outcome]:
     """Run the plan: on a local pool of `workers` spawned processes (executor "local") or through a submitit
     executor, `threads` threads per job. A job that diverges or fails does not stop the others; a finished
-    run with no analyses to run is skipped, and a run that diverged before is reported, without a process. `on_done(outcome)` is called as each job ends."""
+    run with no analyses to run is skipped, and a run that diverged before is reported, without starting a
+    process. `on_done(outcome)` is called as each job ends."""
     outcomes = {j.name: Outcome(j.name, "skipped", "already finished") for j in jobs
                 if states[j.name] == "finished" and not analyses}
     outcomes.update({j.name: Outcome(j.name, "diverged", f"diverged before (see {j.config.out}/metrics.jsonl); "

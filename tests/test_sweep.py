@@ -210,7 +210,7 @@ def test_slurm_submission_script_has_the_partition_time_gpus_and_python_command(
         assert submitted.function is sw.execute and submitted.args == (job, "new", {}, 6)
 
 
-def test_slurm_settings_are_checked_before_submitting(tmp_path, tiny_synthetic):
+def test_slurm_settings_are_checked_before_submitting(tmp_path):
     pytest.importorskip("submitit")
     with pytest.raises(sw.MmlabError, match="slurm: "):
         sw.slurm_executor(tmp_path, {"gpus_per_node": "two"}, cluster="local")

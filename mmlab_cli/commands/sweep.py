@@ -61,8 +61,9 @@ def sweep(
             {"name": j.name, "recipe": j.recipe, "state": states[j.name], "config": j.config.to_dict()}
             for j in job_list]}, indent=1))
         return
-    console.print(f"{len(job_list)} runs in {plan.out} ({', '.join(f'{n} {s}' for s, n in _counts(states.values()))}); "
-                  f"{executor}, {jobs if executor == 'local' else 'Slurm array'} at a time, {threads} thread(s) per run")
+    counts = ", ".join(f"{n} {s}" for s, n in _counts(states.values()))
+    at_once = f"{jobs} at a time" if executor == "local" else "a Slurm array"
+    console.print(f"{len(job_list)} runs in {plan.out} ({counts}); {executor}: {at_once}, {threads} thread(s) per run")
     done = []
 
     def on_done(outcome):
