@@ -313,7 +313,10 @@ def slurm_executor(folder: Path, settings: dict, cluster: str = "slurm"):
     from mmlab_cli.extras import require
 
     submitit = require("submitit", "cluster", "--executor slurm")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as e:  # no srun here
+        raise MmlabError(f"--executor {cluster}: {e}; run the sweep where Slurm's commands are") from None
     params = {k if k in SLURM_GENERIC else f"{cluster}_{k}": v for k, v in settings.items()}
     try:
         executor.update_parameters(**params)

@@ -210,10 +210,14 @@ def test_slurm_submission_script_has_the_partition_time_gpus_and_python_command(
         assert submitted.function is sw.execute and submitted.args == (job, "new", {}, 6)
 
 
-def test_slurm_settings_are_checked_before_submitting(tmp_path):
+def test_slurm_settings_and_a_machine_without_slurm_are_one_line_errors(tmp_path, tiny_synthetic, monkeypatch):
     pytest.importorskip("submitit")
     with pytest.raises(sw.MmlabError, match="slurm: "):
         sw.slurm_executor(tmp_path, {"gpus_per_node": "two"}, cluster="local")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    path = _sweep(tmp_path, data=str(tiny_synthetic), slurm={"partition": "gpu"})
+    _one_line_error(runner.invoke(app, ["sweep", str(path), "--executor", "slurm"]), "--executor slurm", "srun")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)

@@ -41,42 +41,44 @@ def sweep(
     """Expand a grid (recipes x settings x seeds) into run directories OUT/<recipe>/<key>=<value>,.../seed<k>
     and train them: finished runs are skipped, interrupted ones resumed. Then the file's analyses run on each
     run and `mmlab report OUT` on all. Exit 1 if a run failed, 3 if one diverged (and none failed)."""
+    from rich.markup import escape
+
     from mmlab_cli import sweep as sw
     from mmlab_cli.errors import MmlabError
 
     if executor not in ("local", "slurm"):
         raise MmlabError(f"--executor {executor}: choose local or slurm")
-    plan = sw.load_sweep(sweep_file, out=out, seeds=None if seeds is None else parse_numbers(seeds, "--seeds", int),
+    spec = sw.load_sweep(sweep_file, out=out, seeds=None if seeds is None else parse_numbers(seeds, "--seeds", int),
                          sets=_pairs(set_, "--set"),
                          grid={k: v.split(",") for k, v in _pairs(grid, "--grid").items()})
-    job_list = sw.expand(plan)
-    sw.check_commands(plan)
+    job_list = sw.expand(spec)
+    sw.check_commands(spec)
     states = sw.plan(job_list)
     runner = "local"
     if executor == "slurm":
-        runner = sw.slurm_executor(plan.out / ".submitit", plan.slurm)
-    threads = threads or (plan.slurm.get("cpus_per_task", 1) if executor == "slurm" else sw.default_threads(jobs))
+        runner = sw.slurm_executor(spec.out / ".submitit", spec.slurm)
+    threads = threads or (spec.slurm.get("cpus_per_task", 1) if executor == "slurm" else sw.default_threads(jobs))
     if dry_run:
-        typer.echo(json.dumps({"out": str(plan.out), "threads": threads, "jobs": [
+        typer.echo(json.dumps({"out": str(spec.out), "threads": threads, "jobs": [
             {"name": j.name, "recipe": j.recipe, "state": states[j.name], "config": j.config.to_dict()}
             for j in job_list]}, indent=1))
         return
     counts = ", ".join(f"{n} {s}" for s, n in _counts(states.values()))
     at_once = f"{jobs} at a time" if executor == "local" else "a Slurm array"
-    console.print(f"{len(job_list)} runs in {plan.out} ({counts}); {executor}: {at_once}, {threads} thread(s) per run")
+    console.print(f"{len(job_list)} runs in {spec.out} ({counts}); {executor}: {at_once}, {threads} thread(s) per run")
     done = []
 
     def on_done(outcome):
         done.append(outcome)
-        note = f" ({outcome.detail})" if outcome.detail else ""
-        console.print(f"[{len(done)}/{len(job_list)}] {outcome.name}: [{COLOURS[outcome.status]}]{outcome.status}"
-                      f"[/]{note}")
+        note = f" ({escape(outcome.detail)})" if outcome.detail else ""
+        console.print(f"\\[{len(done)}/{len(job_list)}] {escape(outcome.name)}: "
+                      f"[{COLOURS[outcome.status]}]{outcome.status}[/]{note}")
 
-    outcomes = sw.run(job_list, states, plan.analyses, runner, jobs, threads, on_done)
-    report_failed = plan.report is not None and sw.run_command(["report", str(plan.out), *plan.report]) != 0
-    console.print(f"sweep {plan.out}: " + ", ".join(f"{n} {s}" for s, n in _counts(o.status for o in outcomes))
+    outcomes = sw.run(job_list, states, spec.analyses, runner, jobs, threads, on_done)
+    report_failed = spec.report is not None and sw.run_command(["report", str(spec.out), *spec.report]) != 0
+    console.print(f"sweep {spec.out}: " + ", ".join(f"{n} {s}" for s, n in _counts(o.status for o in outcomes))
                   + ("; the report failed" if report_failed else ""))
-    typer.echo(json.dumps({"out": str(plan.out), "runs": {o.name: o.status for o in outcomes}}))
+    typer.echo(json.dumps({"out": str(spec.out), "runs": {o.name: o.status for o in outcomes}}))
     statuses = {o.status for o in outcomes}
     if "failed" in statuses or report_failed:
         raise typer.Exit(1)
