@@ -26,7 +26,9 @@ from mmlab_cli.errors import MmlabError, TrainingDiverged
 ANALYSES = ("flatness", "robustness", "geometry")  # the `mmlab` commands a sweep may run on each run, in order
 SWEEP_KEYS = ("recipe", "data", "out", "grid", "seeds", "overrides", "analyses", "report", "slurm")
 SET_BY_SWEEP = ("out", "seed")  # run settings the sweep itself decides: not in grid or overrides
-MAY_DIFFER = ("out", "device", "data")  # what an existing run may differ in (data: compared by manifest hash)
+# what an existing run may differ in: where it lies and runs, its data (compared by manifest hash), and the CPU
+# threads (TrainConfig.threads, from the --threads work of issue 15)
+MAY_DIFFER = ("out", "device", "data", "threads")
 STATUSES = ("finished", "skipped", "resumed", "diverged", "failed")
 LOG_NAME = "sweep.log"
 
@@ -244,6 +246,7 @@ def default_threads(jobs: int) -> int:
 def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) -> Outcome:
     """Train (new), resume (interrupted) or keep (finished) one run, then run its analyses; everything it
     prints goes to RUN/sweep.log. Runs in a worker process (pool or Slurm job)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts: torch, BLAS and mmlab's thread default
     import torch
 
     torch.set_num_threads(threads)

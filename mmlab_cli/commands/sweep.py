@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -63,7 +64,7 @@ def sweep(
             {"name": j.name, "recipe": j.recipe, "state": states[j.name], "config": j.config.to_dict()}
             for j in job_list]}, indent=1))
         return
-    counts = ", ".join(f"{n} {s}" for s, n in _counts(states.values()))
+    counts = ", ".join(f"{n} {s}" for s, n in Counter(states.values()).items())
     at_once = f"{jobs} at a time" if executor == "local" else "a Slurm array"
     console.print(f"{len(job_list)} runs in {spec.out} ({counts}); {executor}: {at_once}, {threads} thread(s) per run")
     done = []
@@ -76,16 +77,12 @@ def sweep(
 
     outcomes = sw.run(job_list, states, spec.analyses, runner, jobs, threads, on_done)
     report_failed = spec.report is not None and sw.run_command(["report", str(spec.out), *spec.report]) != 0
-    console.print(f"sweep {spec.out}: " + ", ".join(f"{n} {s}" for s, n in _counts(o.status for o in outcomes))
+    statuses = [o.status for o in outcomes]
+    console.print(f"sweep {spec.out}: " + ", ".join(f"{statuses.count(s)} {s}" for s in sw.STATUSES)
                   + ("; the report failed" if report_failed else ""))
     typer.echo(json.dumps({"out": str(spec.out), "runs": {o.name: o.status for o in outcomes}}))
-    statuses = {o.status for o in outcomes}
     if "failed" in statuses or report_failed:
         raise typer.Exit(1)
     if "diverged" in statuses:
         raise typer.Exit(3)
 
-
-def _counts(values) -> list[tuple[str, int]]:
-    values = list(values)
-    return [(s, values.count(s)) for s in dict.fromkeys(values)]
