@@ -2,8 +2,9 @@
 pool or a Slurm cluster (submitit), then optionally analysed and reported (docs/sweep.md).
 
 `load_sweep(path)` reads a sweep file, `expand(sweep)` gives one `Job` per run directory, `plan(jobs)`
-checks every dataset and existing run directory before anything runs, `run_pool` / `run_submitit`
-execute the plan and return one `Outcome` per job. A finished run is skipped, an interrupted one
+checks every dataset and existing run directory before anything runs and gives each job's state, and
+`run(jobs, states, analyses, executor)` runs them (a local spawn pool, or a submitit executor from
+`slurm_executor`) and returns one `Outcome` per job. A finished run is skipped, an interrupted one
 resumed; a run directory holding a run with other settings is an error.
 """
 
@@ -144,7 +145,7 @@ def load_sweep(path: str | Path, *, out: str | None = None, seeds: list[int] | N
 
 def label(value) -> str:
     """A grid value as it appears in a run directory's name: a path by its last part, lists and mappings
-    joined with '+', every character outside [A-Za-z0-9._+-] replaced by '_'."""
+    joined with '+' (empty: 'none'), every character outside [A-Za-z0-9._+-] replaced by '_'."""
     if isinstance(value, dict):
         text = "+".join(f"{k}-{label(v)}" for k, v in value.items())
     elif isinstance(value, list):
@@ -153,7 +154,7 @@ def label(value) -> str:
         text = Path(value).name
     else:
         text = str(value)
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text or "none")
 
 
 def expand(sweep: Sweep) -> list[Job]:

@@ -74,7 +74,7 @@ def test_expand_names_product_and_precedence(tmp_path):
                                       "b/pairing=sml,data=audio-0.3/seed0", "b/pairing=sml,data=audio-0.05/seed0",
                                       "b/pairing=dml,data=audio-0.3/seed0", "b/pairing=dml,data=audio-0.05/seed0"]
     assert jobs[1].config.data == "d/audio-0.05/"
-    assert sw.label({"image": "tiny_cnn", "audio": "a b"}) == "image-tiny_cnn+audio-a_b"
+    assert sw.label({"image": "tiny_cnn", "audio": "a b"}) == "image-tiny_cnn+audio-a_b" and sw.label([]) == "none"
 
 
 @pytest.mark.parametrize("values, needles", [
