@@ -2,7 +2,7 @@
 
 import typer
 
-from mmlab_cli.commands import flatness, geometry, prepare, report, robustness, train
+from mmlab_cli.commands import flatness, geometry, prepare, report, robustness, sweep, train
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="mmlab: prepare multimodal datasets, train late-fusion models, measure flatness, "
@@ -24,6 +24,7 @@ app.command("flatness")(flatness.flatness)
 app.command("robustness")(robustness.robustness)
 app.command("geometry")(geometry.geometry)
 app.command("report")(report.report)
+app.command("sweep")(sweep.sweep)
 
 
 def main() -> None:

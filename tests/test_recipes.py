@@ -9,7 +9,8 @@ from mmlab_cli.config import config_from_yaml, config_to_yaml, resolve_config
 from mmlab_cli.main import app
 from mmlab_cli.models.encoders import ENCODERS, TEXT_ENCODERS
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml")
+                 if "sweeps" not in p.parts)  # sweep files: tests/test_sweep.py
 
 
 def test_recipes_found_for_every_dataset():

@@ -1,86 +1,128 @@
-"""`make reproduce-*` (recipes/reproduce.mk), checked with `make -n`: which runs it trains, with which
-recipe and seed, what it skips or resumes, and that it never deletes a run as a make intermediate."""
+"""`make reproduce-*` (recipes/reproduce.mk) are thin wrappers over the sweep files in recipes/sweeps/: checked
+with `make -n` and the sweep's own `--dry-run` plan: which runs they train, with which recipe, seed and
+settings, what they skip or resume, that they analyse and report, and that the make variables reach the sweep."""
 
+import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from mmlab_cli.config import TrainConfig, config_to_yaml, resolve_config
+from mmlab_cli.main import app
+from mmlab_cli.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+AVMNIST_METHODS = ("sml-dagr", "dml-dagr", "sml", "dml", "audio", "image")
+SYNTH_METHODS = ("sml-dagr", "sml", "dml", "audio", "image")
 
 
 def dry_run(*args: str) -> list[str]:
-    """The shell lines `make -n` would run, sub-makes expanded (make -n still runs $(MAKE) lines)."""
+    """The shell lines `make -n` would run."""
     out = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), *args, "BIN=/fake/bin"],
                          capture_output=True, text=True, check=True).stdout
     return out.splitlines()
 
 
-def variable(name: str) -> list[str]:
-    text = (ROOT / "recipes" / "reproduce.mk").read_text()
-    return re.search(rf"^{name} :?= (.*)$", text, re.M).group(1).split()
+def sweep_line(lines: list[str]) -> list[str]:
+    """The arguments of the one `mmlab sweep` call the target makes."""
+    calls = [shlex.split(line) for line in lines if " sweep " in line]
+    assert len(calls) == 1 and calls[0][0] == "/fake/bin/mmlab", lines
+    return calls[0][1:]
 
 
-def trained(lines: list[str]) -> dict[str, str]:
-    """run directory -> the train command that would start or resume it."""
-    runs = {}
-    for line in lines:
-        if "mmlab train" in line:
-            runs[re.search(r"--out (\S+);", line).group(1)] = line
-    return runs
+def plan(args: list[str], monkeypatch) -> dict:
+    """What that sweep would do: `mmlab sweep ... --dry-run` from the repository root."""
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def avmnist_data(tmp_path, tiny_synthetic) -> Path:
+    """A stand-in for data/avmnist (image and audio, like AVMNIST): the plan checks every dataset."""
+    return Path(shutil.copytree(tiny_synthetic, tmp_path / "avmnist"))
 
 
 def test_every_method_of_the_reproductions_has_a_recipe():
-    for dataset, name in (("avmnist", "AVMNIST_METHODS"), ("synthetic", "SYNTH_METHODS")):
-        for method in variable(name):
-            assert (ROOT / "recipes" / dataset / f"{method}.yaml").is_file(), (dataset, method)
+    for name, methods in (("avmnist", AVMNIST_METHODS), ("avmnist-cpu", AVMNIST_METHODS), ("synthetic", SYNTH_METHODS)):
+        sweep = load_sweep(ROOT / "recipes" / "sweeps" / f"{name}.yaml")
+        assert [Path(r).stem for r in sweep.recipes] == list(methods), name
+        assert all((ROOT / r).is_file() for r in sweep.recipes), name
 
 
-def test_avmnist_trains_every_method_and_seed_then_analyses_and_reports(tmp_path):
-    lines = dry_run("reproduce-avmnist", "SEEDS=0 1", f"AVMNIST_RUNS={tmp_path}", "DEVICE=cpu")
-    runs = trained(lines)
-    methods = variable("AVMNIST_METHODS")
-    assert sorted(runs) == sorted(f"{tmp_path}/{m}-seed{s}" for m in methods for s in (0, 1))
-    for m in methods:
-        line = runs[f"{tmp_path}/{m}-seed1"]
-        assert f"--recipe recipes/avmnist/{m}.yaml" in line and "--seed 1" in line
-        assert "--encoder image=tiny_cnn,audio=strided_cnn" in line and "OMP_NUM_THREADS=1" in line
-    analyses = [line for line in lines if "mmlab flatness" in line]
-    assert len(analyses) == 2 * len(methods)
-    assert all("mmlab robustness" in a and "mmlab geometry" in a and "--metric hessian,lpf" in a for a in analyses)
-    assert lines[-1] == f"/fake/bin/mmlab report {tmp_path}"
+def test_avmnist_trains_every_method_and_seed_then_analyses_and_reports(tmp_path, avmnist_data, monkeypatch):
+    lines = dry_run("reproduce-avmnist", "SEEDS=0 1", "JOBS=2", f"AVMNIST_RUNS={tmp_path}/runs",
+                    f"AVMNIST_DATA={avmnist_data}", "DEVICE=cpu")
+    assert f"/fake/bin/mmlab prepare avmnist --mnist ../shared/data/mnist --fsdd ../shared/data/fsdd " \
+           f"--out {avmnist_data}" in lines
+    args = sweep_line(lines)
+    assert args[:2] == ["sweep", "recipes/sweeps/avmnist-cpu.yaml"] and "--jobs 2" in " ".join(args)
+    result = plan(args, monkeypatch)
+    jobs = {j["name"]: j for j in result["jobs"]}
+    assert sorted(jobs) == sorted(f"{m}/seed{s}" for m in AVMNIST_METHODS for s in (0, 1))
+    assert result["threads"] == max(1, (os.cpu_count() or 1) // 2)  # the cores split among the JOBS
+    for m in AVMNIST_METHODS:
+        job = jobs[f"{m}/seed1"]
+        cfg = job["config"]
+        assert job["recipe"] == f"recipes/avmnist/{m}.yaml" and job["state"] == "new"
+        assert (cfg["seed"], cfg["device"], cfg["data"], cfg["out"]) == (1, "cpu", str(avmnist_data),
+                                                                         f"{tmp_path}/runs/{m}/seed1")
+        assert cfg["encoder"] == {"image": "tiny_cnn", "audio": "strided_cnn"} and cfg["epochs"] == 8
+        recipe = resolve_config(ROOT / job["recipe"], {})  # the recipe's method is kept
+        assert (cfg["pairing"], cfg["regularizer"], cfg["modalities"]) == \
+            (recipe.pairing, recipe.regularizer, recipe.modalities)
+    sweep = load_sweep(ROOT / args[1])
+    assert list(sweep.analyses) == ["flatness", "robustness", "geometry"] and sweep.report == []
+    assert sweep.analyses["flatness"][:2] == ["--metric", "hessian,lpf"]
     assert not any(line.startswith("rm ") for line in lines)
 
 
-def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
-    (tmp_path / "sml-seed0").mkdir()
-    (tmp_path / "sml-seed0" / "metrics.json").write_text("{}")
-    lines = dry_run(f"{tmp_path}/sml-seed0/analysed", f"{tmp_path}/dml-seed0/analysed",
-                    f"AVMNIST_RUNS={tmp_path}")
-    runs = trained(lines)
-    assert f"{tmp_path}/sml-seed0" not in runs  # finished: not trained again
-    assert any(f"mmlab flatness {tmp_path}/sml-seed0 " in line for line in lines)  # but its analyses run (reused)
-    # the shell test picks --resume when the run directory already holds a config
-    assert f"if [ -f {tmp_path}/dml-seed0/config.yaml ]; then" in runs[f"{tmp_path}/dml-seed0"]
-    assert f"train --resume --out {tmp_path}/dml-seed0" in runs[f"{tmp_path}/dml-seed0"]
+def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path, avmnist_data, monkeypatch):
+    runs = tmp_path / "runs"
+    args = sweep_line(dry_run("reproduce-avmnist", "SEEDS=0", f"AVMNIST_RUNS={runs}", f"AVMNIST_DATA={avmnist_data}",
+                              "DEVICE=cpu"))
+    configs = {j["name"]: j["config"] for j in plan(args, monkeypatch)["jobs"]}
+    for name, finished in (("sml/seed0", True), ("dml/seed0", False)):  # as `mmlab train` leaves them
+        cfg = TrainConfig(**{**configs[name], "data": str(avmnist_data.resolve())})
+        (runs / name).mkdir(parents=True)
+        (runs / name / "config.yaml").write_text(config_to_yaml(cfg))
+        if finished:
+            (runs / name / "metrics.json").write_text("{}")
+    states = {j["name"]: j["state"] for j in plan(args, monkeypatch)["jobs"]}
+    assert (states["sml/seed0"], states["dml/seed0"], states["image/seed0"]) == ("finished", "interrupted", "new")
 
 
-def test_cuda_runs_the_recipes_as_written(tmp_path):
-    runs = trained(dry_run("reproduce-avmnist", "SEEDS=0", f"AVMNIST_RUNS={tmp_path}", "DEVICE=cuda"))
-    line = runs[f"{tmp_path}/dml-seed0"]
-    assert "--encoder" not in line and "--epochs" not in line and "--device cuda" in line
-    assert "OMP_NUM_THREADS" not in line
+def test_cuda_runs_the_recipes_as_written(tmp_path, avmnist_data, monkeypatch):
+    args = sweep_line(dry_run("reproduce-avmnist", "SEEDS=0", f"AVMNIST_RUNS={tmp_path}/runs",
+                              f"AVMNIST_DATA={avmnist_data}", "DEVICE=cuda"))
+    assert args[1] == "recipes/sweeps/avmnist.yaml" and "--jobs 1" in " ".join(args)
+    for job in plan(args, monkeypatch)["jobs"]:
+        cfg, recipe = job["config"], resolve_config(ROOT / job["recipe"], {})
+        assert (cfg["encoder"], cfg["epochs"], cfg["embed_dim"], cfg["device"]) == \
+            (recipe.encoder, recipe.epochs, recipe.embed_dim, "cuda")
 
 
-def test_synthetic_sweep_prepares_each_level_and_trains_on_it(tmp_path):
-    lines = dry_run("reproduce-synthetic", "SEEDS=0", "AUDIO_INFO=0.3 0.05", f"SYNTH_RUNS={tmp_path}",
-                    f"SYNTH_DATA={tmp_path}/data")
+def test_synthetic_sweep_prepares_each_level_and_trains_on_it(tmp_path, tiny_synthetic, monkeypatch):
+    data = tmp_path / "data"
+    lines = dry_run("reproduce-synthetic", "SEEDS=0", "AUDIO_INFO=0.3 0.05", f"SYNTH_RUNS={tmp_path}/runs",
+                    f"SYNTH_DATA={data}", "DEVICE=cpu")
     for level in ("0.3", "0.05"):
         assert (f"/fake/bin/mmlab prepare synthetic --image-info 0.2 --audio-info {level} "
-                f"--out {tmp_path}/data/audio-{level}") in lines
-        line = trained(lines)[f"{tmp_path}/audio-{level}/sml-seed0"]
-        assert f"--recipe recipes/synthetic/sml.yaml --data {tmp_path}/data/audio-{level} " in line
-    assert len(trained(lines)) == 2 * len(variable("SYNTH_METHODS"))
+                f"--out {data}/audio-{level}") in lines
+        shutil.copytree(tiny_synthetic, data / f"audio-{level}")  # what the prepare line makes
+    assert lines.index(next(line for line in lines if " sweep " in line)) > \
+        max(i for i, line in enumerate(lines) if "prepare synthetic" in line)  # prepared before the sweep
+    jobs = {j["name"]: j for j in plan(sweep_line(lines), monkeypatch)["jobs"]}
+    assert len(jobs) == 2 * len(SYNTH_METHODS)
+    for level in ("0.3", "0.05"):
+        job = jobs[f"sml/data=audio-{level}/seed0"]
+        assert job["recipe"] == "recipes/synthetic/sml.yaml" and job["config"]["data"] == f"{data}/audio-{level}"
+    assert re.search(r"--seeds 0 --jobs \d+ --set device=cpu", " ".join(sweep_line(lines)))

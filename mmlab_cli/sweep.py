@@ -1,0 +1,371 @@
+"""Sweeps: a grid of recipes x settings x seeds, expanded into run directories and run on a local process
+pool or a Slurm cluster (submitit), then optionally analysed and reported (docs/sweep.md).
+
+`load_sweep(path)` reads a sweep file, `expand(sweep)` gives one `Job` per run directory, `plan(jobs)`
+checks every dataset and existing run directory before anything runs and gives each job's state, and
+`run(jobs, states, analyses, executor)` runs them (a local spawn pool, or a submitit executor from
+`slurm_executor`) and returns one `Outcome` per job. A finished run is skipped, an interrupted one
+resumed; a run directory holding a run with other settings is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from mmlab_cli.config import FIELDS, TrainConfig, config_from_yaml, resolve_config
+from mmlab_cli.errors import MmlabError, TrainingDiverged
+
+ANALYSES = ("flatness", "robustness", "geometry")  # the `mmlab` commands a sweep may run on each run, in order
+SWEEP_KEYS = ("recipe", "data", "out", "grid", "seeds", "overrides", "analyses", "report", "slurm")
+SET_BY_SWEEP = ("out", "seed")  # run settings the sweep itself decides: not in grid or overrides
+# what an existing run may differ in: where it lies and runs, its data (compared by manifest hash), and the CPU
+# threads (TrainConfig.threads, from the --threads work of issue 15)
+MAY_DIFFER = ("out", "device", "data", "threads")
+STATUSES = ("finished", "skipped", "resumed", "diverged", "failed")
+LOG_NAME = "sweep.log"
+
+
+@dataclass
+class Sweep:
+    path: Path
+    recipes: list[str]
+    out: Path
+    grid: dict[str, list] = field(default_factory=dict)
+    seeds: list[int] | None = None  # None: each recipe's own seed
+    overrides: dict = field(default_factory=dict)
+    analyses: dict[str, list[str]] = field(default_factory=dict)
+    report: list[str] | None = None  # `mmlab report OUT` arguments; None: no report
+    slurm: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # run directory below the sweep's out: <recipe-stem>/<key>=<value>,.../seed<k>
+    recipe: str
+    config: TrainConfig
+
+    @property
+    def log(self) -> Path:
+        """Everything the job prints while it trains and analyses its run."""
+        return Path(self.config.out) / LOG_NAME
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    status: str  # one of STATUSES
+    detail: str = ""
+
+
+def _mapping(value, what: str, source) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MmlabError(f"{source}: '{what}' must be a mapping of key: value")
+    return value
+
+
+def _run_keys(keys, what: str, source) -> None:
+    for key in keys:
+        if key not in FIELDS or key in SET_BY_SWEEP:
+            hint = "use seeds:" if key == "seed" else "use out: (the sweep's folder)" if key == "out" else \
+                f"valid keys: {', '.join(k for k in FIELDS if k not in SET_BY_SWEEP)}"
+            raise MmlabError(f"{source}: {what} key '{key}' is not a training setting a sweep can vary; {hint}")
+
+
+def load_sweep(path: str | Path, *, out: str | None = None, seeds: list[int] | None = None,
+               sets: dict | None = None, grid: dict[str, list] | None = None) -> Sweep:
+    """Read a sweep file; `out`, `seeds`, `sets` (added to overrides) and `grid` (replaces those axes) are
+    the command line's overrides. Every key is checked here; the run configs are checked by `expand`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmlabError(f"{path}: sweep file not found; see recipes/sweeps/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MmlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise MmlabError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = [k for k in raw if k not in SWEEP_KEYS]
+    if unknown:
+        raise MmlabError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(SWEEP_KEYS)}")
+    recipes = raw.get("recipe")
+    recipes = [recipes] if isinstance(recipes, str) else recipes
+    if not recipes or not all(isinstance(r, str) for r in recipes):
+        raise MmlabError(f"{path}: 'recipe' must name a recipe YAML or a list of them")
+    out = out or raw.get("out")
+    if not out:
+        raise MmlabError(f"{path}: no 'out' folder for the run directories; add out: or pass --out")
+    overrides = dict(_mapping(raw.get("overrides"), "overrides", path))
+    if raw.get("data") is not None:
+        if "data" in overrides:
+            raise MmlabError(f"{path}: 'data' is given both at the top and in overrides; keep one")
+        overrides["data"] = raw["data"]
+    overrides.update(sets or {})
+    axes = {**_mapping(raw.get("grid"), "grid", path), **(grid or {})}
+    _run_keys(overrides, "overrides", path)
+    _run_keys(axes, "grid", path)
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise MmlabError(f"{path}: grid '{key}' must be a non-empty list of values, got {values!r}")
+    both = [k for k in axes if k in overrides]
+    if both:
+        raise MmlabError(f"{path}: '{both[0]}' is both a grid key and an override (or --set); "
+                         f"a grid key takes its values from the grid: keep one")
+    seeds = seeds if seeds is not None else raw.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise MmlabError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    analyses = _mapping(raw.get("analyses"), "analyses", path)
+    for name, args in analyses.items():
+        if name not in ANALYSES:
+            raise MmlabError(f"{path}: unknown analysis '{name}'; choose from {', '.join(ANALYSES)}")
+        if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
+            raise MmlabError(f"{path}: analyses '{name}' must be a list of `mmlab {name}` arguments")
+        if "--device" in args:
+            raise MmlabError(f"{path}: analyses '{name}' gives --device; analyses run on each run's device "
+                             f"(set it with overrides device: or --set device=...)")
+    report = raw.get("report", False)
+    if not isinstance(report, (bool, list)):
+        raise MmlabError(f"{path}: 'report' must be true, false or a list of `mmlab report` arguments")
+    return Sweep(path, recipes, Path(out), axes, seeds, overrides,
+                 {a: [str(x) for x in analyses[a]] for a in ANALYSES if a in analyses},
+                 None if report is False else [] if report is True else [str(x) for x in report],
+                 _mapping(raw.get("slurm"), "slurm", path))
+
+
+def label(value) -> str:
+    """A grid value as it appears in a run directory's name: a path by its last part, lists and mappings
+    joined with '+' (empty: 'none'), every character outside [A-Za-z0-9._+-] replaced by '_'."""
+    if isinstance(value, dict):
+        text = "+".join(f"{k}-{label(v)}" for k, v in value.items())
+    elif isinstance(value, list):
+        text = "+".join(label(v) for v in value)
+    elif isinstance(value, str) and "/" in value.rstrip("/"):
+        text = Path(value).name
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text or "none")
+
+
+def expand(sweep: Sweep) -> list[Job]:
+    """One Job per recipe x grid point x seed (recipes outermost, seeds innermost), each config resolved
+    as recipe <- overrides <- grid point <- seed, out. Any bad value is an error naming the run."""
+    jobs, names = [], {}
+    for recipe in sweep.recipes:
+        stem = Path(recipe).stem
+        for point in itertools.product(*sweep.grid.values()):
+            values = dict(zip(sweep.grid, point))
+            middle = ",".join(f"{k}={label(v)}" for k, v in values.items())
+            for seed in sweep.seeds or [None]:
+                try:
+                    cfg = resolve_config(recipe, {**sweep.overrides, **values, "seed": seed})
+                except MmlabError as e:
+                    raise MmlabError(f"{sweep.path} ({stem}, {middle or 'no grid'}): {e}") from None
+                name = "/".join(filter(None, (stem, middle, f"seed{cfg.seed}")))
+                if name in names:
+                    raise MmlabError(f"{sweep.path}: {names[name]} and {recipe} {values} both make run "
+                                     f"directory {name}; give the recipes distinct file names or the grid "
+                                     f"distinct values")
+                names[name] = f"{recipe} {values}"
+                jobs.append(Job(name, recipe, replace(cfg, out=str(sweep.out / name))))
+    return jobs
+
+
+def _dataset(cfg: TrainConfig, cache: dict):
+    from mmlab_cli.data.dataset import PreparedDataset
+
+    if not cfg.data:
+        raise MmlabError(f"{cfg.out}: no dataset; set data: in the sweep file or its recipe, or --set data=DIR")
+    key = (cfg.data, tuple(cfg.modalities))
+    if key not in cache:
+        cache[key] = PreparedDataset(cfg.data, cfg.modalities or None)
+    return cache[key]
+
+
+def _differences(job: Job, dataset) -> list[str]:
+    """The settings in which the run already in the job's directory differs from the job."""
+    from mmlab_cli.engine.rundir import RunPaths
+
+    paths = RunPaths(job.config.out)
+    stored, wanted = config_from_yaml(paths.config), job.config
+    wanted = replace(wanted, modalities=wanted.modalities or dataset.modalities,
+                     text_encoder=str(Path(wanted.text_encoder).resolve()) if wanted.text_encoder else "",
+                     pretrained={m: str(Path(p).resolve()) for m, p in wanted.pretrained.items()})
+    diff = [k for k in FIELDS if k not in MAY_DIFFER and getattr(stored, k) != getattr(wanted, k)]
+    try:
+        trained_on = json.loads(paths.env.read_text()).get("dataset_sha256")
+    except (OSError, AttributeError, ValueError):
+        trained_on = None
+    same_data = (trained_on == dataset.fingerprint) if trained_on else Path(stored.data) == Path(wanted.data).resolve()
+    return diff + ([] if same_data else ["data"])
+
+
+def plan(jobs: list[Job]) -> dict[str, str]:
+    """{job name: 'new' | 'finished' | 'interrupted' | 'diverged'}, after checking every job's dataset and
+    every existing run directory; a run directory holding a run with other settings is an error, found
+    before any run starts."""
+    from mmlab_cli.engine.rundir import RunPaths
+
+    states, cache = {}, {}
+    for job in jobs:
+        dataset = _dataset(job.config, cache)
+        paths = RunPaths(job.config.out)
+        if not paths.config.is_file():
+            states[job.name] = "new"
+            continue
+        diff = _differences(job, dataset)
+        if diff:
+            raise MmlabError(f"{paths.config}: {paths.root} holds a run with other settings ({', '.join(diff)}); "
+                             f"move it away or give the sweep another out")
+        states[job.name] = "finished" if paths.finished() else "diverged" if _diverged(paths) else "interrupted"
+    return states
+
+
+def _diverged(paths) -> bool:
+    """The run stopped on a divergence (its metrics.jsonl ends with the `diverged` record fit writes)."""
+    try:
+        return bool(json.loads(paths.metrics_jsonl.read_text().splitlines()[-1]).get("diverged"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return False
+
+
+def default_threads(jobs: int) -> int:
+    """The cores of this machine split among `jobs` concurrent runs (at least one thread each)."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) -> Outcome:
+    """Train (new), resume (interrupted) or keep (finished) one run, then run its analyses; everything it
+    prints goes to RUN/sweep.log. Runs in a worker process (pool or Slurm job)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts: torch, BLAS and mmlab's thread default
+    import torch
+
+    torch.set_num_threads(threads)
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            return _execute(job, state, analyses)
+        except TrainingDiverged as e:
+            return Outcome(job.name, "diverged", str(e))
+        except MmlabError as e:
+            return Outcome(job.name, "failed", str(e))
+        except Exception as e:  # noqa: BLE001 - one run's crash must not stop the sweep; the log has the trace
+            traceback.print_exc()
+            return Outcome(job.name, "failed", f"{type(e).__name__}: {e} (traceback in {job.log})")
+
+
+def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
+    from mmlab_cli.engine.fit import train
+
+    if state == "finished":
+        status, detail = "skipped", "already finished"
+    else:
+        metrics = train(replace(job.config), resume=state == "interrupted")
+        status = "resumed" if state == "interrupted" else "finished"
+        detail = f"test accuracy {metrics['test_acc']:.2f}%"
+    for name, args in analyses.items():
+        code = run_command([name, job.config.out, *args, "--device", job.config.device])
+        if code:
+            return Outcome(job.name, "failed", f"{detail}; `mmlab {name}` exited with {code} (see {job.log})")
+    return Outcome(job.name, status, detail)
+
+
+def run_command(args: list[str]) -> int:
+    """Run an `mmlab` subcommand in this process; its exit code (its one-line error is on stderr)."""
+    from mmlab_cli.main import app
+
+    try:
+        code = app(args, standalone_mode=False)
+    except SystemExit as e:  # click's own usage errors
+        code = e.code
+    return code if isinstance(code, int) else 0
+
+
+def check_commands(sweep: Sweep) -> None:
+    """Parse every analysis's and the report's arguments now, so a typo stops the sweep before any run."""
+    import typer
+
+    from mmlab_cli.main import app
+
+    group = typer.main.get_command(app)
+    steps = [(name, ["RUN", *args]) for name, args in sweep.analyses.items()]
+    steps += [("report", ["OUT", *sweep.report])] if sweep.report is not None else []
+    for name, args in steps:
+        try:
+            group.get_command(None, name).make_context(name, list(args))
+        except typer.TyperException as e:  # click's usage errors, as typer ships them
+            raise MmlabError(f"{sweep.path}: `mmlab {name} {' '.join(args[1:])}`: {e}") from None
+
+
+SLURM_GENERIC = ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "nodes", "tasks_per_node", "name")
+
+
+def slurm_executor(folder: Path, settings: dict, cluster: str = "slurm"):
+    """A submitit AutoExecutor for the sweep's `slurm:` block: timeout_min, gpus_per_node, cpus_per_task,
+    mem_gb as submitit names them, anything else (partition, account, qos, array_parallelism...) as
+    Slurm's own option. `cluster="local"` gives submitit's local executor (tests)."""
+    from mmlab_cli.extras import require
+
+    submitit = require("submitit", "cluster", "--executor slurm")
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as e:  # no srun here
+        raise MmlabError(f"--executor {cluster}: {e}; run the sweep where Slurm's commands are") from None
+    params = {k if k in SLURM_GENERIC else f"{cluster}_{k}": v for k, v in settings.items()}
+    try:
+        executor.update_parameters(**params)
+    except (AssertionError, NameError, ValueError) as e:
+        raise MmlabError(f"slurm: {str(e).splitlines()[0]}") from None
+    return executor
+
+
+def submit(jobs: list[Job], states: dict[str, str], analyses: dict, executor, threads: int) -> list:
+    """Submit one submitit job per run (a Slurm array); returns submitit's job handles."""
+    return executor.map_array(execute, jobs, [states[j.name] for j in jobs], [analyses] * len(jobs),
+                              [threads] * len(jobs))
+
+
+def run(jobs: list[Job], states: dict[str, str], analyses: dict, executor="local", workers: int = 1,
+        threads: int = 1, on_done=lambda outcome: None) -> list[Outcome]:
+    """Run the plan: on a local pool of `workers` spawned processes (executor "local") or through a submitit
+    executor, `threads` threads per job. A job that diverges or fails does not stop the others; a finished
+    run with no analyses to run is skipped, and a run that diverged before is reported, without starting a
+    process. `on_done(outcome)` is called as each job ends."""
+    outcomes = {j.name: Outcome(j.name, "skipped", "already finished") for j in jobs
+                if states[j.name] == "finished" and not analyses}
+    outcomes.update({j.name: Outcome(j.name, "diverged", f"diverged before (see {j.config.out}/metrics.jsonl); "
+                                     f"not trained again: remove the run directory to retry it")
+                     for j in jobs if states[j.name] == "diverged"})
+    todo = [j for j in jobs if j.name not in outcomes]
+    for outcome in outcomes.values():
+        on_done(outcome)
+    for job, result in (_pool(todo, states, analyses, workers, threads) if executor == "local" else
+                        zip(todo, submit(todo, states, analyses, executor, threads))):
+        try:
+            outcome = result.result()
+        except Exception as e:  # noqa: BLE001 - a worker or cluster job that died; its log says why
+            outcome = Outcome(job.name, "failed", f"{type(e).__name__}: {e}")
+        outcomes[job.name] = outcome
+        on_done(outcome)
+    return [outcomes[job.name] for job in jobs]
+
+
+def _pool(jobs: list[Job], states: dict[str, str], analyses: dict, workers: int, threads: int):
+    """(job, future) pairs as the futures complete."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(execute, job, states[job.name], analyses, threads): job for job in jobs}
+        for future in as_completed(futures):
+            yield futures[future], future

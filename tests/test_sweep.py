@@ -1,0 +1,229 @@
+"""`mmlab sweep`: expansion (names, product, precedence), up-front checks, the local process pool (skip, resume,
+divergence), submitit's local executor with analyses and report, and the generated Slurm submission."""
+
+import json
+import os
+import stat
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import snapshot
+from mmlab_cli import sweep as sw
+from mmlab_cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"seconds", "train_seconds", "wall_seconds_this_process"}
+TINY = {"modalities": ["image", "audio"], "encoder": "tiny_cnn", "embed_dim": 16, "epochs": 3, "batch_size": 16,
+        "lr": 0.05, "step_size": 1, "device": "cpu"}
+runner = CliRunner()
+
+
+def _yaml(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def _sweep(tmp_path: Path, **values) -> Path:
+    recipe = _yaml(tmp_path / "tiny.yaml", TINY)
+    return _yaml(tmp_path / "sweep.yaml", {"recipe": str(recipe), "out": str(tmp_path / "runs"), **values})
+
+
+def _metrics(run: Path) -> dict:
+    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k not in TIMING_KEYS}
+
+
+def _history(run: Path) -> list:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+def test_expand_names_product_and_precedence(tmp_path):
+    """recipes outermost, grid in key order, seeds innermost; recipe <- overrides <- --set <- grid <- seed."""
+    a = _yaml(tmp_path / "a.yaml", {"pairing": "dml", "epochs": 5, "lr": 0.1, "weight_decay": 0.01, "seed": 7})
+    b = _yaml(tmp_path / "b.yaml", {"epochs": 9})
+    path = _yaml(tmp_path / "s.yaml", {"recipe": [str(a), str(b)], "data": "data/x", "out": "runs/s",
+                                       "grid": {"pairing": ["sml", "dml"]}, "seeds": [0, 3],
+                                       "overrides": {"epochs": 2, "lr": 0.5}})
+    jobs = sw.expand(sw.load_sweep(path, sets={"lr": "0.25"}))
+    assert [j.name for j in jobs] == [
+        "a/pairing=sml/seed0", "a/pairing=sml/seed3", "a/pairing=dml/seed0", "a/pairing=dml/seed3",
+        "b/pairing=sml/seed0", "b/pairing=sml/seed3", "b/pairing=dml/seed0", "b/pairing=dml/seed3"]
+    first = jobs[0].config
+    assert (first.pairing, first.seed, first.epochs, first.lr, first.weight_decay, first.data, first.out) == \
+        ("sml", 0, 2, 0.25, 0.01, "data/x", "runs/s/a/pairing=sml/seed0")
+    assert [j.recipe for j in jobs] == [str(a)] * 4 + [str(b)] * 4
+    assert jobs[5].config.weight_decay == 1e-4 and jobs[5].config.seed == 3  # b leaves the default
+
+    # no seeds: each recipe's own seed; --grid replaces an axis; a path value is named by its last part
+    _yaml(path, {**yaml.safe_load(path.read_text()), "seeds": None, "data": None})
+    jobs = sw.expand(sw.load_sweep(path, grid={"data": ["d/audio-0.3", "d/audio-0.05/"]}))
+    assert [j.name for j in jobs] == ["a/pairing=sml,data=audio-0.3/seed7", "a/pairing=sml,data=audio-0.05/seed7",
+                                      "a/pairing=dml,data=audio-0.3/seed7", "a/pairing=dml,data=audio-0.05/seed7",
+                                      "b/pairing=sml,data=audio-0.3/seed0", "b/pairing=sml,data=audio-0.05/seed0",
+                                      "b/pairing=dml,data=audio-0.3/seed0", "b/pairing=dml,data=audio-0.05/seed0"]
+    assert jobs[1].config.data == "d/audio-0.05/"
+    assert sw.label({"image": "tiny_cnn", "audio": "a b"}) == "image-tiny_cnn+audio-a_b" and sw.label([]) == "none"
+
+
+@pytest.mark.parametrize("values, needles", [
+    ({"grid": {"lrr": [0.1, 0.2]}}, ["grid key 'lrr'", "valid keys"]),
+    ({"grid": {"seed": [0, 1]}}, ["grid key 'seed'", "use seeds:"]),
+    ({"grid": {"lr": [0.1]}, "overrides": {"lr": 0.2}}, ["'lr' is both a grid key and an override"]),
+    ({"grid": {"epochs": [2, "many"]}}, ["tiny, epochs=many", "'epochs' must be int"]),
+    ({"grid": {"lr": 0.1}}, ["grid 'lr' must be a non-empty list"]),
+    ({"seeds": "0,1"}, ["'seeds' must be a non-empty list of integers"]),
+    ({"analyses": {"flatnes": []}}, ["unknown analysis 'flatnes'"]),
+    ({"analyses": {"flatness": ["--metrc", "lpf"]}}, ["mmlab flatness --metrc lpf", "No such option"]),
+    ({"report": ["--format", "pdf", "--nope"]}, ["mmlab report", "No such option"]),
+    ({"sweeps": 2}, ["unknown key 'sweeps'"]),
+])
+def test_a_bad_sweep_is_one_line_exit_2_before_any_run(tmp_path, tiny_synthetic, values, needles):
+    path = _sweep(tmp_path, data=str(tiny_synthetic), **values)
+    _one_line_error(runner.invoke(app, ["sweep", str(path), "--jobs", "2"]), str(path), *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_recipes_with_one_stem_and_a_missing_dataset_are_refused(tmp_path, tiny_synthetic):
+    (tmp_path / "other").mkdir()
+    path = _sweep(tmp_path, data=str(tiny_synthetic))
+    twin = _yaml(tmp_path / "other" / "tiny.yaml", TINY)
+    path.write_text(path.read_text().replace("recipe: ", f"recipe:\n- {twin}\n- "))
+    _one_line_error(runner.invoke(app, ["sweep", str(path)]), "both make run directory tiny/seed0")
+    path = _sweep(tmp_path, data=str(tmp_path / "nowhere"))
+    _one_line_error(runner.invoke(app, ["sweep", str(path)]), "nowhere")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture
+def grid(tmp_path, tiny_synthetic):
+    """A 2 x 2 grid: (epochs 3, gamma 1e4) diverges in epoch 2 (lr x 1e4 after epoch 1); the others train."""
+    path = _sweep(tmp_path, data=str(tiny_synthetic), grid={"epochs": [1, 3], "gamma": [0.5, 10000.0]}, seeds=[0])
+    return path, {j.name: j for j in sw.expand(sw.load_sweep(path))}
+
+
+def test_a_run_with_other_settings_is_an_error_not_replaced(grid, one_thread):
+    from mmlab_cli.engine.fit import train
+
+    path, jobs = grid
+    job = jobs["tiny/epochs=1,gamma=0.5/seed0"]
+    train(replace(job.config, lr=0.01))
+    before = snapshot(Path(job.config.out))
+    _one_line_error(runner.invoke(app, ["sweep", str(path)]), "holds a run with other settings (lr)")
+    assert snapshot(Path(job.config.out)) == before
+    assert [p.name for p in (Path(job.config.out).parents[1]).iterdir()] == ["epochs=1,gamma=0.5"]
+
+
+def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence(grid, tmp_path, one_thread,
+                                                                                 monkeypatch):
+    from mmlab_cli.engine import fit
+
+    path, jobs = grid
+    done, cut, bad, new = (jobs[f"tiny/{n}/seed0"] for n in ("epochs=1,gamma=0.5", "epochs=3,gamma=0.5",
+                                                             "epochs=3,gamma=10000.0", "epochs=1,gamma=10000.0"))
+    fit.train(replace(done.config))
+    finished = snapshot(Path(done.config.out))
+    fit.train(replace(cut.config, out=str(tmp_path / "uninterrupted")))
+
+    class Killed(Exception):
+        pass
+
+    write = fit.atomic_write_text
+
+    def write_then_die(target, text):  # the process dies right after epoch 1 is saved
+        write(target, text)
+        if Path(target).name == "metrics.jsonl":
+            raise Killed
+
+    monkeypatch.setattr(fit, "atomic_write_text", write_then_die)
+    with pytest.raises(Killed):
+        fit.train(replace(cut.config))
+    monkeypatch.undo()
+    assert len(_history(Path(cut.config.out))) == 1 and not (Path(cut.config.out) / "metrics.json").exists()
+
+    result = runner.invoke(app, ["sweep", str(path), "--jobs", "2", "--threads", "1"])
+    assert result.exit_code == 3, result.output  # a run diverged, none failed
+    assert json.loads(result.stdout.splitlines()[-1])["runs"] == {
+        done.name: "skipped", new.name: "finished", cut.name: "resumed", bad.name: "diverged"}
+    assert f"{bad.name}: diverged" in result.stderr and "training diverged in epoch 2" in result.stderr
+    assert all(f"1 {s}" in result.stderr.splitlines()[-1] for s in ("skipped", "finished", "resumed", "diverged"))
+    assert snapshot(Path(done.config.out)) == finished  # skipped: not one byte touched
+    assert _metrics(Path(cut.config.out)) == _metrics(tmp_path / "uninterrupted")
+    assert _history(Path(cut.config.out)) == _history(tmp_path / "uninterrupted")
+    assert (Path(new.config.out) / "metrics.json").is_file() and not (Path(bad.config.out) / "metrics.json").exists()
+
+    again = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])  # nothing to train: no process is started
+    assert again.exit_code == 3
+    assert set(json.loads(again.stdout.splitlines()[-1])["runs"].values()) == {"skipped", "diverged"}
+    assert "diverged before" in again.stderr
+
+
+def test_submitit_local_executor_runs_training_analyses_and_report(tmp_path, tiny_synthetic):
+    pytest.importorskip("submitit")
+    path = _sweep(tmp_path, data=str(tiny_synthetic), overrides={"epochs": 1}, seeds=[1],
+                  analyses={"geometry": ["--samples", 40, "--tsne-samples", 0]}, report=True)
+    sweep = sw.load_sweep(path)
+    jobs = sw.expand(sweep)
+    executor = sw.slurm_executor(tmp_path / "submitit", {"timeout_min": 10}, cluster="local")
+    outcomes = sw.run(jobs, sw.plan(jobs), sweep.analyses, executor, threads=1)
+    assert [(o.name, o.status) for o in outcomes] == [("tiny/seed1", "finished")], outcomes
+    run = Path(jobs[0].config.out)
+    assert json.loads((run / "geometry.json").read_text())["samples"] == 40
+    assert sw.run_command(["report", str(sweep.out)]) == 0 and (sweep.out / "report.md").is_file()
+
+
+def test_slurm_submission_script_has_the_partition_time_gpus_and_python_command(tmp_path, tiny_synthetic,
+                                                                                monkeypatch):
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", "exit 0"), ("sbatch", "echo Submitted batch job 4242")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    path = _sweep(tmp_path, data=str(tiny_synthetic), grid={"pairing": ["sml", "dml"]}, seeds=[0],
+                  slurm={"partition": "gpu-long", "timeout_min": 90, "gpus_per_node": 1, "cpus_per_task": 6,
+                         "account": "mm"})
+    sweep = sw.load_sweep(path)
+    jobs = sw.expand(sweep)
+    states = sw.plan(jobs)
+    handles = sw.submit(jobs, states, {}, sw.slurm_executor(tmp_path / "submitit", sweep.slurm), threads=6)
+    assert [h.job_id for h in handles] == ["4242_0", "4242_1"]
+    script = handles[0].paths.submission_file.read_text()
+    for line in ("#SBATCH --partition=gpu-long", "#SBATCH --time=90", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=6", "#SBATCH --account=mm", "#SBATCH --array=0-1"):
+        assert line in script, script
+    assert f"{sys.executable} -u -m submitit.core._submit" in script
+    for job, handle in zip(jobs, handles):  # each array task runs sweep.execute on its own job
+        submitted = handle.submission()
+        assert submitted.function is sw.execute and submitted.args == (job, "new", {}, 6)
+
+
+def test_slurm_settings_and_a_machine_without_slurm_are_one_line_errors(tmp_path, tiny_synthetic, monkeypatch):
+    pytest.importorskip("submitit")
+    with pytest.raises(sw.MmlabError, match="slurm: "):
+        sw.slurm_executor(tmp_path, {"gpus_per_node": "two"}, cluster="local")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    path = _sweep(tmp_path, data=str(tiny_synthetic), slurm={"partition": "gpu"})
+    _one_line_error(runner.invoke(app, ["sweep", str(path), "--executor", "slurm"]), "--executor slurm", "srun")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_expands_and_its_commands_parse(path):
+    sweep = sw.load_sweep(path)
+    jobs = sw.expand(sweep)
+    sw.check_commands(sweep)
+    assert jobs and len({j.name for j in jobs}) == len(jobs)
+    assert path.read_text().startswith("#") and "mmlab sweep" in path.read_text()  # the exact command
