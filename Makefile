@@ -10,13 +10,21 @@ DEMO_RUNS := runs/demo
 
 include recipes/reproduce.mk
 
-$(BIN)/mmlab: pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
-	touch $(BIN)/mmlab
 
-venv: $(BIN)/mmlab
+# Installs pin every package to constraints.txt; a change to it or to pyproject.toml re-installs.
+# `venv` is the base install (demo, reproduce-*); `make test` adds the extras the tests exercise.
+$(VENV)/.installed-base: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed-base
 
 demo: venv
 	rm -rf $(DEMO_RUNS)
@@ -27,7 +35,7 @@ demo: venv
 	$(BIN)/mmlab train --recipe recipes/synthetic/dml.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/dml --device $(DEVICE)
 	$(BIN)/mmlab report $(DEMO_RUNS)
 
-test: venv
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2
 
 clean:
