@@ -145,9 +145,10 @@ def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance
     return out
 
 
-def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSettings, device: torch.device,
+def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSettings, device: str | torch.device,
              cache_dir: Path | None = None, run_key: str = "", reuse: dict | None = None) -> dict:
     """Measure `settings.metrics` (see the module docstring); blocks in `reuse` are taken as they are."""
+    device = torch.device(device)
     s = settings.check().for_device(device)
     reuse = reuse or {}
     model.eval()
