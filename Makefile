@@ -12,7 +12,7 @@ include recipes/reproduce.mk
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt pip setuptools  # the installer, pinned too
 
 # Installs pin every package to constraints.txt; a change to it or to pyproject.toml re-installs.
 # `venv` is the base install (demo, reproduce-*); `make test` adds the extras the tests exercise.
