@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.main import app
+from test_cli import _one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -77,26 +78,20 @@ def _hide(monkeypatch, package: str, *importers: str) -> None:
         monkeypatch.delitem(sys.modules, name, raising=False)
 
 
-def _one_line(result, extra: str) -> None:
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and f"pip install 'mmlab[{extra}]'" in err, err
-
-
 @pytest.mark.parametrize("dataset", ["crema-d", "kinetics-sounds"])
 def test_video_datasets_without_av(monkeypatch, tmp_path, dataset):
     _hide(monkeypatch, "av", "data_prep.video", "data_prep.audiovisual", "data_prep.crema_d",
           "data_prep.kinetics_sounds")
     result = CliRunner().invoke(app, ["prepare", dataset, "--src", str(tmp_path), "--out", str(tmp_path / "out")])
-    _one_line(result, "video")
-    assert "'av' package" in result.stderr and not (tmp_path / "out").exists()
+    _one_line_error(result, "'av' package", "pip install 'mmlab[video]'")
+    assert not (tmp_path / "out").exists()
 
 
 def test_food101_without_transformers(monkeypatch, tmp_path):
     _hide(monkeypatch, "transformers", "data_prep.food101")
     result = CliRunner().invoke(app, ["prepare", "food101", "--src", str(tmp_path), "--tokenizer", str(tmp_path),
                                       "--out", str(tmp_path / "out")])
-    _one_line(result, "text")
+    _one_line_error(result, "'transformers' package", "pip install 'mmlab[text]'")
 
 
 def test_text_encoder_without_transformers(monkeypatch, tmp_path):
@@ -113,4 +108,4 @@ def test_pyhessian_backend_without_pyhessian_stops_before_loading_runs(monkeypat
     _hide(monkeypatch, "pyhessian")
     result = CliRunner().invoke(app, ["flatness", str(tmp_path / "no-run"), "--metric", "hessian",
                                       "--backend", "pyhessian"])
-    _one_line(result, "crosscheck")
+    _one_line_error(result, "'pyhessian' package", "pip install 'mmlab[crosscheck]'")
