@@ -13,13 +13,21 @@ GALLERY_FLATNESS := --samples 32 --density --density-steps 30 --max-steps 20 --t
 
 include recipes/reproduce.mk
 
-$(BIN)/mmlab: pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
-	touch $(BIN)/mmlab
+	$(BIN)/pip install --quiet -c constraints.txt pip setuptools  # the installer, pinned too
 
-venv: $(BIN)/mmlab
+# Installs pin every package to constraints.txt; a change to it or to pyproject.toml re-installs.
+# `venv` is the base install (demo, reproduce-*); `make test` adds the extras the tests exercise.
+$(VENV)/.installed-base: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed-base
 
 demo: venv
 	rm -rf $(DEMO_RUNS)
@@ -43,7 +51,7 @@ gallery: venv
 	$(BIN)/mmlab report $(GALLERY_RUNS) > /dev/null
 	$(BIN)/python docs/gallery.py $(GALLERY_RUNS)
 
-test: venv
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2
 
 clean:

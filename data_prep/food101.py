@@ -28,12 +28,15 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoTokenizer  # at import: the worker pool's forkserver preloads it once
 
+from data_prep.image import image_chw
 from data_prep.streaming import Clip, Problem, assign_splits, build, reading
-from data_prep.video import image_chw
 from mmlab_cli.data.format import ModalitySpec, sha256_file
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.extras import require
+
+# at import: the worker pool's forkserver preloads it once
+AutoTokenizer = require("transformers", "text", "mmlab prepare food101 (its tokenizer)").AutoTokenizer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 LAYOUT = "SRC/images/{train,test}/<class>/<image> and SRC/texts/{train,test}_titles.csv (rows: image,text,class)"

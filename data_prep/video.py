@@ -1,42 +1,24 @@
-"""Decoding video files and images in-process with PyAV and Pillow (no ffmpeg subprocess per clip).
+"""Decoding video files in-process with PyAV (no ffmpeg subprocess per clip); the `[video]` extra.
 
 - `video_frames`: frames at 1 fps, at the middle of each second (t = 0.5 s, 1.5 s, ..., the OGM-GE
   convention), then K of them evenly spaced and in time order, repeated when the clip has fewer.
 - `audio_track`: the video's own sound track, mono float32 at a chosen rate.
-- `image_chw`: a still image, the same resize as the frames.
 
-Every picture is resized so that its shorter side is `size`, then center-cropped to size x size,
-and stored channels-first uint8 [3, size, size].
+Every frame is resized and cropped like a still image (`data_prep.image`): channels-first uint8
+[3, size, size].
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
-from PIL import Image
 
+from data_prep.image import center_crop_chw, cover_size
+from mmlab_cli.extras import require
 
-def cover_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) scaled so that the shorter side is exactly `size`."""
-    scale = size / min(width, height)
-    return max(size, round(width * scale)), max(size, round(height * scale))
-
-
-def center_crop_chw(rgb: np.ndarray, size: int) -> np.ndarray:
-    """[H, W, 3] -> the central [3, size, size], contiguous uint8."""
-    top, left = (rgb.shape[0] - size) // 2, (rgb.shape[1] - size) // 2
-    return np.ascontiguousarray(rgb[top:top + size, left:left + size].transpose(2, 0, 1), dtype=np.uint8)
-
-
-def image_chw(path: str | Path, size: int) -> np.ndarray:
-    """An image file as uint8 [3, size, size] (shorter side resized to `size`, center crop)."""
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
-        img = img.convert("RGB")
-        img = img.resize(cover_size(*img.size, size), Image.Resampling.BILINEAR)
-        return center_crop_chw(np.asarray(img), size)
+# at import, so a missing package stops `prepare` in the main process rather than failing every clip
+av = require("av", "video", "Decoding video (mmlab prepare crema-d | kinetics-sounds)")
 
 
 def frames_1fps(path: str | Path, size: int) -> list[np.ndarray]:

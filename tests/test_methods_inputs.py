@@ -1,6 +1,8 @@
 """Augmentation (against torchvision, sharded like the loader), encoders: text (transformers), ResNet18
 initialisation, frames, the strided stem, per-modality encoder choice."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,14 @@ def test_color_jitter_matches_torchvision_per_image():
     gray = torch.rand(2, 1, 8, 8)  # saturation and hue leave 1-channel images alone, as in torchvision
     ref = TF.adjust_contrast(TF.adjust_brightness(gray[0], 1.2), 0.8)
     assert torch.allclose(color_jitter(gray, *(torch.tensor([v, v]) for v in (1.2, 0.8, 0.5, 0.1)))[0], ref, atol=1e-6)
+
+
+def test_color_jitter_reproduces_the_outputs_of_torchvisions_private_hsv_helpers():
+    """tests/assets/color_jitter_reference.npz: color_jitter's outputs when it used torchvision's private
+    _rgb_to_hsv/_hsv_to_rgb, on images with grey, black, white pixels and channel ties, hue shifts of +-0.1."""
+    ref = np.load(Path(__file__).parent / "assets" / "color_jitter_reference.npz")
+    got = color_jitter(torch.from_numpy(ref["x"]), *torch.from_numpy(ref["factors"]))
+    torch.testing.assert_close(got, torch.from_numpy(ref["out"]), atol=2e-6, rtol=0)
 
 
 def test_crop_flip_identity_and_exact_flip():

@@ -19,7 +19,7 @@ import torch
 from mmlab_cli import figures
 from mmlab_cli.analysis import flatness_plots as plots
 from mmlab_cli.analysis.common import Subset, load_subset, previous_result, run_identity, same_measurement
-from mmlab_cli.analysis.hessian import HessianVectorProduct, pyhessian_spectrum, slq_density, spectrum
+from mmlab_cli.analysis.hessian import HessianVectorProduct, pyhessian, pyhessian_spectrum, slq_density, spectrum
 from mmlab_cli.analysis.landscape import landscape
 from mmlab_cli.analysis.lossfn import LossParams, loss_params, losses_at
 from mmlab_cli.analysis.perturb import NORMALIZATIONS, fgap, lpf
@@ -77,6 +77,8 @@ class FlatnessSettings:
             raise MmlabError(f"--split {self.split}: choose train, val or test")
         if self.backend not in BACKENDS:
             raise MmlabError(f"--backend {self.backend}: choose {' or '.join(BACKENDS)}")
+        if self.backend == "pyhessian" and "hessian" in self.metrics:
+            pyhessian()  # a missing package stops here, before any run is loaded
         if self.lpf_normalize not in NORMALIZATIONS:
             raise MmlabError(f"--lpf-normalize {self.lpf_normalize}: choose {' or '.join(NORMALIZATIONS)}")
         positive = {"--batch-size": self.batch_size, "--chunk": self.chunk or 1, "--top-k": self.top_k,
@@ -143,9 +145,10 @@ def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance
     return out
 
 
-def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSettings, device: torch.device,
+def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSettings, device: str | torch.device,
              cache_dir: Path | None = None, run_key: str = "", reuse: dict | None = None) -> dict:
     """Measure `settings.metrics` (see the module docstring); blocks in `reuse` are taken as they are."""
+    device = torch.device(device)
     s = settings.check().for_device(device)
     reuse = reuse or {}
     model.eval()

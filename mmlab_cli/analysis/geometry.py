@@ -74,7 +74,7 @@ class Embeddings:
 
 
 @torch.no_grad()
-def embed(model: LateFusion, dataset: PreparedDataset, settings: GeometrySettings, device: torch.device,
+def embed(model: LateFusion, dataset: PreparedDataset, settings: GeometrySettings, device: str | torch.device,
           bar=None, task=None) -> Embeddings:
     """Every modality's embedding of a seeded subset of the split (eval mode, fp32), streamed in batches."""
     split = dataset.split(settings.split)

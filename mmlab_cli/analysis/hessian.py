@@ -28,6 +28,7 @@ from torch import nn
 
 from mmlab_cli.analysis.common import Subset
 from mmlab_cli.analysis.lossfn import Advance, LossParams, batch_loss, generator
+from mmlab_cli.extras import require
 
 class HessianVectorProduct:
     """v [n] or V [P, n] -> H v or H V, over the whole subset. A one-batch subset keeps its gradient
@@ -218,12 +219,16 @@ def only_requires_grad(model: nn.Module, params: list[nn.Parameter]):
             p.grad = None  # pyhessian leaves graphs in .grad
 
 
+def pyhessian():
+    """The pyhessian package, or the one-line error naming the extra that installs it."""
+    return require("pyhessian", "crosscheck", "The pyhessian backend (--backend pyhessian)")
+
+
 def pyhessian_spectrum(model: nn.Module, subset: Subset, lp: LossParams, top_k: int = 5, trace_probes: int = 100,
                        seed: int = 0, max_iter: int = 100, tol: float = 1e-3) -> dict:
     """The same measurement through pyhessian 0.1: power iteration with deflation (its maxIter and tol)
     for the top-k, its Hutchinson loop for the trace. One-batch subsets use its single-batch mode."""
-    from pyhessian import hessian
-
+    hessian = pyhessian().hessian
     device = lp.params[0].device
     shapes = {m: tuple(x.shape[1:]) for m, x in subset.batches[0][0].items()}
     batches = [(PackedInput.pack(x), y) for x, y in subset.batches]

@@ -31,10 +31,10 @@ class BatchLoader:
     """Iterate over `order` in batches of `batch_size`; with `partners`, modality m of sample i is
     read from row partners[m][i]. `rank`/`world` take every world-th sample of each global batch."""
 
-    def __init__(self, split: Split, batch_size: int, device: torch.device, order: np.ndarray | None = None,
+    def __init__(self, split: Split, batch_size: int, device: str | torch.device, order: np.ndarray | None = None,
                  partners: dict[str, np.ndarray] | None = None, drop_last: bool = False, rank: int = 0,
                  world: int = 1):
-        self.split, self.batch_size, self.device = split, batch_size, device
+        self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
         self.order = np.arange(len(split)) if order is None else order
         self.partners, self.drop_last, self.rank, self.world = partners, drop_last, rank, world
 

@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from mmlab_cli.models.fusion import LateFusion
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: str | torch.device, precision: str):
     """bf16/fp16 autocast on CUDA; plain fp32 elsewhere."""
-    if device.type != "cuda" or precision == "fp32":
+    if torch.device(device).type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @torch.no_grad()
-def evaluate(model: LateFusion, loader, device: torch.device, precision: str = "fp32") -> dict:
+def evaluate(model: LateFusion, loader, device: str | torch.device, precision: str = "fp32") -> dict:
     """{'loss', 'acc', 'acc_<modality>'...} with accuracies in percent; the model is left in eval mode."""
     model.eval()
     n, loss_sum, correct = 0, 0.0, 0

@@ -7,7 +7,8 @@
     checkpoints/last/      model.safetensors + state.pt, after every epoch
     checkpoints/best/      the same, for the best validation accuracy so far
 
-`load_run` turns a run directory back into (model, dataset, config) for notebooks and analyses.
+`load_run` turns a run directory back into a `Run` (model, dataset, config, paths) for notebooks and
+analyses (docs/api.md).
 A run directory is self-contained: its own location is where it is now, never the `out` recorded in
 config.yaml, so a moved or copied run loads and resumes where it lies.
 """

@@ -23,7 +23,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from mmlab_cli.data.format import ModalitySpec
 
@@ -49,9 +48,20 @@ def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tens
     if x.shape[1] != 3:
         return x
     x = (col(saturation) * x + (1 - col(saturation)) * _grayscale(x)).clamp(0, 1)
-    hsv = _rgb_to_hsv(x)
-    h = (hsv[:, 0] + hue.view(-1, 1, 1)).remainder(1.0)
-    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+    return shift_hue(x, hue)
+
+
+def shift_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] RGB in [0, 1]: hue rotated by one fraction of a turn per image, through HSV with
+    torchvision's adjust_hue formulas (its hue-of-the-max-channel tie order: r, then g, then b)."""
+    r, g, b = x.unbind(1)
+    v, c = x.amax(1), x.amax(1) - x.amin(1)
+    c1 = torch.where(c > 0, c, torch.ones_like(c))  # grey pixels: saturation 0, the hue does not matter
+    h = torch.where(v == r, (g - b) / c1, torch.where(v == g, (b - r) / c1 + 2, (r - g) / c1 + 4))
+    h = (h / 6 + hue.view(-1, 1, 1)).remainder(1.0)
+    s = c / torch.where(v > 0, v, torch.ones_like(v))
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]).remainder(6)
+    return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))  # HSV -> RGB, per channel
 
 
 def crop_flip(x: torch.Tensor, box: torch.Tensor | None, flip: torch.Tensor | None) -> torch.Tensor:

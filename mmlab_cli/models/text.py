@@ -16,31 +16,32 @@ import torch
 from torch import nn
 
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.extras import require
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
 
 
-def _config(path: str):
-    from transformers import AutoConfig
+def _transformers():
+    return require("transformers", "text", "The bert text encoder")
 
+
+def _config(path: str):
     if not path:
         raise MmlabError("a text_tokens modality needs a text encoder: pass --text-encoder DIR (a local "
                          "transformers model directory, e.g. bert-base-uncased) or set `text_encoder:`")
     if not (Path(path) / "config.json").is_file():
         raise MmlabError(f"{Path(path) / 'config.json'}: missing; --text-encoder must be a local transformers "
                          f"model directory (config.json and, for pretrained weights, model.safetensors)")
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    return _transformers().AutoConfig.from_pretrained(path, local_files_only=True)
 
 
 class TextEncoder(nn.Module):
     def __init__(self, path: str, dim: int):
         super().__init__()
-        from transformers import AutoModel
-
         self.path = str(path)
         config = _config(self.path)
-        self.backbone = AutoModel.from_config(config)
+        self.backbone = _transformers().AutoModel.from_config(config)
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # unused (the [CLS] state is projected below); DDP wants none unused
         self.proj = nn.Linear(config.hidden_size, dim)
@@ -50,9 +51,7 @@ class TextEncoder(nn.Module):
 
     def load_pretrained(self) -> None:
         """The directory's weights into the backbone (the projection stays freshly initialised)."""
-        from transformers import AutoModel
-
-        pretrained = AutoModel.from_pretrained(self.path, local_files_only=True)
+        pretrained = _transformers().AutoModel.from_pretrained(self.path, local_files_only=True)
         missing, unexpected = self.backbone.load_state_dict(pretrained.state_dict(), strict=False)
         missing = [k for k in missing if not k.startswith("pooler.")]
         if missing:
