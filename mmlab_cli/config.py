@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # bf16/fp16 use autocast on CUDA only
+    threads: int = 0  # 0: OMP_NUM_THREADS if set, else the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +175,7 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
         if getattr(cfg, key) <= 0:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
     for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "dagr_lambda", "dagr_delta", "sam",
-                "swa_start", "swa_lr"):
+                "swa_start", "swa_lr", "threads"):
         if getattr(cfg, key) < 0:
             raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     for key in ("encoder_lr", "encoder_weight_decay"):

@@ -37,6 +37,7 @@ from mmlab_cli.errors import MmlabError, TrainingDiverged
 from mmlab_cli.methods.augment import BatchAugment
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.models.pretrained import init_pretrained
+from mmlab_cli.threads import use_threads
 
 METHOD_KEYS = ("scheme", "regularizer", "sam", "swa_start", "label_smoothing", "augment")
 
@@ -219,7 +220,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     cfg.pretrained = {m: str(Path(p).resolve()) for m, p in cfg.pretrained.items()}
     world, device = init_world(cfg.device)
     try:
-        with run_lock(cfg.out) if world.main else contextlib.nullcontext():
+        with run_lock(cfg.out) if world.main else contextlib.nullcontext(), use_threads(cfg.threads):
             return _train(cfg, dataset, resume, world, device)
     finally:
         shutdown(world)
