@@ -21,7 +21,7 @@ from rich.progress import TextColumn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from mmlab_cli.config import TrainConfig, config_to_yaml
-from mmlab_cli.console import console, progress
+from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text, strict_json
 from mmlab_cli.data.loader import BatchLoader
@@ -273,7 +273,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
 
     train_split, val_split = dataset.split("train"), dataset.split("val")
     val_loader = BatchLoader(val_split, cfg.batch_size, device)
-    start = time.time()
+    start, first = time.time(), state["epoch"]
     bars = progress(TextColumn("loss {task.fields[loss]:.3f}")) if world.main else contextlib.nullcontext()
     with bars as bar:
         for epoch in range(state["epoch"], cfg.epochs):
@@ -300,8 +300,10 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             else:
                 sched.step()
             val = evaluate(model, val_loader, device, cfg.precision)
-            if bar:
-                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {val['acc']:.1f}%")
+            if bar:  # in a log this is the epoch's line: val accuracy and the time the run has left
+                left = (time.time() - start) / (epoch + 1 - first) * (cfg.epochs - epoch - 1)
+                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {val['acc']:.1f}%, "
+                                             f"run ETA {clock(left)}")
             record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
                       **{f"val_{k}": v for k, v in val.items()}, "seconds": time.time() - t0}
             state["history"].append(record)
