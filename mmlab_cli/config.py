@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.tracking import LOGGERS
 
 CHOICES = {
     "pairing": ("sml", "dml"),
@@ -70,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # bf16/fp16 use autocast on CUDA only
+    logger: list[str] = field(default_factory=list)  # csv, tensorboard: every epoch's scalars into RUN/tb/
     threads: int = 0  # 0: OMP_NUM_THREADS if set, else the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK)
 
     def to_dict(self) -> dict:
@@ -191,6 +193,9 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     unknown = [a for a in cfg.augment if a not in AUGMENTS]
     if unknown:
         raise MmlabError(f"{source}: 'augment' has unknown '{unknown[0]}'; choose from {', '.join(AUGMENTS)}")
+    unknown = [name for name in cfg.logger if name not in LOGGERS]
+    if unknown:
+        raise MmlabError(f"{source}: 'logger' has unknown '{unknown[0]}'; choose from {', '.join(LOGGERS)}")
     if len(set(cfg.modalities)) != len(cfg.modalities):
         raise MmlabError(f"{source}: modalities {cfg.modalities} name one modality twice")
     return cfg

@@ -38,6 +38,7 @@ from mmlab_cli.methods.augment import BatchAugment
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.models.pretrained import init_pretrained
 from mmlab_cli.threads import use_threads
+from mmlab_cli.tracking import check_loggers, open_loggers
 
 METHOD_KEYS = ("scheme", "regularizer", "sam", "swa_start", "label_smoothing", "augment")
 
@@ -210,6 +211,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise MmlabError("no dataset: pass --data DIR (a directory made by `mmlab prepare`) or set `data:` in the recipe")
     if not cfg.out:
         raise MmlabError("no run directory: pass --out RUN_DIR")
+    check_loggers(cfg.logger)
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
     dataset.check_splits()  # a truncated test array is found now, not after the last epoch
     dataset.require_every_class("train")
@@ -275,7 +277,8 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     val_loader = BatchLoader(val_split, cfg.batch_size, device)
     start, first = time.time(), state["epoch"]
     bars = progress(TextColumn("loss {task.fields[loss]:.3f}")) if world.main else contextlib.nullcontext()
-    with bars as bar:
+    loggers = open_loggers(cfg.logger if world.main else [], paths.root / "tb", state["history"])
+    with bars as bar, loggers as log:
         for epoch in range(state["epoch"], cfg.epochs):
             t0 = time.time()
             averaging = swa is not None and epoch + 1 >= cfg.swa_start
@@ -307,6 +310,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
                       **{f"val_{k}": v for k, v in val.items()}, "seconds": time.time() - t0}
             state["history"].append(record)
+            log(record)  # before the checkpoint: a resume replaces what a kill in between left logged
             state["epoch"] = epoch + 1
             state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                          torch_rng=torch.get_rng_state(), **({"swa": swa.state_dict()} if swa is not None else {}))
