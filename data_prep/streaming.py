@@ -3,10 +3,10 @@
 A dataset module lists its clips (`Clip`: id, split, label, source files) and gives a picklable
 `process(clip) -> {modality: array}`; `build()` does the rest:
 
-- Clips are processed in a process pool (every core by default). The worker writes its rows
-  itself, with `os.pwrite`, into the preallocated `{split}/.{modality}.partial.npy`; nothing maps
-  the arrays, so the memory in use is one clip per worker plus the clip list, whatever the
-  dataset size.
+- Clips are processed in a process pool (by default one worker per CPU this process may use). The
+  worker writes its rows itself, with `os.pwrite`, into the preallocated
+  `{split}/.{modality}.partial.npy`; nothing maps the arrays, so the memory in use is one clip per
+  worker plus the clip list, whatever the dataset size.
 - `.prepare_progress.npz` (per-clip status, per-clip sums for the train statistics, failure
   reasons) is replaced atomically every few seconds and on Ctrl-C. It records the parameters,
   the sources and a fingerprint of the clip list, so the same command resumes where the last one
@@ -48,6 +48,7 @@ from mmlab_cli.data.format import (SPLITS, ModalitySpec, array_path, atomic_writ
                                    check_same_preparation, existing_dataset, mean_std, partial_array_path,
                                    save_array, stratified_split, write_manifest)
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.threads import available_cpus
 
 REPORT = "prepare_report.json"
 PROGRESS = ".prepare_progress.npz"
@@ -164,7 +165,7 @@ def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip
         check_same_preparation(out / PROGRESS, _progress_identity(out), identity, "a half-done dataset")
     (out / "manifest.json").unlink(missing_ok=True)  # from here on the directory is not a valid dataset
     started = time.time()
-    run = _Run(out, clips, outputs, process, json.dumps(identity), force, workers or len(os.sched_getaffinity(0)))
+    run = _Run(out, clips, outputs, process, json.dumps(identity), force, workers or available_cpus())
     run.execute(dataset)
     report = run.finish(dataset, problems, time.time() - started)
     manifest = write_manifest(out, dataset=dataset, classes=classes, modalities=run.specs(), labels=run.labels(),

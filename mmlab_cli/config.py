@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.tracking import LOGGERS
 
 AUGMENTS = ("jitter", "crop", "flip", "specaugment")
 
@@ -89,6 +90,10 @@ class TrainConfig:
     seed: int = option(0, "Seed: the same seed on a CPU gives identical metrics.", metavar="INT")
     device: str = option("auto", "Where to train.", ("auto", "cpu", "cuda"))
     precision: str = option("fp32", "bf16/fp16 use autocast, on CUDA only.", ("fp32", "bf16", "fp16"))
+    logger: list[str] = option([], f"Every epoch's scalars into RUN/tb/, comma-separated: {', '.join(LOGGERS)} "
+                               f"(tensorboard needs mmlab[tracking]).", metavar="NAMES")
+    threads: int = option(0, "CPU threads (0: OMP_NUM_THREADS if set, else the CPUs this process may use: "
+                          "affinity, SLURM_CPUS_PER_TASK).", metavar="INT")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,7 +198,7 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
         if getattr(cfg, key) <= 0:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
     for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "dagr_lambda", "dagr_delta", "sam",
-                "swa_start", "swa_lr"):
+                "swa_start", "swa_lr", "threads"):
         if getattr(cfg, key) < 0:
             raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     for key in ("encoder_lr", "encoder_weight_decay"):
@@ -209,6 +214,9 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     unknown = [a for a in cfg.augment if a not in AUGMENTS]
     if unknown:
         raise MmlabError(f"{source}: 'augment' has unknown '{unknown[0]}'; choose from {', '.join(AUGMENTS)}")
+    unknown = [name for name in cfg.logger if name not in LOGGERS]
+    if unknown:
+        raise MmlabError(f"{source}: 'logger' has unknown '{unknown[0]}'; choose from {', '.join(LOGGERS)}")
     if len(set(cfg.modalities)) != len(cfg.modalities):
         raise MmlabError(f"{source}: modalities {cfg.modalities} name one modality twice")
     return cfg

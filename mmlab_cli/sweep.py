@@ -239,11 +239,6 @@ def _diverged(paths) -> bool:
         return False
 
 
-def default_threads(jobs: int) -> int:
-    """The cores of this machine split among `jobs` concurrent runs (at least one thread each)."""
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
-
-
 def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) -> Outcome:
     """Train (new), resume (interrupted) or keep (finished) one run, then run its analyses; everything it
     prints goes to RUN/sweep.log. Runs in a worker process (pool or Slurm job)."""

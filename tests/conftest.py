@@ -37,12 +37,15 @@ def tiny_synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models gain nothing from threads but their synchronisation (and the machine is shared)."""
+    """Tiny models gain nothing from threads but their synchronisation (and the machine is shared): one
+    thread here and in the commands these tests run (their default honours OMP_NUM_THREADS)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
     torch.set_num_threads(threads)
 
 
@@ -51,7 +54,7 @@ def tiny_config(data: Path, out: Path, **overrides):
     from mmlab_cli.config import TrainConfig
 
     values = dict(data=str(data), out=str(out), modalities=["image", "audio"], encoder="tiny_cnn", embed_dim=16,
-                  epochs=3, batch_size=16, lr=0.05, step_size=2, seed=0, device="cpu")
+                  epochs=3, batch_size=16, lr=0.05, step_size=2, seed=0, device="cpu", threads=1)
     values.update(overrides)
     return TrainConfig(**values)
 

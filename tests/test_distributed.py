@@ -5,7 +5,6 @@ import os
 import socket
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
 from conftest import tiny_config
@@ -21,14 +20,12 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, values: dict) -> None:
-    """What torchrun does for each process: the rendezvous variables, then the same `mmlab train`."""
-    import torch
-
+    """What torchrun does for each process: the rendezvous variables, then the same `mmlab train` (one thread
+    each, as tiny_config says: two cores, no oversubscription)."""
     from mmlab_cli.config import TrainConfig
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     train(TrainConfig(**values))
 
 
@@ -42,12 +39,7 @@ def test_two_gloo_processes_match_one_process(tiny_synthetic, tmp_path):
     # DML re-pairing, Pareto-mixed DAGR on the global batch (all-gathered) and a seeded flip all sharded
     settings = dict(encoder="mlp", pairing="dml", regularizer="dagr", augment=["flip"], epochs=2, batch_size=16,
                     lr=0.002)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like each worker: two cores, no oversubscription
-    try:
-        one = train(tiny_config(tiny_synthetic, tmp_path / "one", **settings))
-    finally:
-        torch.set_num_threads(threads)
+    one = train(tiny_config(tiny_synthetic, tmp_path / "one", **settings))
     cfg = tiny_config(tiny_synthetic, tmp_path / "two", **settings)
     mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict()), nprocs=2, join=True)
 

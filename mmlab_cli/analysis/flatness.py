@@ -160,7 +160,8 @@ def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSett
               "samples": subset.size, "seed": s.seed, "indices": subset.indices.tolist(), "eval_mode": EVAL_MODE,
               "parameters": {"count": lp.numel, "tensors": len(lp.names), "theta_norm": theta.norm().item(),
                              "excluded": lp.excluded, "excluded_why": EXCLUDED},
-              "loss": loss, "acc": acc, "device": str(device), "torch": torch.__version__,
+              "loss": loss, "acc": acc, "device": str(device), "threads": torch.get_num_threads(),
+              "torch": torch.__version__,
               "settings": {k: v for k, v in asdict(s).items() if k != "metrics"}}
     todo = [m for m in s.metrics if m not in reuse]
     with progress() as bar:

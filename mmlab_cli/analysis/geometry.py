@@ -147,7 +147,7 @@ def geometry(model: LateFusion, dataset: PreparedDataset, settings: GeometrySett
     result = {"schema": SCHEMA, "dataset": dataset.name, "split": s.split, "samples": len(emb.indices),
               "modalities": list(model.modalities), "dim": int(next(iter(emb.raw.values())).shape[1]),
               "classes": len(dataset.classes), "settings": asdict(s), "device": str(device),
-              **metrics, "seconds": time.perf_counter() - start}
+              "threads": torch.get_num_threads(), **metrics, "seconds": time.perf_counter() - start}
     return result, emb
 
 

@@ -206,8 +206,9 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
                     "acc": acc, "loss": loss, "auc": relative_robustness(s.levels, acc)}
     return {"schema": SCHEMA, "dataset": dataset.name, "split": s.split, "samples": subset.size,
             "classes": len(dataset.classes), "modalities": kinds, "settings": {**asdict(s), "modalities": modalities},
-            "device": str(device), "seconds": time.perf_counter() - start, "clean": {"acc": clean["acc"], "loss": clean["loss"]},
-            "pgd": result_pgd, "corruptions": result_curves, "skipped": skipped}
+            "device": str(device), "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start,
+            "clean": {"acc": clean["acc"], "loss": clean["loss"]}, "pgd": result_pgd, "corruptions": result_curves,
+            "skipped": skipped}
 
 
 def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, checkpoint: str = "best",

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from mmlab_cli.console import FIGURE_FORMAT_HELP, cli_errors, comparison_dir, console, parse_numbers
+from mmlab_cli.threads import THREADS, use_threads
 
 
 @cli_errors
@@ -24,6 +25,7 @@ def flatness(
     chunk: Optional[int] = typer.Option(None, help="Perturbed weight vectors evaluated together (vmap; activations "
                                         "grow with it). Default 16 on CUDA, 1 on CPU (where batching is slower)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    threads: int = THREADS,
     checkpoint: str = typer.Option("best", help="best | last."),
     backend: str = typer.Option("mmlab", help="Hessian backend: mmlab (Lanczos) | pyhessian (the pyhessian package, "
                                 "as a cross-check)."),
@@ -77,13 +79,14 @@ def flatness(
     dev = resolve_device(device)
     folder = comparison_dir(run_dirs, "flatness", out)
     results = []
-    for run in open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else []):
-        with figures.formats(figure_format):
-            result = analyse_run(run, settings, dev, checkpoint, force)
-        results.append(result)
-        reused = f" (reused: {', '.join(result['reused'])})" if result["reused"] else ""
-        console.print(f"[bold]{run.paths.root}[/]: wrote flatness.json/.md and {len(result['files']) - 2} more "
-                      f"files{reused}")
+    with use_threads(threads):
+        for run in open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else []):
+            with figures.formats(figure_format):
+                result = analyse_run(run, settings, dev, checkpoint, force)
+            results.append(result)
+            reused = f" (reused: {', '.join(result['reused'])})" if result["reused"] else ""
+            console.print(f"[bold]{run.paths.root}[/]: wrote flatness.json/.md and {len(result['files']) - 2} more "
+                          f"files{reused}")
 
     table = Table(title=f"Flatness on {settings.split} ({results[0]['samples']} samples); lower is flatter")
     columns = ("lambda_max", "lambda_ratio", "trace", "lpf_loss", "lpf_delta", "fgap_mean_train", "fgap_mean_test")

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from mmlab_cli.console import FIGURE_FORMAT_HELP, cli_errors, comparison_dir, console
+from mmlab_cli.threads import THREADS, use_threads
 
 
 def _num(v: float | None, fmt: str = ".4f") -> str:
@@ -31,6 +32,7 @@ def geometry(
     batch_size: int = typer.Option(256, help="Batch size of the embedding pass."),
     seed: int = typer.Option(0, help="Seed of the subset, negative pairs, ATI directions and t-SNE."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    threads: int = THREADS,
     checkpoint: str = typer.Option("best", help="best | last."),
     force: bool = typer.Option(False, "--force", help="Recompute even if geometry.json has these settings."),
     out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: "
@@ -63,21 +65,22 @@ def geometry(
     table = Table(title=f"Geometry ({split} split, unit-normalised embeddings)")
     for col in ("run", "modality / pair", "variance", "eff. rank", "margin", "W2²", "drift", "cos gap", "KS", "R@1"):
         table.add_column(col)
-    results = []
-    for run in runs:
-        with figures.formats(figure_format):
-            result = analyse_run(run, settings, dev, checkpoint, force)
-        results.append(result)
-        note = "reused" if result.get("reused") else f"{result['seconds']:.1f} s"
-        console.print(f"[bold]{run.paths.root}[/]: {result['samples']} samples ({note}); "
-                      f"wrote {', '.join(result['files'])}")
-        for m, v in result["modality"].items():
-            table.add_row(run.paths.root.name, m, _num(v["variance"]), _num(v["effective_rank"], ".2f"),
-                          _num(v["semantic_margin"]), "", "", "", "", "")
-        for p, v in result["pairs"].items():
-            table.add_row(run.paths.root.name, p, f"ratio {_num(v['variance_ratio'], '.3f')}", "", "",
-                          _num(v["wasserstein2_sq"]), _num(v["drift"]), _num(v["cosine_gap"]),
-                          _num(v["cosine_ks"], ".3f"), _num(v.get("recall@1"), ".3f"))
+    with use_threads(threads):
+        results = []
+        for run in runs:
+            with figures.formats(figure_format):
+                result = analyse_run(run, settings, dev, checkpoint, force)
+            results.append(result)
+            note = "reused" if result.get("reused") else f"{result['seconds']:.1f} s"
+            console.print(f"[bold]{run.paths.root}[/]: {result['samples']} samples ({note}); "
+                          f"wrote {', '.join(result['files'])}")
+            for m, v in result["modality"].items():
+                table.add_row(run.paths.root.name, m, _num(v["variance"]), _num(v["effective_rank"], ".2f"),
+                              _num(v["semantic_margin"]), "", "", "", "", "")
+            for p, v in result["pairs"].items():
+                table.add_row(run.paths.root.name, p, f"ratio {_num(v['variance_ratio'], '.3f')}", "", "",
+                              _num(v["wasserstein2_sq"]), _num(v["drift"]), _num(v["cosine_gap"]),
+                              _num(v["cosine_ks"], ".3f"), _num(v.get("recall@1"), ".3f"))
     console.print(table)
     comparison = None
     if len(runs) > 1:

@@ -9,6 +9,7 @@ import typer
 
 from data_prep.synthetic import DEFAULT_INFO
 from mmlab_cli.console import cli_errors, console
+from mmlab_cli.threads import THREADS, use_threads
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Turn raw files into a prepared dataset directory. "
                   "`mmlab prepare --list` shows every dataset's expected raw layout; "
@@ -78,6 +79,7 @@ def synthetic(
     train_size: int = typer.Option(3000, min=20, help="Training samples before the 10 % validation split."),
     test_size: int = typer.Option(1000, min=10, help="Test samples."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same bytes."),
+    threads: int = THREADS,
     force: bool = typer.Option(False, help="Rebuild from scratch, replacing the dataset OUT holds (without it, "
                                "OUT prepared with other parameters is an error)."),
 ) -> None:
@@ -92,9 +94,10 @@ def synthetic(
     """
     from data_prep.synthetic import prepare_synthetic
 
-    manifest, built = prepare_synthetic(out, num_classes=classes, train_size=train_size, test_size=test_size,
-                                        image_info=image_info, audio_info=audio_info, third=third,
-                                        depth_info=depth_info, seed=seed, force=force)
+    with use_threads(threads):
+        manifest, built = prepare_synthetic(out, num_classes=classes, train_size=train_size, test_size=test_size,
+                                            image_info=image_info, audio_info=audio_info, third=third,
+                                            depth_info=depth_info, seed=seed, force=force)
     _summary(manifest, out, built)
 
 
@@ -109,6 +112,7 @@ def avmnist(
     snr_db: Optional[float] = typer.Option(None, help="Add white noise to the audio at this SNR in dB."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when only the 10,000 MNIST test images exist."),
     seed: int = typer.Option(0, help="Seed for splits, pairing and noise."),
+    threads: int = THREADS,
     force: bool = typer.Option(False, help="Rebuild from scratch, replacing the dataset OUT holds (without it, "
                                "OUT prepared with other parameters is an error)."),
 ) -> None:
@@ -125,15 +129,17 @@ def avmnist(
     """
     from data_prep.avmnist import prepare_avmnist
 
-    manifest, report, built = prepare_avmnist(mnist, fsdd, out, pca_keep=pca_keep, snr_db=snr_db,
-                                              test_fraction=test_fraction, seed=seed, force=force)
+    with use_threads(threads):
+        manifest, report, built = prepare_avmnist(mnist, fsdd, out, pca_keep=pca_keep, snr_db=snr_db,
+                                                  test_fraction=test_fraction, seed=seed, force=force)
     _summary(manifest, out, built)
     _left_out(report, out)
 
 
 # ----- the real benchmarks: options shared by the three commands
 SRC = typer.Option(..., "--src", help="Folder with the raw files, in the layout shown above.")
-WORKERS = typer.Option(None, min=1, help="Worker processes (default: every available core).")
+WORKERS = typer.Option(None, min=1, help="Worker processes, one thread each (default: the CPUs this process may use: "
+                       "affinity, SLURM_CPUS_PER_TASK).")
 SEED = typer.Option(0, help="Seed of the held-out splits.")
 FORCE = typer.Option(False, "--force", help="Rebuild from scratch, even if OUT is finished or half-done (without "
                      "it, OUT prepared with other parameters is an error).")

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from mmlab_cli.console import FIGURE_FORMAT_HELP, cli_errors, comparison_dir, console, parse_numbers
+from mmlab_cli.threads import THREADS, use_threads
 
 
 @cli_errors
@@ -37,6 +38,7 @@ def robustness(
     batch_size: int = typer.Option(256, help="Batch size."),
     seed: int = typer.Option(0, help="Seed of the subset, PGD random start and corruption draws."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    threads: int = THREADS,
     checkpoint: str = typer.Option("best", help="best | last."),
     out: Optional[Path] = typer.Option(None, help="Folder for the comparison of several runs (default: "
                                        "compare/robustness in the runs' common folder)."),
@@ -69,16 +71,17 @@ def robustness(
         raise MmlabError(f"--modality {modality}: no run has it; they have "
                          f"{', '.join(sorted({m for r in runs for m in r.model.modalities}))}")
     results = []
-    for r in runs:
-        chosen = None if modality == "all" else [modality] if modality in r.model.modalities else []
-        if chosen == []:
-            console.print(f"{r.paths.root}: has no {modality}; only its clean accuracy is measured")
-        with figures.formats(figure_format):
-            result = analyse_run(r, replace(settings, modalities=chosen), dev, checkpoint, force)
-        results.append(result)
-        note = "reused" if result.get("reused") else f"{result['seconds']:.1f} s"
-        console.print(f"[bold]{r.paths.root}[/]: clean {result['clean']['acc']:.2f}% ({note}); "
-                      f"wrote robustness.json/.csv/.md and PNGs")
+    with use_threads(threads):
+        for r in runs:
+            chosen = None if modality == "all" else [modality] if modality in r.model.modalities else []
+            if chosen == []:
+                console.print(f"{r.paths.root}: has no {modality}; only its clean accuracy is measured")
+            with figures.formats(figure_format):
+                result = analyse_run(r, replace(settings, modalities=chosen), dev, checkpoint, force)
+            results.append(result)
+            note = "reused" if result.get("reused") else f"{result['seconds']:.1f} s"
+            console.print(f"[bold]{r.paths.root}[/]: clean {result['clean']['acc']:.2f}% ({note}); "
+                          f"wrote robustness.json/.csv/.md and PNGs")
 
     modalities = list(dict.fromkeys(m for res in results for m in res["pgd"]))
     table = Table(title="PGD: accuracy (%) with one modality perturbed (drop rate)")

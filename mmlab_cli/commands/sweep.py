@@ -46,6 +46,7 @@ def sweep(
 
     from mmlab_cli import sweep as sw
     from mmlab_cli.errors import MmlabError
+    from mmlab_cli.threads import threads_per_job
 
     if executor not in ("local", "slurm"):
         raise MmlabError(f"--executor {executor}: choose local or slurm")
@@ -58,7 +59,7 @@ def sweep(
     runner = "local"
     if executor == "slurm":
         runner = sw.slurm_executor(spec.out / ".submitit", spec.slurm)
-    threads = threads or (spec.slurm.get("cpus_per_task", 1) if executor == "slurm" else sw.default_threads(jobs))
+    threads = threads or (spec.slurm.get("cpus_per_task", 1) if executor == "slurm" else threads_per_job(jobs))
     if dry_run:
         typer.echo(json.dumps({"out": str(spec.out), "threads": threads, "jobs": [
             {"name": j.name, "recipe": j.recipe, "state": states[j.name], "config": j.config.to_dict()}

@@ -15,7 +15,7 @@ import typer
 from mmlab_cli.config import TrainConfig
 from mmlab_cli.console import cli_errors, console
 
-RESUME_FLAGS = ("out", "device", "data")  # what --resume may be given: where the run is, where it runs, its data
+RESUME_FLAGS = ("out", "device", "threads", "data")  # what --resume may take: where the run is and runs, its data
 METAVARS = {"int": "INT", "float": "FLOAT", "str": "TEXT"}
 
 

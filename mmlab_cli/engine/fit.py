@@ -20,7 +20,7 @@ from rich.progress import TextColumn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from mmlab_cli.config import TrainConfig, config_to_yaml
-from mmlab_cli.console import console, progress
+from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_json_object, strict_json
 from mmlab_cli.data.loader import BatchLoader
@@ -36,6 +36,8 @@ from mmlab_cli.errors import MmlabError, TrainingDiverged
 from mmlab_cli.methods.augment import BatchAugment
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.models.pretrained import init_pretrained
+from mmlab_cli.threads import use_threads
+from mmlab_cli.tracking import check_loggers, open_loggers
 
 METHOD_KEYS = ("scheme", "regularizer", "sam", "swa_start", "label_smoothing", "augment")
 
@@ -200,6 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise MmlabError("no dataset: pass --data DIR (a directory made by `mmlab prepare`) or set `data:` in the recipe")
     if not cfg.out:
         raise MmlabError("no run directory: pass --out RUN_DIR")
+    check_loggers(cfg.logger)
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
     dataset.check_splits()  # a truncated test array is found now, not after the last epoch
     dataset.require_every_class("train")
@@ -210,7 +213,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     cfg.pretrained = {m: str(Path(p).resolve()) for m, p in cfg.pretrained.items()}
     world, device = init_world(cfg.device)
     try:
-        with run_lock(cfg.out) if world.main else contextlib.nullcontext():
+        with run_lock(cfg.out) if world.main else contextlib.nullcontext(), use_threads(cfg.threads):
             return _train(cfg, dataset, resume, world, device)
     finally:
         shutdown(world)
@@ -263,9 +266,10 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
 
     train_split, val_split = dataset.split("train"), dataset.split("val")
     val_loader = BatchLoader(val_split, cfg.batch_size, device)
-    start = time.time()
+    start, first = time.time(), state["epoch"]
     bars = progress(TextColumn("loss {task.fields[loss]:.3f}")) if world.main else contextlib.nullcontext()
-    with bars as bar:
+    loggers = open_loggers(cfg.logger if world.main else [], paths.root / "tb", state["history"])
+    with bars as bar, loggers as log:
         for epoch in range(state["epoch"], cfg.epochs):
             t0 = time.time()
             averaging = swa is not None and epoch + 1 >= cfg.swa_start
@@ -290,11 +294,14 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             else:
                 sched.step()
             val = evaluate(model, val_loader, device, cfg.precision)
-            if bar:
-                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {val['acc']:.1f}%")
+            if bar:  # in a log this is the epoch's line: val accuracy and the time the run has left
+                left = (time.time() - start) / (epoch + 1 - first) * (cfg.epochs - epoch - 1)
+                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {val['acc']:.1f}%, "
+                                             f"run ETA {clock(left)}")
             record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
                       **{f"val_{k}": v for k, v in val.items()}, "seconds": time.time() - t0}
             state["history"].append(record)
+            log(record)  # before the checkpoint: a resume replaces what a kill in between left logged
             state["epoch"] = epoch + 1
             state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                          torch_rng=torch.get_rng_state(), **({"swa": swa.state_dict()} if swa is not None else {}))

@@ -1,0 +1,91 @@
+"""The CPU-thread policy (affinity, SLURM_CPUS_PER_TASK, OMP_NUM_THREADS, --threads) and where it is recorded."""
+
+import json
+import os
+
+import pytest
+import torch
+from threadpoolctl import threadpool_info
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from mmlab_cli.config import resolve_config
+from mmlab_cli.engine.fit import train
+from mmlab_cli.errors import MmlabError
+from mmlab_cli.main import app
+from mmlab_cli.threads import available_cpus, default_threads, threads_per_job, use_threads
+
+
+@pytest.fixture
+def eight_cpus(monkeypatch):
+    """A process allowed 8 CPUs, no Slurm, no OMP_NUM_THREADS."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+def test_available_cpus_is_the_affinity_capped_by_slurm(eight_cpus, monkeypatch):
+    assert available_cpus() == default_threads() == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert available_cpus() == default_threads() == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")  # more than the mask allows: the mask wins
+    assert available_cpus() == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "junk")
+    assert available_cpus() == 8
+
+
+def test_omp_num_threads_is_the_default_when_set(eight_cpus, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert default_threads() == 2 and available_cpus() == 8
+
+
+def test_threads_per_job_shares_the_cpus(eight_cpus, monkeypatch):
+    assert [threads_per_job(j) for j in (1, 2, 3, 8, 20)] == [8, 4, 2, 1, 1]
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert [threads_per_job(j) for j in (1, 2, 3)] == [4, 2, 1]
+
+
+def test_use_threads_sets_torch_and_blas_then_restores(monkeypatch):
+    before = torch.get_num_threads()
+    with use_threads(3) as n:
+        assert n == torch.get_num_threads() == 3
+        pools = threadpool_info()
+        assert {"blas", "openmp"} <= {lib["user_api"] for lib in pools}  # numpy's BLAS, torch's OpenMP
+        assert {lib["num_threads"] for lib in pools} == {3}
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with use_threads(0) as n:
+        assert n == torch.get_num_threads() == 1
+
+
+def test_threads_must_not_be_negative():
+    with pytest.raises(MmlabError, match="'threads' must be >= 0"):
+        resolve_config(None, {"threads": -1})
+
+
+@pytest.fixture(scope="module")
+def run(tiny_synthetic, tmp_path_factory):
+    """A run trained with the default (threads 0) under OMP_NUM_THREADS=3: neither torch's default nor 1."""
+    out = tmp_path_factory.mktemp("threads") / "run"
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "3")
+        train(tiny_config(tiny_synthetic, out, epochs=1, threads=0))
+    assert torch.get_num_threads() == before
+    return out
+
+
+def test_train_applies_the_default_and_records_it_in_env_json(run):
+    assert json.loads((run / "env.json").read_text())["threads"] == 3
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("flatness", ["--metric", "hessian", "--samples", "16", "--top-k", "1", "--trace-probes", "0", "--max-steps", "4"]),
+    ("robustness", ["--attack", "none", "--corruption", "none", "--samples", "16"]),
+    ("geometry", ["--samples", "40", "--tsne-samples", "0"]),
+])
+def test_analysis_commands_take_threads_and_record_them(run, command, flags, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # --threads wins over the environment
+    res = CliRunner().invoke(app, [command, str(run), *flags, "--device", "cpu", "--threads", "2", "--force"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / f"{command}.json").read_text())["threads"] == 2
