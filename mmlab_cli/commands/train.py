@@ -26,8 +26,8 @@ def _flag(f: dataclasses.Field) -> inspect.Parameter:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     shown = ",".join(map(str, default)) if isinstance(default, list) else default
     if f.type == "bool":
-        opt = typer.Option(None, f"--{name}/--no-{name}", help=f"{meta['help']} [default: {'on' if default else 'off'}]",
-                           show_default=False)
+        opt = typer.Option(None, f"--{name}/--no-{name}", show_default=False,
+                           help=f"{meta['help']} [default: {'on' if default else 'off'}]")
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[bool])
     metavar = "|".join(meta["choices"]) or meta["metavar"] or METAVARS.get(f.type, "TEXT")
     default_text = f" [default: {shown}]" if shown not in ("", {}) else ""

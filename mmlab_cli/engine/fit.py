@@ -177,8 +177,8 @@ def _stop_diverged(paths: RunPaths, state: dict, epoch: int, step: int, lr: floa
         atomic_write_text(paths.metrics_jsonl, _jsonl(state["history"] + [record]))
     kept = (f"{paths.last} keeps epoch {state['epoch']}" if state["epoch"] else "no epoch had finished")
     raise TrainingDiverged(f"{paths.root}: training diverged in epoch {epoch} (non-finite loss or weights by step "
-                           f"{step}); {kept}; lower --lr (the rate was {lr:g} in this epoch) or set --clip-grad-norm, and start a "
-                           f"new run with another --out")
+                           f"{step}); {kept}; lower --lr (the rate was {lr:g} in this epoch) or set "
+                           f"--clip-grad-norm, and start a new run with another --out")
 
 
 def _swa_finish(swa: AveragedModel, model, dataset: PreparedDataset, cfg: TrainConfig, device, world: World,
