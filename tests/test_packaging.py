@@ -72,10 +72,14 @@ def test_make_reinstalls_when_the_constraints_change():
 # ---- one line naming the extra, per gated feature (the package hidden through sys.modules) ------------------
 
 def _hide(monkeypatch, package: str, *importers: str) -> None:
-    """Make `import package` fail, and forget the modules that import it at their top so they import again."""
+    """Make `import package` fail, and forget the modules that import it at their top so they import again
+    (also as attributes of their parent package: `from data_prep import audiovisual` reads that first)."""
     monkeypatch.setitem(sys.modules, package, None)
     for name in importers:
         monkeypatch.delitem(sys.modules, name, raising=False)
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules:
+            monkeypatch.delattr(sys.modules[parent], child, raising=False)
 
 
 @pytest.mark.parametrize("dataset", ["crema-d", "kinetics-sounds"])
