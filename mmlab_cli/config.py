@@ -161,20 +161,27 @@ def _coerce(key: str, value, source: str):
     raise MmlabError(f"{source}: '{key}' must be {kind}{example}, got {value!r}")
 
 
-def load_recipe(path: str | Path) -> dict:
-    """Read a recipe YAML into {field: value}; an unknown key is an error naming the key and the file."""
+def read_yaml_mapping(path: str | Path, what: str, keys, examples: str) -> dict:
+    """The mapping a YAML file (a recipe, a sweep file) holds, every key one of `keys`; a missing or unreadable
+    file, another shape or an unknown key is one line naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise MmlabError(f"{path}: recipe not found; see recipes/ for the shipped ones")
+        raise MmlabError(f"{path}: {what} not found; see {examples} for examples")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise MmlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix or replace the file") from None
     if not isinstance(raw, dict):
-        raise MmlabError(f"{path}: a recipe is a mapping of key: value")
-    unknown = [k for k in raw if k not in FIELDS]
+        raise MmlabError(f"{path}: a {what} is a mapping of key: value")
+    unknown = [k for k in raw if k not in keys]
     if unknown:
-        raise MmlabError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(FIELDS)}")
+        raise MmlabError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(keys)}")
+    return raw
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a recipe YAML into {field: value}; an unknown key is an error naming the key and the file."""
+    raw = read_yaml_mapping(path, "recipe", FIELDS, "recipes/")
     return {k: _coerce(k, v, str(path)) for k, v in raw.items()}
 
 

@@ -19,9 +19,8 @@ import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
 
-from mmlab_cli.config import FIELDS, TrainConfig, config_from_yaml, resolve_config
+from mmlab_cli.config import FIELDS, TrainConfig, config_from_yaml, read_yaml_mapping, resolve_config
 from mmlab_cli.errors import MmlabError, TrainingDiverged
 
 ANALYSES = ("flatness", "robustness", "geometry")  # the `mmlab` commands a sweep may run on each run, in order
@@ -87,17 +86,7 @@ def load_sweep(path: str | Path, *, out: str | None = None, seeds: list[int] | N
     """Read a sweep file; `out`, `seeds`, `sets` (added to overrides) and `grid` (replaces those axes) are
     the command line's overrides. Every key is checked here; the run configs are checked by `expand`."""
     path = Path(path)
-    if not path.is_file():
-        raise MmlabError(f"{path}: sweep file not found; see recipes/sweeps/ for examples")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MmlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise MmlabError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
-    unknown = [k for k in raw if k not in SWEEP_KEYS]
-    if unknown:
-        raise MmlabError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(SWEEP_KEYS)}")
+    raw = read_yaml_mapping(path, "sweep file", SWEEP_KEYS, "recipes/sweeps/")
     recipes = raw.get("recipe")
     recipes = [recipes] if isinstance(recipes, str) else recipes
     if not recipes or not all(isinstance(r, str) for r in recipes):
