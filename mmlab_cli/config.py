@@ -100,6 +100,10 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Where a run lies, where it runs and where it reads its data (the same preparation, checked by its manifest's
+# hash): a resumed run may be given other values, a sweep finds existing runs despite them, the report averages
+# seeds across them. Every other key changes the experiment.
+RUN_LOCATION = ("out", "device", "threads", "data")
 
 
 def _mapping(value, cast) -> dict:
@@ -146,7 +150,7 @@ CASTS = {
 }
 
 
-def _coerce(key: str, value, source: str):
+def coerce(key: str, value, source: str):
     """Convert a recipe/flag value to the field's type, or fail naming the key and the source."""
     kind = FIELDS[key].type
     try:
@@ -182,7 +186,7 @@ def read_yaml_mapping(path: str | Path, what: str, keys, examples: str) -> dict:
 def load_recipe(path: str | Path) -> dict:
     """Read a recipe YAML into {field: value}; an unknown key is an error naming the key and the file."""
     raw = read_yaml_mapping(path, "recipe", FIELDS, "recipes/")
-    return {k: _coerce(k, v, str(path)) for k, v in raw.items()}
+    return {k: coerce(k, v, str(path)) for k, v in raw.items()}
 
 
 def _numbers(value) -> list:
@@ -266,7 +270,7 @@ def resolve_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
     """Defaults, then the recipe's values, then every override that is not None."""
     source = str(recipe) if recipe else "command line"
     from_recipe = load_recipe(recipe) if recipe else {}
-    from_flags = {k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
+    from_flags = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
     for layer, where in ((from_recipe, source), (from_flags, "command line")):
         if layer.get("modalities") == []:  # `--modalities ,` must not silently mean "all of them"
             raise MmlabError(f"{where}: 'modalities' names no modality; give e.g. image,audio, or leave it out "

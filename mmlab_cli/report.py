@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from mmlab_cli.config import method_name
+from mmlab_cli.config import FIELDS, RUN_LOCATION, method_name
 from mmlab_cli.data.format import atomic_write_text
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.tables import mean_std, to_latex, to_markdown
@@ -197,14 +197,13 @@ def analysis_settings(doc: dict) -> dict:
     return {**out, **{k: doc[k] for k in ("split", "samples", "checkpoint") if k in doc}}  # measured, not asked
 
 
-# config keys that runs averaged as seeds of one experiment may differ in: the seed, where and how they ran
-SEED_LIKE = ("seed", "out", "device", "threads", "logger")
+# config keys that runs averaged as seeds of one experiment may differ in: the seed, what they logged, and
+# where they lie and ran (a run on another preparation of the data is grouped apart by `data`: default_group_by)
+SEED_LIKE = ("seed", "logger", *RUN_LOCATION)
 
 
 def _config_difference(group: pd.DataFrame) -> str | None:
     """The first training option (config key) in which the runs of a group differ, besides SEED_LIKE."""
-    from mmlab_cli.config import FIELDS
-
     defaults = key_defaults()  # a run older than a key ran with its default
     for key in FIELDS:
         if key not in SEED_LIKE and key in group and group[key].fillna(defaults[key]).astype(str).nunique() > 1:

@@ -20,15 +20,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
-from mmlab_cli.config import FIELDS, TrainConfig, config_from_yaml, read_yaml_mapping, resolve_config
+from mmlab_cli.config import FIELDS, RUN_LOCATION, TrainConfig, config_from_yaml, read_yaml_mapping, resolve_config
+from mmlab_cli.data.format import read_json_object
 from mmlab_cli.errors import MmlabError, TrainingDiverged
 
 ANALYSES = ("flatness", "robustness", "geometry")  # the `mmlab` commands a sweep may run on each run, in order
 SWEEP_KEYS = ("recipe", "data", "out", "grid", "seeds", "overrides", "analyses", "report", "slurm")
 SET_BY_SWEEP = ("out", "seed")  # run settings the sweep itself decides: not in grid or overrides
-# what an existing run may differ in: where it lies and runs, its data (compared by manifest hash), and the CPU
-# threads (TrainConfig.threads, from the --threads work of issue 15)
-MAY_DIFFER = ("out", "device", "data", "threads")
 STATUSES = ("finished", "skipped", "resumed", "diverged", "failed")
 LOG_NAME = "sweep.log"
 
@@ -185,16 +183,12 @@ def _differences(job: Job, dataset) -> list[str]:
     """The settings in which the run already in the job's directory differs from the job."""
     from mmlab_cli.engine.rundir import RunPaths
 
+    from mmlab_cli.engine.fit import recorded_config
+
     paths = RunPaths(job.config.out)
-    stored, wanted = config_from_yaml(paths.config), job.config
-    wanted = replace(wanted, modalities=wanted.modalities or dataset.modalities,
-                     text_encoder=str(Path(wanted.text_encoder).resolve()) if wanted.text_encoder else "",
-                     pretrained={m: str(Path(p).resolve()) for m, p in wanted.pretrained.items()})
-    diff = [k for k in FIELDS if k not in MAY_DIFFER and getattr(stored, k) != getattr(wanted, k)]
-    try:
-        trained_on = json.loads(paths.env.read_text()).get("dataset_sha256")
-    except (OSError, AttributeError, ValueError):
-        trained_on = None
+    stored, wanted = config_from_yaml(paths.config), recorded_config(job.config, dataset)
+    diff = [k for k in FIELDS if k not in RUN_LOCATION and getattr(stored, k) != getattr(wanted, k)]
+    trained_on = (read_json_object(paths.env) or {}).get("dataset_sha256")
     same_data = (trained_on == dataset.fingerprint) if trained_on else Path(stored.data) == Path(wanted.data).resolve()
     return diff + ([] if same_data else ["data"])
 
@@ -231,10 +225,7 @@ def _diverged(paths) -> bool:
 def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) -> Outcome:
     """Train (new), resume (interrupted) or keep (finished) one run, then run its analyses; everything it
     prints goes to RUN/sweep.log. Runs in a worker process (pool or Slurm job)."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts: torch, BLAS and mmlab's thread default
-    import torch
-
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts: BLAS and mmlab's --threads default read it
     job.log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
@@ -254,7 +245,7 @@ def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
     if state == "finished":
         status, detail = "skipped", "already finished"
     else:
-        metrics = train(replace(job.config), resume=state == "interrupted")
+        metrics = train(job.config, resume=state == "interrupted")
         status = "resumed" if state == "interrupted" else "finished"
         detail = f"test accuracy {metrics['test_acc']:.2f}%"
     for name, args in analyses.items():

@@ -240,6 +240,10 @@ def test_resume_refuses_flags_that_would_change_the_run(trained, tmp_path):
     result = runner.invoke(app, ["train", "--resume", "--out", str(run), "--epochs", "4", "--lr", "5"])
     _one_line_error(result, 2, "--epochs, --lr", "start a new run")
     assert _tree(run) == before
+    # where it runs may change, and is applied, not ignored
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run), "--threads", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "env.json").read_text())["threads"] == 3
 
 
 def test_resume_falls_back_to_best_when_last_is_corrupt(tiny_synthetic, uninterrupted, tmp_path):

@@ -12,10 +12,9 @@ from typing import Optional
 
 import typer
 
-from mmlab_cli.config import TrainConfig
+from mmlab_cli.config import RUN_LOCATION, TrainConfig
 from mmlab_cli.console import cli_errors, console
 
-RESUME_FLAGS = ("out", "device", "threads", "data")  # what --resume may take: where the run is and runs, its data
 METAVARS = {"int": "INT", "float": "FLOAT", "str": "TEXT"}
 
 
@@ -91,7 +90,7 @@ train = cli_errors(train)
 def _resumed_config(recipe: Optional[Path], given: dict):
     """The config a --resume continues with: the run's config.yaml, re-based on --out; None when the run
     has finished. A flag that would change the run is a one-line error, not silently ignored."""
-    from mmlab_cli.config import validate
+    from mmlab_cli.config import coerce, validate
     from mmlab_cli.engine.rundir import RunPaths
     from mmlab_cli.errors import MmlabError
 
@@ -101,7 +100,7 @@ def _resumed_config(recipe: Optional[Path], given: dict):
     paths = RunPaths(out)
     if not paths.config.is_file():
         raise MmlabError(f"{paths.config}: missing, so there is nothing to resume; start the run without --resume")
-    changing = (["--recipe"] if recipe else []) + [f"--{k.replace('_', '-')}" for k in given if k not in RESUME_FLAGS]
+    changing = (["--recipe"] if recipe else []) + [f"--{k.replace('_', '-')}" for k in given if k not in RUN_LOCATION]
     if changing:
         raise MmlabError(f"--resume continues {out} exactly as {paths.config} records it; {', '.join(changing)} "
                          f"would change the run: drop them, or start a new run with another --out")
@@ -110,7 +109,6 @@ def _resumed_config(recipe: Optional[Path], given: dict):
         return None
     if paths.metrics.exists():
         console.print(f"[yellow]{paths.metrics}: unreadable; finishing the run again from its checkpoints")
-    cfg = paths.load_config()
-    cfg.device = given.get("device") or cfg.device
-    cfg.data = given.get("data") or cfg.data  # the same preparation elsewhere: fit checks its manifest
-    return validate(cfg, "command line")
+    # where it runs now (--device, --threads), and --data: the same preparation elsewhere (fit checks its manifest)
+    moved = {k: coerce(k, v, "command line") for k, v in given.items() if k != "out"}
+    return validate(dataclasses.replace(paths.load_config(), **moved), "command line")

@@ -12,6 +12,7 @@ is saved: the last good checkpoint stays, and metrics.jsonl records where it div
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -193,6 +194,14 @@ def _swa_finish(swa: AveragedModel, model, dataset: PreparedDataset, cfg: TrainC
         save_checkpoint(paths.best, model, state)
 
 
+def recorded_config(cfg: TrainConfig, dataset: PreparedDataset) -> TrainConfig:
+    """`cfg` as a run's config.yaml records it: its modalities named, and the dataset, text encoder and
+    pretrained weights as absolute paths (they lie outside the run), so load_run works from any directory."""
+    return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), modalities=dataset.modalities,
+                               text_encoder=str(Path(cfg.text_encoder).resolve()) if cfg.text_encoder else "",
+                               pretrained={m: str(Path(p).resolve()) for m, p in cfg.pretrained.items()})
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train one run into cfg.out and return its final metrics (also written to metrics.json).
 
@@ -206,11 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
     dataset.check_splits()  # a truncated test array is found now, not after the last epoch
     dataset.require_every_class("train")
-    cfg.data = str(Path(cfg.data).resolve())
-    cfg.modalities = dataset.modalities
-    if cfg.text_encoder:  # recorded absolute, so that load_run works from any directory
-        cfg.text_encoder = str(Path(cfg.text_encoder).resolve())
-    cfg.pretrained = {m: str(Path(p).resolve()) for m, p in cfg.pretrained.items()}
+    cfg = recorded_config(cfg, dataset)
     world, device = init_world(cfg.device)
     try:
         with run_lock(cfg.out) if world.main else contextlib.nullcontext(), use_threads(cfg.threads):
