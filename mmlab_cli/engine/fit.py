@@ -142,8 +142,8 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(strict_json(r, indent=None) + "\n" for r in records)
 
 
-def _resume_point(paths: RunPaths, say) -> tuple[Path, dict] | None:
-    """The checkpoint a resumed run continues from, and its state: checkpoints/last (or the previous one
+def _resume_point(paths: RunPaths, say) -> tuple[dict, dict] | None:
+    """The weights and state a resumed run continues from: checkpoints/last (or the previous one
     of an interrupted swap); if that is missing or unreadable, checkpoints/best, whose state is just as
     complete (the epochs after it are trained again, identically on a CPU). None when the run has not
     finished an epoch yet. Anything else is a one-line error: a resume never silently restarts."""
@@ -153,8 +153,8 @@ def _resume_point(paths: RunPaths, say) -> tuple[Path, dict] | None:
         try:
             if ckpt is None:
                 raise MmlabError(f"{path}: missing")
-            state = load_state(ckpt)
-            if non_finite_weights(read_weights(ckpt)):
+            state, weights = load_state(ckpt), read_weights(ckpt)
+            if non_finite_weights(weights):
                 raise MmlabError(f"{ckpt / 'model.safetensors'}: non-finite weights")
         except MmlabError as e:
             problems.append(str(e))
@@ -162,7 +162,7 @@ def _resume_point(paths: RunPaths, say) -> tuple[Path, dict] | None:
         if problems:
             say(f"[yellow]{problems[0]}; continuing from {path} (epoch {state['epoch']}): the epochs after it "
                 f"are trained again")
-        return ckpt, state
+        return weights, state
     started = paths.metrics_jsonl.is_file() and paths.metrics_jsonl.read_text().strip()
     if not started and find_checkpoint(paths.last) is None and find_checkpoint(paths.best) is None:
         return None
@@ -250,11 +250,11 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     swa = AveragedModel(model) if cfg.swa_start else None
     state = {"epoch": 0, "history": [], "best_val_acc": -1.0, "best_epoch": 0}
     if point is not None:
-        ckpt, state = point
+        weights, state = point
         if state["best_epoch"] and find_checkpoint(paths.best) is None:
             raise MmlabError(f"{paths.best}: missing, but the run chose epoch {state['best_epoch']} as its best; "
                              f"{paths.restart_advice()}")
-        load_weights(ckpt, model, device)
+        model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
