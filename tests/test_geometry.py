@@ -77,8 +77,9 @@ def test_outputs_and_metrics_match_the_stored_embeddings(runs):
     assert pair["recall_forward@1"] == pytest.approx(forward_r1)
     assert pair["recall@1"] == pytest.approx((forward_r1 + backward_r1) / 2)
     assert pair["recall@10"] >= pair["recall@5"] >= pair["recall@1"]
-    for m in ("image", "audio"):  # concat fusion is affine: first-order ATI error is round-off
-        assert stored["ati"][m]["relative_error"] < 1e-5 < stored["ati"][m]["relative_error_diag"]
+    assert stored["schema"] == "mmlab.geometry/2" and stored["ati_map"] == "fusion+head"
+    for m in ("image", "audio"):  # concat + linear head is affine: only the off-diagonal of W_m misses alpha * tau
+        assert stored["ati"][m]["taylor_eps_rel"] < 1e-5 < stored["ati"][m]["eps_rel"]
         assert 1 <= stored["modality"][m]["effective_rank"] <= 16
 
 
@@ -96,16 +97,20 @@ def test_three_modalities_and_unimodal(runs):
     three = analyse_run(load_run(runs / "three"), GeometrySettings(**SETTINGS), CPU)
     assert list(three["pairs"]) == ["image|audio", "image|depth", "audio|depth"]
     assert set(three["ati"]) == {"image", "audio", "depth"}
-    assert all(r["relative_error"] < 1e-5 for r in three["ati"].values())  # sum fusion: affine too
+    assert all(r["taylor_eps_rel"] < 1e-5 for r in three["ati"].values())  # sum fusion + head: affine too
+    assert set(three["ati_paper"]["additive"]) == {"image|audio", "audio|image", "image|depth", "depth|image",
+                                                   "audio|depth", "depth|audio"}
     uni = analyse_run(load_run(runs / "uni"), GeometrySettings(**SETTINGS), CPU)
-    assert list(uni["modality"]) == ["audio"] and uni["pairs"] == {} and uni["ati"] == {}
+    assert list(uni["modality"]) == ["audio"] and uni["pairs"] == {} and uni["ati"] == {} == uni["ati_paper"]
     assert not (runs / "uni" / "geometry_cosine.png").exists() and (runs / "uni" / "geometry_tsne.png").is_file()
     # the report reads these files as they are: one run per group, so each cell is the value itself
     tables = {t.spec.name: t.numbers for t in write_report(runs)[0]}
     row = tables["geometry"].set_index("modalities").loc["image+audio+depth"]
     assert row["variance depth mean"] == pytest.approx(three["modality"]["depth"]["variance"])
     assert row["W2² audio|depth mean"] == pytest.approx(three["pairs"]["audio|depth"]["wasserstein2_sq"])
-    assert tables["ati"].set_index("modalities").loc["audio", "rel. error audio n"] == 0  # unimodal: no ATI
+    assert tables["ati"].set_index("modalities").loc["audio", "ε_rel audio n"] == 0  # unimodal: no ATI
+    row = tables["ati"].set_index("modalities").loc["image+audio+depth"]
+    assert row["ε_rel concat_mlp audio|depth mean"] == pytest.approx(three["ati_paper"]["concat_mlp"]["audio|depth"]["eps_rel"])
 
 
 def test_command_line(runs):

@@ -31,8 +31,9 @@ def _geometry(var_i, var_a, w2, split="test", extra=0.0):
                          "audio": {"variance": var_a, "effective_rank": 8 + extra, "semantic_margin": 0.25}},
             "pairs": {"image|audio": {"variance_ratio": var_i / var_a, "wasserstein2_sq": w2, "drift": 1 + extra,
                                       "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra}},
-            "ati": {m: {"feature_norm": 3.0 + extra, "invariance_error": 1e-7, "relative_error": 3e-8 + extra,
-                        "relative_error_diag": 0.002} for m in ("image", "audio")}}
+            "ati": {m: {"feature_norm": 3.0 + extra, "delta_error": 1e-7, "eps_rel": 3e-8 + extra}
+                    for m in ("image", "audio")},
+            "ati_paper": {"concat_mlp": {"image|audio": {"eps_rel": 0.01 + extra}}}}
 
 
 def _robustness(clean, pgd, auc):
