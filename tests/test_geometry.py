@@ -11,6 +11,8 @@ from scipy.spatial.distance import cdist
 from typer.testing import CliRunner
 
 from conftest import tiny_config
+from mmlab_cli.analysis import geometry_metrics as gm
+from mmlab_cli.analysis.ati import paper_fusions
 from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, compare, geometry
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.fit import train
@@ -111,6 +113,29 @@ def test_three_modalities_and_unimodal(runs):
     assert tables["ati"].set_index("modalities").loc["audio", "ε_rel audio n"] == 0  # unimodal: no ATI
     row = tables["ati"].set_index("modalities").loc["image+audio+depth"]
     assert row["ε_rel concat_mlp audio|depth mean"] == pytest.approx(three["ati_paper"]["concat_mlp"]["audio|depth"]["eps_rel"])
+
+
+def test_the_papers_fusion_networks_of_table_13():
+    """Seeded random networks at size d; on random unit u, v (near-orthogonal at d = 64) the additive fusion has
+    ||u + v|| ~ sqrt(2) (Table 13: 1.4103) and Delta_error 0; concat + linear and the one-token cross-attention
+    are affine in v (J tau exact, u plays no part in the attention); the ReLU MLP is not diagonal either."""
+    state = torch.random.get_rng_state()
+    nets, again = paper_fusions(64, seed=0), paper_fusions(64, seed=0)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global generator is left alone
+    assert list(nets) == ["additive", "concat_linear", "concat_mlp", "cross_attention"]
+    for name, net in nets.items():
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again[name].state_dict().values()))
+    assert "cross_attention" not in paper_fusions(60, seed=0)  # 8 heads need d a multiple of 8
+    gen = torch.Generator().manual_seed(0)
+    z = {m: gm.unit(torch.randn(128, 64, generator=gen)).float() for m in "uv"}
+    r = {name: gm.ati_check(lambda e: net([e["u"], e["v"]]), z, "v", tau_scale=0.01) for name, net in nets.items()}
+    assert r["additive"]["feature_norm"] == pytest.approx(2 ** 0.5, rel=0.03) and r["additive"]["delta_error"] < 1e-6
+    for name in ("concat_linear", "cross_attention"):
+        assert r[name]["taylor_error"] < 1e-3 * r[name]["delta_error"] and r[name]["eps_rel"] > 1e-3
+    assert r["concat_mlp"]["eps_rel"] > 1e-3
+    with torch.no_grad():
+        attention = nets["cross_attention"]
+        assert torch.allclose(attention([z["u"], z["v"]]), attention([z["v"].flip(0), z["v"]]), atol=1e-6)
 
 
 def test_command_line(runs):
