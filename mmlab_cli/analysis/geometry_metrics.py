@@ -10,7 +10,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 
 from mmlab_cli.errors import MmlabError
@@ -156,8 +155,8 @@ def ati_check(fuse, embeddings: dict[str, torch.Tensor], modality: str, tau_scal
     and taylor_error, taylor_eps_rel: the same with the full first-order term J tau in place of alpha * tau (the
     second-order remainder of phi).
 
-    `fuse` must treat rows independently (any fusion in eval mode does): diag(J) comes from one forward-AD pass
-    per basis vector e_k, and the passes are stacked along the batch, about `chunk` input numbers at a time."""
+    diag(J) comes from the Jacobian-vector products with the basis vectors e_k (torch.func.jvp under vmap), about
+    `chunk` output numbers at a time."""
     z = {m: e.float() for m, e in embeddings.items()}
     v = z[modality]
     gen = torch.Generator(device=v.device).manual_seed(seed)
@@ -165,32 +164,27 @@ def ati_check(fuse, embeddings: dict[str, torch.Tensor], modality: str, tau_scal
     tau = noise / noise.norm(dim=1, keepdim=True) * tau_scale * v.norm(dim=1, keepdim=True)
 
     def phi(x: torch.Tensor) -> torch.Tensor:
-        reps = len(x) // len(v)  # x stacks `reps` copies of the batch
-        return fuse({**{m: e.repeat(reps, 1) for m, e in z.items()}, modality: x})
+        return fuse({**z, modality: x})
 
-    def jvp(x: torch.Tensor, tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(phi(x), J tangent) by forward-mode AD, one pass over the batch. A process's first forward-AD call
-        makes torch script its own decompositions with the deprecated torch.jit.script, which warns on every
-        geometry run; that warning is torch's internals, not the user's to act on, so it is silenced here."""
+    def jvp(tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(phi(v), J tangent) by forward-mode AD. A process's first forward-AD call makes torch script its own
+        decompositions with the deprecated torch.jit.script, which warns on every geometry run; that warning is
+        torch's internals, not the user's to act on, so it is silenced here."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-            with fwad.dual_level():
-                out = fwad.unpack_dual(phi(fwad.make_dual(x, tangent)))
-                return out.primal.clone(), out.tangent.clone()
+            return torch.func.jvp(phi, (v,), (tangent,))
 
     with torch.no_grad():
-        base, j_tau = jvp(v, tau)
+        base, j_tau = jvp(tau)
         shift = phi(v + tau) - base
         (n, d), square = v.shape, min(base.shape[1], v.shape[1])
         diag_term = torch.zeros_like(base)
-        step = max(1, chunk // v.numel())
+        step = max(1, chunk // base.numel())
         for start in range(0, square, step):
             ks = torch.arange(start, min(start + step, square), device=v.device)
-            copies = torch.arange(len(ks), device=v.device)
-            basis = torch.zeros(len(ks), n, d, device=v.device)
-            basis[copies, :, ks] = 1.0  # copy i of the batch moves along e_{ks[i]}
-            jac = jvp(v.repeat(len(ks), 1), basis.reshape(-1, d))[1].reshape(len(ks), n, -1)
-            diag_term[:, ks] = jac[copies, :, ks].T * tau[:, ks]  # alpha_k tau_k with alpha_k = J_kk, every row
+            basis = F.one_hot(ks, d).to(v.dtype)[:, None, :].expand(len(ks), n, d)  # e_k for every row
+            jac = torch.func.vmap(lambda e: jvp(e)[1])(basis)  # [k, row, output]: J e_k
+            diag_term[:, ks] = jac[torch.arange(len(ks), device=v.device), :, ks].T * tau[:, ks]  # alpha_k tau_k
     norm = float(base.norm(dim=1).mean())
     err = float((shift - diag_term).norm(dim=1).mean())
     taylor = float((shift - j_tau).norm(dim=1).mean())
