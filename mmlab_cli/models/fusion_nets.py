@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmlab_cli.models.fusion_kinds import FUSIONS
+
 
 class Concat(nn.Module):
     """[z_1 | ... | z_M]: no parameters; the classifier is the DML paper's concatenation + linear."""
@@ -54,7 +56,7 @@ class Attention(nn.Module):
     """Multi-head attention over the M modality tokens (every token queries every token, so each modality
     attends to the others), averaged over the tokens. One modality: softmax over one key, an affine map."""
 
-    def __init__(self, modalities: int, dim: int, heads: int = 8):
+    def __init__(self, modalities: int, dim: int, heads: int = FUSIONS["attention"].heads):
         super().__init__()
         # sequence-first and need_weights=True keep torch on its composite attention, which forward-mode
         # autodiff (the ATI check) differentiates; the fused kernels it picks otherwise do not support it
@@ -70,7 +72,7 @@ class CrossAttention(nn.Module):
     """The DML paper's cross-attention block (Appendix D.1): u = parts[0] gives the query, v = parts[1] the key
     and the value, one token each, `heads` heads: phi(u, v) = Attn(Q u, K v, V v)."""
 
-    def __init__(self, dim: int, heads: int = 8):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, heads)  # sequence-first: see Attention
         self.out_dim = dim
