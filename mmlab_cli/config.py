@@ -224,7 +224,7 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise MmlabError(f"{source}: 'dagr_weights' is lambda_d,lambda_a (two numbers >= 0), got {cfg.dagr_weights}")
     if cfg.swa_start > cfg.epochs:
         raise MmlabError(f"{source}: 'swa_start' {cfg.swa_start} is after the last epoch {cfg.epochs}")
-    problem = fusion_problem(cfg.fusion, len(cfg.modalities), cfg.embed_dim) if cfg.modalities else None
+    problem = fusion_problem(cfg.fusion, len(cfg.modalities) or None, cfg.embed_dim)  # []: the dataset's, unknown here
     if problem:
         raise MmlabError(f"{source}: {problem}")
     unknown = [a for a in cfg.augment if a not in AUGMENTS]

@@ -81,6 +81,8 @@ def test_single_modality_and_head_count_are_refused_in_one_line():
             validate(TrainConfig(modalities=["image"], fusion="film"), "recipe.yaml")
     with pytest.raises(MmlabError, match="embedding size 12 must be a multiple of 8"):
         _model("attention", dim=12)
+    with pytest.raises(MmlabError, match="^recipe.yaml: fusion 'attention' has 8 heads"):  # before the dataset is read
+        validate(TrainConfig(fusion="attention", embed_dim=12), "recipe.yaml")
     for fusion in ("concat", "sum", "mlp", "attention"):  # a unimodal run keeps working
         assert _model(fusion, "a")({"a": torch.randn(2, 5)}).logits.shape == (2, 3)
 

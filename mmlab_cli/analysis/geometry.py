@@ -193,8 +193,8 @@ def tables(result: dict) -> dict[str, pd.DataFrame]:
     if result["ati"]:
         out["ati"] = pd.DataFrame([{"perturbed": m, **v} for m, v in result["ati"].items()])
     if result["ati_paper"]:
-        out["ati_paper"] = pd.DataFrame([{"network": net, "u|v": pair, **v} for net, pairs in result["ati_paper"].items()
-                                         for pair, v in pairs.items()])
+        out["ati_paper"] = pd.DataFrame([{"network": net, "u|v": pair, **v}
+                                         for net, pairs in result["ati_paper"].items() for pair, v in pairs.items()])
     return out
 
 

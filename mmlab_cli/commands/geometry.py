@@ -60,7 +60,8 @@ def geometry(
         raise MmlabError(f"--recall-k {recall_k!r}: expected comma-separated integers, e.g. 1,5,10") from None
     settings = GeometrySettings(split=split, samples=samples, batch_size=batch_size, seed=seed,
                                 exact_ot_max=exact_ot_max, sinkhorn_reg=sinkhorn_reg, negatives=negatives,
-                                recall_k=ks, tau=tau, ati_samples=ati_samples, tsne_samples=tsne_samples, perplexity=perplexity).check()
+                                recall_k=ks, tau=tau, ati_samples=ati_samples, tsne_samples=tsne_samples,
+                                perplexity=perplexity).check()
     dev = resolve_device(device)
     folder = comparison_dir(run_dirs, "geometry", out)
     runs = open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else [])

@@ -25,12 +25,13 @@ FUSIONS = {
 }
 
 
-def fusion_problem(name: str, modalities: int, dim: int) -> str | None:
-    """Why fusion `name` cannot fuse `modalities` embeddings of size `dim` (one line naming the fix), or None."""
+def fusion_problem(name: str, modalities: int | None, dim: int) -> str | None:
+    """Why fusion `name` cannot fuse `modalities` embeddings (None: not known yet) of size `dim` (one line naming
+    the fix), or None."""
     if name not in FUSIONS:
         return f"unknown fusion '{name}'; choose one of {', '.join(FUSIONS)}"
     kind = FUSIONS[name]
-    if modalities < kind.min_modalities:
+    if modalities is not None and modalities < kind.min_modalities:
         usable = ", ".join(n for n, k in FUSIONS.items() if k.min_modalities <= modalities)
         return (f"fusion '{name}' conditions one modality on another and needs at least {kind.min_modalities} "
                 f"modalities, got {modalities}; use {usable}")
