@@ -237,9 +237,8 @@ def _same(have, wanted) -> bool:
         return str(have) == str(wanted)
 
 
-def _selected(runs: pd.DataFrame, side: Side, group_by: tuple[str, ...]) -> pd.DataFrame:
+def _selected(runs: pd.DataFrame, side: Side, group_by: tuple[str, ...], defaults: dict) -> pd.DataFrame:
     """The runs a side's where-clause matches; a run without a key counts as that key's default."""
-    defaults = key_defaults()
     keep = pd.Series(True, index=runs.index)
     for key, wanted in side.where:
         if key in DERIVED:
@@ -268,8 +267,11 @@ class Chosen:
 class _Evaluation:
     """One claim on the runs of one block (one dataset, or one preparation of it)."""
 
-    def __init__(self, claim: Claim, block: pd.DataFrame, docs: dict[str, list], group_by, where: str):
-        self.claim, self.block, self.docs, self.group_by, self.where = claim, block, docs, group_by, where
+    def __init__(self, claim: Claim, block: pd.DataFrame, docs: dict[str, list], group_by, where: str,
+                 defaults: dict):
+        self.claim, self.docs, self.group_by, self.where = claim, docs, group_by, where
+        self.groups = [[g for _, g in _selected(block, side, group_by, defaults).groupby(
+            list(group_by), dropna=False, sort=True)] for side in claim.sides]  # each side's candidate groups
         self.notes: list[str] = []
 
     def value(self, metric: Metric, i: int, capture: tuple[str, ...]) -> float | None:
@@ -283,8 +285,7 @@ class _Evaluation:
     def choose(self, s: int, capture: tuple[str, ...]) -> Chosen | None:
         """Side `s`'s group (the best one of a best_of side) and its values, or None with a note saying why."""
         side, metric, name = self.claim.sides[s], self.claim.metrics[s], "AB"[s]
-        groups = [g for _, g in _selected(self.block, side, self.group_by).groupby(list(self.group_by),
-                                                                                      dropna=False, sort=True)]
+        groups = self.groups[s]
         if not groups:
             self.note(capture, f"no run matches side {name} ({_where_text(side)})")
             return None
@@ -324,7 +325,7 @@ class _Evaluation:
         """One row per matched part of a `*` in the metric (one row without), with the test's numbers."""
         stars = [m for m in self.claim.metrics if "*" in m.path]
         captures = sorted({c for s, m in enumerate(self.claim.metrics) if "*" in m.path
-                           for i in _selected(self.block, self.claim.sides[s], self.group_by).index
+                           for g in self.groups[s] for i in g.index
                            for c in m.values(self.docs[m.file][i])}) if stars else [()]
         if not captures:
             self.note((), f"no run of either side has {stars[0]}")
@@ -352,10 +353,10 @@ class _Evaluation:
             if significant else f"inconclusive (n={n})"
         row = {"id": self.claim.id, "text": self.claim.text, "cite": self.claim.cite,
                "capture": ", ".join(capture)}
-        within_run = self.claim.metrics[0] != self.claim.metrics[1]  # A and B are two values of each run
+        two_metrics = self.claim.metrics[0] != self.claim.metrics[1]  # e.g. two values of each run
         for s, (values, c) in enumerate(zip((x, y), chosen)):
             mean, low, high = _interval(values, 1 - alpha)
-            label = c.label + (f": {self.claim.metrics[s].at(capture)}" if within_run else "") if c else "-"
+            label = c.label + (f": {self.claim.metrics[s].at(capture)}" if two_metrics else "") if c else "-"
             row.update({f"{'ab'[s]}": label, f"{'ab'[s]}_metric": str(self.claim.metrics[s]),
                         f"{'ab'[s]}_mean": mean, f"{'ab'[s]}_ci_low": low, f"{'ab'[s]}_ci_high": high,
                         f"{'ab'[s]}_n": len(values)})
@@ -406,12 +407,12 @@ def claims_table(claims: Claims, runs: pd.DataFrame, docs: dict[str, list], grou
     or one preparation of it): a Table beside the report's, rendered and written like them."""
     within = [k for k in group_by if k not in METHOD_KEYS]
     blocks = list(runs.groupby(within, dropna=False, sort=True)) if within else [((), runs)]
-    rows, notes = [], []
+    rows, notes, defaults = [], [], key_defaults()
     for claim in claims.claims:
         for key, block in blocks:
             key = key if isinstance(key, tuple) else (key,)
             where = f" ({', '.join(map(str, key))})" if len(blocks) > 1 else ""
-            evaluation = _Evaluation(claim, block, docs, group_by, where)
+            evaluation = _Evaluation(claim, block, docs, group_by, where, defaults)
             rows += [{**dict(zip(within, key)), **row} for row in evaluation.rows(claims.alpha)]
             notes += evaluation.notes
     numbers = pd.DataFrame(rows)
