@@ -25,7 +25,8 @@ def report(
     """Group finished runs and average over seeds (mean ± std): accuracy, flatness, geometry and robustness
     tables from the files `train` and the analyses wrote. Writes report.md (per-run and comparison figures
     embedded) and one report_<table>.csv per table into RUNS_DIR and prints the report on stdout; a missing
-    analysis shows as '-' with the command that makes it."""
+    analysis shows as '-' with the command that makes it. With --claims, each claim of the file tested over the
+    seeds (paired t, Welch or bootstrap) with a verdict: holds, does not hold, inconclusive."""
     from mmlab_cli.report import write_report
 
     keys = tuple(k.strip() for k in group_by.split(",") if k.strip()) if group_by else None
