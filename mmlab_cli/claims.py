@@ -17,7 +17,8 @@ from scipy import stats
 
 from mmlab_cli.config import FIELDS, read_yaml_mapping
 from mmlab_cli.errors import MmlabError
-from mmlab_cli.report import METHOD_KEYS, TABLES, Table, TableSpec, key_defaults, method_label, resolve
+from mmlab_cli.report import (METHOD_KEYS, TABLES, Table, TableSpec, _hashable, key_defaults, method_label,
+                              resolve)
 from mmlab_cli.tables import decimals, mean_std
 
 FILES = {spec.file: spec.command for spec in TABLES}  # the files a metric may read, and what writes each
@@ -146,20 +147,21 @@ def _side(value, sides: dict, bad) -> Side:
         bad("a side is a mapping of config keys (e.g. {pairing: dml, n_modalities: 2}), "
             "{best_of: {...}, pick: highest|lowest, by: METRIC}, or a name under `sides:`")
     options = {k: value[k] for k in ("best_of", "pick", "by") if k in value}
-    where = value.get("best_of", {} if options else value)
+    if options and "best_of" not in options:
+        bad("pick and by choose among the groups of a best_of side; add best_of: {config keys}")
+    where = value["best_of"] if options else value
     extra = [k for k in value if k not in options] if options else []
     if extra or not isinstance(where, dict) or not where:
-        bad(f"a best_of side takes only best_of (a mapping of config keys), pick and by; found "
+        bad(f"a best_of side takes best_of (a mapping of config keys), pick and by only; found "
             f"'{extra[0] if extra else 'best_of'}'")
     unknown = [k for k in where if k not in SELECT_KEYS]
     if unknown:
-        bad(f"unknown key '{unknown[0]}' in a side; select runs by config keys ({', '.join(SELECT_KEYS)})")
+        bad(f"unknown key '{unknown[0]}' in a side; select runs by `mmlab train` options (their config keys), "
+            f"dataset, method or {', '.join(DERIVED)}")
     if "pick" in options and options["pick"] not in PICKS:
         bad(f"pick: {options['pick']}; choose highest or lowest")
     if "by" in options and "pick" not in options:
         bad("`by` needs `pick: highest|lowest` (which end of it is best)")
-    if ("pick" in options or "by" in options) and "best_of" not in options:
-        bad("pick and by choose among the groups of a best_of side; add best_of")
     return Side(tuple((k, where[k]) for k in where), "best_of" in options, options.get("pick"),
                 _metric(options["by"], bad) if "by" in options else None)
 
@@ -231,6 +233,7 @@ def _same(have, wanted) -> bool:
     numbers (YAML reads 1e-3 as text), anything else as text."""
     if isinstance(wanted, list):
         return sorted(map(str, wanted)) == sorted(p for p in str(have).split("+") if p)
+    wanted = _hashable(wanted)  # a mapping as the report stores it
     try:
         return float(have) == float(wanted)
     except (TypeError, ValueError):
@@ -309,8 +312,9 @@ class _Evaluation:
         found = {i: v for i in group.index if (v := self.value(metric, i, capture)) is not None}
         lacking = [group.at[i, "run"] for i in group.index if i not in found]
         if lacking:
-            self.note(capture, f"{len(lacking)} of {len(group)} runs of {label} lack {metric.file}:{metric.at(capture)} "
-                               f"({', '.join(lacking)}); `{FILES[metric.file]}` writes it")
+            self.note(capture, f"{len(lacking)} of {len(group)} runs of {label} lack "
+                               f"{metric.file}:{metric.at(capture)} ({', '.join(lacking)}); "
+                               f"`{FILES[metric.file]}` writes it")
         if TESTS[self.claim.test] is not paired:
             return Chosen(label, pd.Series(found, dtype=float))
         seeds = group["seed"] if "seed" in group else pd.Series(group.index, index=group.index)

@@ -74,7 +74,8 @@ def runs_dir(tmp_path_factory):
             flatness = {"lambda_max": LMAX[group][seed]}
             if group == "dml":
                 flatness["absent_lambda_max"] = {"audio": ABSENT[seed]}  # the i13-flatness summary key
-            _run(root, f"{group}/s{seed}", {"modalities": modalities, "pairing": pairing, "seed": seed}, acc,
+            name = f"{group}/r{3 - seed}" if group == "sml" else f"{group}/s{seed}"  # seeds not in path order
+            _run(root, name, {"modalities": modalities, "pairing": pairing, "seed": seed}, acc,
                  None if (group, seed) == ("image", 3) else flatness)  # one run without flatness.json
     _run(root, "dagr/s0", {"modalities": ["image", "audio"], "pairing": "dml", "seed": 0, "regularizer": "dagr"},
          75.0, None)  # a single seed
