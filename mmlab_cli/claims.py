@@ -264,7 +264,7 @@ def _label(row, group_by: tuple[str, ...]) -> str:
 @dataclass
 class Chosen:
     label: str
-    values: pd.Series  # by seed (paired test) or by run (the others)
+    values: pd.Series  # by seed
 
 
 class _Evaluation:
@@ -315,11 +315,10 @@ class _Evaluation:
             self.note(capture, f"{len(lacking)} of {len(group)} runs of {label} lack "
                                f"{metric.file}:{metric.at(capture)} ({', '.join(lacking)}); "
                                f"`{FILES[metric.file]}` writes it")
-        if TESTS[self.claim.test] is not paired:
-            return Chosen(label, pd.Series(found, dtype=float))
         seeds = group["seed"] if "seed" in group else pd.Series(group.index, index=group.index)
-        by_seed = pd.Series({seeds[i]: v for i, v in found.items()}, dtype=float)
-        if len(by_seed) < len(found):
+        by_seed = pd.Series(list(found.values()), index=[seeds[i] for i in found], dtype=float).sort_index(
+            kind="stable")  # in seed order, so no result depends on how the run directories are named
+        if TESTS[self.claim.test] is paired and by_seed.index.duplicated().any():
             self.note(capture, f"side {name} ({label}) has two runs of one seed; a paired test needs one run per "
                                f"seed (put them in different groups with --group-by)")
             return None
