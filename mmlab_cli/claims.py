@@ -330,15 +330,14 @@ class _Evaluation:
         captures = sorted({c for s, m in enumerate(self.claim.metrics) if "*" in m.path
                            for g in self.groups[s] for i in g.index
                            for c in m.values(self.docs[m.file][i])}) if stars else [()]
-        if not captures:
-            self.note((), f"no run of either side has {stars[0]}")
-            captures = [("*",) * stars[0].path.count("*")]
-        return [self.row(capture, alpha) for capture in captures]
+        if not captures:  # one line says it all
+            self.note((), f"no run of either side has {stars[0]}; `{FILES[stars[0].file]}` writes it")
+            return [self.row(("*",) * stars[0].path.count("*"), alpha, [None, None])]
+        return [self.row(capture, alpha, [self.choose(s, capture) for s in (0, 1)]) for capture in captures]
 
-    def row(self, capture: tuple[str, ...], alpha: float) -> dict:
-        chosen = [self.choose(s, capture) for s in (0, 1)]
+    def row(self, capture: tuple[str, ...], alpha: float, chosen: list[Chosen | None]) -> dict:
         a, b = (c.values if c else pd.Series(dtype=float) for c in chosen)
-        if TESTS[self.claim.test] is paired and chosen[0] and chosen[1]:
+        if TESTS[self.claim.test] is paired and len(a) and len(b):
             unpaired = sorted(set(a.index) ^ set(b.index))
             if unpaired:
                 self.note(capture, f"seed(s) {', '.join(map(str, unpaired))} have a value on one side only, so "
