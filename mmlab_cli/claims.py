@@ -71,7 +71,8 @@ def bootstrap(a, b, level):
     """Percentile bootstrap of the difference of means, each side resampled on its own (scipy.stats.bootstrap,
     seeded); p is twice the smaller share of resampled differences on either side of 0."""
     r = stats.bootstrap((a, b), lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis), confidence_level=level,
-                        n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", rng=np.random.default_rng(0))
+                        n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                        random_state=np.random.default_rng(0))  # `rng=` only from scipy 1.15
     d = r.bootstrap_distribution
     p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
     ci = r.confidence_interval

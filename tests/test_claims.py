@@ -158,7 +158,8 @@ def test_bootstrap_equals_scipy(report):
 
     def boot(a, b):
         return stats.bootstrap((np.asarray(a), np.asarray(b)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
-                               n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", rng=np.random.default_rng(0))
+                               n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                               random_state=np.random.default_rng(0))
 
     clear = boot(DML, SML)
     row = rows["boot"]
