@@ -346,9 +346,11 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
                  claims: str | Path | None = None) -> tuple[list[Table], tuple[str, ...]]:
     """Every table of TABLES for the runs under `root` (group_by None: the default grouping), then the verdicts
     of a claims file (mmlab_cli/claims.py), which is checked before any run is read."""
-    from mmlab_cli.claims import claims_table, load_claims
+    stated = None
+    if claims:  # scipy is imported only when claims are asked for
+        from mmlab_cli.claims import claims_table, load_claims
 
-    stated = load_claims(claims) if claims else None
+        stated = load_claims(claims)
     root = Path(root)
     runs = find_runs(root)
     asked = group_by
