@@ -53,6 +53,9 @@ claims:
   - {id: dagr, text: DML + DAGR > DML, metric: test_acc, a: {pairing: dml, regularizer: dagr}, b: DML,
      direction: ">"}
   - {id: fused, text: DML > SML, metric: test_acc, a: {pairing: dml}, b: SML, direction: ">"}
+  - {id: by-method, text: DML > SML, metric: test_acc, a: {modalities: [audio, image], pairing: dml, regularizer: none,
+        lr: 1e-3},
+     b: {method: SML (image+audio)}, direction: ">"}
 """
 
 
@@ -112,6 +115,9 @@ def test_paired_welch_and_verdicts_equal_scipy(report):
     assert row["a"] == "DML (image+audio)" and row["b"] == "SML (image+audio)" and row["test"] == "paired"
     assert row["verdict"] == "holds"
     assert rows["sml-dml"]["verdict"] == "does not hold"  # the same numbers, the opposite claim
+    # the same sides selected by modalities in another order (and lr 1e-3, the default, which YAML reads as
+    # text), and by the method label
+    assert rows["by-method"][["a", "b", "p"]].tolist() == rows["dml-sml"][["a", "b", "p"]].tolist()
 
     noisy = stats.ttest_rel(LMAX["dml"], LMAX["sml"])
     assert noisy.pvalue > 0.05
@@ -231,6 +237,18 @@ def test_invalid_claims_file_is_one_line_before_any_run_is_read(tmp_path, claim,
     # the command refuses the file before it looks at the (here missing) runs folder: exit 2, one line
     result = CliRunner().invoke(app, ["report", str(tmp_path / "no-runs"), "--claims", str(path)])
     assert result.exit_code == 2 and message in result.stderr and "no such directory" not in result.stderr
+
+
+def test_duplicate_id_and_bad_alpha(tmp_path):
+    claim = {"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"},
+             "direction": ">"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"claims": [claim, claim]}))
+    with pytest.raises(MmlabError, match=r"claim 'x': the id is used twice"):
+        load_claims(path)
+    path.write_text(yaml.safe_dump({"alpha": 5, "claims": [claim]}))
+    with pytest.raises(MmlabError, match=r"c\.yaml: alpha: 5; write a significance level between 0 and 1"):
+        load_claims(path)
 
 
 def test_bare_yaml_direction_is_explained(tmp_path):
