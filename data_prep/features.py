@@ -3,7 +3,7 @@
 Raw layout (how MultiBench-style releases ship features)::
 
     SRC/{train,val,test}/labels.npy      integer class index per row (val/ optional)
-    SRC/{split}/{modality}.npy           [N, ...] fixed-size features   -> kind "features"
+    SRC/{split}/{modality}.npy           [N, ...] fixed-size features   -> kind "features" (float32)
     SRC/{split}/{modality}.npz           x [N, T, D] and lengths [N] or mask [N, T]
                                          (padded sequences)              -> kind "sequence"
     SRC/classes.txt                      optional, one class name per line (default: 0, 1, ...)
@@ -43,7 +43,7 @@ def read_modality(path: Path) -> tuple[np.ndarray, str]:
     if path.suffix == ".npy":
         if data.ndim < 2:
             raise MmlabError(f"{path}: shape {data.shape}; features are [N, ...] with at least one value per row")
-        return data, "features"
+        return data.astype(np.float32), "features"
     with data:
         if "x" not in data or not ({"lengths", "mask"} & set(data.files)):
             raise MmlabError(f"{path}: holds {', '.join(data.files) or 'nothing'}; a sequence file holds x [N, T, D] "

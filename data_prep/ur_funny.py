@@ -124,12 +124,16 @@ def prepare_ur_funny(src: str | Path, out: str | Path, *, max_length: int = 50, 
     for fold, split in FOLDS.items():
         rows, ys = {m: [] for m in replaced}, []
         for sid in folds[fold]:
+            lacking = [files[k] for k, sdk in (*sdks.items(), ("labels", labels_sdk)) if sid not in sdk]
+            if lacking:
+                problems.append(Problem(str(lacking[0]), f"segment {sid!r} of fold {fold} is not in it", str(sid)))
+                continue
             try:
                 steps, y = segment_steps(sid, sdks, dims, embeddings, context), int(labels_sdk[sid])
                 if y not in (0, 1):
                     raise ValueError(f"label {labels_sdk[sid]!r} is not 0 or 1")
             except (KeyError, IndexError, ValueError, TypeError) as e:
-                problems.append(Problem(str(src), f"segment {sid!r} of fold {fold}: incomplete in the release "
+                problems.append(Problem(str(src), f"segment {sid!r} of fold {fold}: unusable in the release "
                                                   f"({type(e).__name__}: {e})", str(sid)))
                 continue
             for m, s in steps.items():

@@ -68,8 +68,8 @@ def test_official_folds_shapes_and_missing_segments(prepared):
     assert {m: (s["shape"], s["kind"]) for m, s in manifest["modalities"].items()} == {
         "text": ([8, 301], "sequence"), "acoustic": ([8, 82], "sequence"), "visual": ([8, 372], "sequence")}
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 24, "val": 6, "test": 9}
-    assert [p["clip"] for p in report["left_out"]] == ["seg31"] and "covarep" not in report["left_out"][0]["reason"] \
-        or "KeyError" in report["left_out"][0]["reason"]
+    assert report["left_out"] == [{"clip": "seg31", "path": str(root / "src" / "covarep_features_sdk.pkl"),
+                                   "reason": "segment 'seg31' of fold test is not in it"}]
     assert manifest["preprocessing"]["non_finite_set_to_zero"] == {"text": 0, "acoustic": 1, "visual": 0}
     assert np.array_equal(np.load(root / "out" / "val" / "labels.npy"), np.arange(24, 30) % 2)
 

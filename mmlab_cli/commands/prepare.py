@@ -143,6 +143,7 @@ WORKERS = typer.Option(None, min=1, help="Worker processes, one thread each (def
 SEED = typer.Option(0, help="Seed of the held-out splits.")
 FORCE = typer.Option(False, "--force", help="Rebuild from scratch, even if OUT is finished or half-done (without "
                      "it, OUT prepared with other parameters is an error).")
+NAME = typer.Option("", help="Dataset name in the manifest (default: the SRC folder's name).")
 FRAMES = typer.Option(3, min=1, help="Frames K kept per clip (evenly spaced, time order, repeated when fewer).")
 FRAME_SIZE = typer.Option(224, min=8, help="Frame side S: shorter side resized to S, then center crop S x S.")
 
@@ -312,7 +313,7 @@ def food101(
 def features(
     src: Path = SRC,
     out: Path = typer.Option(Path("data/features"), help="Output directory."),
-    name: str = typer.Option("", help="Dataset name in the manifest (default: the SRC folder's name)."),
+    name: str = NAME,
     val_fraction: float = typer.Option(0.1, min=0.01, max=0.5, help="Fraction of train carved as val when SRC has "
                                        "no val/ (seeded, stratified)."),
     seed: int = SEED,
@@ -344,7 +345,7 @@ def features(
 def folder(
     src: Path = SRC,
     out: Path = typer.Option(Path("data/folder"), help="Output directory."),
-    name: str = typer.Option("", help="Dataset name in the manifest (default: the SRC folder's name)."),
+    name: str = NAME,
     audio_recipe: str = typer.Option("ogm-stft", help="Spectrogram recipe of .wav files: ogm-stft, kaldi-fbank or "
                                      "mel128 (see crema-d and kinetics-sounds)."),
     frames: int = FRAMES,
