@@ -111,28 +111,54 @@ def test_three_sequence_modalities_train_and_every_analysis_runs(prepared, one_t
     assert set(r["pgd"]) == {"text", "acoustic", "visual"}
     assert all(0 < p["max_abs_delta"] <= 0.005 + 1e-6 for p in r["pgd"].values())
     assert all(c["acc"][0] == r["clean"]["acc"] for cs in r["corruptions"].values() for c in cs.values())
-    f = flatness(run.model, data, FlatnessSettings(metrics=["hessian", "lpf"], samples=16, top_k=1, max_steps=5,
-                                                   trace_probes=0, lpf_draws=2), CPU)
+    f = flatness(run.model, data, FlatnessSettings(metrics=["hessian", "lpf", "fgap"], samples=16, top_k=1,
+                                                   max_steps=5, trace_probes=0, lpf_draws=2, fgap_directions=1,
+                                                   fgap_radii=[0, 1]), CPU)
+    assert f["lambda_max"] > 0 and np.isfinite([f["lpf_loss"], f["fgap_mean_test"]]).all()
     json.dumps(f, allow_nan=False)
     g, _ = geometry(run.model, data, GeometrySettings(samples=9, tsne_samples=0, negatives=2), CPU)
     assert set(g["pairs"]) == {"text|acoustic", "text|visual", "acoustic|visual"}
 
 
 def test_padding_and_mask_never_reach_the_embedding(prepared):
-    """The transformer's embedding ignores what padded steps hold, and a gaussian corruption leaves the
-    mask and the padding as they were: masks flow through the model and the corruptions."""
+    """The transformer's embedding ignores what padded steps hold (an all-padding sample embeds to zeros),
+    and PGD and a gaussian corruption change only the features of real steps: masks flow through the
+    model, the attacks and the corruptions."""
+    from mmlab_cli.analysis.attacks import pgd, pgd_settings
     from mmlab_cli.analysis.corruptions import CORRUPTIONS
     from mmlab_cli.models.fusion import LateFusion
 
     data = PreparedDataset(prepared[0] / "out")
     torch.manual_seed(0)
     model = LateFusion(data.specs, 2, encoder="transformer", dim=8).eval()
+    encoder = model.encoders["text"]
     x = torch.from_numpy(np.array(data.split("test").arrays["text"][:4]))
-    garbage = x.clone()
-    garbage[..., 1:] += (x[..., :1] < 0.5) * 100.0  # only padded steps change
-    with torch.no_grad():
-        assert torch.allclose(model.encoders["text"](x), model.encoders["text"](garbage), atol=1e-5)
-    noisy = CORRUPTIONS["gaussian"].apply(x, 1.0, data.specs["text"], None, torch.Generator().manual_seed(0))
     real = x[..., 0] > 0.5
+    assert real.any(1).all() and not real.all()
+    garbage = x.clone()
+    garbage[..., 1:] += (~real).unsqueeze(-1) * 100.0  # only padded steps change
+    empty = torch.zeros_like(x[:1])
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), encoder(garbage), atol=1e-5)
+        assert torch.equal(encoder(empty), torch.zeros(1, 8))
+    y = torch.from_numpy(np.array(data.split("test").labels[:4]))
+    inputs = {m: torch.from_numpy(np.array(a[:4])) for m, a in data.split("test").arrays.items()}
+    loss = lambda t: torch.nn.functional.cross_entropy(model({**inputs, "text": t}).logits, y, reduction="sum")
+    attacked = pgd(loss, x, pgd_settings("sequence", eps=0.3, steps=3, step_size=0.1, random_start=False))
+    assert torch.equal(attacked[..., 0], x[..., 0]) and torch.equal(attacked[~real], x[~real])
+    assert (attacked[real] - x[real]).abs().max() == pytest.approx(0.3)
+    noisy = CORRUPTIONS["gaussian"].apply(x, 1.0, data.specs["text"], None, torch.Generator().manual_seed(0))
     assert torch.equal(noisy[..., 0], x[..., 0]) and torch.equal(noisy[~real], x[~real])
     assert not torch.equal(noisy[real], x[real])
+
+
+def test_sequence_encoders_are_checked_against_the_kind(prepared):
+    from mmlab_cli.errors import MmlabError
+    from mmlab_cli.models.encoders import create_encoder
+
+    spec = PreparedDataset(prepared[0] / "out").specs["visual"]
+    with pytest.raises(MmlabError, match="encoder 'small_cnn' cannot read a sequence modality"):
+        create_encoder("small_cnn", spec, 8)
+    with pytest.raises(MmlabError, match="multiple of 4"):
+        create_encoder("transformer", spec, 6)
+    assert create_encoder("mlp", spec, 8)(torch.zeros(2, 8, 372)).shape == (2, 8)
