@@ -56,3 +56,24 @@ def test_files_matched_by_stem_and_bad_files_reported(tmp_path):
             assert np.allclose(arrays["audio"][row], AUDIO_RECIPES["mel128"].compute(resample(wave, sr, 16000)),
                                atol=1e-4)
             assert data.split(split).labels[row] == ("no", "yes").index(clip.split("/")[0])
+
+
+def test_videos_become_frames_and_given_splits_are_kept(tmp_path):
+    """SRC/{train,test}/<class>/: the test split is the given one; .mp4 -> visual [K, 3, S, S] in time order."""
+    from fixtures_media import copy_file, ramp_video
+
+    video = ramp_video(tmp_path / "ramp.mp4", 3.0, codec="libx264")
+    src = tmp_path / "src"
+    for split, n in (("train", 10), ("test", 2)):
+        for name in ("a", "b"):
+            for i in range(n):
+                copy_file(video, src / split / name / f"v{i}.mp4")
+    from data_prep.folder import prepare_folder
+
+    manifest, report, _ = prepare_folder(src, tmp_path / "out", frames=3, size=8, workers=1)
+    assert manifest["modalities"]["visual"]["shape"] == [3, 3, 8, 8] and not report["left_out"]
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 18, "val": 2, "test": 4}
+    assert sorted((tmp_path / "out" / "test" / "clips.txt").read_text().split()) == [
+        "test/a/v0", "test/a/v1", "test/b/v0", "test/b/v1"]
+    frames = np.load(tmp_path / "out" / "test" / "visual.npy")[0].astype(float).mean(axis=(1, 2, 3))
+    assert frames[0] < frames[1] < frames[2]  # t = 0.5, 1.5, 2.5 s of a brightening ramp
