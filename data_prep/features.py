@@ -8,6 +8,8 @@ Raw layout (how MultiBench-style releases ship features)::
                                          (padded sequences)              -> kind "sequence"
     SRC/classes.txt                      optional, one class name per line (default: 0, 1, ...)
 
+or SRC a YAML file naming the files (`yaml_source`), for a release laid out otherwise.
+
 Everything is checked before anything is written: every split has the modalities of train, rows
 agree with the labels, sample shapes agree across splits, the values of real steps are finite,
 labels are class indices and every class is present in every split; each problem is one line
@@ -17,12 +19,14 @@ stored with its mask in channel 0 (`mmlab_cli.data.format.pack_sequence`), keepi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mmlab_cli.data.format import (SPLITS, check_writable, existing_dataset, pack_sequence, sha256_file,
                                    stratified_split, write_dataset)
+from mmlab_cli.config import read_yaml_mapping
 from mmlab_cli.errors import MmlabError
 
 LAYOUT = ("SRC/{train,test}/labels.npy and SRC/{split}/{modality}.npy (features) or .npz (x [N, T, D] with "
@@ -72,12 +76,12 @@ def read_labels(path: Path) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def check_split(split_dir: Path, arrays: dict[str, np.ndarray], labels: np.ndarray, files: dict[str, Path],
+def check_split(labels_file: Path, arrays: dict[str, np.ndarray], labels: np.ndarray, files: dict[str, Path],
                 train: dict[str, np.ndarray] | None) -> None:
     """Rows agree with the labels, shapes with train's, and the values of real steps are finite."""
     for m, a in arrays.items():
         if len(a) != len(labels):
-            raise MmlabError(f"{files[m]}: {len(a)} rows but {split_dir / 'labels.npy'} has {len(labels)} labels")
+            raise MmlabError(f"{files[m]}: {len(a)} rows but {labels_file} has {len(labels)} labels")
         if train is not None and a.shape[1:] != train[m].shape[1:]:
             raise MmlabError(f"{files[m]}: sample shape {a.shape[1:]} but train's is {train[m].shape[1:]}")
         if not np.isfinite(a).all():  # a sequence's padding is zeros by now: only real steps can fail
@@ -98,43 +102,93 @@ def require_classes(labels: dict[str, np.ndarray], classes: list[str], where: di
                              f"in every split")
 
 
-def prepare_features(src: str | Path, out: str | Path, *, name: str = "", val_fraction: float = 0.1, seed: int = 0,
-                     force: bool = False) -> tuple[dict, bool]:
-    """Check and write the features in `src` into `out`; returns (manifest, built)."""
-    src, out = Path(src), Path(out)
+@dataclass
+class Source:
+    """Where each split's labels and modality files are, and the class names if given."""
+
+    labels: dict[str, Path]  # split -> labels file
+    files: dict[str, dict[str, Path]]  # split -> modality -> .npy or .npz
+    classes: list[str] | None
+    described_by: Path  # the directory or YAML file the paths come from
+
+
+def directory_source(src: Path) -> Source:
+    """The files of the directory layout (SRC/{split}/labels.npy, {modality}.npy|.npz, classes.txt)."""
     given = [s for s in SPLITS if (src / s).is_dir()]
     if "train" not in given or "test" not in given:
         raise MmlabError(f"{src}: not a features directory; expected {LAYOUT}")
     files = {s: {p.stem: p for p in sorted((src / s).glob("*.np[yz]")) if p.stem != "labels"} for s in given}
-    if not files["train"]:
-        raise MmlabError(f"{src / 'train'}: no modality files; expected {LAYOUT}")
     for split in given:
         for m, p in files["train"].items():
             if m not in files[split] or files[split][m].suffix != p.suffix:
                 raise MmlabError(f"{src / split / p.name}: missing; every split has train's modalities "
                                  f"({', '.join(p.name for p in files['train'].values())})")
-    classes_file = src / "classes.txt"
+    names = src / "classes.txt"
+    classes = [c.strip() for c in names.read_text().splitlines() if c.strip()] if names.is_file() else None
+    return Source({s: src / s / "labels.npy" for s in given}, files, classes, src)
+
+
+def yaml_source(path: Path) -> Source:
+    """The files a source YAML names, relative to its folder::
+
+        classes: [negative, positive]                     # optional
+        train: {labels: y_train.npy, audio: a_train.npy, text: t_train.npz}
+        test: {labels: y_test.npy, audio: a_test.npy, text: t_test.npz}
+        val: {...}                                        # optional
+    """
+    raw = read_yaml_mapping(path, "features source", ("classes", *SPLITS), "docs/prepare.md")
+    for split in ("train", "test"):
+        if not isinstance(raw.get(split), dict) or "labels" not in raw[split]:
+            raise MmlabError(f"{path}: '{split}' must map labels and each modality to a file, e.g. "
+                             f"{split}: {{labels: y.npy, audio: audio.npy}}")
+    given = [s for s in SPLITS if s in raw]
+    files = {s: {m: path.parent / str(f) for m, f in raw[s].items() if m != "labels"} for s in given}
+    for split in given:
+        if set(files[split]) != set(files["train"]):
+            raise MmlabError(f"{path}: '{split}' names modalities {sorted(files[split])}, train names "
+                             f"{sorted(files['train'])}; every split has the same modalities")
+        for m, f in files[split].items():
+            if f.suffix not in (".npy", ".npz") or f.suffix != files["train"][m].suffix:
+                raise MmlabError(f"{path}: {split}.{m} is {f.name}; a modality is a .npy (features) or .npz "
+                                 f"(sequence) file, the same type in every split")
+            if not f.is_file():
+                raise MmlabError(f"{f}: missing (named by {path} as {split}.{m})")
+    classes = raw.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not classes):
+        raise MmlabError(f"{path}: 'classes' must be a list of class names")
+    return Source({s: path.parent / str(raw[s]["labels"]) for s in given}, files,
+                  None if classes is None else [str(c) for c in classes], path)
+
+
+def prepare_features(src: str | Path, out: str | Path, *, name: str = "", val_fraction: float = 0.1, seed: int = 0,
+                     force: bool = False) -> tuple[dict, bool]:
+    """Check and write the features that `src` (a directory, or a YAML file naming the files) holds into
+    `out`; returns (manifest, built)."""
+    src, out = Path(src), Path(out)
+    source = yaml_source(src) if src.suffix in (".yaml", ".yml") else directory_source(src)
+    if not source.files["train"]:
+        raise MmlabError(f"{source.described_by}: no modality for train; expected {LAYOUT}")
+    named = [source.described_by, *source.labels.values(), *(f for fs in source.files.values() for f in fs.values())]
     sources = {"src": str(src.resolve()), "layout": LAYOUT,
-               **{str(p.relative_to(src)): sha256_file(p) for p in sorted(src.rglob("*")) if p.is_file()}}
-    carved = "val" not in given
-    params = {"val": f"seeded stratified {val_fraction:g} of train" if carved else "SRC/val",
+               **{str(p.resolve()): sha256_file(p) for p in sorted(set(named)) if p.is_file()}}
+    carved = "val" not in source.labels
+    params = {"val": f"seeded stratified {val_fraction:g} of train" if carved else "given",
               "val_fraction": val_fraction if carved else None, "seed": seed}
     identity = {"preprocessing": params, "sources": sources}
     if manifest := existing_dataset(out, identity, force):
         return manifest, False
     check_writable(out)
 
-    arrays, labels, kinds, where = {}, {}, {}, {}
-    for split in given:
-        labels[split] = read_labels(src / split / "labels.npy")
-        where[split] = src / split / "labels.npy"
-        read = {m: read_modality(files[split][m]) for m in files["train"]}
+    arrays, labels, kinds = {}, {}, {}
+    for split, labels_file in source.labels.items():
+        labels[split] = read_labels(labels_file)
+        read = {m: read_modality(f) for m, f in source.files[split].items()}
         arrays[split] = {m: a for m, (a, _) in read.items()}
         kinds = {m: k for m, (_, k) in read.items()}
-        check_split(src / split, arrays[split], labels[split], files[split], arrays.get("train"))
+        check_split(labels_file, arrays[split], labels[split], source.files[split], arrays.get("train"))
     n_classes = int(max(y.max(initial=-1) for y in labels.values())) + 1
-    classes = (classes_file.read_text().split("\n") if classes_file.is_file() else [str(c) for c in range(n_classes)])
-    classes = [c.strip() for c in classes if c.strip()]
+    classes = source.classes or [str(c) for c in range(n_classes)]
+    where = dict(source.labels)
     if carved:
         keep, held = stratified_split(labels["train"], val_fraction, seed)
         arrays["val"] = {m: a[held] for m, a in arrays["train"].items()}
@@ -142,7 +196,7 @@ def prepare_features(src: str | Path, out: str | Path, *, name: str = "", val_fr
         labels["val"], labels["train"] = labels["train"][held], labels["train"][keep]
         where["val"] = where["train"]
     require_classes(labels, classes, where)
-    manifest = write_dataset(out, dataset=name or src.resolve().name, classes=classes, kinds=kinds,
+    manifest = write_dataset(out, dataset=name or src.resolve().stem, classes=classes, kinds=kinds,
                              arrays=arrays, labels={s: labels[s] for s in SPLITS}, preprocessing=params,
                              sources=sources)
     return manifest, True

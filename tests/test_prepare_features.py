@@ -89,3 +89,23 @@ def test_a_nan_in_padding_is_ignored_but_not_in_a_real_step(tmp_path):
     np.savez(src / "train" / "text.npz", x=x, lengths=np.full(40, 7))
     with pytest.raises(Exception, match=r"text.npz: NaN or inf in row 0"):
         prepare_features(src, tmp_path / "bad")
+
+
+def test_a_yaml_file_can_name_the_files(tmp_path):
+    src = _source(tmp_path / "src")
+    flat = tmp_path / "release"
+    flat.mkdir()
+    for split in ("train", "test"):
+        for f in ("labels.npy", "audio.npy", "text.npz"):
+            (src / split / f).rename(flat / f"{split}_{f}")
+    yaml = flat / "source.yaml"
+    yaml.write_text("classes: [x, y, z]\n" + "".join(
+        f"{s}: {{labels: {s}_labels.npy, audio: {s}_audio.npy, text: {s}_text.npz}}\n" for s in ("train", "test")))
+    manifest, _ = prepare_features(yaml, tmp_path / "out")
+    assert manifest["classes"] == ["x", "y", "z"] and manifest["dataset"] == "source"
+    assert np.array_equal(np.load(tmp_path / "out" / "test" / "audio.npy"), np.load(flat / "test_audio.npy"))
+    (flat / "test_text.npz").unlink()
+    result = _prepare("--src", yaml, "--out", tmp_path / "out2")
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and "\n" not in err and f"{flat / 'test_text.npz'}: missing (named by {yaml} as " \
+        f"test.text)" in err

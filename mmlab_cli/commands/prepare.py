@@ -327,6 +327,7 @@ def features(
       SRC/{split}/{modality}.npy   [N, ...] fixed-size features
       SRC/{split}/{modality}.npz   x [N, T, D] + lengths [N] or mask [N, T]
       SRC/classes.txt              optional, one class name per line
+      or SRC a .yaml naming the files: train: {labels: y.npy, audio: a.npy}
 
     Output: a .npy modality as is (kind features); a .npz one as [N, T, 1 + D]
     float32, channel 0 the mask (kind sequence). Checked first, each a one-line
