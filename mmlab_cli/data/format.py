@@ -9,12 +9,13 @@ A prepared dataset is a directory::
 Splits are ``train``, ``val`` (a seeded, stratified 10 % of the original train, or the source's own
 validation fold) and ``test``.
 
+Arrays are written to a temporary name and renamed into place, so a crash never leaves a
+half-written array under a valid name.
+
 A ``sequence`` modality (per-step features of variable length) is one float32 array [N, L, 1 + D]:
 channel 0 of every step is its mask (1 a real step, 0 padding), channels 1.. its D features (zero
 on padding). One array per modality, like ``text_tokens``' ids + mask, so the mask travels with the
 features through the loader, pairing, imputation, corruptions and attacks (`pack_sequence`).
-Arrays are written to a temporary name and renamed into place, so a crash never leaves a
-half-written array under a valid name.
 """
 
 from __future__ import annotations

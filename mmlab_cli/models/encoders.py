@@ -4,7 +4,7 @@ Every encoder maps one modality's batch to an embedding [B, dim]. Inputs arrive 
 gives them (uint8 already scaled to [0, 1]); each encoder first standardises with the train
 statistics from the manifest, so attacks and corruptions can work in the data's own units.
 A ``sequence`` modality ([L, 1 + D], mask in channel 0, see mmlab_cli/data/format.py) is read by
-`transformer` (or flattened by `mlp`); padding never reaches the embedding.
+`transformer`, whose embedding padding never reaches, or flattened by `mlp`.
 """
 
 from __future__ import annotations
