@@ -120,9 +120,12 @@ def prepare_ur_funny(src: str | Path, out: str | Path, *, max_length: int = 50, 
     labels_sdk = load_pickle(files["labels"])
     embeddings = np.asarray(load_pickle(files["embeddings"]), dtype=np.float32)
 
-    arrays, labels, problems, replaced = {}, {}, [], dict.fromkeys(("text", *FEATURES), 0)
+    widths = {"text": embeddings.shape[1], **dims}
+    arrays, labels, problems, replaced = {}, {}, [], dict.fromkeys(widths, 0)
     for fold, split in FOLDS.items():
-        rows, ys = {m: [] for m in replaced}, []
+        # preallocated, filled row by row: one copy of the fold in memory (UR-FUNNY V2 is about 1.5 GB at L = 50)
+        rows = {m: np.zeros((len(folds[fold]), max_length, 1 + d), np.float32) for m, d in widths.items()}
+        ys = []
         for sid in folds[fold]:
             lacking = [files[k] for k, sdk in (*sdks.items(), ("labels", labels_sdk)) if sid not in sdk]
             if lacking:
@@ -139,11 +142,11 @@ def prepare_ur_funny(src: str | Path, out: str | Path, *, max_length: int = 50, 
             for m, s in steps.items():
                 bad = ~np.isfinite(s)
                 replaced[m] += int(bad.sum())
-                rows[m].append(pack_sequence(np.where(bad, 0.0, s), max_length))
+                rows[m][len(ys)] = pack_sequence(np.where(bad, 0.0, s), max_length)
             ys.append(y)
         if not ys:
             raise MmlabError(f"{files['folds']}: no usable segment in fold {fold} ({len(problems)} left out)")
-        arrays[split] = {m: np.stack(r) for m, r in rows.items()}
+        arrays[split] = {m: r[:len(ys)] for m, r in rows.items()}
         labels[split] = np.asarray(ys, dtype=np.int64)
     split_of = np.concatenate([np.full(len(labels[s]), s, dtype=object) for s in SPLITS])
     report = write_report(out, "ur-funny", split_of, np.full(len(split_of), DONE), problems, [], time.time() - started)

@@ -162,3 +162,13 @@ def test_sequence_encoders_are_checked_against_the_kind(prepared):
     with pytest.raises(MmlabError, match="multiple of 4"):
         create_encoder("transformer", spec, 6)
     assert create_encoder("mlp", spec, 8)(torch.zeros(2, 8, 372)).shape == (2, 8)
+
+
+def test_no_context_keeps_the_punchline_only(prepared):
+    root, _, _, language, _, embeddings = prepared
+    manifest, _, _ = prepare_ur_funny(root / "src", root / "punchline", max_length=8, context=False)
+    assert manifest["preprocessing"]["context"] is False
+    text = np.load(root / "punchline" / "train" / "text.npy")
+    for row in range(4):
+        words = language[f"seg{row}"]["punchline_embedding_indexes"]
+        assert text[row, :, 0].sum() == len(words) and np.allclose(text[row, :len(words), 1:], embeddings[words])
