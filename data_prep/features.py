@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mmlab_cli.config import read_yaml_mapping
 from mmlab_cli.data.format import (SPLITS, check_writable, existing_dataset, pack_sequence, sha256_file,
                                    stratified_split, write_dataset)
-from mmlab_cli.config import read_yaml_mapping
 from mmlab_cli.errors import MmlabError
 
 LAYOUT = ("SRC/{train,test}/labels.npy and SRC/{split}/{modality}.npy (features) or .npz (x [N, T, D] with "
@@ -40,19 +40,25 @@ def _load(path: Path):
         raise MmlabError(f"{path}: not a readable numpy file ({e}); save it with np.save / np.savez") from None
 
 
+def _numeric(path: Path, a: np.ndarray) -> np.ndarray:
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise MmlabError(f"{path}: holds {a.dtype} values; features are numbers")
+    return a
+
+
 def read_modality(path: Path) -> tuple[np.ndarray, str]:
     """(array, kind) of one split's modality file: a .npy as is ("features"), a .npz packed into
     [N, T, 1 + D] with the mask in channel 0 ("sequence")."""
     data = _load(path)
     if path.suffix == ".npy":
-        if data.ndim < 2:
+        if _numeric(path, data).ndim < 2:
             raise MmlabError(f"{path}: shape {data.shape}; features are [N, ...] with at least one value per row")
         return data.astype(np.float32), "features"
     with data:
         if "x" not in data or not ({"lengths", "mask"} & set(data.files)):
             raise MmlabError(f"{path}: holds {', '.join(data.files) or 'nothing'}; a sequence file holds x [N, T, D] "
                              f"and lengths [N] or mask [N, T]")
-        x = data["x"]
+        x = _numeric(path, data["x"])
         if x.ndim != 3:
             raise MmlabError(f"{path}: x has shape {x.shape}; a sequence is x [N, T, D]")
         if "mask" in data:
