@@ -3,7 +3,8 @@
 Raw layout::
 
     SRC/<class>/<stem>.<ext>                     test: a seeded stratified 10 %
-    SRC/{train,test}/<class>/<stem>.<ext>        the given split (val/ is not read: val is carved)
+    SRC/{train,test}/<class>/<stem>.<ext>        the given split (val/ is not read: val is carved;
+                                                 a test class folder train lacks is reported)
 
 The files of one sample share a stem inside its class folder; each file type is one modality:
 
@@ -45,6 +46,9 @@ def scan(src: Path) -> tuple[list[str], list[tuple[str, str, int, dict[str, str]
     if not classes:
         raise MmlabError(f"{src}: no class folders; expected {LAYOUT}")
     found, problems = {}, []
+    problems += [Problem(str(p), "class folder absent from train/: its files are left out")
+                 for p in (sorted(roots["test"].iterdir()) if split_dirs else [])
+                 if p.is_dir() and not p.name.startswith(".") and p.name not in classes]
     for split, root in roots.items():
         for label, name in enumerate(classes):
             for path in sorted((root / name).glob("*")) if (root / name).is_dir() else []:

@@ -68,10 +68,13 @@ def test_videos_become_frames_and_given_splits_are_kept(tmp_path):
         for name in ("a", "b"):
             for i in range(n):
                 copy_file(video, src / split / name / f"v{i}.mp4")
+    copy_file(video, src / "test" / "c" / "v0.mp4")  # a class that train lacks
     from data_prep.folder import prepare_folder
 
     manifest, report, _ = prepare_folder(src, tmp_path / "out", frames=3, size=8, workers=1)
-    assert manifest["modalities"]["visual"]["shape"] == [3, 3, 8, 8] and not report["left_out"]
+    assert manifest["modalities"]["visual"]["shape"] == [3, 3, 8, 8]
+    assert report["left_out"] == [{"clip": "", "path": str(src / "test" / "c"),
+                                   "reason": "class folder absent from train/: its files are left out"}]
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 18, "val": 2, "test": 4}
     assert sorted((tmp_path / "out" / "test" / "clips.txt").read_text().split()) == [
         "test/a/v0", "test/a/v1", "test/b/v0", "test/b/v1"]
