@@ -18,9 +18,10 @@ import torch
 from mmlab_cli.analysis.corruptions import BOUNDED
 from mmlab_cli.errors import MmlabError
 
-# kind -> (steps T, eps, step size alpha); features borrow the spectrogram column (unbounded real values)
-PGD_DEFAULTS = {"image": (5, 0.1, 0.001), "frames": (5, 0.1, 0.001),
-                "spectrogram": (10, 0.005, 0.001), "features": (10, 0.005, 0.001)}
+# kind -> (steps T, eps, step size alpha); features and sequences borrow the spectrogram column (unbounded real
+# values; a sequence's mask channel gets no gradient from the transformer, so PGD leaves it as it is)
+PGD_DEFAULTS = {"image": (5, 0.1, 0.001), "frames": (5, 0.1, 0.001), "spectrogram": (10, 0.005, 0.001),
+                "features": (10, 0.005, 0.001), "sequence": (10, 0.005, 0.001)}
 NOT_ATTACKED = {"text_tokens": "text tokens are discrete and not attacked (as in the DML paper's Food101 table)"}
 
 
