@@ -279,6 +279,21 @@ def test_fgap_directions_on_a_late_fusion_model(setup):
     assert res["splits"]["train"]["F"][1] > 0
 
 
+def test_fgap_defaults_are_relative_and_block_normalised(tmp_path):
+    """Relative radii 0..0.3 with block directions unless asked; --fgap-absolute brings SWAD's 0..60 back; a bad
+    normalisation stops in one line before any run is read."""
+    from typer.testing import CliRunner
+
+    from mmlab_cli.analysis.flatness import FlatnessSettings
+    from mmlab_cli.main import app
+
+    s = FlatnessSettings().check()
+    assert (s.fgap_radii, s.fgap_relative, s.fgap_normalize) == ([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3], True, "block")
+    assert FlatnessSettings(fgap_relative=False).check().fgap_radii == [float(r) for r in range(0, 65, 5)]
+    bad = CliRunner().invoke(app, ["flatness", str(tmp_path / "run"), "--fgap-absolute", "--fgap-normalize", "layer"])
+    assert bad.exit_code == 2 and "--fgap-normalize layer: choose block, filter, none" in bad.output
+
+
 def test_landscape_directions_grid_and_cache(setup, tmp_path):
     _, model, subset, lp, _ = setup
     dirs, path = directions(lp, 2, seed=0, cache_dir=tmp_path, run_key="abc")
