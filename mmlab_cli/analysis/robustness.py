@@ -157,19 +157,19 @@ def _plan(model: LateFusion, dataset: PreparedDataset, s: RobustnessSettings):
         if m not in model.modalities:
             raise MmlabError(f"--modality {m}: not in this model; it has {', '.join(model.modalities)}")
     kinds = {m: dataset.specs[m].kind for m in model.modalities}
-    attacks, curves, skipped = [], {}, []
+    attacked, curves, skipped = [], {}, []
     for m in modalities if s.attack == "pgd" else []:
         if kinds[m] in NOT_ATTACKED:
             skipped.append({"modality": m, "test": "pgd", "reason": NOT_ATTACKED[kinds[m]]})
         else:
-            attacks.append(m)
+            attacked.append(m)
     for m in modalities:
         for name in s.corruptions:
             if kinds[m] in CORRUPTIONS[name].kinds:
                 curves.setdefault(m, []).append(name)
             else:
                 skipped.append({"modality": m, "test": name, "reason": f"does not apply to {kinds[m]} inputs"})
-    return modalities, kinds, attacks, curves, skipped
+    return modalities, kinds, attacked, curves, skipped
 
 
 def _pgd_point(score: _Scorer, modality: str, a: PGDSettings, gen: torch.Generator, clean_acc: float,
@@ -188,12 +188,12 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
                device: torch.device) -> dict:
     """Clean accuracy, PGD per modality and corruption curves per modality (see the module docstring)."""
     s = settings.check()
-    modalities, kinds, attacks, curves, skipped = _plan(model, dataset, s)
+    modalities, kinds, attacked, curves, skipped = _plan(model, dataset, s)
     model = _channels_last(model).eval()
     start = time.perf_counter()
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
     attacks = {m: pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start, s.preset, s.eps_relative,
-                               input_std(subset, m)) for m in attacks}
+                               input_std(subset, m)) for m in attacked}  # a relative eps needs the std
     factors = [1.0] + list(s.eps_factors or [])  # 1.0: the attack itself, then the sweep
     work = (1 + sum(len(factors) * max(a.steps, 1) for a in attacks.values())
             + len(s.levels) * sum(map(len, curves.values())))
