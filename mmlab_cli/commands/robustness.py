@@ -102,7 +102,8 @@ def robustness(
     for m, a in {m: PGDSettings(**res["pgd"][m]["settings"]) for res in results for m in res["pgd"]}.items():
         if a.reach < a.eps:
             console.print(f"[yellow]note: PGD on {m} moves at most T * alpha = {a.reach:g} < eps = {a.eps:g}, so it "
-                          f"never reaches the eps-ball's surface (raise --step-size or --steps, or use --pgd-preset madry)")
+                          f"never reaches the eps-ball's surface (raise --step-size or --steps, or use --pgd-preset "
+                          f"madry)")
     comparison = None
     if len(results) > 1:
         with figures.formats(figure_format):
