@@ -126,6 +126,7 @@ def test_padding_and_mask_never_reach_the_embedding(prepared):
     model, the attacks and the corruptions."""
     from mmlab_cli.analysis.attacks import pgd, pgd_settings
     from mmlab_cli.analysis.corruptions import CORRUPTIONS
+    from mmlab_cli.analysis.robustness import real_steps
     from mmlab_cli.models.fusion import LateFusion
 
     data = PreparedDataset(prepared[0] / "out")
@@ -147,6 +148,13 @@ def test_padding_and_mask_never_reach_the_embedding(prepared):
     attacked = pgd(loss, x, pgd_settings("sequence", eps=0.3, steps=3, step_size=0.1, random_start=False))
     assert torch.equal(attacked[..., 0], x[..., 0]) and torch.equal(attacked[~real], x[~real])
     assert (attacked[real] - x[real]).abs().max() == pytest.approx(0.3)
+    # a random start larger than the mask's 0.5 threshold: robustness keeps mask and padding (real_steps)
+    wide = pgd_settings("sequence", eps=2.0, steps=2, step_size=0.5, random_start=True)
+    raw = pgd(lambda t: loss(real_steps(t, x)), x, wide, torch.Generator().manual_seed(0))
+    assert not torch.equal(raw[..., 0], x[..., 0])  # what pgd alone does to the mask
+    kept = real_steps(raw, x)
+    assert torch.equal(kept[..., 0], x[..., 0]) and torch.equal(kept[~real], x[~real])
+    assert (kept[real] - x[real]).abs().max() <= 2.0 + 1e-6
     noisy = CORRUPTIONS["gaussian"].apply(x, 1.0, data.specs["text"], None, torch.Generator().manual_seed(0))
     assert torch.equal(noisy[..., 0], x[..., 0]) and torch.equal(noisy[~real], x[~real])
     assert not torch.equal(noisy[real], x[real])

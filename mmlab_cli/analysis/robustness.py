@@ -133,10 +133,20 @@ class _Scorer:
         return {"acc": 100.0 * correct / self.subset.size, "loss": loss / self.subset.size, "max_abs_delta": delta}
 
 
-def input_std(subset: Subset, modality: str) -> float:
-    """Sample standard deviation of every entry of a modality's inputs over the subset, in float64 and two passes
-    over the batches (torch.std of one concatenated tensor would hold the whole split in float64 at once)."""
+def real_steps(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """x with the mask channel and the padded steps of the sequence x0 ([..., L, 1 + D], mask in channel 0): an
+    attack on a sequence moves only the features of its real steps, whatever its eps or random start."""
+    mask = x0[..., :1]
+    return torch.cat([mask, torch.where(mask > 0.5, x[..., 1:], x0[..., 1:])], dim=-1)
+
+
+def input_std(subset: Subset, modality: str, kind: str = "") -> float:
+    """Sample standard deviation of every entry of a modality's inputs over the subset (of a sequence: the features
+    of its real steps), in float64 and two passes over the batches (torch.std of one concatenated tensor would
+    hold the whole split in float64 at once)."""
     xs = [inputs[modality] for inputs, _ in subset.batches]
+    if kind == "sequence":
+        xs = [x[..., 1:][x[..., 0] > 0.5] for x in xs]
     n = sum(x.numel() for x in xs)
     mean = sum(x.double().sum() for x in xs) / n
     return (sum(((x.double() - mean) ** 2).sum() for x in xs) / max(n - 1, 1)).sqrt().item()
@@ -173,11 +183,13 @@ def _plan(model: LateFusion, dataset: PreparedDataset, s: RobustnessSettings):
 
 
 def _pgd_point(score: _Scorer, modality: str, a: PGDSettings, gen: torch.Generator, clean_acc: float,
-               factor: float) -> dict:
+               factor: float, kind: str) -> dict:
     model = score.model
 
     def attack(x0, y, z):
-        return pgd(lambda x: F.cross_entropy(_logits(model, z, modality, x), y, reduction="sum"), x0, a, gen)
+        keep = (lambda x: real_steps(x, x0)) if kind == "sequence" else (lambda x: x)
+        return keep(pgd(lambda x: F.cross_entropy(_logits(model, z, modality, keep(x)), y, reduction="sum"),
+                        x0, a, gen))
 
     r = score(modality, attack, cost=max(a.steps, 1))
     return {"factor": factor, "eps": a.eps, "step_size": a.step_size, "acc": r["acc"], "loss": r["loss"],
@@ -193,7 +205,7 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
     start = time.perf_counter()
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
     attacks = {m: pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start, s.preset, s.eps_relative,
-                               input_std(subset, m)) for m in attacked}  # a relative eps needs the std
+                               input_std(subset, m, kinds[m])) for m in attacked}  # a relative eps needs the std
     factors = [1.0] + list(s.eps_factors or [])  # 1.0: the attack itself, then the sweep
     work = (1 + sum(len(factors) * max(a.steps, 1) for a in attacks.values())
             + len(s.levels) * sum(map(len, curves.values())))
@@ -207,7 +219,7 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
             for factor in factors:
                 bar.update(task, description=f"PGD {m} x{factor:g}")
                 gen = _generator(device, s.seed, m, "pgd")  # the same random start at every eps
-                points.append(_pgd_point(score, m, base.scaled(factor), gen, clean["acc"], factor))
+                points.append(_pgd_point(score, m, base.scaled(factor), gen, clean["acc"], factor, kinds[m]))
             result_pgd[m] = {"clean_acc": clean["acc"], "perturbed_acc": points[0]["acc"],
                              "drop_rate": points[0]["drop_rate"], "clean_loss": clean["loss"],
                              "perturbed_loss": points[0]["loss"], "max_abs_delta": points[0]["max_abs_delta"],
