@@ -43,8 +43,8 @@ class TrainConfig:
     fusion: str = option("concat", "The network fusing the embeddings before the linear classifier "
                          "(docs/training.md).", tuple(FUSIONS))
     encoder: str | dict[str, str] = option("small_cnn", "small_cnn | tiny_cnn | strided_cnn | resnet18 | mlp | "
-                                           "bert, or one per modality: image=resnet18,text=bert (text_tokens "
-                                           "modalities always use bert).", metavar="NAME")
+                                           "transformer (sequences) | bert, or one per modality: image=resnet18,"
+                                           "text=bert (text_tokens modalities always use bert).", metavar="NAME")
     text_encoder: str = option("", "Local transformers model directory (BERT family) for text modalities: "
                                "config.json, and weights to start from if present.", metavar="DIR")
     pretrained: dict[str, str] = option({}, "Per-modality ResNet18 initial weights, a local torchvision state "

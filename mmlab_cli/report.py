@@ -342,8 +342,15 @@ def comparison_figures(root: Path) -> list[tuple[str, str]]:
     return found
 
 
-def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> tuple[list[Table], tuple[str, ...]]:
-    """Every table of TABLES for the runs under `root` (group_by None: the default grouping)."""
+def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
+                 claims: str | Path | None = None) -> tuple[list[Table], tuple[str, ...]]:
+    """Every table of TABLES for the runs under `root` (group_by None: the default grouping), then the verdicts
+    of a claims file (mmlab_cli/claims.py), which is checked before any run is read."""
+    stated = None
+    if claims:  # scipy is imported only when claims are asked for
+        from mmlab_cli.claims import claims_table, load_claims
+
+        stated = load_claims(claims)
     root = Path(root)
     runs = find_runs(root)
     asked = group_by
@@ -366,6 +373,8 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> t
         table = build_table(spec, runs, group_by, docs[spec.file])
         attach_plots(table, runs, group_by, docs[spec.file])
         tables.append(table)
+    if stated:
+        tables.append(claims_table(stated, runs, docs, group_by))
     return tables, group_by
 
 
@@ -393,14 +402,15 @@ def render(tables: list[Table], fmt: str) -> str:
     return "\n".join(parts)
 
 
-def write_report(root: str | Path, group_by: tuple[str, ...] | None = None,
-                 fmt: str = "md") -> tuple[list[Table], str, list[Path]]:
+def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt: str = "md",
+                 claims: str | Path | None = None) -> tuple[list[Table], str, list[Path]]:
     """Write report.md (per-run and comparison figures embedded) and report_<table>.csv into `root` (and
-    report.tex for latex); returns the tables, the report rendered in `fmt`, and the paths written."""
+    report.tex for latex), with the claims table when given a claims file; returns the tables, the report
+    rendered in `fmt`, and the paths written."""
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
-    tables, group_by = build_tables(root, group_by)
+    tables, group_by = build_tables(root, group_by, claims)
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
     md = (f"# mmlab report: {root}\n\n{runs} runs in {len(tables[0].numbers)} groups by "

@@ -309,6 +309,28 @@ def test_refuses_to_average_different_subset_sizes(runs_dir):
     assert len(tables[1].numbers) == 8
 
 
+def test_refuses_to_average_runs_attacked_differently(runs_dir):
+    """Seeds of one method whose PGD preset or radius differ are not averaged, nor a robustness.json from before
+    presets (no preset recorded: Table 11's settings) with one measured with the default preset."""
+    asked = {"attack": "pgd", "preset": "madry", "eps": None, "eps_relative": None, "steps": None,
+             "step_size": None, "random_start": None, "eps_factors": None, "seed": 0}
+
+    def measure(run, **settings):
+        doc = json.loads((runs_dir / run / "robustness.json").read_text())
+        (runs_dir / run / "robustness.json").write_text(json.dumps({**doc, "settings": settings}))
+
+    measure("dml/s0", **asked)
+    measure("dml/s1", **{**asked, "seed": 1, "eps_factors": [0, 1]})  # the seed and a sweep change no number
+    write_report(runs_dir)
+    for other, (key, a, b) in (({"preset": "table11"}, ("preset", "madry", "table11")),
+                               ({"eps_relative": 0.2}, ("eps_relative", None, 0.2)),
+                               ({"preset": None}, ("preset", "madry", None))):
+        measure("dml/s1", **{k: v for k, v in {**asked, **other}.items() if v is not None})
+        with pytest.raises(MmlabError, match=rf"dml/s0/robustness.json was measured with {key} = {a} but "
+                                             rf".*dml/s1/robustness.json with {key} = {b}, "):
+            write_report(runs_dir)
+
+
 def test_columns_without_values_are_left_out(tmp_path):
     runs = {name: (config, metrics, {}) for name, (config, metrics, _) in RUNS.items()}
     runs["dml/s0"] = (*runs["dml/s0"][:2], {"flatness.json": {"split": "train", "lambda_max": 3.0}})
