@@ -81,10 +81,11 @@ class TrainConfig:
     dagr_temperature: float = option(2.0, "Temperature t of DAGR's RBF dispersion term.", metavar="FLOAT")
     dagr_delta: float = option(0.5, "Tolerance radius of DAGR's anchoring hinge (unit-sphere distance, in "
                                "[0, 2]).", metavar="FLOAT")
-    balance: str = option("none", "Modality balancing: ogm / ogm-ge (Peng et al. 2022), see docs/training.md.",
+    balance: str = option("none", "Modality balancing: ogm / ogm-ge (Peng et al. 2022), agm (Li et al. 2023); "
+                          "see docs/training.md.",
                           ("none", *BALANCES))
-    balance_alpha: float = option(0.8, "Strength alpha of the balancing method (OGM-GE: the official CREMA-D "
-                                  "value 0.8).", metavar="FLOAT")
+    balance_alpha: float = option(0.8, "Strength alpha of the balancing method (0.8: OGM-GE's official CREMA-D "
+                                  "value).", metavar="FLOAT")
     balance_start: int = option(1, "First epoch (1-based) the balancing method modulates.", metavar="INT")
     balance_end: int = option(0, "Last epoch the balancing method modulates (0: the last epoch).", metavar="INT")
     sam: float = option(0.0, "Sharpness-aware minimisation radius rho (0: off).", metavar="FLOAT")
@@ -235,6 +236,8 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     if cfg.balance.startswith("ogm") and cfg.fusion not in SLICEABLE_FUSIONS:
         raise MmlabError(f"{source}: balance {cfg.balance} reads each modality's slice of a linear fusion head "
                          f"({', '.join(SLICEABLE_FUSIONS)}), not of fusion {cfg.fusion}: choose one of those fusions")
+    if cfg.balance == "agm" and cfg.scheme == "dgl":
+        raise MmlabError(f"{source}: balance agm and scheme dgl both replace the fused loss; choose one")
     unknown = [a for a in cfg.augment if a not in AUGMENTS]
     if unknown:
         raise MmlabError(f"{source}: 'augment' has unknown '{unknown[0]}'; choose from {', '.join(AUGMENTS)}")

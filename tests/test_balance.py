@@ -19,6 +19,8 @@ from mmlab_cli.data.format import ModalitySpec
 from mmlab_cli.engine.fit import build_optimizer, train
 from mmlab_cli.engine.step import build_step
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.methods.agm import coefficients as agm_coefficients
+from mmlab_cli.methods.agm import shapley_logits
 from mmlab_cli.methods.base import Loop
 from mmlab_cli.methods.ogm import coefficients, slice_logits
 from mmlab_cli.models.fusion import LateFusion
@@ -47,11 +49,15 @@ def _step(model, epoch=0, **kw):
     return step
 
 
-def _plain_grads(model, inputs, y):
-    out = model(inputs)
-    loss = F.cross_entropy(out.logits, y) + sum(F.cross_entropy(p, y) for p in out.probe_logits.values())
+def _plain_grads_of(model, loss):
     params = dict(model.named_parameters())
     return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+def _plain_grads(model, inputs, y):
+    out = model(inputs)
+    return _plain_grads_of(model, F.cross_entropy(out.logits, y) + sum(F.cross_entropy(p, y)
+                                                                       for p in out.probe_logits.values()))
 
 
 def _softmax(x):
@@ -147,7 +153,7 @@ def test_balance_config_errors_name_the_key():
 
 # ---- every balancing method: recorded, resumed bit-identically, equal on two processes ---------------------
 
-STATEFUL = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5)}
+STATEFUL = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5), "agm": dict(balance="agm", balance_alpha=0.1)}
 
 
 class Killed(Exception):
@@ -203,3 +209,75 @@ def test_balance_two_gloo_processes_match_one(tiny_synthetic, tmp_path, one_thre
         for a, b in zip(_history(tmp_path / name / "one"), _history(tmp_path / name / "two"), strict=True):
             assert b == pytest.approx(a, rel=1e-4, abs=1e-5), name
         assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4), name
+
+
+# ---- AGM ----------------------------------------------------------------------------------------------------
+
+def test_agm_shapley_logits_two_and_three_modalities():
+    model = _model()
+    z = {"a": torch.randn(5, 4), "b": torch.randn(5, 4)}
+    phi = shapley_logits(model, z)
+    v = lambda *ms: model.fuse({m: z[m] for m in ms})  # noqa: E731
+    assert torch.allclose(phi["a"], (v("a", "b") - v("b") + v("a")) / 2, atol=1e-6)  # the official form
+    assert torch.allclose(phi["a"] + phi["b"], model.fuse(z), atol=1e-6)
+    # three modalities, a non-linear value function: the Shapley weights 1/3, 1/6, 1/6, 1/3 plus v({})/3
+    three = {**SPECS, "c": ModalitySpec((4,), "float32", "features")}
+    torch.manual_seed(0)
+    model3 = LateFusion(three, 3, encoder="mlp", dim=4)
+    z3 = {m: torch.randn(5, 4) for m in three}
+    empty = model3.fuse({"a": torch.zeros(5, 4)})
+    w = lambda *ms: model3.fuse({m: z3[m] for m in ms}) if ms else empty  # noqa: E731
+    expected = ((w("a") - w()) / 3 + (w("a", "b") - w("b")) / 6 + (w("a", "c") - w("c")) / 6
+                + (w("a", "b", "c") - w("b", "c")) / 3 + w() / 3)
+    phi3 = shapley_logits(model3, z3)
+    assert torch.allclose(phi3["a"], expected, atol=1e-6)
+    assert torch.allclose(sum(phi3.values()), model3.fuse(z3), atol=1e-6)
+
+
+def test_agm_coefficients_hand_computed():
+    # batch scores r = (0.5, 1.5): the ratios exp(1.5 - 0.5) = e, exp(-1); running means rbar = (1, 1): ratios 1
+    k = agm_coefficients(torch.tensor([0.5, 1.5]), torch.tensor([1.0, 1.0]), alpha=0.2)
+    assert k.tolist() == pytest.approx([math.exp(0.2 * (1 - math.e)), math.exp(0.2 * (1 - math.exp(-1)))])
+    # the gap is capped at 10
+    k = agm_coefficients(torch.tensor([0.0, 0.0]), torch.tensor([5.0, 0.0]), alpha=0.1)
+    assert k.tolist() == pytest.approx([math.exp(0.1 * (math.exp(-5) - 1)), math.exp(0.1 * 10)])
+
+
+@pytest.mark.parametrize("size, clipped", [(1.0, False), (200.0, True)])
+def test_agm_step_scales_each_modalitys_share_of_the_gradient_and_keeps_running_means(size, clipped):
+    model, ref = _model(), _model()
+    inputs, y = _batch()
+    inputs = {m: x * size for m, x in inputs.items()}  # large inputs: head gradients beyond 1, clipped
+    step = _step(model, balance="agm", balance_alpha=0.3)
+    agm = step.methods[0]
+    agm.running = torch.tensor([0.9, 1.4], dtype=torch.float64)
+    agm.steps = 3
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = step(inputs, y)
+
+    z = ref.embed(inputs)
+    phi = shapley_logits(ref, z)
+    r = torch.stack([-phi[m].softmax(1)[torch.arange(len(y)), y].clamp_min(1e-8).log().mean()  # p(y) >= 1e-8
+                     for m in ("a", "b")]).detach().double()
+    ratio = torch.exp(r.flip(0) - r)
+    rbar_ratio = torch.exp(torch.tensor([1.4 - 0.9, 0.9 - 1.4], dtype=torch.float64))
+    k = torch.exp(0.3 * (rbar_ratio - ratio))
+    assert [out["agm_coeff_a"].item(), out["agm_coeff_b"].item()] == pytest.approx(k.tolist(), rel=1e-5)
+    assert agm.running.tolist() == pytest.approx(((torch.tensor([0.9, 1.4]) * 3 + r) / 4).tolist(), rel=1e-6)
+    # the gradient: k_a * d phi_a + k_b * d phi_b of the CE of their sum (with the probes'), clipped to norm 1
+    # when a head weight gradient leaves [-1, 1]
+    logits = phi["a"] + phi["b"]
+    p = logits.softmax(1) - F.one_hot(y, 3)
+    target = (k[0].float() * phi["a"] + k[1].float() * phi["b"]) * (p.detach() / len(y))
+    g = _plain_grads_of(ref, target.sum() + sum(F.cross_entropy(ref.probes[m](v.detach()), y) for m, v in z.items()))
+    assert (g["head.weight"].abs().max().item() > 1) == clipped
+    if clipped:
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+        g = {n: v * min(1.0, 1.0 / (norm.item() + 1e-6)) for n, v in g.items()}
+    for n, q in model.named_parameters():
+        assert torch.allclose(q.detach(), w0[n] - 0.1 * g[n], atol=1e-6), n
+
+
+def test_agm_refuses_dgl():
+    with pytest.raises(MmlabError, match="both replace the fused loss"):
+        resolve_config(None, {"balance": "agm", "scheme": "dgl"})

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.base import Loop, Method
 
 NOISE_FLOOR = 1e-8
@@ -88,9 +87,6 @@ class OGM(Method):
 
 
 def build(cfg, model, world) -> OGM | None:
-    if len(model.modalities) < 2:
-        raise MmlabError(f"balance {cfg.balance}: balances modalities against each other; this run has one "
-                         f"({model.modalities[0]}): drop --balance or train on two or more modalities")
     device = next(model.parameters()).device
     return OGM(model, cfg.balance_alpha, (cfg.balance_start, cfg.balance_end), cfg.balance == "ogm-ge", cfg.seed,
                device)

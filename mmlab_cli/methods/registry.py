@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 
+from mmlab_cli.errors import MmlabError
+
 METHODS = {
     "dgl": "mmlab_cli.methods.dgl",
     "dagr": "mmlab_cli.methods.dagr",
@@ -20,11 +22,15 @@ METHODS = {
 BALANCES = {  # --balance NAME
     "ogm": "mmlab_cli.methods.ogm",
     "ogm-ge": "mmlab_cli.methods.ogm",
+    "agm": "mmlab_cli.methods.agm",
 }
 
 
 def build_methods(cfg, model, world) -> list:
     """The methods a config turns on, in hook order."""
+    if cfg.balance in BALANCES and len(model.modalities) < 2:
+        raise MmlabError(f"balance {cfg.balance}: balances modalities against each other; this run has one "
+                         f"({model.modalities[0]}): drop --balance or train on two or more modalities")
     modules = [*METHODS.values(), *([BALANCES[cfg.balance]] if cfg.balance in BALANCES else [])]
     built = (importlib.import_module(module).build(cfg, model, world) for module in modules)
     return [method for method in built if method is not None]
