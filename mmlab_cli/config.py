@@ -81,8 +81,8 @@ class TrainConfig:
     dagr_temperature: float = option(2.0, "Temperature t of DAGR's RBF dispersion term.", metavar="FLOAT")
     dagr_delta: float = option(0.5, "Tolerance radius of DAGR's anchoring hinge (unit-sphere distance, in "
                                "[0, 2]).", metavar="FLOAT")
-    balance: str = option("none", "Modality balancing: ogm / ogm-ge (Peng et al. 2022), agm (Li et al. 2023); "
-                          "see docs/training.md.",
+    balance: str = option("none", "Modality balancing: ogm / ogm-ge (Peng et al. 2022), agm (Li et al. 2023), "
+                          "pmr (Fan et al. 2023); see docs/training.md.",
                           ("none", *BALANCES))
     balance_alpha: float = option(0.8, "Strength alpha of the balancing method (0.8: OGM-GE's official CREMA-D "
                                   "value).", metavar="FLOAT")

@@ -23,6 +23,7 @@ from mmlab_cli.methods.agm import coefficients as agm_coefficients
 from mmlab_cli.methods.agm import shapley_logits
 from mmlab_cli.methods.base import Loop
 from mmlab_cli.methods.ogm import coefficients, slice_logits
+from mmlab_cli.methods.pmr import PMR, class_means
 from mmlab_cli.models.fusion import LateFusion
 from test_distributed import _free_port, _worker
 
@@ -39,12 +40,12 @@ def _batch(n=8, seed=1):
     return {m: torch.randn(n, *s.shape, generator=g) for m, s in SPECS.items()}, torch.randint(0, 3, (n,), generator=g)
 
 
-def _step(model, epoch=0, **kw):
+def _step(model, epoch=0, hooks=True, **kw):
     """A TrainStep with plain SGD (lr 0.1), its methods' epoch hooks run for `epoch` (0-based)."""
     cfg = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, device="cpu", epochs=3, **kw)
     opt, _ = build_optimizer(cfg, model)
     step = build_step(cfg, model, opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
-    for method in step.methods:
+    for method in step.methods if hooks else ():
         method.start_epoch(Loop(cfg, model, opt, None, torch.device("cpu"), None), epoch)
     return step
 
@@ -153,7 +154,8 @@ def test_balance_config_errors_name_the_key():
 
 # ---- every balancing method: recorded, resumed bit-identically, equal on two processes ---------------------
 
-STATEFUL = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5), "agm": dict(balance="agm", balance_alpha=0.1)}
+STATEFUL = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5), "agm": dict(balance="agm", balance_alpha=0.1),
+            "pmr": dict(balance="pmr", balance_alpha=1.0)}
 
 
 class Killed(Exception):
@@ -281,3 +283,69 @@ def test_agm_step_scales_each_modalitys_share_of_the_gradient_and_keeps_running_
 def test_agm_refuses_dgl():
     with pytest.raises(MmlabError, match="both replace the fused loss"):
         resolve_config(None, {"balance": "agm", "scheme": "dgl"})
+
+
+# ---- PMR ----------------------------------------------------------------------------------------------------
+
+def test_pmr_class_means_hand_computed():
+    model = _model()
+    batches = [_batch(n=6, seed=s) for s in (1, 2)]
+    previous = {m: torch.full((3, 4), 7.0) for m in SPECS}
+    y = torch.cat([b[1] for b in batches])
+    y[y == 2] = 0  # no sample of class 2: its prototypes stay as they were
+    batches = [(batches[0][0], y[:6]), (batches[1][0], y[6:])]
+    got = class_means(model, batches, 3, previous)
+    with torch.no_grad():
+        z = {m: torch.cat([model.embed(b[0])[m] for b in batches]) for m in SPECS}
+    for m in SPECS:
+        for c in (0, 1):
+            assert torch.allclose(got[m][c], z[m][y == c].mean(0), atol=1e-6)
+        assert torch.equal(got[m][2], previous[m][2])
+
+
+def test_pmr_prototypes_are_an_ema_from_the_third_computation(tiny_synthetic, one_thread):
+    from mmlab_cli.data.dataset import PreparedDataset
+
+    cfg = tiny_config(tiny_synthetic, "unused", encoder="mlp", balance="pmr")
+    dataset = PreparedDataset(tiny_synthetic, ["image", "audio"])
+    torch.manual_seed(0)
+    model = LateFusion({m: dataset.specs[m] for m in ("image", "audio")}, 4, encoder="mlp", dim=16)
+    loop = Loop(cfg, model, None, dataset, torch.device("cpu"), None)
+    pmr, fresh = (PMR(model, 1.0, (1, 0), 0, torch.device("cpu")) for _ in range(2))
+    pmr.start_epoch(loop, 0)
+    first = dict(pmr.prototypes)
+    pmr.start_epoch(loop, 1)
+    second = dict(pmr.prototypes)
+    assert not torch.equal(first["image"], second["image"])  # another tenth of the training set
+    fresh.start_epoch(loop, 1)  # the raw means of epoch 1's draw: the second computation is not averaged
+    assert all(torch.equal(second[m], fresh.prototypes[m]) for m in second)
+    pmr.start_epoch(loop, 2)
+    fresh.computed = 0
+    fresh.start_epoch(loop, 2)
+    assert all(torch.allclose(pmr.prototypes[m], 0.8 * fresh.prototypes[m] + 0.2 * second[m], atol=1e-6)
+               for m in second)
+
+
+def test_pmr_step_adds_the_prototype_loss_of_the_weaker_modality():
+    model, ref = _model(), _model()
+    inputs, y = _batch()
+    step = _step(model, hooks=False, balance="pmr", balance_alpha=0.6)
+    pmr = step.methods[0]
+    pmr.active = True  # the epoch hook would compute prototypes from a dataset: they are set here instead
+    g = torch.Generator().manual_seed(3)
+    pmr.prototypes = {m: torch.randn(3, 4, generator=g) for m in SPECS}
+    prototypes = {m: p.clone() for m, p in pmr.prototypes.items()}
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = step(inputs, y)
+
+    z = ref.embed(inputs)
+    dist = {m: -torch.sqrt(((z[m][:, None, :] - prototypes[m][None]) ** 2).sum(-1)) for m in SPECS}
+    score = {m: dist[m].softmax(1)[torch.arange(len(y)), y].sum().item() for m in SPECS}
+    weak = min(score, key=score.get)
+    assert out[f"pmr_weight_{weak}"].item() == pytest.approx(0.6)
+    assert out[f"pmr_weight_{max(score, key=score.get)}"].item() == 0.0
+    loss = (F.cross_entropy(ref.fuse(z), y) + sum(F.cross_entropy(ref.probes[m](v.detach()), y) for m, v in z.items())
+            + 0.6 * F.cross_entropy(dist[weak], y))
+    expected = _plain_grads_of(ref, loss)
+    for n, q in model.named_parameters():
+        assert torch.allclose(q.detach(), w0[n] - 0.1 * expected[n], atol=1e-6), n

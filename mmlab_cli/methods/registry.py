@@ -23,6 +23,7 @@ BALANCES = {  # --balance NAME
     "ogm": "mmlab_cli.methods.ogm",
     "ogm-ge": "mmlab_cli.methods.ogm",
     "agm": "mmlab_cli.methods.agm",
+    "pmr": "mmlab_cli.methods.pmr",
 }
 
 
