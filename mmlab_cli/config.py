@@ -82,7 +82,7 @@ class TrainConfig:
     dagr_delta: float = option(0.5, "Tolerance radius of DAGR's anchoring hinge (unit-sphere distance, in "
                                "[0, 2]).", metavar="FLOAT")
     balance: str = option("none", "Modality balancing: ogm / ogm-ge (Peng et al. 2022), agm (Li et al. 2023), "
-                          "pmr (Fan et al. 2023); see docs/training.md.",
+                          "pmr (Fan et al. 2023), mmpareto (Wei & Hu 2024); see docs/training.md.",
                           ("none", *BALANCES))
     balance_alpha: float = option(0.8, "Strength alpha of the balancing method (0.8: OGM-GE's official CREMA-D "
                                   "value).", metavar="FLOAT")
@@ -238,6 +238,9 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
                          f"({', '.join(SLICEABLE_FUSIONS)}), not of fusion {cfg.fusion}: choose one of those fusions")
     if cfg.balance == "agm" and cfg.scheme == "dgl":
         raise MmlabError(f"{source}: balance agm and scheme dgl both replace the fused loss; choose one")
+    if cfg.balance == "mmpareto" and (cfg.scheme == "dgl" or cfg.regularizer == "dagr"):
+        raise MmlabError(f"{source}: balance mmpareto sets the encoders' whole gradient, which would drop what "
+                         f"{'scheme dgl' if cfg.scheme == 'dgl' else 'regularizer dagr'} gives them; choose one")
     unknown = [a for a in cfg.augment if a not in AUGMENTS]
     if unknown:
         raise MmlabError(f"{source}: 'augment' has unknown '{unknown[0]}'; choose from {', '.join(AUGMENTS)}")

@@ -22,6 +22,7 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.agm import coefficients as agm_coefficients
 from mmlab_cli.methods.agm import shapley_logits
 from mmlab_cli.methods.base import Loop
+from mmlab_cli.methods.mmpareto import combine
 from mmlab_cli.methods.ogm import coefficients, slice_logits
 from mmlab_cli.methods.pmr import PMR, class_means
 from mmlab_cli.models.fusion import LateFusion
@@ -154,8 +155,9 @@ def test_balance_config_errors_name_the_key():
 
 # ---- every balancing method: recorded, resumed bit-identically, equal on two processes ---------------------
 
-STATEFUL = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5), "agm": dict(balance="agm", balance_alpha=0.1),
-            "pmr": dict(balance="pmr", balance_alpha=1.0)}
+SETTINGS = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5), "agm": dict(balance="agm", balance_alpha=0.1),
+            "pmr": dict(balance="pmr", balance_alpha=1.0), "mmpareto": dict(balance="mmpareto")}
+STATEFUL = ("ogm-ge", "agm", "pmr")  # the methods that carry state from step to step
 
 
 class Killed(Exception):
@@ -169,7 +171,7 @@ def _history(run):
 
 @pytest.mark.parametrize("name", STATEFUL)
 def test_balance_resume_is_bit_identical(name, tiny_synthetic, tmp_path, monkeypatch, one_thread):
-    settings = dict(encoder="mlp", epochs=2, batch_size=32, **STATEFUL[name])
+    settings = dict(encoder="mlp", epochs=2, batch_size=32, **SETTINGS[name])
     whole = train(tiny_config(tiny_synthetic, tmp_path / "whole", **settings))
     save = fit.save_checkpoint
 
@@ -200,7 +202,7 @@ def _workers(rank: int, world: int, runs: list[tuple[int, dict]]) -> None:
 
 def test_balance_two_gloo_processes_match_one(tiny_synthetic, tmp_path, one_thread):
     """Every balancing method: scores summed over the processes before the coefficients, noise drawn alike."""
-    settings = {name: dict(encoder="mlp", epochs=1, batch_size=16, lr=0.01, **s) for name, s in STATEFUL.items()}
+    settings = {name: dict(encoder="mlp", epochs=1, batch_size=16, lr=0.01, **s) for name, s in SETTINGS.items()}
     runs = [(_free_port(), tiny_config(tiny_synthetic, tmp_path / name / "two", **s).to_dict())
             for name, s in settings.items()]
     mp.spawn(_workers, args=(2, runs), nprocs=2, join=True)
@@ -349,3 +351,53 @@ def test_pmr_step_adds_the_prototype_loss_of_the_weaker_modality():
     expected = _plain_grads_of(ref, loss)
     for n, q in model.named_parameters():
         assert torch.allclose(q.detach(), w0[n] - 0.1 * expected[n], atol=1e-6), n
+
+
+# ---- MMPareto -----------------------------------------------------------------------------------------------
+
+def test_mmpareto_combine_hand_computed():
+    # aligned (cosine > 0): equal weights, 2 (g_mm + g_u) / 2, no rescaling, times gamma 1.5
+    grads, k = combine([torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 1.0])])
+    assert k.item() == 0.5 and torch.allclose(grads[0], 1.5 * torch.tensor([2.0, 1.0]))
+    # conflicting: min-norm weights k = (|g_u|^2 - g_mm.g_u) / |g_mm - g_u|^2 = (2 + 1) / 5; the combination
+    # 2 (0.6 g_mm + 0.4 g_u) = (0.4, 0.8) is shorter than g_mm + g_u = (0, 1): rescaled to its norm
+    grads, k = combine([torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])])
+    assert k.item() == pytest.approx(0.6)
+    new = torch.tensor([0.4, 0.8])
+    assert torch.allclose(grads[0], 1.5 * (1.0 / new.norm()) * new, atol=1e-6)
+    # per parameter tensor: a tensor whose combination is longer than its sum is not shrunk
+    grads, _ = combine([torch.tensor([1.0, 0.0]), torch.tensor([3.0])], [torch.tensor([-1.0, 1.0]), torch.tensor([-3.0])])
+    # (the weights now come from the concatenation: k = (11 + 10) / (10 + 11 + 20)); the second tensor's sum
+    # g_mm + g_u is zero, so ratio 0: kept as 1.5 * 2 (k 3 - (1 - k) 3)
+    k = 21 / 41
+    assert torch.allclose(grads[1], 1.5 * 2 * (k * 3.0 - (1 - k) * 3.0) * torch.ones(1), atol=1e-6)
+    # vanishing gradients: zeros, no NaN
+    grads, k = combine([torch.zeros(2)], [torch.zeros(2)])
+    assert torch.equal(grads[0], torch.zeros(2)) and math.isfinite(k.item())
+
+
+def test_mmpareto_step_sets_encoder_gradients_and_leaves_the_heads_theirs():
+    model, ref = _model(), _model()
+    inputs, y = _batch()
+    step = _step(model, balance="mmpareto")
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step(inputs, y)
+    z = ref.embed(inputs)
+    task = F.cross_entropy(ref.fuse(z), y)
+    encoders = {}
+    for m in SPECS:
+        names = [f"encoders.{m}.{n}" for n, _ in ref.encoders[m].named_parameters()]
+        g_mm = torch.autograd.grad(task, list(ref.encoders[m].parameters()), retain_graph=True)
+        g_u = torch.autograd.grad(F.cross_entropy(ref.probes[m](z[m]), y), list(ref.encoders[m].parameters()),
+                                  retain_graph=True)
+        encoders.update(zip(names, combine(list(g_mm), list(g_u))[0]))
+    plain = _plain_grads_of(ref, task + sum(F.cross_entropy(ref.probes[m](v.detach()), y) for m, v in z.items()))
+    plain.update(encoders)
+    for n, q in model.named_parameters():
+        assert torch.allclose(q.detach(), w0[n] - 0.1 * plain[n], atol=1e-6), n
+
+
+def test_mmpareto_refuses_what_it_would_silently_drop():
+    for other in ({"scheme": "dgl"}, {"regularizer": "dagr"}):
+        with pytest.raises(MmlabError, match="mmpareto sets the encoders' whole gradient"):
+            resolve_config(None, {"balance": "mmpareto", **other})

@@ -24,6 +24,7 @@ BALANCES = {  # --balance NAME
     "ogm-ge": "mmlab_cli.methods.ogm",
     "agm": "mmlab_cli.methods.agm",
     "pmr": "mmlab_cli.methods.pmr",
+    "mmpareto": "mmlab_cli.methods.mmpareto",
 }
 
 
