@@ -27,7 +27,7 @@ from itertools import combinations
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from mmlab_cli.methods.base import Loop, Method
+from mmlab_cli.methods.base import Loop, Method, balancing
 
 MAX_GAP, MIN_P, CLIP = 10.0, 1e-8, 1.0
 
@@ -62,8 +62,8 @@ def coefficients(scores: torch.Tensor, running: torch.Tensor, alpha: float) -> t
 class AGM(Method):
     name = "agm"
 
-    def __init__(self, model, alpha: float, window: tuple[int, int], device):
-        self.model, self.modalities, self.alpha, self.window = model, list(model.modalities), alpha, window
+    def __init__(self, model, alpha: float, device):
+        self.model, self.modalities, self.alpha = model, list(model.modalities), alpha
         self.running = torch.zeros(len(self.modalities), dtype=torch.float64, device=device)
         self.steps = 0
         self.scale = torch.ones(len(self.modalities), device=device)
@@ -71,8 +71,7 @@ class AGM(Method):
         self.stats = {f"agm_coeff_{m}": f"agm_coeff_{m}" for m in self.modalities}
 
     def start_epoch(self, loop: Loop, epoch: int) -> None:
-        first, last = self.window
-        self.active = first <= epoch + 1 <= (last or loop.cfg.epochs)
+        self.active = balancing(loop.cfg, epoch)
 
     def task_loss(self, model, z, y, ce):
         phi = shapley_logits(model, z)
@@ -118,5 +117,5 @@ class AGM(Method):
         self.steps = state["steps"]
 
 
-def build(cfg, model, world) -> AGM | None:
-    return AGM(model, cfg.balance_alpha, (cfg.balance_start, cfg.balance_end), next(model.parameters()).device)
+def build(cfg, model, world) -> AGM:
+    return AGM(model, cfg.balance_alpha, next(model.parameters()).device)

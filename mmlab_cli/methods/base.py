@@ -37,6 +37,12 @@ class Loop:
     world: object
 
 
+def balancing(cfg, epoch: int) -> bool:
+    """Whether the 0-based `epoch` lies in the balancing methods' window, --balance-start..--balance-end
+    (1-based, inclusive; end 0: the last epoch)."""
+    return cfg.balance_start <= epoch + 1 <= (cfg.balance_end or cfg.epochs)
+
+
 class Method:
     name = ""
     stats: dict[str, str] = {}

@@ -62,7 +62,8 @@ class DAGR(Method):
         self.temperature, self.delta, self.pareto, self.lam, self.weights = temperature, delta, pareto, lam, weights
         self.encoder_params = [p for p in model.encoders.parameters() if p.requires_grad]
         self.world = world
-        self.stats = {"dispersion": "dispersion", "anchoring": "anchoring", **({"alpha": "dagr_alpha"} if pareto else {})}
+        self.stats = {"dispersion": "dispersion", "anchoring": "anchoring",
+                      **({"alpha": "dagr_alpha"} if pareto else {})}
 
     def outputs(self, model, z, y, gather):
         """The terms over the global batch of a distributed run (`gather` keeps the gradient)."""

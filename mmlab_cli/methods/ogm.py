@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from mmlab_cli.methods.base import Loop, Method
+from mmlab_cli.methods.base import Loop, Method, balancing
 
 NOISE_FLOOR = 1e-8
 
@@ -43,8 +43,8 @@ def coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
 class OGM(Method):
     name = "ogm"
 
-    def __init__(self, model, alpha: float, window: tuple[int, int], noise: bool, seed: int, device):
-        self.modalities, self.alpha, self.window, self.noise = list(model.modalities), alpha, window, noise
+    def __init__(self, model, alpha: float, noise: bool, seed: int, device):
+        self.modalities, self.alpha, self.noise = list(model.modalities), alpha, noise
         self.weights = {m: [p for p in model.encoders[m].parameters() if p.requires_grad and p.dim() >= 2]
                         for m in self.modalities}
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -52,8 +52,7 @@ class OGM(Method):
         self.stats = {f"ogm_coeff_{m}": f"ogm_coeff_{m}" for m in self.modalities}
 
     def start_epoch(self, loop: Loop, epoch: int) -> None:
-        first, last = self.window
-        self.active = first <= epoch + 1 <= (last or loop.cfg.epochs)
+        self.active = balancing(loop.cfg, epoch)
 
     def outputs(self, model, z, y, gather):
         with torch.no_grad():
@@ -86,7 +85,5 @@ class OGM(Method):
         self.generator.set_state(state["generator"])
 
 
-def build(cfg, model, world) -> OGM | None:
-    device = next(model.parameters()).device
-    return OGM(model, cfg.balance_alpha, (cfg.balance_start, cfg.balance_end), cfg.balance == "ogm-ge", cfg.seed,
-               device)
+def build(cfg, model, world) -> OGM:
+    return OGM(model, cfg.balance_alpha, cfg.balance == "ogm-ge", cfg.seed, next(model.parameters()).device)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlab_cli.data.loader import BatchLoader
-from mmlab_cli.methods.base import Loop, Method
+from mmlab_cli.methods.base import Loop, Method, balancing
 
 FRACTION, MOMENTUM = 0.1, 0.2
 
@@ -51,8 +51,8 @@ def class_means(model, batches, classes: int, previous: dict[str, torch.Tensor])
 class PMR(Method):
     name = "pmr"
 
-    def __init__(self, model, alpha: float, window: tuple[int, int], seed: int, device):
-        self.modalities, self.alpha, self.window, self.seed = list(model.modalities), alpha, window, seed
+    def __init__(self, model, alpha: float, seed: int, device):
+        self.modalities, self.alpha, self.seed = list(model.modalities), alpha, seed
         classes, dim = model.probes[self.modalities[0]].weight.shape
         self.prototypes = {m: torch.zeros(classes, dim, device=device) for m in self.modalities}
         self.computed = 0
@@ -60,8 +60,7 @@ class PMR(Method):
         self.stats = {f"pmr_weight_{m}": f"pmr_weight_{m}" for m in self.modalities}
 
     def start_epoch(self, loop: Loop, epoch: int) -> None:
-        first, last = self.window
-        self.active = first <= epoch + 1 <= (last or loop.cfg.epochs)
+        self.active = balancing(loop.cfg, epoch)
         split = loop.dataset.split("train")
         rows = np.random.default_rng([self.seed, epoch, 0x9313]).permutation(len(split))
         rows = np.sort(rows[:max(1, int(FRACTION * len(split)))])
@@ -95,4 +94,4 @@ class PMR(Method):
 
 
 def build(cfg, model, world) -> PMR:
-    return PMR(model, cfg.balance_alpha, (cfg.balance_start, cfg.balance_end), cfg.seed, next(model.parameters()).device)
+    return PMR(model, cfg.balance_alpha, cfg.seed, next(model.parameters()).device)
