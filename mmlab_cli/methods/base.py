@@ -3,8 +3,9 @@
 Every hook is a no-op here; a method overrides the ones it needs. In the order the loop calls them:
 
 - `start_epoch(loop, epoch)`: before the epoch's steps (SWA fixes its learning rate here).
-- `task_loss(model, z, y, ce)`: (fused logits, loss) replacing the plain fused cross-entropy, or None (DGL).
-  Runs inside the Objective, the module DistributedDataParallel wraps.
+- `task_loss(model, z, y, ce)`: (fused logits, loss) replacing the plain fused cross-entropy (DGL, AGM), or
+  None; logits None for a task without fused logits (a contrastive objective). Runs inside the Objective,
+  the module DistributedDataParallel wraps.
 - `outputs(model, z, y, gather)`: extra tensors from the same synchronised forward (DAGR's terms, OGM's
   scores); `gather` all-gathers rows over the processes of a distributed run, with gradient.
 - `loss(step, out)`: a term added to the loss before the backward (weighted or Pareto-mixed DAGR).
