@@ -118,7 +118,7 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
     sums = world.sum(sums).tolist()
     n = max(sums[-1], 1)
     return {"loss": sums[0] / n, "acc": 100.0 * sums[-2] / n,
-            **{name: total / n for name, total in zip(stats.values(), sums[1:-2])}}
+            **{name: value / n for name, value in zip(stats.values(), sums[1:-2])}}
 
 
 def _prepare_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: World) -> RunPaths:
