@@ -283,6 +283,14 @@ def test_agm_step_scales_each_modalitys_share_of_the_gradient_and_keeps_running_
         assert torch.allclose(q.detach(), w0[n] - 0.1 * g[n], atol=1e-6), n
 
 
+def test_ogm_needs_a_head_linear_in_each_modality():
+    for fusion in ("concat", "sum"):
+        resolve_config(None, {"balance": "ogm-ge", "fusion": fusion})
+    for fusion in ("mlp", "attention", "film", "gated"):
+        with pytest.raises(MmlabError, match=f"not of fusion {fusion}"):
+            resolve_config(None, {"balance": "ogm", "fusion": fusion})
+
+
 def test_agm_refuses_dgl():
     with pytest.raises(MmlabError, match="both replace the fused loss"):
         resolve_config(None, {"balance": "agm", "scheme": "dgl"})
