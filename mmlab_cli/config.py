@@ -17,7 +17,7 @@ import yaml
 
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion_kinds import FUSIONS, fusion_problem
-from mmlab_cli.methods.registry import BALANCES
+from mmlab_cli.methods.registry import BALANCES, REGULARIZERS, UNIT_SPHERE
 from mmlab_cli.tracking import LOGGERS
 
 AUGMENTS = ("jitter", "crop", "flip", "specaugment")
@@ -73,10 +73,16 @@ class TrainConfig:
                          "fused loss on detached embeddings trains the head, unimodal losses the encoders.",
                          ("joint", "dgl"))
     dgl_alpha: float = option(1.0, "Weight of DGL's unimodal losses.", metavar="FLOAT")
-    regularizer: str = option("none", "dagr: dispersion + anchoring on L2-normalised embeddings.",
-                              ("none", "dagr"))
+    regularizer: str = option("none", "dagr: dispersion + anchoring on L2-normalised embeddings; align, vicreg, "
+                              "barlow, unit-sphere: the DAGR paper's D.3 controls (docs/training.md).",
+                              ("none", *REGULARIZERS))
+    control_weight: float = option(0.1, "Weight of the align / vicreg / barlow control's loss (0.1: DAGR's "
+                                   "lambda).", metavar="FLOAT")
     dagr_pareto: bool = option(True, "Min-norm (Pareto) mix of the two DAGR gradients on the encoders, the "
                                "DAGR paper's default.")
+    pareto_space: str = option("params", "Gradients the min-norm (Pareto) weights of DAGR and MMPareto come from: "
+                               "params (exact, the DAGR paper's; extra backward passes through the encoders) or "
+                               "embeddings (MGDA-UB, Sener & Koltun 2018: nearly free).", ("params", "embeddings"))
     dagr_lambda: float = option(0.1, "Base factor of the Pareto-mixed DAGR gradient.", metavar="FLOAT")
     dagr_weights: list[float] = option([0.1, 0.1], "lambda_d,lambda_a: weighted sum of the DAGR terms (giving "
                                        "them turns Pareto mixing off).", metavar="FLOAT,FLOAT")
@@ -219,7 +225,7 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     for key in ("lr", "gamma", "dagr_temperature"):
         if getattr(cfg, key) <= 0:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
-    for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "dagr_lambda", "dagr_delta", "sam",
+    for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "control_weight", "dagr_lambda", "dagr_delta", "sam",
                 "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end"):
         if getattr(cfg, key) < 0:
             raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
@@ -243,9 +249,11 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
                          f"({', '.join(SLICEABLE_FUSIONS)}), not of fusion {cfg.fusion}: choose one of those fusions")
     if cfg.balance == "agm" and cfg.scheme == "dgl":
         raise MmlabError(f"{source}: balance agm and scheme dgl both replace the fused loss; choose one")
-    if cfg.balance == "mmpareto" and (cfg.scheme == "dgl" or cfg.regularizer == "dagr"):
+    with_loss = cfg.regularizer in REGULARIZERS and cfg.regularizer != UNIT_SPHERE  # a term on the encoders
+    if cfg.balance == "mmpareto" and (cfg.scheme == "dgl" or with_loss):
         raise MmlabError(f"{source}: balance mmpareto sets the encoders' whole gradient, which would drop what "
-                         f"{'scheme dgl' if cfg.scheme == 'dgl' else 'regularizer dagr'} gives them; choose one")
+                         f"{'scheme dgl' if cfg.scheme == 'dgl' else 'regularizer ' + cfg.regularizer} gives them; "
+                         f"choose one")
     unknown = [a for a in cfg.augment if a not in AUGMENTS]
     if unknown:
         raise MmlabError(f"{source}: 'augment' has unknown '{unknown[0]}'; choose from {', '.join(AUGMENTS)}")

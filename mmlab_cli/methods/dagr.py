@@ -79,8 +79,6 @@ class DAGR(Method):
         return self.lam * (alpha * out["dispersion"] + (1 - alpha) * out["anchoring"])
 
 
-def build(cfg, model, world) -> DAGR | None:
-    if cfg.regularizer != "dagr":
-        return None
+def build(cfg, model, world) -> DAGR:
     return DAGR(model, cfg.dagr_temperature, cfg.dagr_delta, cfg.dagr_pareto, cfg.dagr_lambda,
                 tuple(cfg.dagr_weights), world)

@@ -2,9 +2,10 @@
 whose `build(cfg, model, world)` returns it, or None when the config leaves it off.
 
 Adding a method is one module, one line here and one test. The methods are built, and their hooks called,
-in this order: the task (DGL), DAGR, SAM, SWA, then the balancing method `--balance` names (after SAM, so
-that it modulates the gradient SAM's second pass leaves). This module imports no torch: config.py reads
-the balancing names from it for `--balance`.
+in this order: the task (DGL), SAM, SWA, the regularizer `--regularizer` names (DAGR or a control: a loss
+term only, so its place among these changes no number), then the balancing method `--balance` names (after
+SAM, so that it modulates the gradient SAM's second pass leaves). This module imports no torch: config.py
+reads the regularizer and balancing names from it for `--regularizer` and `--balance`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,16 @@ from mmlab_cli.errors import MmlabError
 
 METHODS = {
     "dgl": "mmlab_cli.methods.dgl",
-    "dagr": "mmlab_cli.methods.dagr",
     "sam": "mmlab_cli.methods.sam",
     "swa": "mmlab_cli.methods.swa",
+}
+UNIT_SPHERE = "unit-sphere"  # the control without a loss: the model's fusion reads L2-normalised embeddings
+REGULARIZERS = {  # --regularizer NAME: DAGR and the DAGR paper's Appendix D.3 controls
+    "dagr": "mmlab_cli.methods.dagr",
+    "align": "mmlab_cli.methods.controls",
+    "vicreg": "mmlab_cli.methods.controls",
+    "barlow": "mmlab_cli.methods.controls",
+    UNIT_SPHERE: "mmlab_cli.methods.controls",
 }
 BALANCES = {  # --balance NAME
     "ogm": "mmlab_cli.methods.ogm",
@@ -33,6 +41,7 @@ def build_methods(cfg, model, world) -> list:
     if cfg.balance in BALANCES and len(model.modalities) < 2:
         raise MmlabError(f"balance {cfg.balance}: balances modalities against each other; this run has one "
                          f"({model.modalities[0]}): drop --balance or train on two or more modalities")
-    modules = [*METHODS.values(), *([BALANCES[cfg.balance]] if cfg.balance in BALANCES else [])]
+    chosen = [REGULARIZERS.get(cfg.regularizer), BALANCES.get(cfg.balance)]
+    modules = [*METHODS.values(), *filter(None, chosen)]
     built = (importlib.import_module(module).build(cfg, model, world) for module in modules)
     return [method for method in built if method is not None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -29,7 +30,7 @@ class FusionOutput:
 
 class LateFusion(nn.Module):
     def __init__(self, specs: dict[str, ModalitySpec], num_classes: int, encoder: str | dict[str, str] = "small_cnn",
-                 dim: int = 128, fusion: str = "concat", text_encoder: str = ""):
+                 dim: int = 128, fusion: str = "concat", text_encoder: str = "", unit_sphere: bool = False):
         super().__init__()
         problem = fusion_problem(fusion, len(specs), dim)
         if problem:
@@ -44,6 +45,7 @@ class LateFusion(nn.Module):
         self.fusion = getattr(fusion_nets, FUSIONS[fusion].cls)(len(specs), dim)
         self.head = nn.Linear(self.fusion.out_dim, num_classes)
         self.probes = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in specs})
+        self.unit_sphere = unit_sphere  # the fusion reads L2-normalised embeddings (a DAGR paper D.3 control)
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
@@ -56,8 +58,10 @@ class LateFusion(nn.Module):
     def fuse(self, embeddings: dict[str, torch.Tensor], detach_head: bool = False) -> torch.Tensor:
         """Fused logits; a modality missing from `embeddings` contributes zeros. `detach_head` runs the fusion
         network and the head with their current weights without sending them gradient (DGL's unimodal
-        losses); the embeddings still get theirs."""
+        losses); the embeddings still get theirs. With `unit_sphere` each embedding is L2-normalised first."""
         x = self.parts(embeddings)
+        if self.unit_sphere:
+            x = [F.normalize(v, dim=1) for v in x]  # a missing modality's zeros stay zeros
         for module in (self.fusion, self.head):
             x = functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, (x,)) \
                 if detach_head else module(x)
