@@ -13,7 +13,11 @@ The method adds lambda_d L_disp + lambda_a L_anchor to the loss, or, with Pareto
 task + lambda (alpha* L_disp + (1 - alpha*) L_anchor) with alpha* from the gradients of the two terms
 w.r.t. the encoder parameters only (two extra backward passes through the encoders, methods/pareto.py):
 since neither term depends on the fusion head, the head sees the task loss only, and the encoders get
-g_task + lambda (alpha* g_d + (1 - alpha*) g_a).
+g_task + lambda (alpha* g_d + (1 - alpha*) g_a). With `--pareto-space embeddings` alpha* comes instead from the
+gradients w.r.t. the embeddings (MGDA-UB, Sener & Koltun 2018: the shared representation's gradients, whose
+min-norm mix bounds the parameters' from above), the embeddings of the global batch the terms were computed
+on: every process has the same gradients, so no reduction is needed, and the cost is a backward through
+the terms only.
 """
 
 from __future__ import annotations
@@ -58,27 +62,31 @@ class DAGR(Method):
     name = "dagr"
 
     def __init__(self, model, temperature: float, delta: float, pareto: bool, lam: float,
-                 weights: tuple[float, float], world):
+                 weights: tuple[float, float], world, space: str = "params"):
         self.temperature, self.delta, self.pareto, self.lam, self.weights = temperature, delta, pareto, lam, weights
         self.encoder_params = [p for p in model.encoders.parameters() if p.requires_grad]
-        self.world = world
+        self.world, self.space = world, space
+        self._embeddings: list[torch.Tensor] = []
         self.stats = {"dispersion": "dispersion", "anchoring": "anchoring",
                       **({"alpha": "dagr_alpha"} if pareto else {})}
 
     def outputs(self, model, z, y, gather):
         """The terms over the global batch of a distributed run (`gather` keeps the gradient)."""
-        return dagr_terms({m: gather(v) if gather else v for m, v in z.items()}, self.temperature, self.delta)
+        z = {m: gather(v) if gather else v for m, v in z.items()}
+        self._embeddings = list(z.values())
+        return dagr_terms(z, self.temperature, self.delta)
 
     def loss(self, step, out):
         if not self.pareto:
             return self.weights[0] * out["dispersion"] + self.weights[1] * out["anchoring"]
         scale = step.scaler.scale  # fp16: scaled like the task loss; alpha* is scale-invariant
-        alpha = pareto_alpha(scale(out["dispersion"]), scale(out["anchoring"]), self.encoder_params,
-                             self.world.mean if self.world.size > 1 else None)
+        wrt, reduce = ((self._embeddings, None) if self.space == "embeddings" else
+                       (self.encoder_params, self.world.mean if self.world.size > 1 else None))
+        alpha = pareto_alpha(scale(out["dispersion"]), scale(out["anchoring"]), wrt, reduce)
         out["alpha"] = alpha.detach()
         return self.lam * (alpha * out["dispersion"] + (1 - alpha) * out["anchoring"])
 
 
 def build(cfg, model, world) -> DAGR:
     return DAGR(model, cfg.dagr_temperature, cfg.dagr_delta, cfg.dagr_pareto, cfg.dagr_lambda,
-                tuple(cfg.dagr_weights), world)
+                tuple(cfg.dagr_weights), world, cfg.pareto_space)

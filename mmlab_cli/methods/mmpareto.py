@@ -12,6 +12,13 @@
 
 The per-loss gradients come from torch.autograd.grad on the step's graph and are averaged over the
 processes of a distributed run in one all-reduce, before the weights: every process combines alike.
+
+With `--pareto-space embeddings` (MGDA-UB, Sener & Koltun 2018) the same rule reads the gradients w.r.t.
+modality m's embedding z_m instead of its encoder's parameters: the weight, the cosine test and one
+rescaling factor per encoder (instead of per tensor) come from ||a||^2, ||b||^2 and a.b of those two
+gradients, summed over the processes (each holds its own rows of the batch); the encoder then gets the
+combination through the step's one backward, as the linear term <c_mm a + c_u b - a, z_m> (a: the task
+loss's own gradient there, which the backward adds), so no backward through an encoder is added.
 """
 
 from __future__ import annotations
@@ -25,33 +32,70 @@ from mmlab_cli.methods.pareto import flat, min_norm_alpha
 GAMMA = 1.5
 
 
+def mix_weight(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """k_mm from ||g_mm||^2, ||g_m||^2 and g_mm . g_m: 1/2 when they agree (positive cosine), else min-norm."""
+    alpha = min_norm_alpha(aa, bb, ab)
+    return torch.where(ab > 0, torch.full_like(alpha, 0.5), alpha)
+
+
+def gain(sum_norm: torch.Tensor, new_norm: torch.Tensor) -> torch.Tensor:
+    """gamma times the official magnitude rescaling ||g_mm + g_m|| / ||new|| where it exceeds 1."""
+    ratio = sum_norm / torch.where(new_norm > 0, new_norm, torch.ones_like(new_norm))
+    return GAMMA * torch.where(ratio > 1, ratio, torch.ones_like(ratio))
+
+
 def combine(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One encoder's new gradients from its multimodal and unimodal ones (per parameter), and k_mm."""
     a, b = torch.cat([g.flatten() for g in g_mm]), torch.cat([g.flatten() for g in g_uni])
-    aligned = F.cosine_similarity(a, b, dim=0) > 0
-    alpha = min_norm_alpha(a @ a, b @ b, a @ b)
-    k_mm = torch.where(aligned, torch.full_like(alpha, 0.5), alpha)
+    k_mm = mix_weight(a @ a, b @ b, a @ b)
     grads = []
     for gm, gu in zip(g_mm, g_uni):
         new = 2 * k_mm * gm + 2 * (1 - k_mm) * gu
-        norm = torch.linalg.vector_norm(new)
-        ratio = torch.linalg.vector_norm(gm + gu) / torch.where(norm > 0, norm, torch.ones_like(norm))
-        grads.append(GAMMA * torch.where(ratio > 1, ratio, torch.ones_like(ratio)) * new)
+        grads.append(gain(torch.linalg.vector_norm(gm + gu), torch.linalg.vector_norm(new)) * new)
     return grads, k_mm
+
+
+def embedding_coefficients(dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_mm, c_m, k_mm) per modality from its [||a||^2, ||b||^2, a.b] rows ([M, 3]): the encoder's new
+    embedding gradient is c_mm a + c_m b, gain * 2 (k_mm a + (1 - k_mm) b)."""
+    aa, bb, ab = dots.unbind(1)
+    k = mix_weight(aa, bb, ab)
+    new_sq = 4 * (k * k * aa + (1 - k) * (1 - k) * bb + 2 * k * (1 - k) * ab)
+    g = gain((aa + bb + 2 * ab).clamp_min(0).sqrt(), new_sq.clamp_min(0).sqrt())
+    return 2 * g * k, 2 * g * (1 - k), k
 
 
 class MMPareto(Method):
     name = "mmpareto"
 
-    def __init__(self, model, world):
-        self.modalities, self.world = list(model.modalities), world
+    def __init__(self, model, world, space: str = "params"):
+        self.modalities, self.world, self.space = list(model.modalities), world, space
         self.params = {m: [p for p in model.encoders[m].parameters() if p.requires_grad] for m in self.modalities}
         self.stats = {f"mmpareto_k_{m}": f"mmpareto_k_{m}" for m in self.modalities}
 
     def outputs(self, model, z, y, gather):
+        self._z = [z[m] for m in self.modalities]
         return {"mmpareto_unimodal": torch.stack([F.cross_entropy(model.probes[m](z[m]), y) for m in self.modalities])}
 
     def loss(self, step, out):
+        return self.embedding_term(step, out) if self.space == "embeddings" else self.parameter_grads(step, out)
+
+    def embedding_term(self, step, out) -> torch.Tensor:
+        """MGDA-UB: the term whose gradient turns each embedding's task gradient into the combination."""
+        scale = step.scaler.scale  # fp16: gradients scaled like the task loss, the term unscaled below
+        g_mm = torch.autograd.grad(scale(out["loss"]), self._z, retain_graph=True, allow_unused=True)
+        g_mm = [torch.zeros_like(z) if g is None else g for g, z in zip(g_mm, self._z)]
+        g_u = [torch.autograd.grad(scale(out["mmpareto_unimodal"][i]), z, retain_graph=True)[0]
+               for i, z in enumerate(self._z)]
+        a, b = [g.float().flatten(1) for g in g_mm], [g.float().flatten(1) for g in g_u]
+        dots = torch.stack([torch.stack([(x * x).sum(), (y * y).sum(), (x * y).sum()]) for x, y in zip(a, b)])
+        c_mm, c_u, k = embedding_coefficients(self.world.sum(dots))
+        out.update({f"mmpareto_k_{m}": k[i] for i, m in enumerate(self.modalities)})
+        unit = scale(torch.ones((), device=dots.device))
+        return sum(((c_mm[i] - 1) * a[i] + c_u[i] * b[i]).detach().mul(z.float().flatten(1)).sum()
+                   for i, z in enumerate(self._z)) / unit
+
+    def parameter_grads(self, step, out) -> None:
         """The per-loss encoder gradients (scaled like the task loss under fp16), one all-reduce for all."""
         scale = step.scaler.scale
         every = [p for m in self.modalities for p in self.params[m]]
@@ -71,6 +115,8 @@ class MMPareto(Method):
 
     @torch.no_grad()
     def after_backward(self, step, inputs, y, out) -> None:
+        if self.space == "embeddings":  # the step's backward gave the encoders their combination
+            return
         for m in self.modalities:
             grads, k_mm = combine(*self._grads[m])
             for p, g in zip(self.params[m], grads):
@@ -79,4 +125,4 @@ class MMPareto(Method):
 
 
 def build(cfg, model, world) -> MMPareto:
-    return MMPareto(model, world)
+    return MMPareto(model, world, cfg.pareto_space)

@@ -29,7 +29,8 @@ def flat(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.
 
 def pareto_alpha(loss_d: torch.Tensor, loss_a: torch.Tensor, params: list[torch.Tensor],
                  reduce=None) -> torch.Tensor:
-    """alpha* for the gradients of two losses w.r.t. `params` (the encoders'); the graph is kept.
+    """alpha* for the gradients of two losses w.r.t. `params` (the encoders' parameters, or the embeddings for
+    MGDA-UB); the graph is kept.
 
     `reduce` averages a flat gradient over the processes of a distributed run, so that every rank mixes
     with the alpha* of the global gradients."""
