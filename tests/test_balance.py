@@ -156,7 +156,11 @@ def test_balance_config_errors_name_the_key():
 # ---- every balancing method: recorded, resumed bit-identically, equal on two processes ---------------------
 
 SETTINGS = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5), "agm": dict(balance="agm", balance_alpha=0.1),
-            "pmr": dict(balance="pmr", balance_alpha=1.0), "mmpareto": dict(balance="mmpareto")}
+            "pmr": dict(balance="pmr", balance_alpha=1.0), "mmpareto": dict(balance="mmpareto"),
+            # Pareto weights from embedding gradients: MMPareto's dot products summed over the processes, DAGR's
+            # from the global batch's terms (tests/test_controls.py)
+            "mmpareto-embeddings": dict(balance="mmpareto", pareto_space="embeddings"),
+            "dagr-embeddings": dict(regularizer="dagr", pareto_space="embeddings")}
 STATEFUL = ("ogm-ge", "agm", "pmr")  # the methods that carry state from step to step
 
 

@@ -1,13 +1,12 @@
 """The DAGR paper's D.3 controls (align, vicreg, barlow, unit-sphere) and Pareto weights from embedding gradients
-(`--pareto-space embeddings`, MGDA-UB): hand-computed values, the papers' pseudo-code, one epoch each, and two
-gloo processes equal to one."""
+(`--pareto-space embeddings`, MGDA-UB): hand-computed values, the papers' pseudo-code, one epoch each (two gloo
+processes equal to one: tests/test_balance.py)."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import tiny_config
@@ -23,8 +22,6 @@ from mmlab_cli.methods.mmpareto import combine
 from mmlab_cli.methods.pareto import pareto_alpha
 from mmlab_cli.methods.registry import REGULARIZERS, UNIT_SPHERE
 from mmlab_cli.models.fusion import LateFusion
-from test_balance import _history, _workers
-from test_distributed import _free_port
 
 SPECS = {"a": ModalitySpec((6,), "float32", "features"), "b": ModalitySpec((5,), "float32", "features"),
          "c": ModalitySpec((4,), "float32", "features")}
@@ -240,21 +237,3 @@ def test_mmpareto_embeddings_step():
         expected.update({f"encoders.{m}.{n}": g for n, g in zip(params, grads)})
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[n], atol=1e-6), n
-
-
-def test_two_gloo_processes_match_one(tiny_synthetic, tmp_path, one_thread):
-    """Embedding-space Pareto (DAGR: gradients of the global batch's terms; MMPareto: dot products summed over
-    the processes): two processes give the single process's numbers."""
-    settings = {"dagr": dict(regularizer="dagr", pareto_space="embeddings"),
-                "mmpareto": dict(balance="mmpareto", pareto_space="embeddings")}
-    settings = {k: dict(encoder="mlp", epochs=1, batch_size=16, lr=0.01, **s) for k, s in settings.items()}
-    runs = [(_free_port(), tiny_config(tiny_synthetic, tmp_path / k / "two", **s).to_dict())
-            for k, s in settings.items()]
-    mp.spawn(_workers, args=(2, runs), nprocs=2, join=True)
-    for name, s in settings.items():
-        one = train(tiny_config(tiny_synthetic, tmp_path / name / "one", **s))
-        assert json.loads((tmp_path / name / "two" / "metrics.json").read_text())["world_size"] == 2
-        for a, b in zip(_history(tmp_path / name / "one"), _history(tmp_path / name / "two"), strict=True):
-            assert b == pytest.approx(a, rel=1e-4, abs=1e-5), name
-        assert any(k in a for k in ("train_dagr_alpha", "train_mmpareto_k_image")), name
-        assert one["world_size"] == 1

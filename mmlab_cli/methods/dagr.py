@@ -77,10 +77,11 @@ class DAGR(Method):
         return dagr_terms(z, self.temperature, self.delta)
 
     def loss(self, step, out):
+        embeddings, self._embeddings = self._embeddings, []  # not kept (nor their graph) past the step
         if not self.pareto:
             return self.weights[0] * out["dispersion"] + self.weights[1] * out["anchoring"]
         scale = step.scaler.scale  # fp16: scaled like the task loss; alpha* is scale-invariant
-        wrt, reduce = ((self._embeddings, None) if self.space == "embeddings" else
+        wrt, reduce = ((embeddings, None) if self.space == "embeddings" else
                        (self.encoder_params, self.world.mean if self.world.size > 1 else None))
         alpha = pareto_alpha(scale(out["dispersion"]), scale(out["anchoring"]), wrt, reduce)
         out["alpha"] = alpha.detach()

@@ -72,28 +72,30 @@ class MMPareto(Method):
         self.modalities, self.world, self.space = list(model.modalities), world, space
         self.params = {m: [p for p in model.encoders[m].parameters() if p.requires_grad] for m in self.modalities}
         self.stats = {f"mmpareto_k_{m}": f"mmpareto_k_{m}" for m in self.modalities}
+        self._z: list[torch.Tensor] = []
 
     def outputs(self, model, z, y, gather):
         self._z = [z[m] for m in self.modalities]
         return {"mmpareto_unimodal": torch.stack([F.cross_entropy(model.probes[m](z[m]), y) for m in self.modalities])}
 
     def loss(self, step, out):
-        return self.embedding_term(step, out) if self.space == "embeddings" else self.parameter_grads(step, out)
+        z, self._z = self._z, []  # not kept (nor their graph) past the step
+        return self.embedding_term(step, out, z) if self.space == "embeddings" else self.parameter_grads(step, out)
 
-    def embedding_term(self, step, out) -> torch.Tensor:
+    def embedding_term(self, step, out, embeddings: list[torch.Tensor]) -> torch.Tensor:
         """MGDA-UB: the term whose gradient turns each embedding's task gradient into the combination."""
         scale = step.scaler.scale  # fp16: gradients scaled like the task loss, the term unscaled below
-        g_mm = torch.autograd.grad(scale(out["loss"]), self._z, retain_graph=True, allow_unused=True)
-        g_mm = [torch.zeros_like(z) if g is None else g for g, z in zip(g_mm, self._z)]
+        g_mm = torch.autograd.grad(scale(out["loss"]), embeddings, retain_graph=True, allow_unused=True)
+        g_mm = [torch.zeros_like(z) if g is None else g for g, z in zip(g_mm, embeddings)]
         g_u = [torch.autograd.grad(scale(out["mmpareto_unimodal"][i]), z, retain_graph=True)[0]
-               for i, z in enumerate(self._z)]
+               for i, z in enumerate(embeddings)]
         a, b = [g.float().flatten(1) for g in g_mm], [g.float().flatten(1) for g in g_u]
         dots = torch.stack([torch.stack([(x * x).sum(), (y * y).sum(), (x * y).sum()]) for x, y in zip(a, b)])
         c_mm, c_u, k = embedding_coefficients(self.world.sum(dots))
         out.update({f"mmpareto_k_{m}": k[i] for i, m in enumerate(self.modalities)})
         unit = scale(torch.ones((), device=dots.device))
         return sum(((c_mm[i] - 1) * a[i] + c_u[i] * b[i]).detach().mul(z.float().flatten(1)).sum()
-                   for i, z in enumerate(self._z)) / unit
+                   for i, z in enumerate(embeddings)) / unit
 
     def parameter_grads(self, step, out) -> None:
         """The per-loss encoder gradients (scaled like the task loss under fp16), one all-reduce for all."""
