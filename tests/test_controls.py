@@ -128,6 +128,8 @@ def test_three_modalities_average_every_pair():
     for loss in LOSSES.values():
         expected = (loss(z["a"], z["b"]) + loss(z["a"], z["c"]) + loss(z["b"], z["c"])) / 3
         assert pair_mean(loss, z).item() == pytest.approx(expected.item(), rel=1e-6)
+        assert pair_mean(loss, {m: v[:1] for m, v in z.items()}).item() == 0.0  # one sample: no batch statistics
+        assert pair_mean(loss, {"a": z["a"]}).item() == 0.0  # one modality: no pair
 
 
 def test_controls_are_the_regularizer_choices_and_mmpareto_refuses_their_losses():

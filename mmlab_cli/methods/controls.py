@@ -69,10 +69,11 @@ LOSSES = {"align": align, "vicreg": vicreg, "barlow": barlow}  # unit-sphere has
 
 
 def pair_mean(loss, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`loss` averaged over every pair of modalities, in fp32 (0 with one modality)."""
+    """`loss` averaged over every pair of modalities, in fp32 (0 with one modality, or one sample: batch
+    statistics need two)."""
     z = {m: e.float() for m, e in embeddings.items()}
     pairs = list(combinations(z, 2))
-    if not pairs:
+    if not pairs or next(iter(z.values())).shape[0] < 2:
         return next(iter(z.values())).sum() * 0.0
     return torch.stack([loss(z[a], z[b]) for a, b in pairs]).mean()
 
