@@ -41,6 +41,8 @@ class TableSpec:
     columns: tuple[tuple[str, str, str], ...]  # (label, JSON path, direction: ↑ higher is better, ↓ lower, "")
     fmt: str = ".2f"  # a cell without a seed spread to round to (one run, or equal values)
     plots: tuple[str, ...] = ()  # patterns of PNGs in the run directory (listed in its file), embedded once per group
+    caveat: str = ""  # key of a {"note", "metrics": [keys]} in the run's file: the cells of those keys get a † and
+    # the note is printed under the table (geometry: sample-level metrics on class-level pairs)
 
 
 TABLES = (
@@ -52,17 +54,23 @@ TABLES = (
               (("λ_max", "lambda_max", "↓"), ("λ1/λ5", "lambda_ratio", ""), ("trace", "trace", "↓"),
                ("L_LPF", "lpf_loss", "↓"), ("Δ_LPF", "lpf_delta", "↓"), ("F_gap {}", "fgap_mean_*", "↓")), ".4g",
               ("flatness_fgap.png", "flatness_density.png", "flatness_landscape_2d_contour.png")),
-    TableSpec("geometry", "Modality variance Tr Σ of unit embeddings, variance ratio and modality gap W2² "
-              "(DML paper Table 5)", "geometry.json", "mmlab geometry RUN_DIR",
-              (("variance {}", "modality.*.variance", ""), ("ratio {}", "pairs.*.variance_ratio", ""),
-               ("W2² {}", "pairs.*.wasserstein2_sq", "")), ".4g", ("geometry_tsne.png",)),
-    TableSpec("alignment", "Representation diagnostics: effective rank, semantic margin, cross-modal drift, "
-              "cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
+    TableSpec("geometry", "Modality variance of unit embeddings: Tr Σ and Tr Σ/d (d the embedding size; the DML "
+              "paper's Table 5 prints the latter times 1000), variance ratio of Tr Σ, and modality gap W2² "
+              "(DML paper Table 5)",
+              "geometry.json", "mmlab geometry RUN_DIR",
+              (("Tr Σ {}", "modality.*.variance", ""), ("Tr Σ/d {}", "modality.*.variance_per_dim", ""),
+               ("ratio {}", "pairs.*.variance_ratio", ""), ("W2² {}", "pairs.*.wasserstein2_sq", "")), ".4g",
+              ("geometry_tsne.png",)),
+    TableSpec("alignment", "Representation diagnostics: effective rank of the covariance as spectral entropy "
+              "(Roy & Vetterli 2007) and as participation ratio PR (DAGR paper Theorem 3.2), semantic margin, "
+              "cross-modal drift, cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
               "mmlab geometry RUN_DIR",
-              (("erank {}", "modality.*.effective_rank", ""), ("margin {}", "modality.*.semantic_margin", ""),
+              (("erank entropy {}", "modality.*.effective_rank_entropy", ""),
+               ("erank PR {}", "modality.*.effective_rank_participation", ""),
+               ("margin {}", "modality.*.semantic_margin", ""),
                ("drift {}", "pairs.*.drift", ""), ("cos gap {}", "pairs.*.cosine_gap", ""),
                ("KS {}", "pairs.*.cosine_ks", ""), ("R@1 {}", "pairs.*.recall@1", "↑")), ".4g",
-              ("geometry_cosine.png",)),
+              ("geometry_cosine.png",), "pairing_caveat"),
     TableSpec("ati", "ATI check of the fusion, perturbing one modality's embedding (DML paper Table 13)",
               "geometry.json", "mmlab geometry RUN_DIR",
               (("feature norm {}", "ati.*.feature_norm", ""), ("invariance error {}", "ati.*.invariance_error", ""),
@@ -271,6 +279,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
     value for is left out (the note names it and the command that fills it)."""
     values: dict[str, dict[int, float]] = {}  # column label -> {run row: value}; labels in first-seen order
     direction: dict[str, str] = {}
+    caveats = [((doc or {}).get(spec.caveat) or {}) if spec.caveat else {} for doc in docs]
+    flagged: dict[str, set[int]] = {}  # column label -> the runs whose caveat covers it
     empty = []
     for label, path, arrow in spec.columns:
         before = len(values)
@@ -278,12 +288,16 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
             for captured, value in resolve(doc, path) if doc is not None else []:
                 values.setdefault(label.format(*captured), {})[i] = value
                 direction[label.format(*captured)] = arrow
+                if path.rsplit(".", 1)[-1] in caveats[i].get("metrics", []):
+                    flagged.setdefault(label.format(*captured), set()).add(i)
         if len(values) == before:
             empty.append(label.replace(" {}", ""))
     per_run = runs[list(group_by)].copy()
     per_run["seed"] = runs["seed"] if "seed" in runs else range(len(runs))  # no seed recorded: each run counts
     for label, by_run in values.items():
         per_run[label] = pd.Series(by_run, dtype=float)
+    for label in flagged:
+        per_run[f"† {label}"] = per_run.index.isin(list(flagged[label]))
     grouped = per_run.groupby(list(group_by), dropna=False, sort=True)
     numbers = grouped["seed"].nunique().rename("seeds").to_frame()
     numbers["runs"] = grouped.size()
@@ -291,6 +305,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         numbers[f"{label} mean"] = grouped[label].mean()
         numbers[f"{label} std"] = grouped[label].std(ddof=1)
         numbers[f"{label} n"] = grouped[label].count()
+        if label in flagged:  # a group with a run whose value the caveat covers
+            numbers[f"{label} caveat"] = grouped[f"† {label}"].any().to_numpy()
     numbers = numbers.reset_index()
     if {"modalities", "pairing"} <= set(group_by):  # the method column says what these keys say
         cells = numbers[[k for k in group_by if k not in METHOD_KEYS]].copy()
@@ -305,6 +321,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         header = f"{label} {direction[label]}".rstrip()
         cells[header] = [_cell(m, sd, n, k, spec.fmt) for m, sd, n, k in zip(
             numbers[f"{label} mean"], numbers[f"{label} std"], numbers[f"{label} n"], numbers["runs"])]
+        if label in flagged:
+            cells[header] = cells[header].where(~numbers[f"{label} caveat"], cells[header] + " †")
         best[header] = _best(numbers[f"{label} mean"], [numbers[k] for k in within], direction[label])
     notes = []
     absent = [runs.at[i, "run"] for i, doc in enumerate(docs) if doc is None]
@@ -314,6 +332,7 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
                      f"produce it with `{spec.command}`.")
     if empty and len(absent) < len(runs):
         notes.append(f"Not measured by any run yet, so left out: {', '.join(empty)} (`{spec.command}`).")
+    notes += [f"†: {note}." for note in dict.fromkeys(c["note"] for c in caveats if c.get("note"))]
     return Table(spec, numbers, cells, best, ["seeds", *cells.columns[len(keys) + 1:]], " ".join(notes))
 
 

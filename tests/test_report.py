@@ -27,8 +27,10 @@ def _flatness(lmax, ratio, trace, lpf, delta, fgap):
 
 def _geometry(var_i, var_a, w2, split="test", extra=0.0):
     return {"split": split,
-            "modality": {"image": {"variance": var_i, "effective_rank": 10 + extra, "semantic_margin": 0.5 + extra},
-                         "audio": {"variance": var_a, "effective_rank": 8 + extra, "semantic_margin": 0.25}},
+            "modality": {"image": {"variance": var_i, "variance_per_dim": var_i / 64, "effective_rank_entropy": 10 + extra,
+                                   "effective_rank_participation": 7 + extra, "semantic_margin": 0.5 + extra},
+                         "audio": {"variance": var_a, "variance_per_dim": var_a / 64, "effective_rank_entropy": 8 + extra,
+                                   "effective_rank_participation": 5, "semantic_margin": 0.25}},
             "pairs": {"image|audio": {"variance_ratio": var_i / var_a, "wasserstein2_sq": w2, "drift": 1 + extra,
                                       "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra}},
             "ati": {m: {"feature_norm": 3.0 + extra, "invariance_error": 1e-7, "relative_error": 3e-8 + extra,
@@ -82,9 +84,11 @@ EXPECTED = {
         "dml": {"λ_max": (5.5, 1 / R2, 2), "λ1/λ5": (1.25, 0.1 / R2, 2), "trace": (42.0, 4 / R2, 2),
                 "L_LPF": (0.85, 0.1 / R2, 2), "Δ_LPF": (0.02, 0.02 / R2, 2), "F_gap train": (0.15, 0.1 / R2, 2)}},
     "geometry": {
-        "sml": {"variance image": (0.85, 0.1 / R2, 2), "variance audio": (0.5, 0.2 / R2, 2),
+        "sml": {"Tr Σ image": (0.85, 0.1 / R2, 2), "Tr Σ audio": (0.5, 0.2 / R2, 2),
+                "Tr Σ/d image": (0.85 / 64, 0.1 / 64 / R2, 2), "Tr Σ/d audio": (0.5 / 64, 0.2 / 64 / R2, 2),
                 "ratio image|audio": (1.75, 0.5 / R2, 2), "W2² image|audio": (0.6, 0.2 / R2, 2)},
-        "dml": {"variance image": (1.0, NAN, 1), "variance audio": (0.5, NAN, 1), "ratio image|audio": (2.0, NAN, 1),
+        "dml": {"Tr Σ image": (1.0, NAN, 1), "Tr Σ audio": (0.5, NAN, 1), "Tr Σ/d image": (1 / 64, NAN, 1),
+                "Tr Σ/d audio": (0.5 / 64, NAN, 1), "ratio image|audio": (2.0, NAN, 1),
                 "W2² image|audio": (0.4, NAN, 1)}},
     "robustness": {
         "uni": {"clean acc": (65.0, 2 / R2, 2), "PGD acc image": (13.5, 5 / R2, 2),
@@ -167,8 +171,9 @@ def test_every_cell_against_hand_computed_mean_and_std(runs_dir):
                 assert (len(vs) == 1 and math.isnan(row[f"{label} std"])) or \
                     row[f"{label} std"] == pytest.approx(abs(vs[0] - vs[1]) / R2, rel=1e-9, abs=1e-15)
     alignment = _row(by_name["alignment"].numbers, "sml")
-    assert alignment["erank image mean"] == pytest.approx(10.25)
-    assert alignment["erank image std"] == pytest.approx(0.5 / R2)
+    assert alignment["erank entropy image mean"] == pytest.approx(10.25)
+    assert alignment["erank entropy image std"] == pytest.approx(0.5 / R2)
+    assert alignment["erank PR image mean"] == pytest.approx(7.25)
 
     md = (runs_dir / "report.md").read_text()
     assert text == md and (runs_dir / "report.md") in written
@@ -200,6 +205,26 @@ def test_formats(runs_dir):
     assert csv.startswith("# accuracy\ndataset,modalities,pairing,regularizer,seeds,runs,acc (fused) mean")
     with pytest.raises(MmlabError, match="--format"):
         write_report(runs_dir, fmt="html")
+
+
+def test_sample_level_metrics_on_class_level_pairs_are_flagged(runs_dir):
+    note = "avmnist pairs are class-level: drift, cosine gap, KS and Recall@K measure class-level alignment only"
+    path = runs_dir / "sml/s0/geometry.json"  # one run of the group carries the caveat: the group's cells are flagged
+    flagged = ["drift", "cosine_gap", "cosine_ks", "recall@1"]
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pairing_caveat": {"note": note, "metrics": flagged}}))
+    tables, md, _ = write_report(runs_dir)
+    alignment = next(t for t in tables if t.spec.name == "alignment")
+    cells = alignment.cells.set_index("method")
+    for column in ("drift image|audio", "cos gap image|audio", "KS image|audio", "R@1 image|audio ↑"):
+        assert cells.loc["SML (image+audio)", column].endswith(" †"), column
+        assert not cells.loc["DML (image+audio)", column].endswith("†"), column
+    assert not cells.loc["SML (image+audio)", "erank entropy image"].endswith("†")  # a per-modality metric
+    assert list(_row(alignment.numbers, "sml")[["drift image|audio caveat", "R@1 image|audio caveat"]]) == [True] * 2
+    assert not _row(alignment.numbers, "dml")["drift image|audio caveat"]
+    assert f"†: {note}." in md.split("## Representation diagnostics")[1].split("## ATI")[0]
+    latex = write_report(runs_dir, fmt="latex")[1]
+    assert r"$^\dagger$" in latex
+    _check_latex_structure(latex, tables=7)
 
 
 def test_grouping_rules(runs_dir, tmp_path):

@@ -29,8 +29,13 @@ def covariance(z: torch.Tensor) -> torch.Tensor:
 
 
 def modality_variance(z: torch.Tensor) -> float:
-    """Tr(Sigma): the mean squared distance of the samples to their mean."""
+    """Tr(Sigma): the mean squared distance of the samples to their mean (the DML paper's Section 5.2)."""
     return float(torch.trace(covariance(z)))
+
+
+def variance_per_dim(z: torch.Tensor) -> float:
+    """Tr(Sigma) / d: the mean per-coordinate variance, the scale the DML paper's Table 5 (x 10^3) fits."""
+    return modality_variance(z) / z.shape[1]
 
 
 def spectrum(z: torch.Tensor) -> torch.Tensor:
@@ -38,7 +43,7 @@ def spectrum(z: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(covariance(z)).flip(0).clamp_min(0)
 
 
-def effective_rank(z: torch.Tensor) -> float:
+def effective_rank_entropy(z: torch.Tensor) -> float:
     """Roy & Vetterli (2007) effective rank of Sigma: exp(-sum_k p_k log p_k), p_k = lambda_k / sum lambda.
 
     Sigma is symmetric PSD, so its singular values are its eigenvalues. 0 for a cloud with no spread."""
@@ -49,6 +54,14 @@ def effective_rank(z: torch.Tensor) -> float:
     p = eig / total
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def effective_rank_participation(z: torch.Tensor) -> float:
+    """The participation ratio (tr Sigma)^2 / ||Sigma||_F^2 = (sum lambda)^2 / sum lambda^2, the effective rank
+    of the DAGR paper's Theorem 3.2 (Appendix A.3, Part D). 0 for a cloud with no spread."""
+    eig = spectrum(z)
+    squares = float((eig**2).sum())
+    return float(eig.sum()) ** 2 / squares if squares > 0 else 0.0
 
 
 def wasserstein2_sq(a: torch.Tensor, b: torch.Tensor, exact_max: int = 5000, reg: float = 0.02,
