@@ -27,10 +27,12 @@ def _flatness(lmax, ratio, trace, lpf, delta, fgap):
 
 def _geometry(var_i, var_a, w2, split="test", extra=0.0):
     return {"split": split,
-            "modality": {"image": {"variance": var_i, "variance_per_dim": var_i / 64, "effective_rank_entropy": 10 + extra,
-                                   "effective_rank_participation": 7 + extra, "semantic_margin": 0.5 + extra},
-                         "audio": {"variance": var_a, "variance_per_dim": var_a / 64, "effective_rank_entropy": 8 + extra,
-                                   "effective_rank_participation": 5, "semantic_margin": 0.25}},
+            "modality": {"image": {"variance": var_i, "variance_per_dim": var_i / 64,
+                                   "effective_rank_entropy": 10 + extra, "effective_rank_participation": 7 + extra,
+                                   "semantic_margin": 0.5 + extra},
+                         "audio": {"variance": var_a, "variance_per_dim": var_a / 64,
+                                   "effective_rank_entropy": 8 + extra, "effective_rank_participation": 5,
+                                   "semantic_margin": 0.25}},
             "pairs": {"image|audio": {"variance_ratio": var_i / var_a, "wasserstein2_sq": w2, "drift": 1 + extra,
                                       "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra}},
             "ati": {m: {"feature_norm": 3.0 + extra, "invariance_error": 1e-7, "relative_error": 3e-8 + extra,

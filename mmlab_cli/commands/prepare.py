@@ -141,8 +141,9 @@ def avmnist(
                                                   speaker_split=speaker_split, test_fraction=test_fraction,
                                                   seed=seed, force=force)
     _summary(manifest, out, built)
-    console.print("FSDD speakers: " + "; ".join(f"{split} {', '.join(names)}"
-                                               for split, names in manifest.get("speakers", {}).items()))
+    if "speakers" in manifest:  # a dataset prepared before it was recorded lacks it
+        console.print("FSDD speakers: " + "; ".join(f"{split} {', '.join(names)}"
+                                                   for split, names in manifest["speakers"].items()))
     _left_out(report, out)
 
 
