@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from data_prep.audio import NOISE_COLOURS
 from data_prep.synthetic import DEFAULT_INFO
 from mmlab_cli.console import cli_errors, console
 from mmlab_cli.threads import THREADS, use_threads
@@ -109,9 +110,9 @@ def avmnist(
     out: Path = typer.Option(Path("data/avmnist"), help="Output directory."),
     pca_keep: float = typer.Option(0.25, min=0.0, max=1.0, help="Fraction of PCA energy kept in the images "
                                    "(0.25 = remove 75 %, the original AVMNIST)."),
-    noise: Optional[str] = typer.Option(None, help="Add noise to the audio: white or pink (power ~ 1/f), at "
-                                        "--snr-db over the whole zero-padded 1 s window (AVMNIST-like: the original "
-                                        "mixes in ESC-50 noise, not obtainable here)."),
+    noise: Optional[str] = typer.Option(None, help=f"Add noise to the audio: {' or '.join(NOISE_COLOURS)} (pink: "
+                                        "power ~ 1/f), at --snr-db over the whole zero-padded 1 s window "
+                                        "(AVMNIST-like: the original mixes in ESC-50 noise, not obtainable here)."),
     snr_db: Optional[float] = typer.Option(None, help="Signal-to-noise ratio of the added noise in dB (alone: "
                                            "white noise)."),
     speaker_split: bool = typer.Option(False, "--speaker-split", help="Hold out whole FSDD speakers (seeded: one "
