@@ -300,15 +300,14 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
     for label in flagged:
         per_run[f"† {label}"] = per_run.index.isin(list(flagged[label]))
     grouped = per_run.groupby(list(group_by), dropna=False, sort=True)
-    numbers = grouped["seed"].nunique().rename("seeds").to_frame()
-    numbers["runs"] = grouped.size()
+    columns = {"seeds": grouped["seed"].nunique(), "runs": grouped.size()}  # one frame at once: no fragmentation
     for label in values:
-        numbers[f"{label} mean"] = grouped[label].mean()
-        numbers[f"{label} std"] = grouped[label].std(ddof=1)
-        numbers[f"{label} n"] = grouped[label].count()
+        columns[f"{label} mean"] = grouped[label].mean()
+        columns[f"{label} std"] = grouped[label].std(ddof=1)
+        columns[f"{label} n"] = grouped[label].count()
         if label in flagged:  # a group with a run whose value the caveat covers
-            numbers[f"{label} caveat"] = grouped[f"† {label}"].any().to_numpy()
-    numbers = numbers.reset_index()
+            columns[f"{label} caveat"] = grouped[f"† {label}"].any()
+    numbers = pd.DataFrame(columns).reset_index()
     if {"modalities", "pairing"} <= set(group_by):  # the method column says what these keys say
         cells = numbers[[k for k in group_by if k not in METHOD_KEYS]].copy()
         cells["method"] = [method_label(row, group_by) for _, row in numbers.iterrows()]
