@@ -71,6 +71,7 @@ def test_official_folds_shapes_and_missing_segments(prepared):
     assert report["left_out"] == [{"clip": "seg31", "path": str(root / "src" / "covarep_features_sdk.pkl"),
                                    "reason": "segment 'seg31' of fold test is not in it"}]
     assert manifest["preprocessing"]["non_finite_set_to_zero"] == {"text": 0, "acoustic": 1, "visual": 0}
+    assert manifest["pairing"] == "sample-level"  # text, audio and video of one segment
     assert np.array_equal(np.load(root / "out" / "val" / "labels.npy"), np.arange(24, 30) % 2)
 
 
