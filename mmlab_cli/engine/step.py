@@ -15,6 +15,7 @@ from torch import nn
 from mmlab_cli.config import TrainConfig
 from mmlab_cli.engine.distributed import World
 from mmlab_cli.engine.evaluate import autocast
+from mmlab_cli.methods.contrastive import ContrastiveObjective
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.methods.pareto import pareto_alpha
 from mmlab_cli.methods.sam import SAM, frozen_bn_stats
@@ -70,7 +71,8 @@ def build_step(cfg: TrainConfig, model: LateFusion, opt: torch.optim.Optimizer, 
                device: torch.device, world: World = World()) -> TrainStep:
     """The TrainStep a config asks for; under torchrun the Objective runs in DistributedDataParallel."""
     dagr = None if cfg.regularizer == "none" else ("pareto" if cfg.dagr_pareto else "weighted")
-    objective: nn.Module = Objective(model, cfg.scheme, cfg.dgl_alpha, cfg.label_smoothing,
+    task = {"classification": Objective, "contrastive": ContrastiveObjective}[cfg.objective]
+    objective: nn.Module = task(model, cfg.scheme, cfg.dgl_alpha, cfg.label_smoothing,
                                      (cfg.dagr_temperature, cfg.dagr_delta) if dagr else None,
                                      world.gather if world.size > 1 else None)
     if world.size > 1:
