@@ -308,9 +308,9 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             else:
                 sched.step()
             val = scoring.score(model, val_loader)
-            if bar:  # in a log this is the epoch's line: val accuracy and the time the run has left
+            if bar:  # in a log this is the epoch's line: val accuracy (or R@1) and the time the run has left
                 left = (time.time() - start) / (epoch + 1 - first) * (cfg.epochs - epoch - 1)
-                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {scoring.select} "
+                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {scoring.label}"
                                              f"{val[scoring.select]:.1f}%, run ETA {clock(left)}")
             record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
                       **{f"val_{k}": v for k, v in val.items()}, "seconds": time.time() - t0}
