@@ -93,7 +93,8 @@ def retrieval_level(dataset: PreparedDataset) -> str:
 @dataclass(frozen=True)
 class Scorer:
     """How a run's model is scored: `score(model, loader)` -> metrics; `select`: the metric whose validation
-    value picks the best checkpoint; `recorded`: what metrics.json says about the scoring; `label`: how the
+    value picks the best checkpoint (metrics.json: `selected_by`); `recorded`: what else metrics.json says about
+    the scoring; `label`: how the
     progress line names it."""
     score: Callable[[LateFusion, object], dict]
     select: str
@@ -106,8 +107,8 @@ def scorer(objective: str, dataset: PreparedDataset, device: torch.device, preci
     if objective == "contrastive":
         level = retrieval_level(dataset)
         return Scorer(partial(evaluate_retrieval, device=device, precision=precision, level=level), "retrieval_r1",
-                      {"selected_by": "val_retrieval_r1", "retrieval_level": level}, "mean R@1 ")
-    return Scorer(partial(evaluate, device=device, precision=precision), "acc", {"selected_by": "val_acc"})
+                      {"retrieval_level": level}, "mean R@1 ")
+    return Scorer(partial(evaluate, device=device, precision=precision), "acc", {})
 
 
 def headline(metrics: dict) -> str:

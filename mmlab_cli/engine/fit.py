@@ -338,7 +338,8 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     best = state.get("swa_val") or state["history"][state["best_epoch"] - 1]
     metrics = {"dataset": dataset.name, "modalities": dataset.modalities, "pairing": cfg.pairing,
                **{k: getattr(cfg, k) for k in METHOD_KEYS}, "seed": cfg.seed, "world_size": world.size,
-               "best_epoch": state["best_epoch"], "epochs": cfg.epochs, **scoring.recorded,
+               "best_epoch": state["best_epoch"], "epochs": cfg.epochs,
+               "selected_by": f"val_{scoring.select}", **scoring.recorded,
                **{k: v for k, v in best.items() if k.startswith("val_")},
                **{f"test_{k}": v for k, v in test.items()},
                "train_seconds": sum(r["seconds"] for r in state["history"]),
