@@ -241,3 +241,37 @@ def test_bad_contrastive_settings_are_one_line_errors_before_anything_is_written
                                       "--pairing", "dml", "--pseudo-labels", "kmeans:3", "--pseudo-umap", "4"])
     assert result.exit_code == 2 and "pip install 'mmlab[umap]'" in result.stderr
     assert not (tmp_path / "u" / "config.yaml").exists()
+
+
+def test_report_retrieval_tables_mean_and_std_per_method(tmp_path):
+    from mmlab_cli.report import write_report
+
+    values = {("sml", ""): [10.0, 14.0], ("dml", ""): [20.0, 30.0], ("dml", "kmeans:10"): [40.0, 41.0]}
+    for (pairing, pseudo), per_seed in values.items():
+        for seed, v in enumerate(per_seed):
+            run = tmp_path / f"{pairing}{pseudo}" / f"s{seed}"
+            run.mkdir(parents=True)
+            config = {"dataset": "synthetic", "modalities": ["image", "audio"], "pairing": pairing, "seed": seed,
+                      "objective": "contrastive", "pseudo_labels": pseudo}
+            (run / "config.yaml").write_text(json.dumps(config))
+            metrics = {**config, "test_acc_image": 50.0}
+            for d, (q, g) in enumerate((("image", "audio"), ("audio", "image"))):
+                for k in (1, 5, 10):
+                    metrics[f"test_recall@{k}_{q}_to_{g}"] = v + k + d
+                    metrics[f"test_class_recall@{k}_{q}_to_{g}"] = 2 * v + k + d
+            (run / "metrics.json").write_text(json.dumps(metrics))
+    tables, text, _ = write_report(tmp_path, fmt="latex")
+    by_name = {t.spec.name: t for t in tables}
+    for name, scale in (("retrieval", 1), ("retrieval_class", 2)):
+        table = by_name[name]
+        assert list(table.cells["method"]) == ["DML (image+audio) + contrastive",
+                                               "DML (image+audio) + contrastive + pseudo-labels kmeans:10",
+                                               "SML (image+audio) + contrastive"]
+        for (pairing, pseudo), per_seed in values.items():
+            row = table.numbers[(table.numbers["pairing"] == pairing) & (table.numbers["pseudo_labels"] == pseudo)]
+            for k in (1, 5, 10):
+                col = f"R@{k} audio_to_image"
+                assert row[f"{col} mean"].item() == pytest.approx(scale * np.mean(per_seed) + k + 1)
+                assert row[f"{col} std"].item() == pytest.approx(scale * np.std(per_seed, ddof=1))
+        assert "R@1 image_to_audio" in (tmp_path / f"report_{name}.csv").read_text()
+    assert "tab:retrieval_class" in text and "acc (fused)" not in by_name["accuracy"].cells.columns
