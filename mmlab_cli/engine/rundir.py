@@ -5,7 +5,8 @@
     metrics.jsonl          one line per finished epoch
     metrics.json           best-val epoch, val and test accuracy (fused and per modality); present = finished
     checkpoints/last/      model.safetensors + state.pt, after every epoch
-    checkpoints/best/      the same, for the best validation accuracy so far
+    checkpoints/best/      the same, for the best validation accuracy (contrastive: mean R@1) so far
+    pseudo_labels.json     with --pseudo-labels: the k-means pseudo-labels DML re-pairs within, and their settings
 
 `load_run` turns a run directory back into a `Run` (model, dataset, config, paths) for notebooks and
 analyses (docs/api.md).
