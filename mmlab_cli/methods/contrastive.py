@@ -5,7 +5,7 @@ The temperature is CLIP's (Radford et al., 2021): a parameter `logit_scale` = lo
 log(1/0.07), the logits scaled by exp(logit_scale) capped at 100. CLIP (and open_clip) clamp the parameter
 in place after each step; here the cap is applied in the forward, which gives the same scale without a hook
 in the optimisation step (above the cap the parameter gets no gradient from the loss).
-No fused classifier is trained: the fusion head is frozen; the per-modality probes still learn the labels
+No fused classifier is trained: the fusion network and head are frozen; the per-modality probes still learn the labels
 on detached embeddings (a linear probe, no gradient into the encoders).
 """
 
@@ -40,8 +40,9 @@ def info_nce(za: torch.Tensor, zb: torch.Tensor, logit_scale: torch.Tensor,
 
 
 def make_contrastive(model: LateFusion) -> LateFusion:
-    """Give the model its learned temperature (saved with its weights) and freeze the fusion head."""
+    """Give the model its learned temperature (saved with its weights) and freeze the fusion network and head."""
     model.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+    model.fusion.requires_grad_(False)
     model.head.requires_grad_(False)
     return model
 
