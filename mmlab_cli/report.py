@@ -26,10 +26,15 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.tables import mean_std, to_latex, to_markdown
 
 DEFAULT_GROUP_BY = ("dataset", "modalities", "pairing")
-KEY_DEFAULTS = {"regularizer": "none", "scheme": "joint", "balance": "none"}  # a run without the key ran with this
-OPTIONAL_GROUP_BY = tuple(KEY_DEFAULTS)  # in the default grouping when some run records them
+# in the default grouping when some run records them; each is summarised by the method column when not `off`
+# (off: the value a run without the key ran with), as `label(value)`
+OPTIONAL_GROUP_BY = {"objective": ("classification", str), "pseudo_labels": ("", "pseudo-labels {}".format),
+                     "scheme": ("joint", str.upper), "regularizer": ("none", str.upper),
+                     "balance": ("none", str.upper)}
+KEY_DEFAULTS = {k: off for k, (off, _) in OPTIONAL_GROUP_BY.items()}
 FORMATS = ("md", "csv", "latex")
 METHOD_KEYS = ("modalities", "pairing", *OPTIONAL_GROUP_BY)  # summarised by the method column
+RETRIEVAL = (("R@1 {}", "recall@1_*", "↑"), ("R@5 {}", "recall@5_*", "↑"), ("R@10 {}", "recall@10_*", "↑"))
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,13 @@ TABLES = (
     TableSpec("accuracy", "Test accuracy (%): fused prediction and each modality's linear probe "
               "(DML paper Table 1, DAGR paper Table 1)", "metrics.json", "mmlab train",
               (("acc (fused)", "test_acc", "↑"), ("acc {}", "test_acc_*", "↑"))),
+    TableSpec("retrieval", "Cross-modal retrieval of contrastive runs, Recall@K (%) on the test split, a hit = the "
+              "query's own pair (DML paper Table 7); capped and near chance where pairs are drawn within the class "
+              "(AVMNIST, synthetic: see the class-level table)", "metrics.json", "mmlab train --objective contrastive",
+              tuple((label, f"test_{path}", arrow) for label, path, arrow in RETRIEVAL)),
+    TableSpec("retrieval_class", "Class-level cross-modal retrieval of contrastive runs, Recall@K (%) on the test "
+              "split, a hit = any item of the query's class", "metrics.json", "mmlab train --objective contrastive",
+              tuple((label, f"test_class_{path}", arrow) for label, path, arrow in RETRIEVAL)),
     TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter)",
               "flatness.json", "mmlab flatness RUN_DIR",
               (("λ_max", "lambda_max", "↓"), ("λ1/λ5", "lambda_ratio", ""), ("trace", "trace", "↓"),
@@ -245,10 +257,10 @@ def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[st
 
 
 def method_label(row, group_by: tuple[str, ...]) -> str:
-    """'audio only', 'DML (image+audio)', with ' + DGL' / ' + DAGR' / ' + OGM-GE' when grouped by scheme /
-    regularizer / balance."""
-    extras = [str(row[k]).upper() for k in ("scheme", "regularizer", "balance")
-              if k in group_by and str(row[k]) != KEY_DEFAULTS[k]]
+    """'audio only', 'DML (image+audio)', with ' + contrastive', ' + pseudo-labels kmeans:K', ' + DGL',
+    ' + DAGR', ' + OGM-GE' when grouped by those keys and they are not off."""
+    extras = [OPTIONAL_GROUP_BY[k][1](str(row[k])) for k in OPTIONAL_GROUP_BY  # config.method_label's order
+              if k in group_by and str(row[k]) != OPTIONAL_GROUP_BY[k][0]]
     return " + ".join([method_name(row["modalities"], row["pairing"]), *extras])
 
 
@@ -419,7 +431,8 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
           f"(`seeds` counts their distinct seeds), rounded to two significant digits of the standard deviation, "
           f"read from the files the runs hold; (n=k) marks a cell averaged over only k of them, - a value no run "
           f"of the group has, and bold the best value of a column marked ↑ (higher is better) or ↓ (lower). "
-          f"Accuracy is on the test split at the best-validation checkpoint.\n\n" + render(tables, "md") + "\n"
+          f"Accuracy and retrieval are on the test split at the best-validation checkpoint (contrastive runs: the "
+          f"best mean validation R@1, at the level the run records as retrieval_level).\n\n" + render(tables, "md") + "\n"
           + ("## Comparisons\n\n" + "\n".join(f"![{c}]({p})" for c, p in compared) + "\n" if compared else ""))
     written = [root / "report.md"]
     atomic_write_text(written[0], md)

@@ -234,7 +234,7 @@ def test_grouping_rules(runs_dir, tmp_path):
         config = yaml.safe_load((runs_dir / run / "config.yaml").read_text())
         (runs_dir / run / "config.yaml").write_text(yaml.safe_dump({**config, "scheme": "dgl"}))
     numbers = write_report(runs_dir)[0][0]
-    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "regularizer", "scheme", "seeds"]
+    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "scheme", "regularizer", "seeds"]
     assert sorted(numbers.numbers["scheme"]) == ["dgl", "joint", "joint", "joint"]  # runs without it ran joint
     assert "DML (image+audio) + DGL + DAGR" in list(numbers.cells["method"])
 
