@@ -86,7 +86,7 @@ def test_cli_writes_files_reuses_and_compares(runs):
     for run in runs:
         doc = json.loads((run / "flatness.json").read_text())
         ref = refs[run] = _reference(run, doc)
-        assert doc["schema"] == "mmlab.flatness/1" and doc["split"] == "train" and doc["samples"] == 16
+        assert doc["schema"] == "mmlab.flatness/2" and doc["split"] == "train" and doc["samples"] == 16
         assert len(doc["indices"]) == 16 and "eval()" in doc["eval_mode"]
         assert all(n.startswith("probes.") for n in doc["parameters"]["excluded"])
         assert doc["loss"] == pytest.approx(ref["loss"], rel=1e-5) and doc["acc"] == pytest.approx(ref["acc"])
