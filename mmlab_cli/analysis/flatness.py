@@ -358,7 +358,8 @@ def _fmt(v, digits: int = 4) -> str:
 
 def cell(row: dict) -> str:
     """A row's value for people: a value from an unconverged Lanczos solve (or derived from one) gets a dagger."""
-    return _fmt(row["value"]) + (f" {UNCONVERGED}" if row.get("converged") is False else "")
+    flagged = row.get("converged") is False and row["value"] is not None
+    return _fmt(row["value"]) + (f" {UNCONVERGED}" if flagged else "")
 
 
 def _solve_rows(where: str, e: dict) -> list[dict]:
