@@ -486,11 +486,11 @@ def absent_rows(result: dict) -> list[dict]:
     for m in [None, *names]:
         e = eigen["all"].get("all") if m is None else eigen["absent"].get(m)
         f = (lpfs if m is None else lpfs["absent"].get(m)) if "lpf" in result else None
-        flag = f" {UNCONVERGED}" if e and e["converged"] is False else ""
+        e = e or {"lambda_max": None, "over_threshold": None, "converged": None}
         rows.append({"input": "all present" if m is None else f"{m} absent",
                      "L": _fmt(result["loss"] if m is None else losses[m]),
-                     "lambda_max": _fmt(e and e["lambda_max"]) + flag,
-                     "lambda_max / threshold": _fmt(e and e["over_threshold"]) + flag,
+                     "lambda_max": cell({"value": e["lambda_max"], "converged": e["converged"]}),
+                     "lambda_max / threshold": cell({"value": e["over_threshold"], "converged": e["converged"]}),
                      "L_LPF": _fmt(f and f["lpf_loss"]), "Delta_LPF": _fmt(f and f["delta"])})
     return rows
 
