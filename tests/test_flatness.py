@@ -321,8 +321,8 @@ def test_block_hessian_is_the_dense_sub_block(setup):
         exact = np.linalg.eigvalsh(hessian[np.ix_(idx, idx)])[::-1][:3]
         top = top_eigenvalues(HessianVectorProduct(model, subset, part), part.flat(), 3, 1e-6, part.numel, seed=0)
         np.testing.assert_allclose(top["eigenvalues"], exact, rtol=1e-5)
-    with pytest.raises(MmlabError, match="--block encoder:depth: this run has no such block; choose from "
-                                         "encoder:image, encoder:audio, head"):
+    with pytest.raises(MmlabError, match="--block encoder:depth: no parameter of this fused loss is in it; choose "
+                                         "from encoder:image, encoder:audio, head"):
         lp.block("encoder:depth")
 
 

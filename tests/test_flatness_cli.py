@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from checks import png_image
-from conftest import tiny_config
+from conftest import snapshot, tiny_config
 from mmlab_cli.analysis.common import load_subset
 from mmlab_cli.analysis.hessian import pyhessian_spectrum, spectrum
 from mmlab_cli.analysis.lossfn import loss_params
@@ -145,6 +145,13 @@ def test_cli_pyhessian_backend_and_errors(runs):
     assert h["backend"] == "pyhessian" and len(h["eigenvalues"]) == 2 and h["lambda_star"] is None
     bad = cli.invoke(app, ["flatness", str(runs[1]), "--metric", "sharpness"])
     assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0 and "--metric sharpness" in bad.output
+    bad = cli.invoke(app, ["flatness", str(runs[1]), "--absent", "half"])
+    assert bad.exit_code == 2 and "--absent half: choose mean, zero, none" in bad.output
+    before = snapshot(runs[0])
+    bad = cli.invoke(app, ["flatness", str(runs[0]), str(runs[1]), "--block", "encoder:image", "--force"])
+    assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0, bad.output
+    assert "--block encoder:image: a audio run has no such block; choose from encoder:audio, head" in bad.output
+    assert snapshot(runs[0]) == before  # refused before the first run was measured
 
 
 def test_cli_blocks_absent_modality_stability_and_report(runs):

@@ -85,7 +85,8 @@ class LossParams:
     def block(self, name: str) -> "LossParams":
         """The parameters of one block; a block without loss parameters is a one-line error."""
         if name not in self.blocks:
-            raise MmlabError(f"--block {name}: this run has no such block; choose from {', '.join(self.blocks)}")
+            raise MmlabError(f"--block {name}: no parameter of this fused loss is in it; choose from "
+                             f"{', '.join(self.blocks)}")
         keep = [i for i, n in enumerate(self.names) if block_of(n) == name]
         return LossParams([self.names[i] for i in keep], [self.params[i] for i in keep], self.excluded)
 
