@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.models.fusion_kinds import FUSIONS, fusion_problem
 from mmlab_cli.tracking import LOGGERS
 
 AUGMENTS = ("jitter", "crop", "flip", "specaugment")
@@ -39,10 +40,11 @@ class TrainConfig:
                                    "default: every modality of the dataset.", metavar="NAMES")
     pairing: str = option("sml", "sml: fixed pairs; dml: re-pair each non-anchor modality with a random "
                           "same-class training sample every epoch.", ("sml", "dml"))
-    fusion: str = option("concat", "How the embeddings are fused before the classifier.", ("concat", "sum"))
+    fusion: str = option("concat", "The network fusing the embeddings before the linear classifier "
+                         "(docs/training.md).", tuple(FUSIONS))
     encoder: str | dict[str, str] = option("small_cnn", "small_cnn | tiny_cnn | strided_cnn | resnet18 | mlp | "
-                                           "bert, or one per modality: image=resnet18,text=bert (text_tokens "
-                                           "modalities always use bert).", metavar="NAME")
+                                           "transformer (sequences) | bert, or one per modality: image=resnet18,"
+                                           "text=bert (text_tokens modalities always use bert).", metavar="NAME")
     text_encoder: str = option("", "Local transformers model directory (BERT family) for text modalities: "
                                "config.json, and weights to start from if present.", metavar="DIR")
     pretrained: dict[str, str] = option({}, "Per-modality ResNet18 initial weights, a local torchvision state "
@@ -222,6 +224,9 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise MmlabError(f"{source}: 'dagr_weights' is lambda_d,lambda_a (two numbers >= 0), got {cfg.dagr_weights}")
     if cfg.swa_start > cfg.epochs:
         raise MmlabError(f"{source}: 'swa_start' {cfg.swa_start} is after the last epoch {cfg.epochs}")
+    problem = fusion_problem(cfg.fusion, len(cfg.modalities) or None, cfg.embed_dim)  # []: the dataset's, unknown here
+    if problem:
+        raise MmlabError(f"{source}: {problem}")
     unknown = [a for a in cfg.augment if a not in AUGMENTS]
     if unknown:
         raise MmlabError(f"{source}: 'augment' has unknown '{unknown[0]}'; choose from {', '.join(AUGMENTS)}")

@@ -79,11 +79,11 @@ TABLES = (
                ("drift {}", "pairs.*.drift", ""), ("cos gap {}", "pairs.*.cosine_gap", ""),
                ("KS {}", "pairs.*.cosine_ks", ""), ("R@1 {}", "pairs.*.recall@1", "↑")), ".4g",
               ("geometry_cosine.png",)),
-    TableSpec("ati", "ATI check of the fusion, perturbing one modality's embedding (DML paper Table 13)",
-              "geometry.json", "mmlab geometry RUN_DIR",
-              (("feature norm {}", "ati.*.feature_norm", ""), ("invariance error {}", "ati.*.invariance_error", ""),
-               ("rel. error {}", "ati.*.relative_error", ""), ("rel. error diag {}", "ati.*.relative_error_diag", "")),
-              ".3g"),
+    TableSpec("ati", "ATI check (DML paper Table 13): the trained fusion map perturbing one modality's embedding "
+              "(feature norm ‖φ‖, Δ_error, ε_rel), and ε_rel of the paper's four fusion networks on the unit "
+              "embeddings (u|v, v perturbed)", "geometry.json", "mmlab geometry RUN_DIR",
+              (("‖φ‖ {}", "ati.*.feature_norm", ""), ("Δ_error {}", "ati.*.delta_error", ""),
+               ("ε_rel {}", "ati.*.eps_rel", ""), ("ε_rel {} {}", "ati_paper.*.*.eps_rel", "")), ".3g"),
     TableSpec("robustness", "PGD on one modality, the others clean: accuracy (%) and drop rate (%) "
               "(DML paper Table 12)", "robustness.json", "mmlab robustness RUN_DIR",
               (("clean acc", "clean.acc", "↑"), ("PGD acc {}", "pgd.*.perturbed_acc", "↑"),
@@ -381,8 +381,15 @@ def comparison_figures(root: Path) -> list[tuple[str, str]]:
     return found
 
 
-def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> tuple[list[Table], tuple[str, ...]]:
-    """Every table of TABLES for the runs under `root` (group_by None: the default grouping)."""
+def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
+                 claims: str | Path | None = None) -> tuple[list[Table], tuple[str, ...]]:
+    """Every table of TABLES for the runs under `root` (group_by None: the default grouping), then the verdicts
+    of a claims file (mmlab_cli/claims.py), which is checked before any run is read."""
+    stated = None
+    if claims:  # scipy is imported only when claims are asked for
+        from mmlab_cli.claims import claims_table, load_claims
+
+        stated = load_claims(claims)
     root = Path(root)
     runs = find_runs(root)
     asked = group_by
@@ -405,6 +412,8 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None) -> t
         table = build_table(spec, runs, group_by, docs[spec.file])
         attach_plots(table, runs, group_by, docs[spec.file])
         tables.append(table)
+    if stated:
+        tables.append(claims_table(stated, runs, docs, group_by))
     return tables, group_by
 
 
@@ -432,14 +441,15 @@ def render(tables: list[Table], fmt: str) -> str:
     return "\n".join(parts)
 
 
-def write_report(root: str | Path, group_by: tuple[str, ...] | None = None,
-                 fmt: str = "md") -> tuple[list[Table], str, list[Path]]:
+def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt: str = "md",
+                 claims: str | Path | None = None) -> tuple[list[Table], str, list[Path]]:
     """Write report.md (per-run and comparison figures embedded) and report_<table>.csv into `root` (and
-    report.tex for latex); returns the tables, the report rendered in `fmt`, and the paths written."""
+    report.tex for latex), with the claims table when given a claims file; returns the tables, the report
+    rendered in `fmt`, and the paths written."""
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
-    tables, group_by = build_tables(root, group_by)
+    tables, group_by = build_tables(root, group_by, claims)
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
     md = (f"# mmlab report: {root}\n\n{runs} runs in {len(tables[0].numbers)} groups by "

@@ -16,8 +16,8 @@ from mmlab_cli.analysis.flatness import FlatnessSettings, cell, convergence, fla
 from mmlab_cli.analysis.hessian import (HessianVectorProduct, hutchinson_trace, lambda_star, lanczos, slq_density,
                                         spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import directions, landscape
-from mmlab_cli.analysis.lossfn import batch_loss, generator, loss_params, losses_at
-from mmlab_cli.analysis.perturb import fgap, lpf
+from mmlab_cli.analysis.lossfn import LossParams, batch_loss, generator, loss_params, losses_at
+from mmlab_cli.analysis.perturb import fgap, fgap_curves, fgap_direction, lpf, parameter_blocks
 from mmlab_cli.analysis.stability import stability, threshold
 from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.dataset import PreparedDataset
@@ -194,6 +194,110 @@ def test_fgap_small_radius_is_the_gradient_term(setup):
     assert res["gamma"] == [0.0, gamma] and res["directions"] == k
     rel = fgap(model, {"train": subset}, lp, [0.0, 0.1], directions=2, relative=True, seed=0)
     assert rel["gamma"][1] == pytest.approx(0.1 * lp.flat().norm().item())
+
+
+def _quadratic(sizes: dict[str, int], scale: float = 1.0, seed: int = 0):
+    """LossParams of plain tensors named like a late-fusion model's blocks, theta0 drawn at random, its entries
+    about scale x 10 in the first block (a small encoder with large weights), about scale in the others."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(scale * (10 if i == 0 else 1) * (1 + torch.rand(n, generator=gen, dtype=torch.float64)))
+              for i, n in enumerate(sizes.values())]
+    return LossParams(list(sizes), params, [])
+
+
+def _at_minimum(lp: LossParams, weights: torch.Tensor):
+    """L(theta) = 1/2 sum_i a_i (theta_i - theta0_i)^2: minimal at theta0 = lp.flat(), so L - L(theta0) >= 0."""
+    theta0 = lp.flat()
+    return lambda thetas: 0.5 * (weights * (thetas - theta0) ** 2).sum(1)
+
+
+def test_fgap_on_the_unit_sphere_is_half_gamma_squared_mean_curvature():
+    """SWAD's directions (none): at the minimum of 1/2 (theta - theta0)^T A (theta - theta0), E|dL| = gamma^2 tr(A)
+    / (2n) for u uniform on the sphere; with A = c I every direction gives exactly c gamma^2 / 2."""
+    lp = _quadratic({"encoders.a.w": 4, "encoders.b.w": 8, "head.w": 3})
+    a = torch.linspace(0.5, 4.0, lp.numel, dtype=torch.float64)
+    radii, k = [0.0, 0.5, 2.0], 600
+    res = fgap_curves({"diag": _at_minimum(lp, a), "iso": _at_minimum(lp, torch.full_like(a, 3.0))}, lp, radii, k)
+    mean = [g ** 2 * a.sum().item() / (2 * lp.numel) for g in radii]
+    f, err = res["splits"]["diag"]["F"], res["splits"]["diag"]["F_stderr"]
+    assert f[0] == 0.0 and all(abs(f[i] - mean[i]) < 4 * err[i] for i in (1, 2))
+    assert abs(f[2] / mean[2] - 1) > 1e-4  # a Monte Carlo mean, not the closed form itself
+    assert res["splits"]["iso"]["F"] == pytest.approx([1.5 * g ** 2 for g in radii], rel=1e-12)
+    assert (res["relative"], res["normalize"], res["gamma"]) == (False, "none", radii)
+
+
+def test_fgap_relative_radii_scale_with_theta_and_blocks_share_them():
+    """Block directions at relative radius r move every block b by exactly r ||theta0_b||: at the minimum of
+    1/2 sum_b a_b ||theta_b - theta0_b||^2 F(r) = r^2/2 sum_b a_b ||theta0_b||^2 for every direction; doubling theta0
+    doubles gamma. A two-block model's first block sees the same radius as that block alone (a unimodal model),
+    while SWAD's sphere gives it its share n_a / n of gamma^2 on average, whatever the size of its weights."""
+    sizes = {"encoders.a.w": 3, "encoders.b.w": 300}
+    radii = [0.0, 0.1, 0.3]
+    for scale in (1.0, 2.0):
+        lp = _quadratic(sizes, scale)
+        a = torch.cat([torch.full((3,), 2.0), torch.full((300,), 0.5)]).double()
+        theta = lp.flat()
+        norms = [theta[:3].norm().item(), theta[3:].norm().item()]
+        res = fgap_curves({"both": _at_minimum(lp, a), "a": _at_minimum(lp, a * (torch.arange(303) < 3))}, lp,
+                          radii, directions=5, relative=True, normalize="block")
+        assert res["gamma"] == pytest.approx([r * theta.norm().item() for r in radii], rel=1e-12)
+        assert res["blocks"] == {"encoders.a": {"params": 3, "theta_norm": pytest.approx(norms[0])},
+                                 "encoders.b": {"params": 300, "theta_norm": pytest.approx(norms[1])}}
+        expected = [0.5 * r ** 2 * (2.0 * norms[0] ** 2 + 0.5 * norms[1] ** 2) for r in radii]
+        assert res["splits"]["both"]["F"] == pytest.approx(expected, rel=1e-10)
+        alone = _quadratic({"encoders.a.w": 3}, scale)  # the same first block, on its own
+        uni = fgap_curves({"a": _at_minimum(alone, torch.full((3,), 2.0).double())}, alone, radii, directions=5,
+                          relative=True, normalize="block")
+        assert res["splits"]["a"]["F"] == pytest.approx(uni["splits"]["a"]["F"], rel=1e-10)
+        assert uni["splits"]["a"]["F"] == pytest.approx([r ** 2 * norms[0] ** 2 for r in radii], rel=1e-10)
+        if scale == 1.0:
+            first = res
+        sphere = fgap_curves({"a": _at_minimum(lp, a * (torch.arange(303) < 3))}, lp, radii, directions=200,
+                             relative=True, normalize="none")
+        share = [g ** 2 * 3 / 303 for g in res["gamma"]]  # E ||u_a||^2 = n_a / n, times a_a / 2 = 1
+        assert abs(sphere["splits"]["a"]["F"][2] - share[2]) < 4 * sphere["splits"]["a"]["F_stderr"][2]
+        assert sphere["splits"]["a"]["F"][2] < 0.2 * uni["splits"]["a"]["F"][2]
+    assert res["gamma"] == pytest.approx([2 * g for g in first["gamma"]])
+    assert res["splits"]["both"]["F"] == pytest.approx([4 * f for f in first["splits"]["both"]["F"]])
+
+
+def test_fgap_directions_on_a_late_fusion_model(setup):
+    """Block: one block per encoder and the head, each of norm ||theta_b|| / ||theta||; filter: every filter of a
+    weight of norm ||theta_c|| / ||theta||, biases and BN parameters still; the model's F_gap records both."""
+    _, model, subset, lp, _ = setup
+    theta = lp.flat()
+    blocks = parameter_blocks(lp)
+    assert list(blocks) == ["encoders.image", "encoders.audio", "head"]
+    assert sum(len(i) for i in blocks.values()) == lp.numel
+    u = fgap_direction(lp, theta, blocks, "block", generator(0, "t"))
+    for b, idx in blocks.items():
+        assert u[idx].norm().item() == pytest.approx(theta[idx].norm().item() / theta.norm().item(), rel=1e-12)
+        marked = lp.unflatten(torch.zeros_like(theta).index_fill(0, idx, 1.0))
+        assert [n for n, t in marked.items() if t.any()] == [n for n in lp.names if n.startswith(b + ".")]
+    assert u.norm().item() == pytest.approx(1.0, rel=1e-12)
+    f = lp.unflatten(fgap_direction(lp, theta, blocks, "filter", generator(0, "t")))
+    for n, p in zip(lp.names, lp.params):
+        rows = f[n].reshape(p.shape[0], -1).norm(dim=1) if p.dim() > 1 else f[n].abs()
+        want = p.detach().reshape(p.shape[0], -1).norm(dim=1) / theta.norm() if p.dim() > 1 else torch.zeros_like(p)
+        assert torch.allclose(rows, want, rtol=1e-10, atol=0), n
+    res = fgap(model, {"train": subset}, lp, [0.0, 0.05], directions=2, relative=True, normalize="block")
+    assert res["normalize"] == "block" and set(res["blocks"]) == set(blocks)
+    assert res["splits"]["train"]["F"][1] > 0
+
+
+def test_fgap_defaults_are_relative_and_block_normalised(tmp_path):
+    """Relative radii 0..0.3 with block directions unless asked; --fgap-absolute brings SWAD's 0..60 back; a bad
+    normalisation stops in one line before any run is read."""
+    from typer.testing import CliRunner
+
+    from mmlab_cli.analysis.flatness import FlatnessSettings
+    from mmlab_cli.main import app
+
+    s = FlatnessSettings().check()
+    assert (s.fgap_radii, s.fgap_relative, s.fgap_normalize) == ([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3], True, "block")
+    assert FlatnessSettings(fgap_relative=False).check().fgap_radii == [float(r) for r in range(0, 65, 5)]
+    bad = CliRunner().invoke(app, ["flatness", str(tmp_path / "run"), "--fgap-absolute", "--fgap-normalize", "layer"])
+    assert bad.exit_code == 2 and "--fgap-normalize layer: choose block, filter, none" in bad.output
 
 
 def test_landscape_directions_grid_and_cache(setup, tmp_path):

@@ -11,6 +11,8 @@ from scipy.spatial.distance import cdist
 from typer.testing import CliRunner
 
 from conftest import tiny_config
+from mmlab_cli.analysis import geometry_metrics as gm
+from mmlab_cli.analysis.ati import paper_fusions
 from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, compare, geometry
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.fit import train
@@ -77,8 +79,9 @@ def test_outputs_and_metrics_match_the_stored_embeddings(runs):
     assert pair["recall_forward@1"] == pytest.approx(forward_r1)
     assert pair["recall@1"] == pytest.approx((forward_r1 + backward_r1) / 2)
     assert pair["recall@10"] >= pair["recall@5"] >= pair["recall@1"]
-    for m in ("image", "audio"):  # concat fusion is affine: first-order ATI error is round-off
-        assert stored["ati"][m]["relative_error"] < 1e-5 < stored["ati"][m]["relative_error_diag"]
+    assert stored["schema"] == "mmlab.geometry/2" and stored["ati_map"] == "fusion+head"
+    for m in ("image", "audio"):  # concat + linear head is affine: only the off-diagonal of W_m misses alpha * tau
+        assert stored["ati"][m]["taylor_eps_rel"] < 1e-5 < stored["ati"][m]["eps_rel"]
         assert 1 <= stored["modality"][m]["effective_rank"] <= 16
 
 
@@ -96,16 +99,44 @@ def test_three_modalities_and_unimodal(runs):
     three = analyse_run(load_run(runs / "three"), GeometrySettings(**SETTINGS), CPU)
     assert list(three["pairs"]) == ["image|audio", "image|depth", "audio|depth"]
     assert set(three["ati"]) == {"image", "audio", "depth"}
-    assert all(r["relative_error"] < 1e-5 for r in three["ati"].values())  # sum fusion: affine too
+    assert all(r["taylor_eps_rel"] < 1e-5 for r in three["ati"].values())  # sum fusion + head: affine too
+    assert set(three["ati_paper"]["additive"]) == {"image|audio", "audio|image", "image|depth", "depth|image",
+                                                   "audio|depth", "depth|audio"}
     uni = analyse_run(load_run(runs / "uni"), GeometrySettings(**SETTINGS), CPU)
-    assert list(uni["modality"]) == ["audio"] and uni["pairs"] == {} and uni["ati"] == {}
+    assert list(uni["modality"]) == ["audio"] and uni["pairs"] == {} and uni["ati"] == {} == uni["ati_paper"]
     assert not (runs / "uni" / "geometry_cosine.png").exists() and (runs / "uni" / "geometry_tsne.png").is_file()
     # the report reads these files as they are: one run per group, so each cell is the value itself
     tables = {t.spec.name: t.numbers for t in write_report(runs)[0]}
     row = tables["geometry"].set_index("modalities").loc["image+audio+depth"]
     assert row["variance depth mean"] == pytest.approx(three["modality"]["depth"]["variance"])
     assert row["W2² audio|depth mean"] == pytest.approx(three["pairs"]["audio|depth"]["wasserstein2_sq"])
-    assert tables["ati"].set_index("modalities").loc["audio", "rel. error audio n"] == 0  # unimodal: no ATI
+    assert tables["ati"].set_index("modalities").loc["audio", "ε_rel audio n"] == 0  # unimodal: no ATI
+    row = tables["ati"].set_index("modalities").loc["image+audio+depth"]
+    paper = three["ati_paper"]["concat_mlp"]["audio|depth"]
+    assert row["ε_rel concat_mlp audio|depth mean"] == pytest.approx(paper["eps_rel"])
+
+
+def test_the_papers_fusion_networks_of_table_13():
+    """Seeded random networks at size d; on random unit u, v (near-orthogonal at d = 64) the additive fusion has
+    ||u + v|| ~ sqrt(2) (Table 13: 1.4103) and Delta_error 0; concat + linear and the one-token cross-attention
+    are affine in v (J tau exact, u plays no part in the attention); the ReLU MLP is not diagonal either."""
+    state = torch.random.get_rng_state()
+    nets, again = paper_fusions(64, seed=0), paper_fusions(64, seed=0)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global generator is left alone
+    assert list(nets) == ["additive", "concat_linear", "concat_mlp", "cross_attention"]
+    for name, net in nets.items():
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again[name].state_dict().values()))
+    assert "cross_attention" not in paper_fusions(60, seed=0)  # 8 heads need d a multiple of 8
+    gen = torch.Generator().manual_seed(0)
+    z = {m: gm.unit(torch.randn(128, 64, generator=gen)).float() for m in "uv"}
+    r = {name: gm.ati_check(lambda e: net([e["u"], e["v"]]), z, "v", tau_scale=0.01) for name, net in nets.items()}
+    assert r["additive"]["feature_norm"] == pytest.approx(2 ** 0.5, rel=0.03) and r["additive"]["delta_error"] < 1e-6
+    for name in ("concat_linear", "cross_attention"):
+        assert r[name]["taylor_error"] < 1e-3 * r[name]["delta_error"] and r[name]["eps_rel"] > 1e-3
+    assert r["concat_mlp"]["eps_rel"] > 1e-3
+    with torch.no_grad():
+        attention = nets["cross_attention"]
+        assert torch.allclose(attention([z["u"], z["v"]]), attention([z["v"].flip(0), z["v"]]), atol=1e-6)
 
 
 def test_command_line(runs):

@@ -113,9 +113,27 @@ def test_ati_of_an_affine_fusion_is_exact_to_first_order(fusion):
     z = {m: torch.randn(64, 6) for m in ("a", "b")}
     for m in ("a", "b"):
         r = gm.ati_check(model.fuse, z, m, tau_scale=0.01)
-        assert r["relative_error"] < 1e-5  # float32 round-off only
-        assert r["shift_norm"] > 1e3 * r["invariance_error"]
-        assert r["relative_error_diag"] > 1e-4  # the head's weight is not diagonal: alpha * tau misses W tau
+        assert r["taylor_eps_rel"] < 1e-5  # float32 round-off only
+        assert r["shift_norm"] > 1e3 * r["taylor_error"]
+        assert r["eps_rel"] > 1e-4  # the head's weight is not diagonal: alpha * tau misses W tau
+
+
+def test_ati_of_a_linear_fusion_with_known_weights():
+    """phi = W [u | v] + b with the v block W_v = c I + s P, P the cyclic shift (zero diagonal, orthogonal):
+    alpha = diag(W_v) = c, so Delta_error = ||s P tau|| = s ||tau|| = s * tau_scale * ||v|| for every row."""
+    d, c, s = 6, 0.5, 0.3
+    model = _fusion("concat", dim=d, classes=d)  # K = d outputs: a square Jacobian
+    with torch.no_grad():
+        model.head.weight[:, d:] = c * torch.eye(d) + s * torch.roll(torch.eye(d), 1, dims=1)
+        z = {"a": torch.randn(64, d), "b": torch.randn(64, d)}
+        norm = float(model.fuse(z).norm(dim=1).mean())
+    r = gm.ati_check(model.fuse, z, "b", tau_scale=0.01)
+    v_norm = float(z["b"].norm(dim=1).mean())
+    assert r["tau_norm"] == pytest.approx(0.01 * v_norm, rel=1e-5)
+    assert r["delta_error"] == pytest.approx(s * 0.01 * v_norm, rel=1e-3)
+    assert r["feature_norm"] == pytest.approx(norm, rel=1e-6)
+    assert r["eps_rel"] == pytest.approx(r["delta_error"] / norm, rel=1e-12)
+    assert r["taylor_error"] < 1e-3 * r["delta_error"]
 
 
 def test_ati_in_a_fresh_process_prints_no_torch_deprecation_warning():
@@ -130,13 +148,21 @@ def test_ati_in_a_fresh_process_prints_no_torch_deprecation_warning():
 def test_ati_of_addition_is_exact_with_the_diagonal_and_nonlinear_error_is_second_order():
     z = {m: torch.randn(64, 6) for m in ("u", "v")}
     add = gm.ati_check(lambda e: e["u"] + e["v"], z, "v")  # the paper's additive fusion: alpha = 1
-    assert add["invariance_error_diag"] < 1e-6 and add["invariance_error"] < 1e-6
+    assert add["delta_error"] < 1e-6 and add["taylor_error"] < 1e-6 and add["eps_rel"] < 1e-6
+    assert add["feature_norm"] == pytest.approx(float((z["u"] + z["v"]).norm(dim=1).mean()), rel=1e-6)
+    assert add["shift_norm"] == pytest.approx(add["tau_norm"], rel=1e-4)  # phi(u, v + tau) - phi(u, v) = tau
+    # an elementwise map has a diagonal Jacobian: alpha * tau = J tau, so both errors are the same remainder,
+    # whether diag(J) is taken one basis vector per pass or all at once
+    elementwise = [gm.ati_check(lambda e: e["u"] * torch.tanh(3 * e["v"]), z, "v", chunk=c) for c in (1, 1 << 22)]
+    for r in elementwise:
+        assert r["taylor_error"] > 1e-5 and r["delta_error"] == pytest.approx(r["taylor_error"], rel=1e-4)
+    assert elementwise[0] == pytest.approx(elementwise[1], rel=1e-5)
     w = torch.randn(6, 12)
 
     def tanh_mlp(e):
         return torch.tanh(torch.cat([e["u"], e["v"]], 1) @ w.T)
 
     small, smaller = (gm.ati_check(tanh_mlp, z, "v", tau_scale=t) for t in (0.02, 0.01))
-    assert small["invariance_error"] > 1e-4
-    assert smaller["invariance_error"] / small["invariance_error"] == pytest.approx(0.25, rel=0.1)
+    assert small["taylor_error"] > 1e-4
+    assert smaller["taylor_error"] / small["taylor_error"] == pytest.approx(0.25, rel=0.1)
 

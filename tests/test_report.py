@@ -31,8 +31,9 @@ def _geometry(var_i, var_a, w2, split="test", extra=0.0):
                          "audio": {"variance": var_a, "effective_rank": 8 + extra, "semantic_margin": 0.25}},
             "pairs": {"image|audio": {"variance_ratio": var_i / var_a, "wasserstein2_sq": w2, "drift": 1 + extra,
                                       "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra}},
-            "ati": {m: {"feature_norm": 3.0 + extra, "invariance_error": 1e-7, "relative_error": 3e-8 + extra,
-                        "relative_error_diag": 0.002} for m in ("image", "audio")}}
+            "ati": {m: {"feature_norm": 3.0 + extra, "delta_error": 1e-7, "eps_rel": 3e-8 + extra}
+                    for m in ("image", "audio")},
+            "ati_paper": {"concat_mlp": {"image|audio": {"eps_rel": 0.01 + extra}}}}
 
 
 def _robustness(clean, pgd, auc):
@@ -306,6 +307,28 @@ def test_refuses_to_average_different_subset_sizes(runs_dir):
         write_report(runs_dir)
     tables, _, _ = write_report(runs_dir, ("dataset", "modalities", "pairing", "regularizer", "seed"))  # apart: fine
     assert len(tables[1].numbers) == 8
+
+
+def test_refuses_to_average_runs_attacked_differently(runs_dir):
+    """Seeds of one method whose PGD preset or radius differ are not averaged, nor a robustness.json from before
+    presets (no preset recorded: Table 11's settings) with one measured with the default preset."""
+    asked = {"attack": "pgd", "preset": "madry", "eps": None, "eps_relative": None, "steps": None,
+             "step_size": None, "random_start": None, "eps_factors": None, "seed": 0}
+
+    def measure(run, **settings):
+        doc = json.loads((runs_dir / run / "robustness.json").read_text())
+        (runs_dir / run / "robustness.json").write_text(json.dumps({**doc, "settings": settings}))
+
+    measure("dml/s0", **asked)
+    measure("dml/s1", **{**asked, "seed": 1, "eps_factors": [0, 1]})  # the seed and a sweep change no number
+    write_report(runs_dir)
+    for other, (key, a, b) in (({"preset": "table11"}, ("preset", "madry", "table11")),
+                               ({"eps_relative": 0.2}, ("eps_relative", None, 0.2)),
+                               ({"preset": None}, ("preset", "madry", None))):
+        measure("dml/s1", **{k: v for k, v in {**asked, **other}.items() if v is not None})
+        with pytest.raises(MmlabError, match=rf"dml/s0/robustness.json was measured with {key} = {a} but "
+                                             rf".*dml/s1/robustness.json with {key} = {b}, "):
+            write_report(runs_dir)
 
 
 def test_columns_without_values_are_left_out(tmp_path):

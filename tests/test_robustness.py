@@ -55,7 +55,7 @@ def test_pgd_linear_loss_closed_form():
     x0 = torch.rand((8, 1, 5, 5), generator=g)
     w = torch.randn((8, 1, 5, 5), generator=g)
     for steps, alpha in ((3, 0.01), (10, 0.05)):
-        s = pgd_settings("image", eps=0.1, steps=steps, step_size=alpha)
+        s = pgd_settings("image", eps=0.1, steps=steps, step_size=alpha, random_start=False)
         x = pgd(lambda v: (w * v).sum(), x0, s)
         expected = (x0 + min(steps * alpha, 0.1) * w.sign()).clamp(0, 1)
         torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
@@ -83,20 +83,76 @@ def test_one_step_pgd_is_fgsm_on_the_full_model(sml):
     x0 = inputs["image"].clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(_full_loss(sml.model, inputs, y, "image", x0), x0)
     expected = (inputs["image"] + 0.05 * grad.sign()).clamp(0, 1)
-    s = pgd_settings("image", eps=0.05, steps=1, step_size=0.5)
+    s = pgd_settings("image", eps=0.05, steps=1, step_size=0.5, random_start=False)
     x = pgd(lambda v: _full_loss(sml.model, inputs, y, "image", v), inputs["image"], s)
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
 
 
-def test_table_11_defaults_and_overrides():
-    img, spec = pgd_settings("image"), pgd_settings("spectrogram")
-    assert (img.steps, img.eps, img.step_size) == (5, 0.1, 0.001)
+def test_presets_and_overrides():
+    img, spec = pgd_settings("image", preset="table11"), pgd_settings("spectrogram", preset="table11")
+    assert (img.steps, img.eps, img.step_size, img.random_start) == (5, 0.1, 0.001, False)
     assert (spec.steps, spec.eps, spec.step_size) == (10, 0.005, 0.001)
-    assert pgd_settings("frames").valid_range == (0.0, 1.0)
-    assert pgd_settings("spectrogram", eps=0.2, steps=3).eps == 0.2
+    assert pgd_settings("frames", preset="table11").valid_range == (0.0, 1.0)
+    assert pgd_settings("spectrogram", eps=0.2, steps=3, preset="table11").eps == 0.2
     # Table 11's image steps stop at T * alpha = 0.005, inside eps = 0.1; the spectrogram's reach eps
     assert img.reach == pytest.approx(0.005) and spec.reach == 0.005
-    assert pgd_settings("image", random_start=True).reach == 0.1
+    assert pgd_settings("image", random_start=True, preset="table11").reach == 0.1
+    # the default: random start, alpha = 2.5 eps / T; unbounded inputs get eps relative to their std
+    img, spec = pgd_settings("image", input_std=0.25), pgd_settings("spectrogram", input_std=4.0)
+    assert (img.preset, img.steps, img.eps, img.step_size, img.random_start) == ("madry", 10, 0.1, 0.025, True)
+    assert img.eps_relative == pytest.approx(0.4) and img.norm == "linf" and img.reach == 0.1
+    assert (spec.eps, spec.eps_relative, spec.input_std) == (pytest.approx(0.4), 0.1, 4.0)
+    assert spec.step_size == pytest.approx(0.1)
+    mine = pgd_settings("spectrogram", eps_relative=0.5, steps=5, input_std=4.0)
+    assert (mine.eps, mine.step_size) == (pytest.approx(2.0), pytest.approx(1.0))
+    assert pgd_settings("features", eps=0.3, step_size=0.01, input_std=2.0).eps_relative == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("kind", ["image", "spectrogram"])
+def test_default_preset_reaches_the_linear_worst_case_table_11_cannot(kind):
+    """Two classes, logits (w.x + b, 0): for every x the L-inf worst case within eps is x0 - eps sign(w) for a
+    sample of class 0, so the margin falls by exactly eps ||w||_1. The default preset (random start anywhere in the
+    ball, T alpha = 2.5 eps) reaches it; Table 11's steps move at most T alpha per entry, so its margin falls by
+    T alpha ||w||_1, less than eps ||w||_1 whenever T alpha < eps (images: 0.005 < 0.1)."""
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.3 + 0.4 * torch.rand((6, 50), generator=g, dtype=torch.float64)  # the pixel clamp never acts
+    w = torch.randn(50, generator=g, dtype=torch.float64)
+    y = torch.zeros(6, dtype=torch.long)
+
+    def loss(x):
+        return F.cross_entropy(torch.stack([x @ w + 0.1, torch.zeros(len(x), dtype=x.dtype)], 1), y, reduction="sum")
+
+    for preset in ("madry", "table11"):
+        s = pgd_settings(kind, preset=preset, input_std=0.2)
+        x = pgd(loss, x0, s, torch.Generator().manual_seed(1))
+        drop = (x0 - x) @ w
+        if preset == "madry":
+            torch.testing.assert_close(drop, torch.full_like(drop, s.eps * w.abs().sum().item()), rtol=1e-9, atol=0)
+            torch.testing.assert_close(x, x0 - s.eps * w.sign(), rtol=0, atol=1e-12)
+        else:
+            reach = s.steps * s.step_size
+            torch.testing.assert_close(drop, torch.full_like(drop, min(reach, s.eps) * w.abs().sum().item()),
+                                       rtol=1e-9, atol=0)
+            if kind == "image":
+                assert reach < s.eps and drop.max().item() < 0.1 * s.eps * w.abs().sum().item()
+
+
+def test_default_attack_records_its_settings_and_the_input_std(sml):
+    """The default attack on the trained model: images at eps 0.1, audio at 0.1 x the std of its test inputs
+    (computed here from the arrays), both reaching the eps-ball's surface, every setting in the result."""
+    r = robustness(sml.model, sml.dataset, RobustnessSettings(**FEW, samples=16), CPU)
+    split = sml.dataset.split("test")
+    idx = subset_indices(len(split), 16, 0)
+    for m in ("image", "audio"):
+        std = to_tensor(np.array(split.arrays[m][idx]), CPU).double().std().item()
+        a = r["pgd"][m]["settings"]
+        assert (a["preset"], a["steps"], a["random_start"], a["norm"]) == ("madry", 10, True, "linf")
+        assert a["input_std"] == pytest.approx(std, rel=1e-9)
+        assert a["eps"] == pytest.approx(0.1 if m == "image" else 0.1 * std, rel=1e-9)
+        assert a["eps_relative"] == pytest.approx(a["eps"] / std, rel=1e-9)
+        assert a["step_size"] == pytest.approx(2.5 * a["eps"] / 10, rel=1e-9)
+        assert r["pgd"][m]["max_abs_delta"] == pytest.approx(a["eps"], rel=1e-5)
+    assert r["settings"]["preset"] == "madry" and r["settings"]["random_start"] is None  # asked: the preset's
 
 
 def test_clean_accuracy_eps_zero_and_loss_increase(sml):
@@ -216,7 +272,7 @@ def _direct(run_dir, result):
 def test_cli_writes_files_compares_and_reuses(runs):
     cli = CliRunner()
     args = ["robustness", str(runs / "sml"), str(runs / "audio_only"), "--severity", "0,0.5,1", "--samples", "24",
-            "--corruption", "missing-zero,audio-noise,cutout", "--steps", "2",
+            "--corruption", "missing-zero,audio-noise,cutout", "--pgd-preset", "table11", "--steps", "2",
             "--eps-sweep", "--eps-factors", "0,1,2", "--device", "cpu"]
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -280,7 +336,10 @@ def test_cli_writes_files_compares_and_reuses(runs):
 @pytest.mark.parametrize("flags,message", [(["--modality", "lidar"], "no run has it"),
                                            (["--severity", "0,2"], "levels must be"),
                                            (["--corruption", "blur"], "unknown"),
-                                           (["--attack", "cw"], "choose pgd or none")])
+                                           (["--attack", "cw"], "choose pgd or none"),
+                                           (["--pgd-preset", "fgsm"], "choose madry or table11"),
+                                           (["--eps", "0.1", "--pgd-eps-relative", "0.2"], "give one of them"),
+                                           (["--steps", "-1"], "--steps -1: must be >= 0")])
 def test_cli_errors_are_one_line(runs, flags, message):
     res = CliRunner().invoke(app, ["robustness", str(runs / "sml"), "--device", "cpu", *flags])
     assert res.exit_code == 2

@@ -4,7 +4,9 @@ Every corruption takes a *level* s in [0, 1] (0 = clean, 1 = full strength), so 
 different corruptions share one x-axis; `Corruption.value(s)` is the physical parameter it
 stands for (a probability, a noise scale, an SNR in dB, a fraction). Inputs are batches
 [B, *sample_shape] in the data's own units, as the loader gives them (images in [0, 1],
-spectrograms as log-magnitudes [C, freq, time], frames as [T, C, H, W]).
+spectrograms as log-magnitudes [C, freq, time], frames as [T, C, H, W], sequences as [L, 1 + D]
+with the mask in channel 0). A sequence is corrupted in the features of its real steps only: its
+mask and its padding are kept (`on_steps`), so a corruption never turns padding into data.
 
 Masked values are set to the modality's training mean (a scalar from the manifest), which the
 encoder's Standardize layer maps to 0: the same convention as Cutout and SpecAugment, which
@@ -16,7 +18,7 @@ noise draw (common random numbers): curves are smooth and level 0 is the identit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -106,6 +108,18 @@ def feature_dropout(x: torch.Tensor, ratio: float, spec: ModalitySpec, gen: torc
     return x.masked_fill(_rand(x.shape, x, gen) < ratio, spec.mean)
 
 
+def on_steps(apply: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`apply` restricted, for a sequence modality, to the features of its real steps."""
+    def corrupt(x, value, spec, mean, gen):
+        if spec.kind != "sequence":
+            return apply(x, value, spec, mean, gen)
+        mask, features = x[..., :1], x[..., 1:]
+        changed = apply(features, value, spec, None if mean is None else mean[..., 1:], gen)
+        return torch.cat([mask, torch.where(mask > 0.5, changed, features)], dim=-1)
+
+    return corrupt
+
+
 @dataclass(frozen=True)
 class Corruption:
     name: str
@@ -120,8 +134,8 @@ def _snr_db(level: float) -> float:
     return math.inf if level == 0 else SNR_AT_LEVEL_0_DB * (1 - level)
 
 
-CONTINUOUS = ("image", "spectrogram", "frames", "features")  # text tokens are discrete: not corrupted
-CORRUPTIONS = {c.name: c for c in (
+CONTINUOUS = ("image", "spectrogram", "frames", "features", "sequence")  # text tokens are discrete: not corrupted
+CORRUPTIONS = {c.name: replace(c, apply=on_steps(c.apply)) for c in (
     Corruption("missing-zero", CONTINUOUS, "p (probability the modality is zeros)",
                r"$p$ (probability missing)",
                lambda x, v, spec, mean, gen: missing(x, v, torch.zeros((), device=x.device), gen)),

@@ -30,7 +30,7 @@ from mmlab_cli.analysis.hessian import (HessianVectorProduct, lambda_star, pyhes
                                         spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import landscape
 from mmlab_cli.analysis.lossfn import LossParams, block_names, encoder_block, loss_params, losses_at
-from mmlab_cli.analysis.perturb import NORMALIZATIONS, fgap, lpf
+from mmlab_cli.analysis.perturb import FGAP_NORMALIZATIONS, NORMALIZATIONS, fgap, lpf
 from mmlab_cli.analysis.stability import over, stability
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
@@ -48,8 +48,8 @@ EVAL_MODE = ("model.eval(): BatchNorm uses its running statistics (buffers, neve
              "every metric is the exact mean fused cross-entropy over the subset")
 EXCLUDED = ("trainable parameters the fused loss has no gradient for: the per-modality probe heads, trained on "
             "detached embeddings, never enter the fused loss")
-FGAP_RADII = tuple(float(r) for r in range(0, 65, 5))  # SWAD: 0..60 step 5
-FGAP_RELATIVE_RADII = tuple(round(0.05 * i, 2) for i in range(13))  # 0..0.6 x ||theta||
+FGAP_RADII = tuple(float(r) for r in range(0, 65, 5))  # SWAD: 0..60 step 5 (absolute, --fgap-absolute)
+FGAP_RELATIVE_RADII = tuple(round(0.05 * i, 2) for i in range(7))  # 0..0.3 x ||theta|| (the default)
 ABSENCE = {"mean": "the train split's mean input of the modality (every sample gets the same average input)",
            "zero": "zeros (in the loader's units: pixels in [0, 1], spectrogram values as stored)",
            "none": "not measured"}
@@ -78,8 +78,9 @@ class FlatnessSettings:
     lpf_draws: int = 100
     lpf_normalize: str = "filter"  # filter | none
     fgap_directions: int = 100
-    fgap_radii: list[float] | None = None  # None: FGAP_RADII, or FGAP_RELATIVE_RADII with fgap_relative
-    fgap_relative: bool = False
+    fgap_radii: list[float] | None = None  # None: FGAP_RELATIVE_RADII, or FGAP_RADII when absolute
+    fgap_relative: bool = True
+    fgap_normalize: str = "block"  # block | filter | none (perturb.py)
     grid: int = 21
     span: float = 1.0
     landscape_dims: list[int] = field(default_factory=lambda: [1, 2])
@@ -100,6 +101,8 @@ class FlatnessSettings:
             raise MmlabError(f"--absent {self.absent}: choose {', '.join(ABSENCE)}")
         if self.lpf_normalize not in NORMALIZATIONS:
             raise MmlabError(f"--lpf-normalize {self.lpf_normalize}: choose {' or '.join(NORMALIZATIONS)}")
+        if self.fgap_normalize not in FGAP_NORMALIZATIONS:
+            raise MmlabError(f"--fgap-normalize {self.fgap_normalize}: choose {', '.join(FGAP_NORMALIZATIONS)}")
         positive = {"--batch-size": self.batch_size, "--chunk": self.chunk or 1, "--top-k": self.top_k,
                     "--max-steps": self.max_steps, "--probe-batch": self.probe_batch or 1,
                     "--density-steps": self.density_steps, "--density-runs": self.density_runs,
@@ -141,7 +144,7 @@ class FlatnessSettings:
         keys = {"hessian": ("backend", "top_k", "tol", "max_steps", "trace_probes", "density", "density_steps",
                             "density_runs", "blocks", "absent"),
                 "lpf": ("lpf_sigma", "lpf_draws", "lpf_normalize", "absent"),
-                "fgap": ("fgap_directions", "fgap_radii", "fgap_relative"),
+                "fgap": ("fgap_directions", "fgap_radii", "fgap_relative", "fgap_normalize"),
                 "landscape": ("grid", "span", "landscape_dims")}[metric]
         return {k: getattr(self, k) for k in keys}
 
@@ -267,7 +270,7 @@ def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSett
                            load_subset(dataset, split, s.samples, s.seed, s.batch_size, device)
                            for split in ("train", "test")}
                 block = fgap(model, subsets, lp, s.fgap_radii, s.fgap_directions, s.fgap_relative, s.seed, s.chunk,
-                             advance)
+                             advance, s.fgap_normalize)
                 block["indices"] = {split: sub.indices.tolist() for split, sub in subsets.items()}
             else:
                 block = landscape(model, subset, lp, tuple(s.landscape_dims), s.grid, s.span, s.seed, cache_dir,
@@ -449,7 +452,8 @@ def markdown(result: dict) -> str:
     if "fgap" in result:
         f = result["fgap"]
         lines += [f"## F_gap ({f['directions']} random unit directions per radius"
-                  f"{', radii x ||theta||' if f['relative'] else ''})", "",
+                  f"{', radii x ||theta||' if f['relative'] else ''}, normalisation "
+                  f"'{f.get('normalize', 'none')}')", "",
                   to_markdown(_frame([{k: _fmt(v) for k, v in row.items()} for row in fgap_rows(result)]))]
     lines += ["Files: " + ", ".join(result.get("files", [])), ""]
     return "\n".join(lines)

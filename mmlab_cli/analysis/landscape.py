@@ -2,10 +2,10 @@
 
 A direction d has the shape of theta. Every filter of a weight with two or more dimensions (a
 conv output channel, a linear row) is a Gaussian draw rescaled to the norm of that filter of theta:
-d_c <- d_c * ||theta_c|| / ||d_c||. Biases and BatchNorm parameters (one-dimensional) get zero:
-the loss-landscape repository's defaults normalise them too, which divides by zero-norm "filters"
-and gives NaN. The surface is L(theta + a d1) on a 1-D grid and L(theta + a d1 + b d2) on a 2-D grid,
-a, b in [-span, span]. Directions are cached in the run directory under a key of the checkpoint's
+d_c <- d_c * ||theta_c|| / ||d_c||. Biases and BatchNorm parameters (one-dimensional) get zero, as
+with the loss-landscape repository's `--xignore biasbn` (without it, that code sets them to a copy of
+the weights). The surface is L(theta + a d1) on a 1-D grid and L(theta + a d1 + b d2) on a 2-D grid,
+a, b in [-span, span]; the result records the normalisation, grid, span, seed and directions file. Directions are cached in the run directory under a key of the checkpoint's
 bytes, the seed, the settings and the dimension, so a 1-D and a 2-D request never share a file
 (the 1-D direction is drawn from the same stream as the 2-D d1, so it is the 2-D plot's x axis).
 """

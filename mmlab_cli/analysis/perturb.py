@@ -8,22 +8,33 @@ as they are). Perturbed weights go through `losses_at`, so the model itself is n
   Delta_LPF = L_LPF - L. With normalize="filter" (the default, as their code normalises the network
   before measuring) s is the size ||w_c|| + |b_c| of the filter c an entry belongs to, which is the
   same as adding N(0, sigma^2) to the weights of the filter-normalised network; "none" uses s = 1.
-- F_gap: F(gamma) = mean over K random unit directions u of |L(theta + gamma u) - L(theta)|, u uniform
-  on the unit sphere of all loss parameters, the same directions for every radius and split.
+- F_gap: F(gamma) = mean over K random unit directions u of |L(theta + gamma u) - L(theta)|, the same
+  directions for every radius and split. With `relative`, gamma = radius * ||theta||. The direction's
+  normalisation decides how a radius is shared between the parts of theta:
+  "none" (SWAD): u uniform on the unit sphere of all of theta, so a block of n_b of the n parameters gets
+  about gamma sqrt(n_b / n), whatever its own size; "block": each block b (one per modality encoder, one
+  for the fusion head) gets a uniform direction of norm ||theta_b|| / ||theta||, so ||gamma u_b|| =
+  radius * ||theta_b|| exactly with relative radii: every encoder moves by the same fraction of itself
+  in a unimodal and a multimodal model, and ||u|| = 1; "filter" (Li et al. 2018): the landscape's
+  filter-normalised direction over ||theta||, every filter c of a weight moving by radius * ||theta_c||
+  and biases/BN parameters not at all (so ||u|| <= 1).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from mmlab_cli.analysis.common import Subset
+from mmlab_cli.analysis.landscape import filter_normalized
 from mmlab_cli.analysis.lossfn import Advance, LossParams, generator, losses_at
 
 NORMALIZATIONS = ("filter", "none")
+FGAP_NORMALIZATIONS = ("block", "filter", "none")
 
 
 def _stderr(values: np.ndarray) -> float | None:
@@ -51,25 +62,62 @@ def lpf(model: nn.Module, subset: Subset, lp: LossParams, sigma: float = 0.01, d
             "normalize": normalize}
 
 
+def parameter_blocks(lp: LossParams) -> dict[str, torch.Tensor]:
+    """Entries of theta per block: `encoders.<modality>` for each encoder, the first name part otherwise
+    (the fusion head). {block: index tensor [n_b] on theta's device}, in the order the blocks first appear."""
+    names = [".".join(n.split(".")[:2]) if n.startswith("encoders.") else n.split(".")[0] for n in lp.names]
+    order = list(dict.fromkeys(names))
+    owner = torch.repeat_interleave(torch.tensor([order.index(n) for n in names]), torch.tensor(lp.sizes))
+    return {b: torch.nonzero(owner == i)[:, 0].to(lp.params[0].device) for i, b in enumerate(order)}
+
+
+def fgap_direction(lp: LossParams, theta: torch.Tensor, blocks: dict[str, torch.Tensor], normalize: str,
+                   gen: torch.Generator) -> torch.Tensor:
+    """One random direction u [n] normalised as `normalize` says (module docstring)."""
+    if normalize == "filter":
+        return filter_normalized(lp, gen).to(theta) / theta.norm()
+    g = torch.randn(theta.numel(), generator=gen).to(theta)
+    if normalize == "none":
+        return g / g.norm()
+    u = torch.empty_like(g)
+    for idx in blocks.values():
+        u[idx] = g[idx] * (theta[idx].norm() / g[idx].norm())
+    return u / theta.norm()
+
+
+LossAt = Callable[[torch.Tensor], torch.Tensor]  # parameter vectors [P, n] -> mean losses [P]
+
+
 def fgap(model: nn.Module, subsets: dict[str, Subset], lp: LossParams, radii: list[float], directions: int = 100,
-         relative: bool = False, seed: int = 0, chunk: int = 1, advance: Advance | None = None) -> dict:
-    """F(gamma) on each subset; with `relative`, gamma = radius * ||theta||."""
+         relative: bool = False, seed: int = 0, chunk: int = 1, advance: Advance | None = None,
+         normalize: str = "none") -> dict:
+    """F(gamma) of the model's fused loss on each subset (defaults: SWAD's absolute radii on the unit sphere)."""
+    losses = {s: (lambda thetas, sub=sub: losses_at(model, sub, lp, thetas, chunk)[0]) for s, sub in subsets.items()}
+    return fgap_curves(losses, lp, radii, directions, relative, normalize, seed, advance)
+
+
+def fgap_curves(losses: dict[str, LossAt], lp: LossParams, radii: list[float], directions: int = 100,
+                relative: bool = False, normalize: str = "none", seed: int = 0,
+                advance: Advance | None = None) -> dict:
+    """F(gamma) of each named loss function of theta = lp.flat(); with `relative`, gamma = radius * ||theta||."""
     theta = lp.flat()
     norm = theta.norm().item()
+    blocks = parameter_blocks(lp)
     gammas = np.asarray(radii, dtype=np.float64) * (norm if relative else 1.0)
     moving = np.flatnonzero(gammas != 0)  # F(0) = 0 exactly
     steps = torch.as_tensor(gammas[moving], dtype=theta.dtype, device=theta.device)[:, None]
-    base = {s: losses_at(model, sub, lp, theta[None])[0].item() for s, sub in subsets.items()}
-    gaps = {s: np.zeros((directions, len(gammas))) for s in subsets}
+    base = {s: loss(theta[None])[0].item() for s, loss in losses.items()}
+    gaps = {s: np.zeros((directions, len(gammas))) for s in losses}
     gen = generator(seed, "fgap")
     for d in range(directions):
-        u = torch.randn(theta.numel(), generator=gen).to(theta)
-        thetas = theta + steps * (u / u.norm())
-        for s, sub in subsets.items():
-            gaps[s][d, moving] = np.abs(losses_at(model, sub, lp, thetas, chunk)[0].cpu().numpy() - base[s])
+        thetas = theta + steps * fgap_direction(lp, theta, blocks, normalize, gen)
+        for s, loss in losses.items():
+            gaps[s][d, moving] = np.abs(loss(thetas).cpu().numpy() - base[s])
         if advance:
             advance(1)
-    return {"radii": list(map(float, radii)), "relative": relative, "theta_norm": norm,
+    return {"radii": list(map(float, radii)), "relative": relative, "normalize": normalize, "theta_norm": norm,
+            "blocks": {b: {"params": len(idx), "theta_norm": theta[idx].norm().item()}
+                       for b, idx in blocks.items()},
             "gamma": gammas.tolist(), "directions": directions,
             "splits": {s: {"loss": base[s], "F": g.mean(0).tolist(),
                            "F_stderr": [_stderr(col) for col in g.T]} for s, g in gaps.items()}}

@@ -1,7 +1,10 @@
 """Robustness of a trained late-fusion model, one modality at a time, the others clean.
 
 - PGD (the DML paper's Appendix C.6, Tables 11-12): clean accuracy, accuracy under an L-inf
-  attack on one modality's input, and the drop rate (clean - perturbed) / clean x 100.
+  attack on one modality's input, and the drop rate (clean - perturbed) / clean x 100. The attack's
+  settings come from a preset (attacks.py: a default that reaches eps, or Table 11's exactly); a
+  relative eps is measured against the attacked input's std over the evaluated subset. Every
+  attacked modality records the settings it was attacked with.
 - Corruptions (the DAGR paper's Appendix D.2): accuracy vs severity level in [0, 1] per
   corruption, summarised by the area under that curve (MultiBench's relative robustness).
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from mmlab_cli import figures
 from mmlab_cli.analysis import robustness_plots as plots
-from mmlab_cli.analysis.attacks import NOT_ATTACKED, PGDSettings, pgd, pgd_settings
+from mmlab_cli.analysis.attacks import DEFAULT_PRESET, NOT_ATTACKED, PRESETS, PGDSettings, pgd, pgd_settings
 from mmlab_cli.analysis.common import Subset, load_subset, reusable_result, run_identity
 from mmlab_cli.analysis.corruptions import CORRUPTIONS
 from mmlab_cli.console import progress
@@ -35,7 +38,7 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
 from mmlab_cli.tables import to_markdown
 
-SCHEMA = "mmlab.robustness/1"
+SCHEMA = "mmlab.robustness/2"  # 2: PGD presets (/1 files were all Table 11 without a preset name)
 DEFAULT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -43,10 +46,12 @@ DEFAULT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 class RobustnessSettings:
     attack: str = "pgd"  # pgd | none
     modalities: list[str] | None = None  # None: every modality of the model
-    eps: float | None = None  # None: Table 11's value for the modality's kind (likewise steps, step_size)
+    preset: str = DEFAULT_PRESET  # what eps, steps, step_size and random_start left None are (attacks.PRESETS)
+    eps: float | None = None  # absolute, in the input's units
+    eps_relative: float | None = None  # times the attacked input's std over the subset (give eps or this)
     steps: int | None = None
     step_size: float | None = None
-    random_start: bool = False
+    random_start: bool | None = None
     eps_factors: list[float] | None = None  # eps sweep as multiples of each modality's eps; None: no sweep
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
     levels: list[float] = field(default_factory=lambda: list(DEFAULT_LEVELS))
@@ -58,6 +63,14 @@ class RobustnessSettings:
     def check(self) -> "RobustnessSettings":
         if self.attack not in ("pgd", "none"):
             raise MmlabError(f"--attack {self.attack}: choose pgd or none")
+        if self.preset not in PRESETS:
+            raise MmlabError(f"--pgd-preset {self.preset}: choose {' or '.join(PRESETS)}")
+        if self.eps is not None and self.eps_relative is not None:
+            raise MmlabError("--eps and --pgd-eps-relative: give one of them (an absolute or a relative radius)")
+        for flag, value in {"--eps": self.eps, "--pgd-eps-relative": self.eps_relative, "--steps": self.steps,
+                            "--step-size": self.step_size}.items():
+            if value is not None and value < 0:
+                raise MmlabError(f"{flag} {value}: must be >= 0")
         unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
         if unknown:
             raise MmlabError(f"--corruption {unknown[0]}: unknown; choose from {', '.join(CORRUPTIONS)}, all or none")
@@ -120,6 +133,25 @@ class _Scorer:
         return {"acc": 100.0 * correct / self.subset.size, "loss": loss / self.subset.size, "max_abs_delta": delta}
 
 
+def real_steps(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """x with the mask channel and the padded steps of the sequence x0 ([..., L, 1 + D], mask in channel 0): an
+    attack on a sequence moves only the features of its real steps, whatever its eps or random start."""
+    mask = x0[..., :1]
+    return torch.cat([mask, torch.where(mask > 0.5, x[..., 1:], x0[..., 1:])], dim=-1)
+
+
+def input_std(subset: Subset, modality: str, kind: str = "") -> float:
+    """Sample standard deviation of every entry of a modality's inputs over the subset (of a sequence: the features
+    of its real steps), in float64 and two passes over the batches (torch.std of one concatenated tensor would
+    hold the whole split in float64 at once)."""
+    xs = [inputs[modality] for inputs, _ in subset.batches]
+    if kind == "sequence":
+        xs = [x[..., 1:][x[..., 0] > 0.5] for x in xs]
+    n = sum(x.numel() for x in xs)
+    mean = sum(x.double().sum() for x in xs) / n
+    return (sum(((x.double() - mean) ** 2).sum() for x in xs) / max(n - 1, 1)).sqrt().item()
+
+
 def _channels_last(model: LateFusion) -> LateFusion:
     """A channels-last copy of a convolutional model: the same function, about 1.4x less CPU time per
     convolution (oneDNN; tensor cores on CUDA). Other models are returned as they are."""
@@ -129,33 +161,35 @@ def _channels_last(model: LateFusion) -> LateFusion:
 
 
 def _plan(model: LateFusion, dataset: PreparedDataset, s: RobustnessSettings):
-    """Which modalities get PGD (with what settings) and which corruptions, and what is skipped and why."""
+    """Which modalities get PGD and which corruptions, and what is skipped and why."""
     modalities = list(model.modalities) if s.modalities is None else s.modalities
     for m in modalities:
         if m not in model.modalities:
             raise MmlabError(f"--modality {m}: not in this model; it has {', '.join(model.modalities)}")
     kinds = {m: dataset.specs[m].kind for m in model.modalities}
-    attacks, curves, skipped = {}, {}, []
+    attacked, curves, skipped = [], {}, []
     for m in modalities if s.attack == "pgd" else []:
         if kinds[m] in NOT_ATTACKED:
             skipped.append({"modality": m, "test": "pgd", "reason": NOT_ATTACKED[kinds[m]]})
         else:
-            attacks[m] = pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start)
+            attacked.append(m)
     for m in modalities:
         for name in s.corruptions:
             if kinds[m] in CORRUPTIONS[name].kinds:
                 curves.setdefault(m, []).append(name)
             else:
                 skipped.append({"modality": m, "test": name, "reason": f"does not apply to {kinds[m]} inputs"})
-    return modalities, kinds, attacks, curves, skipped
+    return modalities, kinds, attacked, curves, skipped
 
 
 def _pgd_point(score: _Scorer, modality: str, a: PGDSettings, gen: torch.Generator, clean_acc: float,
-               factor: float) -> dict:
+               factor: float, kind: str) -> dict:
     model = score.model
 
     def attack(x0, y, z):
-        return pgd(lambda x: F.cross_entropy(_logits(model, z, modality, x), y, reduction="sum"), x0, a, gen)
+        keep = (lambda x: real_steps(x, x0)) if kind == "sequence" else (lambda x: x)
+        return keep(pgd(lambda x: F.cross_entropy(_logits(model, z, modality, keep(x)), y, reduction="sum"),
+                        x0, a, gen))
 
     r = score(modality, attack, cost=max(a.steps, 1))
     return {"factor": factor, "eps": a.eps, "step_size": a.step_size, "acc": r["acc"], "loss": r["loss"],
@@ -166,10 +200,12 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
                device: torch.device) -> dict:
     """Clean accuracy, PGD per modality and corruption curves per modality (see the module docstring)."""
     s = settings.check()
-    modalities, kinds, attacks, curves, skipped = _plan(model, dataset, s)
+    modalities, kinds, attacked, curves, skipped = _plan(model, dataset, s)
     model = _channels_last(model).eval()
     start = time.perf_counter()
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
+    attacks = {m: pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start, s.preset, s.eps_relative,
+                               input_std(subset, m, kinds[m])) for m in attacked}  # a relative eps needs the std
     factors = [1.0] + list(s.eps_factors or [])  # 1.0: the attack itself, then the sweep
     work = (1 + sum(len(factors) * max(a.steps, 1) for a in attacks.values())
             + len(s.levels) * sum(map(len, curves.values())))
@@ -183,7 +219,7 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
             for factor in factors:
                 bar.update(task, description=f"PGD {m} x{factor:g}")
                 gen = _generator(device, s.seed, m, "pgd")  # the same random start at every eps
-                points.append(_pgd_point(score, m, base.scaled(factor), gen, clean["acc"], factor))
+                points.append(_pgd_point(score, m, base.scaled(factor), gen, clean["acc"], factor, kinds[m]))
             result_pgd[m] = {"clean_acc": clean["acc"], "perturbed_acc": points[0]["acc"],
                              "drop_rate": points[0]["drop_rate"], "clean_loss": clean["loss"],
                              "perturbed_loss": points[0]["loss"], "max_abs_delta": points[0]["max_abs_delta"],
@@ -264,8 +300,12 @@ def markdown(result: dict) -> str:
              f"Clean accuracy {result['clean']['acc']:.2f} %.", ""]
     if result["pgd"]:
         lines += ["## PGD, one modality perturbed, the others clean (the DML paper's Table 12)", "",
-                  to_markdown(_frame([{"modality": m, "kind": result["modalities"][m], "T": r["settings"]["steps"],
-                                       "eps": r["settings"]["eps"], "alpha": r["settings"]["step_size"],
+                  to_markdown(_frame([{"modality": m, "kind": result["modalities"][m],
+                                       "preset": r["settings"]["preset"], "T": r["settings"]["steps"],
+                                       "eps": f"{r['settings']['eps']:.4g}",
+                                       "eps / input std": _fmt(r["settings"]["eps_relative"], 4),
+                                       "alpha": f"{r['settings']['step_size']:.4g}",
+                                       "random start": r["settings"]["random_start"],
                                        "clean acc": _fmt(r["clean_acc"]), "perturbed acc": _fmt(r["perturbed_acc"]),
                                        "drop rate (%)": _fmt(r["drop_rate"])} for m, r in result["pgd"].items()]))]
         sweep = [{"modality": m, "eps factor": p["factor"], "eps": f"{p['eps']:g}", "acc": _fmt(p["acc"])}

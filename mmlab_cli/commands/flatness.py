@@ -49,9 +49,14 @@ def flatness(
     lpf_normalize: str = typer.Option("filter", help="filter: noise per filter scaled by ||w_c|| + |b_c| (their "
                                       "normalised network, the default) | none: N(0, sigma^2) on raw weights."),
     fgap_directions: int = typer.Option(100, help="F_gap random unit directions K per radius."),
-    fgap_radii: Optional[str] = typer.Option(None, help="F_gap radii, e.g. 0:60:5 (default, SWAD) or 0,1,2; "
-                                             "with --fgap-relative, fractions of ||theta|| (default 0:0.6:0.05)."),
-    fgap_relative: bool = typer.Option(False, "--fgap-relative", help="Radii relative to ||theta||."),
+    fgap_radii: Optional[str] = typer.Option(None, help="F_gap radii, e.g. 0:0.3:0.05 or 0,0.1,0.2: fractions of "
+                                             "||theta|| (default 0:0.3:0.05); with --fgap-absolute, weight-space "
+                                             "distances (default 0:60:5, SWAD)."),
+    fgap_relative: bool = typer.Option(True, "--fgap-relative/--fgap-absolute",
+                                       help="Radii as fractions of ||theta|| (default) or absolute distances."),
+    fgap_normalize: str = typer.Option("block", help="F_gap directions: block (each encoder and the head moves by "
+                                       "the same fraction of its own norm, the default) | filter (Li et al.'s "
+                                       "filter normalisation) | none (uniform on the unit sphere, SWAD)."),
     grid: int = typer.Option(21, help="Landscape grid points per axis on [-span, span] (21: 21x21 in 2-D)."),
     span: float = typer.Option(1.0, help="Landscape half-width along each filter-normalised direction."),
     landscape_dims: str = typer.Option("1,2", help="Landscapes to draw: 1, 2 or 1,2."),
@@ -82,7 +87,7 @@ def flatness(
         density_steps=density_steps, density_runs=density_runs, lpf_sigma=lpf_sigma, lpf_draws=lpf_draws,
         lpf_normalize=lpf_normalize, fgap_directions=fgap_directions,
         fgap_radii=None if fgap_radii is None else parse_numbers(fgap_radii, "--fgap-radii"),
-        fgap_relative=fgap_relative, grid=grid, span=span,
+        fgap_relative=fgap_relative, fgap_normalize=fgap_normalize, grid=grid, span=span,
         landscape_dims=parse_numbers(landscape_dims, "--landscape-dims", int), absent=absent,
         blocks=None if block == "auto" else [] if block == "none" else [b.strip() for b in block.split(",")
                                                                         if b.strip()]).check()

@@ -27,6 +27,8 @@ def geometry(
     negatives: int = typer.Option(10, help="Random mismatched cross-modal pairs per sample (cosine statistics)."),
     recall_k: str = typer.Option("1,5,10", help="Comma-separated K of cross-modal Recall@K."),
     tau: float = typer.Option(0.01, help="ATI perturbation norm as a fraction of the embedding's norm."),
+    ati_samples: int = typer.Option(256, help="Seeded rows of the ATI check (each costs about d forward passes "
+                                    "per fusion network; 0: every embedded row)."),
     tsne_samples: int = typer.Option(1000, help="Samples per modality in the t-SNE plot (0: no t-SNE)."),
     perplexity: float = typer.Option(30.0, help="t-SNE perplexity."),
     batch_size: int = typer.Option(256, help="Batch size of the embedding pass."),
@@ -58,7 +60,8 @@ def geometry(
         raise MmlabError(f"--recall-k {recall_k!r}: expected comma-separated integers, e.g. 1,5,10") from None
     settings = GeometrySettings(split=split, samples=samples, batch_size=batch_size, seed=seed,
                                 exact_ot_max=exact_ot_max, sinkhorn_reg=sinkhorn_reg, negatives=negatives,
-                                recall_k=ks, tau=tau, tsne_samples=tsne_samples, perplexity=perplexity).check()
+                                recall_k=ks, tau=tau, ati_samples=ati_samples, tsne_samples=tsne_samples,
+                                perplexity=perplexity).check()
     dev = resolve_device(device)
     folder = comparison_dir(run_dirs, "geometry", out)
     runs = open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else [])

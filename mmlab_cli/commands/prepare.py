@@ -143,6 +143,7 @@ WORKERS = typer.Option(None, min=1, help="Worker processes, one thread each (def
 SEED = typer.Option(0, help="Seed of the held-out splits.")
 FORCE = typer.Option(False, "--force", help="Rebuild from scratch, even if OUT is finished or half-done (without "
                      "it, OUT prepared with other parameters is an error).")
+NAME = typer.Option("", help="Dataset name in the manifest (default: the SRC folder's name).")
 FRAMES = typer.Option(3, min=1, help="Frames K kept per clip (evenly spaced, time order, repeated when fewer).")
 FRAME_SIZE = typer.Option(224, min=8, help="Frame side S: shorter side resized to S, then center crop S x S.")
 
@@ -305,6 +306,105 @@ def food101(
 
     _prepare(prepare_food101, out, src=src, tokenizer=tokenizer, max_length=max_length, image_size=image_size,
              seed=seed, workers=workers, force=force)
+
+
+@app.command("features")
+@cli_errors
+def features(
+    src: Path = SRC,
+    out: Path = typer.Option(Path("data/features"), help="Output directory."),
+    name: str = NAME,
+    val_fraction: float = typer.Option(0.1, min=0.01, max=0.5, help="Fraction of train carved as val when SRC has "
+                                       "no val/ (seeded, stratified)."),
+    seed: int = SEED,
+    force: bool = FORCE,
+) -> None:
+    """Your own precomputed features (MultiBench style): arrays per split and modality.
+
+    Raw layout:
+
+      SRC/{train,test}/labels.npy (int class indices), optional SRC/val/
+      SRC/{split}/{modality}.npy   [N, ...] fixed-size features
+      SRC/{split}/{modality}.npz   x [N, T, D] + lengths [N] or mask [N, T]
+      SRC/classes.txt              optional, one class name per line
+      or SRC a .yaml naming the files: train: {labels: y.npy, audio: a.npy}
+
+    Output: a .npy modality as is (kind features); a .npz one as [N, T, 1 + D]
+    float32, channel 0 the mask (kind sequence). Checked first, each a one-line
+    error naming the file: readable, rows = labels, shapes alike across splits,
+    finite values, every class in every split. Val: SRC/val, or a seeded
+    stratified --val-fraction of train.
+    """
+    from data_prep.features import prepare_features
+
+    manifest, built = prepare_features(src, out, name=name, val_fraction=val_fraction, seed=seed, force=force)
+    _summary(manifest, out, built)
+
+
+@app.command("folder")
+@cli_errors
+def folder(
+    src: Path = SRC,
+    out: Path = typer.Option(Path("data/folder"), help="Output directory."),
+    name: str = NAME,
+    audio_recipe: str = typer.Option("ogm-stft", help="Spectrogram recipe of .wav files: ogm-stft, kaldi-fbank or "
+                                     "mel128 (see crema-d and kinetics-sounds)."),
+    frames: int = FRAMES,
+    size: int = typer.Option(224, min=8, help="Image and frame side S: shorter side resized to S, center crop."),
+    seed: int = SEED,
+    workers: Optional[int] = WORKERS,
+    force: bool = FORCE,
+) -> None:
+    """Your own files, one folder per class; files of a sample share a stem.
+
+    Raw layout:
+
+      SRC/<class>/<stem>.<ext>  (test: a seeded stratified 10 %)
+      or SRC/{train,test}/<class>/<stem>.<ext>
+
+    One modality per file type found: .wav -> audio [1, F, T] float32
+    (--audio-recipe); .png .jpg .jpeg .bmp .webp -> image [3, S, S] uint8;
+    .mp4 .avi .mkv .mov .flv .webm -> visual [K, 3, S, S] uint8 (1 fps frames).
+    A sample lacking a file type, a corrupt or truncated file: listed in
+    prepare_report.json and left out. Val: 10 % of train, stratified.
+    """
+    from data_prep.folder import prepare_folder
+
+    _prepare(prepare_folder, out, src=src, name=name, audio_recipe=audio_recipe, frames=frames, size=size, seed=seed,
+             workers=workers, force=force)
+
+
+@app.command("ur-funny")
+@cli_errors
+def ur_funny(
+    src: Path = SRC,
+    out: Path = typer.Option(Path("data/ur-funny"), help="Output directory."),
+    max_length: int = typer.Option(50, min=1, help="Words L per sample: the last L kept, padded at the end."),
+    context: bool = typer.Option(True, help="Context sentences before the punchline (--no-context: punchline only)."),
+    force: bool = FORCE,
+) -> None:
+    """UR-FUNNY: humor in TED talks, text + acoustic + visual word-aligned features.
+
+    Raw layout:
+
+      SRC/data_folds.pkl, language_sdk.pkl (V1: word_embedding_indexes_sdk.pkl),
+      word_embedding_list.pkl, covarep_features_sdk.pkl,
+      openface_features_sdk.pkl, humor_label_sdk.pkl  (the official release)
+
+    Output (kind sequence, channel 0 the mask, one step per word: context
+    words then punchline words, the last L kept):
+
+      text      [L, 301] float32: GloVe vectors of word_embedding_list
+      acoustic  [L, 82] float32: COVAREP
+      visual    [L, 372] float32: OpenFace2
+      labels    int64: 0 not humorous, 1 humorous
+
+    Splits: the official folds (dev -> val). A segment missing from a pickle is
+    listed in prepare_report.json and left out.
+    """
+    from data_prep.ur_funny import prepare_ur_funny
+
+    _prepare(prepare_ur_funny, out, src=src, max_length=max_length, context=context, force=force)
 
 
 def _recipe(name: str, allowed: tuple[str, ...]) -> str:

@@ -18,15 +18,19 @@ def report(
                                            "them; a run without a key counts as its default value)."),
     format: str = typer.Option("md", "--format", help="md | csv | latex: what is printed on stdout (report.md, "
                                "every table's CSV, or the LaTeX tables); latex also writes report.tex."),
+    claims: Optional[Path] = typer.Option(None, help="Claims YAML (e.g. recipes/claims/dml-paper.yaml): each "
+                                          "comparison tested over the seeds, with a verdict, in a claims table "
+                                          "(docs/report.md, Claims)."),
 ) -> None:
     """Group finished runs and average over seeds (mean ± std): accuracy, flatness, geometry and robustness
     tables from the files `train` and the analyses wrote. Writes report.md (per-run and comparison figures
     embedded) and one report_<table>.csv per table into RUNS_DIR and prints the report on stdout; a missing
-    analysis shows as '-' with the command that makes it."""
+    analysis shows as '-' with the command that makes it. With --claims, each claim of the file tested over the
+    seeds (paired t, Welch or bootstrap) with a verdict: holds, does not hold, inconclusive."""
     from mmlab_cli.report import write_report
 
     keys = tuple(k.strip() for k in group_by.split(",") if k.strip()) if group_by else None
-    tables, text, written = write_report(runs_dir, keys, format)
+    tables, text, written = write_report(runs_dir, keys, format, claims)
     typer.echo(text)
     console.print(f"{int(tables[0].numbers['runs'].sum())} runs in {len(tables[0].numbers)} groups; "
                   f"wrote {', '.join(str(p) for p in written)}")

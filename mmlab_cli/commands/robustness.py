@@ -19,12 +19,19 @@ def robustness(
                                           "also compared on shared axes."),
     attack: str = typer.Option("pgd", help="pgd | none."),
     modality: str = typer.Option("all", help="Modality to perturb/corrupt (one at a time, the others clean), or all."),
-    eps: Optional[float] = typer.Option(None, help="PGD L-inf radius in data units (default per kind, DML Table 11: "
-                                        "image/frames 0.1, spectrogram 0.005)."),
-    steps: Optional[int] = typer.Option(None, help="PGD steps T (default: image/frames 5, spectrogram 10)."),
-    step_size: Optional[float] = typer.Option(None, help="PGD step size alpha (default 0.001)."),
-    random_start: bool = typer.Option(False, "--random-start/--no-random-start",
-                                      help="Start PGD at a uniform point of the eps-ball."),
+    pgd_preset: str = typer.Option("madry", help="PGD settings per modality kind: madry (random start, alpha = "
+                                   "2.5 eps / T, T 10; eps 0.1 for pixels, 0.1 x the input's std for spectrograms "
+                                   "and features) | table11 (the DML paper's Table 11 exactly; its image steps "
+                                   "never reach eps). The flags below override single values."),
+    eps: Optional[float] = typer.Option(None, help="PGD L-inf radius in the input's units (default: the preset's)."),
+    pgd_eps_relative: Optional[float] = typer.Option(None, help="PGD radius as a multiple of the attacked input's "
+                                                     "standard deviation over the evaluated subset (not with --eps)."),
+    steps: Optional[int] = typer.Option(None, help="PGD steps T (default: the preset's)."),
+    step_size: Optional[float] = typer.Option(None, help="PGD step size alpha (default: the preset's; madry: "
+                                              "2.5 eps / T)."),
+    random_start: Optional[bool] = typer.Option(None, "--random-start/--no-random-start",
+                                                help="Start PGD at a uniform point of the eps-ball (default: the "
+                                                "preset's)."),
     eps_sweep: bool = typer.Option(False, "--eps-sweep", help="Also measure accuracy vs eps (--eps-factors)."),
     eps_factors: str = typer.Option("0,0.25,0.5,1,2,4", help="Eps sweep as multiples of each modality's eps "
                                     "(the step size is scaled alike)."),
@@ -60,7 +67,8 @@ def robustness(
     if checkpoint not in ("best", "last"):
         raise MmlabError(f"--checkpoint {checkpoint}: choose best or last")
     names = {"all": list(CORRUPTIONS), "none": []}.get(corruption, [c.strip() for c in corruption.split(",")])
-    settings = RobustnessSettings(attack=attack, eps=eps, steps=steps, step_size=step_size, random_start=random_start,
+    settings = RobustnessSettings(attack=attack, preset=pgd_preset, eps=eps, eps_relative=pgd_eps_relative,
+                                  steps=steps, step_size=step_size, random_start=random_start,
                                   eps_factors=parse_numbers(eps_factors, "--eps-factors") if eps_sweep else None,
                                   corruptions=names, levels=parse_numbers(severity, "--severity"), split=split,
                                   samples=samples, batch_size=batch_size, seed=seed).check()
@@ -94,7 +102,8 @@ def robustness(
     for m, a in {m: PGDSettings(**res["pgd"][m]["settings"]) for res in results for m in res["pgd"]}.items():
         if a.reach < a.eps:
             console.print(f"[yellow]note: PGD on {m} moves at most T * alpha = {a.reach:g} < eps = {a.eps:g}, so it "
-                          f"never reaches the eps-ball's surface (raise --step-size or --steps to reach it)")
+                          f"never reaches the eps-ball's surface (raise --step-size or --steps, or use --pgd-preset "
+                          f"madry)")
     comparison = None
     if len(results) > 1:
         with figures.formats(figure_format):

@@ -6,9 +6,16 @@ A prepared dataset is a directory::
     {split}/labels.npy            int64 [N]
     {split}/{modality}.npy        one array per split and modality, read with mmap_mode="r"
 
-Splits are ``train``, ``val`` (a seeded, stratified 10 % of the original train) and ``test``.
+Splits are ``train``, ``val`` (a seeded, stratified 10 % of the original train, or the source's own
+validation fold) and ``test``.
+
 Arrays are written to a temporary name and renamed into place, so a crash never leaves a
 half-written array under a valid name.
+
+A ``sequence`` modality (per-step features of variable length) is one float32 array [N, L, 1 + D]:
+channel 0 of every step is its mask (1 a real step, 0 padding), channels 1.. its D features (zero
+on padding). One array per modality, like ``text_tokens``' ids + mask, so the mask travels with the
+features through the loader, pairing, imputation, corruptions and attacks (`pack_sequence`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from mmlab_cli.errors import MmlabError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-KINDS = ("image", "spectrogram", "frames", "text_tokens", "features")
+KINDS = ("image", "spectrogram", "frames", "text_tokens", "features", "sequence")
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,31 @@ def scaled_stats(array: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
     return mean_std(n, s, ss)
 
 
+def modality_stats(array: np.ndarray, kind: str, chunk: int = 4096) -> tuple[float, float]:
+    """The manifest's mean and std for one modality: (0, 1) for token ids, the features of real steps
+    only for a sequence (never its mask channel nor its padding), else every scaled value."""
+    if kind == "text_tokens":
+        return 0.0, 1.0
+    if kind != "sequence":
+        return scaled_stats(array, chunk)
+    n, s, ss = 0, 0.0, 0.0
+    for i in range(0, len(array), chunk):
+        block = np.asarray(array[i:i + chunk], dtype=np.float64)
+        steps = block[..., 1:][block[..., 0] > 0.5]
+        n, s, ss = n + steps.size, s + steps.sum(), ss + np.square(steps).sum()
+    return mean_std(n, s, ss)
+
+
+def pack_sequence(steps: np.ndarray, length: int) -> np.ndarray:
+    """One sample of a ``sequence`` modality: `steps` [n, D] (n may be 0) -> float32 [length, 1 + D],
+    the mask in channel 0; cut to its last `length` steps, zero-padded at the end when shorter."""
+    steps = np.asarray(steps, dtype=np.float32)[len(steps) - min(len(steps), length):]
+    out = np.zeros((length, 1 + steps.shape[1]), dtype=np.float32)
+    out[:len(steps), 0] = 1.0
+    out[:len(steps), 1:] = steps
+    return out
+
+
 def mean_std(count: int, total: float, total_sq: float) -> tuple[float, float]:
     """The manifest's mean and std from the sum and sum of squares of `count` values.
 
@@ -207,7 +239,7 @@ def write_dataset(root: str | Path, *, dataset: str, classes: list[str], kinds: 
     specs = {}
     for m, kind in kinds.items():
         train = arrays["train"][m]
-        mean, std = scaled_stats(train) if kind != "text_tokens" else (0.0, 1.0)
+        mean, std = modality_stats(train, kind)
         specs[m] = ModalitySpec(tuple(train.shape[1:]), str(train.dtype), kind, mean, std)
     return write_manifest(root, dataset=dataset, classes=classes, modalities=specs, labels=labels,
                           preprocessing=preprocessing, sources=sources, extra=extra)

@@ -3,6 +3,8 @@
 Every encoder maps one modality's batch to an embedding [B, dim]. Inputs arrive as the loader
 gives them (uint8 already scaled to [0, 1]); each encoder first standardises with the train
 statistics from the manifest, so attacks and corruptions can work in the data's own units.
+A ``sequence`` modality ([L, 1 + D], mask in channel 0, see mmlab_cli/data/format.py) is read by
+`transformer`, whose embedding padding never reaches, or flattened by `mlp`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmlab_cli.data.format import ModalitySpec
 from mmlab_cli.errors import MmlabError
@@ -34,6 +37,37 @@ class Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class SequenceStandardize(Standardize):
+    """Standardise the features of a sequence [B, L, 1 + D], leaving its mask channel as it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[..., :1], super().forward(x[..., 1:])], dim=-1)
+
+
+class SequenceTransformer(nn.Module):
+    """[B, L, 1 + D] -> [B, dim]: a linear projection of each step's features plus a learned position
+    embedding, pre-norm transformer encoder layers whose attention skips padded steps, then the mean
+    over the real steps (masked mean pooling). A sample without any real step embeds to zeros."""
+
+    def __init__(self, length: int, features: int, dim: int, layers: int = 2, heads: int = 4):
+        super().__init__()
+        if dim % heads:
+            raise MmlabError(f"the transformer encoder has {heads} attention heads: embed_dim must be a multiple "
+                             f"of {heads}, got {dim}")
+        self.proj = nn.Linear(features, dim)
+        self.position = nn.Parameter(torch.randn(1, length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x[..., 0] > 0.5  # a threshold: no gradient flows to the mask, so attacks never move it
+        attend = mask | ~mask.any(dim=1, keepdim=True)  # an all-padding sample attends everywhere (no NaN)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward: Hessian products need it
+            h = self.encoder(self.proj(x[..., 1:]) + self.position, src_key_padding_mask=~attend)
+        weight = mask.unsqueeze(-1).to(h.dtype)
+        return (h * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
 
 
 class FramePool(nn.Module):
@@ -90,6 +124,14 @@ def mlp(in_features: int, dim: int, hidden: int = 256) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
+@register_encoder("transformer")
+def transformer(length: int, features: int, dim: int) -> nn.Module:
+    """Two transformer layers of width dim (4 heads, feed-forward 4 dim) over a sequence of `length` steps
+    of `features` values, masked mean pooling (Hasan et al. 2019's per-modality transformer, small)."""
+    return SequenceTransformer(length, features, dim)
+
+
+SEQUENCE_ENCODERS = ("transformer", "mlp")
 TEXT_ENCODERS = ("bert",)  # transformers BERT family, from --text-encoder DIR (mmlab_cli.models.text)
 
 
@@ -103,6 +145,14 @@ def create_encoder(name: str, spec: ModalitySpec, dim: int, text_encoder: str = 
         return TextEncoder(text_encoder, dim)
     if name not in ENCODERS:
         raise MmlabError(f"unknown encoder '{name}'; choose one of {', '.join(sorted(ENCODERS) + list(TEXT_ENCODERS))}")
+    if spec.kind == "sequence" or name == "transformer":
+        if spec.kind != "sequence" or name not in SEQUENCE_ENCODERS:
+            raise MmlabError(f"encoder '{name}' cannot read a {spec.kind} modality; a sequence modality takes "
+                             f"{' or '.join(SEQUENCE_ENCODERS)}, and transformer reads sequences only")
+        length, channels = spec.shape
+        body = (ENCODERS["transformer"](length, channels - 1, dim) if name == "transformer"
+                else ENCODERS["mlp"](length * channels, dim))
+        return nn.Sequential(SequenceStandardize(spec.mean, spec.std), body)
     if spec.kind == "features" or name == "mlp":
         size = 1
         for s in spec.shape:

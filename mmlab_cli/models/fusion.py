@@ -1,4 +1,4 @@
-"""Late fusion: per-modality encoders -> embeddings of one size -> fusion -> classifier.
+"""Late fusion: per-modality encoders -> embeddings of one size -> fusion network -> linear classifier `head`.
 
 Besides the fused classifier, each modality has a linear *probe* head trained on its detached
 embedding: it reports every modality's own accuracy without sending any extra gradient into
@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from mmlab_cli.data.format import ModalitySpec
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.models import fusion_nets
 from mmlab_cli.models.encoders import create_encoder
-
-FUSIONS = ("concat", "sum")
+from mmlab_cli.models.fusion_kinds import FUSIONS, fusion_problem
 
 
 @dataclass
@@ -31,31 +31,37 @@ class LateFusion(nn.Module):
     def __init__(self, specs: dict[str, ModalitySpec], num_classes: int, encoder: str | dict[str, str] = "small_cnn",
                  dim: int = 128, fusion: str = "concat", text_encoder: str = ""):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise MmlabError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
+        problem = fusion_problem(fusion, len(specs), dim)
+        if problem:
+            raise MmlabError(problem)
         self.modalities = list(specs)
-        self.fusion = fusion
         names = encoder if isinstance(encoder, dict) else {m: encoder for m in specs}
         names = {**{m: "bert" for m, s in specs.items() if s.kind == "text_tokens"}, **names}
         missing = [m for m in specs if m not in names]
         if missing:
             raise MmlabError(f"encoder: no entry for modality '{missing[0]}' in {names}; name one per modality")
         self.encoders = nn.ModuleDict({m: create_encoder(names[m], s, dim, text_encoder) for m, s in specs.items()})
-        self.head = nn.Linear(dim * len(specs) if fusion == "concat" else dim, num_classes)
+        self.fusion = getattr(fusion_nets, FUSIONS[fusion].cls)(len(specs), dim)
+        self.head = nn.Linear(self.fusion.out_dim, num_classes)
         self.probes = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in specs})
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
 
-    def fuse(self, embeddings: dict[str, torch.Tensor], detach_head: bool = False) -> torch.Tensor:
-        """Fused logits; a modality missing from `embeddings` contributes zeros. `detach_head` runs the
-        head's current weights without sending them gradient (DGL's unimodal losses)."""
+    def parts(self, embeddings: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The embeddings in modality order, zeros for a modality missing from `embeddings`."""
         ref = next(iter(embeddings.values()))
-        parts = [embeddings.get(m, torch.zeros_like(ref)) for m in self.modalities]
-        x = torch.cat(parts, dim=1) if self.fusion == "concat" else torch.stack(parts).sum(0)
-        if detach_head:
-            return F.linear(x, self.head.weight.detach(), self.head.bias.detach())
-        return self.head(x)
+        return [embeddings.get(m, torch.zeros_like(ref)) for m in self.modalities]
+
+    def fuse(self, embeddings: dict[str, torch.Tensor], detach_head: bool = False) -> torch.Tensor:
+        """Fused logits; a modality missing from `embeddings` contributes zeros. `detach_head` runs the fusion
+        network and the head with their current weights without sending them gradient (DGL's unimodal
+        losses); the embeddings still get theirs."""
+        x = self.parts(embeddings)
+        for module in (self.fusion, self.head):
+            x = functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, (x,)) \
+                if detach_head else module(x)
+        return x
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> FusionOutput:
         z = self.embed(inputs)

@@ -1,0 +1,278 @@
+"""Claims with verdicts on hand-built run directories (tiny metrics.json and flatness.json, no training): every
+p-value and interval against scipy on the same numbers, verdicts as constructed, the best-of side, notes for
+missing values, the claims file checks and `mmlab report --claims`."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+from typer.testing import CliRunner
+
+from mmlab_cli.claims import BOOTSTRAP_RESAMPLES, load_claims
+from mmlab_cli.errors import MmlabError
+from mmlab_cli.main import app
+from mmlab_cli.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2, 3)
+SML = np.array([70.0, 71.0, 69.5, 72.0])
+DML = SML + np.array([2.0, 2.5, 1.5, 2.2])  # better on every seed: the paired test is significant
+IMAGE = np.array([60.0, 62.0, 61.0, 59.0])  # the best unimodal group by accuracy
+AUDIO = np.array([50.0, 52.0, 49.0, 51.0])
+LMAX = {"sml": [5.0, 7.0, 6.0, 8.0], "dml": [6.0, 5.0, 7.0, 6.5],  # differences of both signs: inconclusive
+        "image": [9.0, 10.0, 9.5, 10.5], "audio": [3.0, 3.5, 4.0, 4.5]}  # audio has the lowest lambda_max
+ABSENT = np.array(LMAX["dml"]) + np.array([3.0, 4.0, 3.5, 5.0])  # DML's lambda_max with audio absent
+GROUPS = {"image": (["image"], "sml", IMAGE), "audio": (["audio"], "sml", AUDIO),
+          "sml": (["image", "audio"], "sml", SML), "dml": (["image", "audio"], "dml", DML)}
+
+CLAIMS = """\
+sides:
+  SML: {pairing: sml, n_modalities: 2, regularizer: none}
+  DML: {pairing: dml, n_modalities: 2, regularizer: none}
+  best unimodal: {best_of: {n_modalities: 1}}
+claims:
+  - {id: dml-sml, text: DML > SML, cite: Table 1, metric: test_acc, a: DML, b: SML, direction: ">"}
+  - {id: sml-dml, text: SML > DML, metric: test_acc, a: SML, b: DML, direction: ">"}
+  - {id: lmax-dml-sml, text: "λ_max: DML < SML", metric: flatness.json:lambda_max, a: DML, b: SML, direction: "<"}
+  - {id: sml-uni, text: SML > best unimodal, metric: test_acc, a: SML, b: best unimodal, direction: ">", test: welch}
+  - {id: lmax-uni, text: "λ_max: DML < best unimodal", metric: flatness.json:lambda_max, a: DML,
+     b: best unimodal, direction: "<"}
+  - {id: lmax-dominant, text: "λ_max: DML < dominant unimodal", metric: flatness.json:lambda_max, a: DML,
+     b: {best_of: {n_modalities: 1}, by: test_acc, pick: highest}, direction: "<"}
+  - {id: absent, text: "λ_max: j present < j absent", a: DML, b: DML, direction: "<",
+     metric: {a: flatness.json:lambda_max, b: "flatness.json:absent_lambda_max.*"}}
+  - {id: boot, text: DML > SML, metric: test_acc, a: DML, b: SML, direction: ">", test: bootstrap}
+  - {id: boot-noisy, text: "λ_max: DML < SML", metric: flatness.json:lambda_max, a: DML, b: SML,
+     direction: "<", test: bootstrap}
+  - {id: dagr, text: DML + DAGR > DML, metric: test_acc, a: {pairing: dml, regularizer: dagr}, b: DML,
+     direction: ">"}
+  - {id: fused, text: DML > SML, metric: test_acc, a: {pairing: dml}, b: SML, direction: ">"}
+  - {id: by-method, text: DML > SML, metric: test_acc, a: {modalities: [audio, image], pairing: dml, regularizer: none,
+        lr: 1e-3},
+     b: {method: SML (image+audio)}, direction: ">"}
+"""
+
+
+def _run(root: Path, name: str, config: dict, acc: float, flatness: dict | None) -> None:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": "/data/avmnist", **config}))
+    (run / "metrics.json").write_text(json.dumps({"dataset": "avmnist", **config, "test_acc": acc}))
+    if flatness is not None:
+        (run / "flatness.json").write_text(json.dumps({"split": "train", **flatness}))
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("claims")
+    root = tmp_path / "runs"
+    for group, (modalities, pairing, accs) in GROUPS.items():
+        for seed, acc in zip(SEEDS, accs):
+            flatness = {"lambda_max": LMAX[group][seed]}
+            if group == "dml":
+                flatness["absent_lambda_max"] = {"audio": ABSENT[seed]}  # the i13-flatness summary key
+            name = f"{group}/r{3 - seed}" if group == "sml" else f"{group}/s{seed}"  # seeds not in path order
+            _run(root, name, {"modalities": modalities, "pairing": pairing, "seed": seed}, acc,
+                 None if (group, seed) == ("image", 3) else flatness)  # one run without flatness.json
+    _run(root, "dagr/s0", {"modalities": ["image", "audio"], "pairing": "dml", "seed": 0, "regularizer": "dagr"},
+         75.0, None)  # a single seed
+    (tmp_path / "claims.yaml").write_text(CLAIMS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(runs_dir):
+    """The report with the claims table, written once: (its tables, report.md, report_claims.csv by id[capture])."""
+    tables, text, _ = write_report(runs_dir, claims=runs_dir.parent / "claims.yaml")
+    return tables, text, _rows(runs_dir)
+
+
+def _rows(root: Path) -> dict[str, pd.Series]:
+    csv = pd.read_csv(root / "report_claims.csv", keep_default_na=False, na_values=[""], dtype={"n": str})
+    csv["capture"] = csv["capture"].fillna("")
+    return {(r["id"] + (f"[{r['capture']}]" if r["capture"] else "")): r for _, r in csv.iterrows()}
+
+
+def test_paired_welch_and_verdicts_equal_scipy(report):
+    tables, text, rows = report
+    assert tables[-1].spec.name == "claims"
+
+    paired = stats.ttest_rel(DML, SML)
+    assert paired.pvalue < 0.05  # as constructed
+    row = rows["dml-sml"]
+    ci = paired.confidence_interval(0.95)
+    assert (row["p"], row["difference_ci_low"], row["difference_ci_high"]) == pytest.approx(
+        (paired.pvalue, ci.low, ci.high), rel=1e-12)
+    assert row["difference"] == pytest.approx(np.mean(DML - SML)) and row["n"] == "4"
+    side = stats.ttest_1samp(DML, 0).confidence_interval(0.95)
+    assert (row["a_mean"], row["a_ci_low"], row["a_ci_high"]) == pytest.approx((DML.mean(), side.low, side.high))
+    assert row["a"] == "DML (image+audio)" and row["b"] == "SML (image+audio)" and row["test"] == "paired"
+    assert row["verdict"] == "holds"
+    assert rows["sml-dml"]["verdict"] == "does not hold"  # the same numbers, the opposite claim
+    # the same sides selected by modalities in another order (and lr 1e-3, the default, which YAML reads as
+    # text), and by the method label
+    assert rows["by-method"][["a", "b", "p"]].tolist() == rows["dml-sml"][["a", "b", "p"]].tolist()
+
+    noisy = stats.ttest_rel(LMAX["dml"], LMAX["sml"])
+    assert noisy.pvalue > 0.05
+    assert rows["lmax-dml-sml"]["p"] == pytest.approx(noisy.pvalue, rel=1e-12)
+    assert rows["lmax-dml-sml"]["verdict"] == "inconclusive (n=4)"
+
+    welch = stats.ttest_ind(SML, IMAGE, equal_var=False)
+    ci = welch.confidence_interval(0.95)
+    row = rows["sml-uni"]
+    assert (row["p"], row["difference_ci_low"], row["difference_ci_high"]) == pytest.approx(
+        (welch.pvalue, ci.low, ci.high), rel=1e-12)
+    assert row["b"] == "image only" and row["n"] == "4/4" and row["verdict"] == "holds"
+
+    # the markdown row shows the same numbers, rounded to the interval's two significant digits
+    line = next(s for s in text.splitlines() if "| DML > SML " in s and "| paired " in s)
+    assert f"{DML.mean():.1f} ± {(side.high - side.low) / 2:.1f}" in line and "holds" in line
+
+
+def test_best_of_side_picks_by_mean(report):
+    _, _, rows = report
+    # "DML < best unimodal": by default the opponent hardest to beat, the unimodal group with the lowest lambda_max
+    assert rows["lmax-uni"]["b"] == "audio only"
+    assert rows["lmax-uni"]["b_mean"] == pytest.approx(np.mean(LMAX["audio"]))
+    assert rows["lmax-uni"]["verdict"] == "does not hold"  # DML's lambda_max is higher on every seed
+    # picked by test accuracy (the paper's dominant modality): image only, whose seed 3 lacks flatness.json
+    row = rows["lmax-dominant"]
+    assert row["b"] == "image only" and row["n"] == "3"
+    expected = stats.ttest_rel(LMAX["dml"][:3], LMAX["image"][:3])
+    assert row["p"] == pytest.approx(expected.pvalue, rel=1e-12) and row["verdict"] == "holds"
+    # "SML > best unimodal": the unimodal group with the highest accuracy
+    assert rows["sml-uni"]["b_mean"] == pytest.approx(IMAGE.mean())
+
+
+def test_two_values_of_one_run_paired_by_seed(report):
+    row = report[2]["absent[audio]"]
+    expected = stats.ttest_rel(LMAX["dml"], ABSENT)
+    assert row["p"] == pytest.approx(expected.pvalue, rel=1e-12) and row["verdict"] == "holds"
+    assert row["a"] == "DML (image+audio): lambda_max" and row["b"] == "DML (image+audio): absent_lambda_max.audio"
+    assert (row["a_metric"], row["b_metric"]) == ("flatness.json:lambda_max", "flatness.json:absent_lambda_max.*")
+
+
+def test_bootstrap_equals_scipy(report):
+    _, _, rows = report
+
+    def boot(a, b):
+        return stats.bootstrap((np.asarray(a), np.asarray(b)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
+                               n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                               random_state=np.random.default_rng(0))
+
+    clear = boot(DML, SML)
+    row = rows["boot"]
+    assert (row["difference_ci_low"], row["difference_ci_high"]) == pytest.approx(
+        tuple(clear.confidence_interval), rel=1e-12)
+    # p: twice the share of resampled differences on the far side of 0 (here below it)
+    assert row["p"] == pytest.approx(2 * np.mean(clear.bootstrap_distribution <= 0), rel=1e-12)
+    assert clear.confidence_interval.low > 0 and row["p"] < 0.05 and row["verdict"] == "holds"
+    noisy = boot(LMAX["dml"], LMAX["sml"])
+    row = rows["boot-noisy"]
+    assert (row["difference_ci_low"], row["difference_ci_high"]) == pytest.approx(
+        tuple(noisy.confidence_interval), rel=1e-12)
+    assert noisy.confidence_interval.low < 0 < noisy.confidence_interval.high
+    assert 0.05 < row["p"] <= 1 and row["verdict"] == "inconclusive (n=4/4)"
+
+
+def test_missing_values_single_seed_and_ambiguous_sides_are_lines(report):
+    _, text, rows = report
+    assert rows["dagr"]["verdict"] == "inconclusive (n=1)" and rows["dagr"]["a_n"] == 1
+    assert "`lmax-dominant`: 1 of 4 runs of image only lack flatness.json:lambda_max (image/s3); " \
+           "`mmlab flatness RUN_DIR` writes it" in text
+    assert "`fused`: side A (pairing=dml) matches 2 groups (DML (image+audio) + DAGR, DML (image+audio))" in text
+    assert rows["fused"]["verdict"] == "inconclusive (n=0)"
+    assert "`boot`: a bootstrap of fewer than 10 seeds per side" in text
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "claims").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_claims_file_loads_and_cites(path):
+    claims = load_claims(path)
+    assert claims.claims and all(c.cite for c in claims.claims), "every claim says where it comes from"
+    assert path.read_text().startswith("#") and "--claims recipes/claims/" in path.read_text()  # the command
+
+
+def test_paper_claims_file_on_runs_without_its_newer_metrics(runs_dir, report):
+    """recipes/claims/dml-paper.yaml runs: values no run has (absent modality, per-block lambda_max, robustness,
+    geometry) are notes, never a failure."""
+    path = ROOT / "recipes" / "claims" / "dml-paper.yaml"
+    assert len(load_claims(path).claims) >= 20
+    _, text, _ = write_report(runs_dir, claims=path)
+    assert "no run of either side has flatness.json:block_lambda_max.encoder:*" in text
+    assert "no run of either side has robustness.json:pgd.*.drop_rate" in text
+    rows = _rows(runs_dir)  # the sides as the paper means them, on the hand-built runs
+    assert (rows["t1-dml-sml"]["verdict"], rows["t1-sml-unimodal"]["b"]) == ("holds", "image only")
+    assert rows["t4-lmax-dml"]["b"] == "image only" and rows["t4-lmax-dml"]["n"] == "3"  # the dominant modality
+
+
+@pytest.mark.parametrize("claim, message", [
+    ({"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"},
+      "direction": None}, "claim 'x': direction: None; write \">\""),  # a bare > in YAML
+    ({"id": "x", "text": "t", "metric": "test_acc", "a": {"pairng": "dml"}, "b": {"pairing": "sml"},
+      "direction": ">"}, "claim 'x': unknown key 'pairng' in a side"),
+    ({"id": "x", "text": "t", "metric": "hessian.json:lambda_max", "a": {"pairing": "dml"},
+      "b": {"pairing": "sml"}, "direction": ">"}, "claim 'x': metric 'hessian.json:lambda_max': unknown file"),
+    ({"id": "x", "text": "t", "metric": "test_acc", "a": "DML", "b": {"pairing": "sml"}, "direction": ">"},
+     "claim 'x': side 'DML' is not defined under `sides:`"),
+    ({"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"},
+      "direction": ">", "test": "mann-whitney"}, "claim 'x': test: mann-whitney; choose one of paired, welch"),
+    ({"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"},
+      "b": {"best_of": {"n_modalities": 1}, "by": "test_acc"}, "direction": ">"}, "claim 'x': `by` needs `pick"),
+    ({"text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"}, "direction": ">"},
+     "claim '#1': missing 'id'"),
+])
+def test_invalid_claims_file_is_one_line_before_any_run_is_read(tmp_path, claim, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"claims": [claim]}))
+    with pytest.raises(MmlabError, match="^" + str(path).replace(".", r"\.") + ": ") as e:
+        load_claims(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    # the command refuses the file before it looks at the (here missing) runs folder: exit 2, one line
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "no-runs"), "--claims", str(path)])
+    assert result.exit_code == 2 and message in result.stderr and "no such directory" not in result.stderr
+
+
+def test_duplicate_id_and_bad_alpha(tmp_path):
+    claim = {"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"},
+             "direction": ">"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"claims": [claim, claim]}))
+    with pytest.raises(MmlabError, match=r"claim 'x': the id is used twice"):
+        load_claims(path)
+    path.write_text(yaml.safe_dump({"alpha": 5, "claims": [claim]}))
+    with pytest.raises(MmlabError, match=r"c\.yaml: alpha: 5; write a significance level between 0 and 1"):
+        load_claims(path)
+
+
+def test_bare_yaml_direction_is_explained(tmp_path):
+    path = tmp_path / "bare.yaml"
+    path.write_text("claims:\n  - id: x\n    text: t\n    metric: test_acc\n    a: {pairing: dml}\n"
+                    "    b: {pairing: sml}\n    direction: >\n")
+    with pytest.raises(MmlabError, match="in quotes: a bare > starts a YAML block"):
+        load_claims(path)
+
+
+def test_command_line_writes_markdown_csv_and_latex(runs_dir, report):
+    claims = runs_dir.parent / "claims.yaml"
+    result = CliRunner().invoke(app, ["report", str(runs_dir), "--claims", str(claims), "--format", "latex"])
+    assert result.exit_code == 0, result.output
+    md = (runs_dir / "report.md").read_text()
+    assert "## Claims of claims.yaml and their verdicts" in md and "| verdict" in md
+    assert (runs_dir / "report_claims.csv").is_file()
+    latex = (runs_dir / "report.tex").read_text()
+    claims_tex = latex[latex.index(r"\caption{Claims of"):]
+    assert r"\label{tab:claims}" in claims_tex and r"$\lambda_{\max}$: DML $<$ SML" in claims_tex
+    assert "DML + DAGR $>$ DML" in claims_tex and claims_tex.count("$") % 2 == 0
+    if shutil.which("pdflatex"):
+        (runs_dir / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n"
+                                          "\\begin{document}\n" + latex + "\\end{document}\n")
+        done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+                              cwd=runs_dir, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-3000:]

@@ -1,0 +1,82 @@
+"""`mmlab prepare folder`: class folders of files matched by stem; bad files are reported, never fatal."""
+
+import json
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+from typer.testing import CliRunner
+
+from data_prep.audio import AUDIO_RECIPES, read_wav, resample
+from data_prep.image import image_chw
+from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.main import app
+
+
+def _tree(root, per_class=6):
+    """Two classes of `per_class` samples, each a 0.2 s 16 kHz wav and a 20x12 png sharing its stem."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("no", "yes")):
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            t = np.arange(3200) / 16000
+            sf.write(d / f"s{i}.wav", (0.3 * np.sin(2 * np.pi * (300 + 200 * c + 10 * i) * t)).astype(np.float32),
+                     16000)
+            Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(d / f"s{i}.png")
+    return root
+
+
+def test_files_matched_by_stem_and_bad_files_reported(tmp_path):
+    src = _tree(tmp_path / "src")
+    good = (src / "yes" / "s1.wav").read_bytes()
+    (src / "yes" / "s1.wav").write_bytes(good[:len(good) // 2])  # truncated: the RIFF header says more
+    (src / "no" / "s2.wav").write_bytes(b"RIFF....WAVEjunk")  # corrupt
+    (src / "no" / "s3.png").unlink()  # no image partner
+    (src / "no" / "notes.txt").write_text("x")  # another file type
+    result = CliRunner().invoke(app, ["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"),
+                                      "--size", "8", "--workers", "1", "--audio-recipe", "mel128"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    reasons = {p["path"]: p["reason"] for p in report["left_out"]}
+    assert set(reasons) == {str(src / p) for p in ("yes/s1.wav", "no/s2.wav", "no/s3.wav", "no/notes.txt")}
+    assert "truncated" in reasons[str(src / "yes/s1.wav")] and "missing its image" in reasons[str(src / "no/s3.wav")]
+    assert report["prepared"] == 9 and "left out 4" in result.output
+    data = PreparedDataset(tmp_path / "out")
+    assert data.classes == ["no", "yes"] and {m: s.kind for m, s in data.specs.items()} == {
+        "audio": "spectrogram", "image": "image"}
+    assert data.specs["audio"].shape == AUDIO_RECIPES["mel128"].shape and data.specs["image"].shape == (3, 8, 8)
+    assert sum(v["count"] for v in data.manifest["splits"].values()) == 9
+    for split in ("train", "val", "test"):  # every row's files are the same sample's (matched by stem)
+        ids = (tmp_path / "out" / split / "clips.txt").read_text().split()
+        arrays = data.split(split).arrays
+        for row, clip in enumerate(ids):
+            assert np.array_equal(arrays["image"][row], image_chw(src / f"{clip}.png", 8))
+            wave, sr = read_wav(src / f"{clip}.wav")
+            assert np.allclose(arrays["audio"][row], AUDIO_RECIPES["mel128"].compute(resample(wave, sr, 16000)),
+                               atol=1e-4)
+            assert data.split(split).labels[row] == ("no", "yes").index(clip.split("/")[0])
+
+
+def test_videos_become_frames_and_given_splits_are_kept(tmp_path):
+    """SRC/{train,test}/<class>/: the test split is the given one; .mp4 -> visual [K, 3, S, S] in time order."""
+    from fixtures_media import copy_file, ramp_video
+
+    video = ramp_video(tmp_path / "ramp.mp4", 3.0, codec="libx264")
+    src = tmp_path / "src"
+    for split, n in (("train", 10), ("test", 2)):
+        for name in ("a", "b"):
+            for i in range(n):
+                copy_file(video, src / split / name / f"v{i}.mp4")
+    copy_file(video, src / "test" / "c" / "v0.mp4")  # a class that train lacks
+    from data_prep.folder import prepare_folder
+
+    manifest, report, _ = prepare_folder(src, tmp_path / "out", frames=3, size=8, workers=1)
+    assert manifest["modalities"]["visual"]["shape"] == [3, 3, 8, 8]
+    assert report["left_out"] == [{"clip": "", "path": str(src / "test" / "c"),
+                                   "reason": "class folder absent from train/: its files are left out"}]
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 18, "val": 2, "test": 4}
+    assert sorted((tmp_path / "out" / "test" / "clips.txt").read_text().split()) == [
+        "test/a/v0", "test/a/v1", "test/b/v0", "test/b/v1"]
+    frames = np.load(tmp_path / "out" / "test" / "visual.npy")[0].astype(float).mean(axis=(1, 2, 3))
+    assert frames[0] < frames[1] < frames[2]  # t = 0.5, 1.5, 2.5 s of a brightening ramp
