@@ -17,9 +17,11 @@ import yaml
 
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion_kinds import FUSIONS, fusion_problem
+from mmlab_cli.methods.registry import BALANCES
 from mmlab_cli.tracking import LOGGERS
 
 AUGMENTS = ("jitter", "crop", "flip", "specaugment")
+SLICEABLE_FUSIONS = tuple(n for n, k in FUSIONS.items() if k.linear)  # OGM reads per-modality slices of the head
 
 
 def option(default, help: str, choices: tuple = (), metavar: str = ""):
@@ -81,6 +83,13 @@ class TrainConfig:
     dagr_temperature: float = option(2.0, "Temperature t of DAGR's RBF dispersion term.", metavar="FLOAT")
     dagr_delta: float = option(0.5, "Tolerance radius of DAGR's anchoring hinge (unit-sphere distance, in "
                                "[0, 2]).", metavar="FLOAT")
+    balance: str = option("none", "Modality balancing: ogm / ogm-ge (Peng et al. 2022), agm (Li et al. 2023), "
+                          "pmr (Fan et al. 2023), mmpareto (Wei & Hu 2024); see docs/training.md.",
+                          ("none", *BALANCES))
+    balance_alpha: float = option(0.8, "Strength alpha of the balancing method (0.8: OGM-GE's official CREMA-D "
+                                  "value).", metavar="FLOAT")
+    balance_start: int = option(1, "First epoch (1-based) the balancing method modulates.", metavar="INT")
+    balance_end: int = option(0, "Last epoch the balancing method modulates (0: the last epoch).", metavar="INT")
     sam: float = option(0.0, "Sharpness-aware minimisation radius rho (0: off).", metavar="FLOAT")
     swa_start: int = option(0, "First epoch (1-based) averaged by SWA (0: off).", metavar="INT")
     swa_lr: float = option(0.0, "Constant learning rate from --swa-start on (0: keep the rate reached there).",
@@ -204,14 +213,14 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     for key, allowed in ((k, f.metadata["choices"]) for k, f in FIELDS.items() if f.metadata["choices"]):
         if getattr(cfg, key) not in allowed:
             raise MmlabError(f"{source}: '{key}' is {getattr(cfg, key)!r}; choose one of {', '.join(allowed)}")
-    for key in ("epochs", "batch_size", "embed_dim", "step_size"):
+    for key in ("epochs", "batch_size", "embed_dim", "step_size", "balance_start"):
         if getattr(cfg, key) < 1:
             raise MmlabError(f"{source}: '{key}' must be >= 1, got {getattr(cfg, key)}")
     for key in ("lr", "gamma", "dagr_temperature"):
         if getattr(cfg, key) <= 0:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
     for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "dagr_lambda", "dagr_delta", "sam",
-                "swa_start", "swa_lr", "threads"):
+                "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end"):
         if getattr(cfg, key) < 0:
             raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     for key in ("encoder_lr", "encoder_weight_decay"):
@@ -227,6 +236,16 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     problem = fusion_problem(cfg.fusion, len(cfg.modalities) or None, cfg.embed_dim)  # []: the dataset's, unknown here
     if problem:
         raise MmlabError(f"{source}: {problem}")
+    if cfg.balance != "none" and cfg.balance_end and cfg.balance_end < cfg.balance_start:
+        raise MmlabError(f"{source}: 'balance_end' {cfg.balance_end} is before 'balance_start' {cfg.balance_start}")
+    if cfg.balance.startswith("ogm") and cfg.fusion not in SLICEABLE_FUSIONS:
+        raise MmlabError(f"{source}: balance {cfg.balance} reads each modality's slice of a linear fusion head "
+                         f"({', '.join(SLICEABLE_FUSIONS)}), not of fusion {cfg.fusion}: choose one of those fusions")
+    if cfg.balance == "agm" and cfg.scheme == "dgl":
+        raise MmlabError(f"{source}: balance agm and scheme dgl both replace the fused loss; choose one")
+    if cfg.balance == "mmpareto" and (cfg.scheme == "dgl" or cfg.regularizer == "dagr"):
+        raise MmlabError(f"{source}: balance mmpareto sets the encoders' whole gradient, which would drop what "
+                         f"{'scheme dgl' if cfg.scheme == 'dgl' else 'regularizer dagr'} gives them; choose one")
     unknown = [a for a in cfg.augment if a not in AUGMENTS]
     if unknown:
         raise MmlabError(f"{source}: 'augment' has unknown '{unknown[0]}'; choose from {', '.join(AUGMENTS)}")
@@ -304,5 +323,6 @@ def method_label(cfg: TrainConfig, modalities: list[str]) -> str:
     """method_name plus what else trained the run: 'DML (image+audio) + DAGR', '... + SAM'."""
     extras = [cfg.scheme.upper() if cfg.scheme != "joint" else "",
               cfg.regularizer.upper() if cfg.regularizer != "none" else "",
+              cfg.balance.upper() if cfg.balance != "none" else "",
               "SAM" if cfg.sam > 0 else "", "SWA" if cfg.swa_start > 0 else ""]
     return " + ".join([method_name("+".join(modalities), cfg.pairing), *filter(None, extras)])

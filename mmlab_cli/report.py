@@ -26,10 +26,10 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.tables import mean_std, to_latex, to_markdown
 
 DEFAULT_GROUP_BY = ("dataset", "modalities", "pairing")
-OPTIONAL_GROUP_BY = ("regularizer", "scheme")  # in the default grouping when some run records them
-KEY_DEFAULTS = {"regularizer": "none", "scheme": "joint"}  # a run without the key ran with this value
+KEY_DEFAULTS = {"regularizer": "none", "scheme": "joint", "balance": "none"}  # a run without the key ran with this
+OPTIONAL_GROUP_BY = tuple(KEY_DEFAULTS)  # in the default grouping when some run records them
 FORMATS = ("md", "csv", "latex")
-METHOD_KEYS = ("modalities", "pairing", "regularizer", "scheme")  # summarised by the method column
+METHOD_KEYS = ("modalities", "pairing", *OPTIONAL_GROUP_BY)  # summarised by the method column
 FLAG = "†"  # marks a cell one of whose runs flagged its value (TableSpec.flags)
 
 
@@ -261,9 +261,10 @@ def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[st
 
 
 def method_label(row, group_by: tuple[str, ...]) -> str:
-    """'audio only', 'DML (image+audio)', with ' + DGL' / ' + DAGR' when grouped by scheme / regularizer."""
-    extras = [str(row[k]).upper() for k, off in (("scheme", "joint"), ("regularizer", "none"))
-              if k in group_by and str(row[k]) != off]
+    """'audio only', 'DML (image+audio)', with ' + DGL' / ' + DAGR' / ' + OGM-GE' when grouped by scheme /
+    regularizer / balance."""
+    extras = [str(row[k]).upper() for k in ("scheme", "regularizer", "balance")
+              if k in group_by and str(row[k]) != KEY_DEFAULTS[k]]
     return " + ".join([method_name(row["modalities"], row["pairing"]), *extras])
 
 

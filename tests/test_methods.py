@@ -8,7 +8,10 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-import mmlab_cli.methods.objective as objective
+import json
+from pathlib import Path
+
+import mmlab_cli.methods.dagr as dagr_module
 from conftest import tiny_config
 from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.format import ModalitySpec
@@ -258,8 +261,8 @@ def test_sam_second_pass_leaves_batchnorm_statistics_alone():
 def test_dagr_adds_no_parameters_and_runs_in_training_only(monkeypatch):
     """DAGR's terms are computed in the training step and never at evaluation, and they change nothing about
     the model: after a DAGR step, evaluate() gives the plain CE and accuracy of a plain model with its weights."""
-    calls, real = [], objective.dagr_terms
-    monkeypatch.setattr(objective, "dagr_terms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], dagr_module.dagr_terms
+    monkeypatch.setattr(dagr_module, "dagr_terms", lambda *a, **k: calls.append(1) or real(*a, **k))
     plain, dagr = _model(), _model()
     cfg = _cfg(regularizer="dagr")
     opt, _ = build_optimizer(cfg, dagr)
@@ -337,3 +340,28 @@ def test_three_modalities_with_every_method_recorded(method_runs):
     history = [yaml.safe_load(line) for line in (root / "three" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= h["train_dagr_alpha"] <= 1 and math.isfinite(h["train_dispersion"]) for h in history)
     assert all(h["train_anchoring"] >= 0 for h in history)
+
+
+# ---- the Method interface changed nothing: runs equal to those recorded before it ------------------------
+
+REFERENCE_SETTINGS = {"dgl": dict(scheme="dgl", dgl_alpha=2.0), "dagr": dict(regularizer="dagr"),
+                      "dagr_weighted": dict(regularizer="dagr", dagr_pareto=False, dagr_weights=[0.2, 0.3]),
+                      "sam": dict(sam=0.05), "swa": dict(swa_start=2, swa_lr=0.01, epochs=3),
+                      "swa_keep": dict(swa_start=2, epochs=3)}
+
+
+def test_methods_reproduce_the_runs_recorded_before_the_method_interface(tiny_synthetic, tmp_path, one_thread):
+    """DGL, DAGR (Pareto and weighted), SAM and SWA (constant and held rate) moved onto methods.base.Method:
+    tiny fixed-seed runs give the metrics the code before the move gave (tests/assets/method_reference.json;
+    bit-equal on the machine that recorded them, the tolerance is for other CPUs' kernels)."""
+    reference = json.loads((Path(__file__).parent / "assets" / "method_reference.json").read_text())["runs"]
+    assert set(reference) == set(REFERENCE_SETTINGS)
+    for name, settings in REFERENCE_SETTINGS.items():
+        metrics = train(tiny_config(tiny_synthetic, tmp_path / name, **{"epochs": 2, "encoder": "mlp",
+                                                                         "batch_size": 32, **settings}))
+        history = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                   for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert len(history) == len(reference[name]["history"])
+        for got, expected in zip(history, reference[name]["history"]):
+            assert got == pytest.approx(expected, rel=1e-6), name
+        assert {k: metrics[k] for k in reference[name]["test"]} == pytest.approx(reference[name]["test"], rel=1e-6)

@@ -1,9 +1,10 @@
 """`train(cfg)`: the whole training recipe, read top to bottom.
 
-setup (every split opened and checked, run lock, processes, dataset, model, optimizer, method, resume)
--> for each epoch: DML/SML epoch plan, train steps (mmlab_cli.engine.step: joint or DGL, DAGR, SAM),
-divergence checks, validation, SWA averaging, checkpoints, metrics -> (SWA: batch-norm statistics of the
-average) -> best checkpoint on test -> metrics.json.
+setup (every split opened and checked, run lock, processes, dataset, model, optimizer, methods, resume)
+-> for each epoch: DML/SML epoch plan, the methods' start-of-epoch hooks, train steps (mmlab_cli.engine.step),
+divergence checks, the methods' end-of-epoch hooks (SWA averaging), validation, checkpoints (with every
+method's state), metrics -> the methods' finish (SWA: its average becomes the model) -> best checkpoint on
+test -> metrics.json. The methods (mmlab_cli.methods.base) are the only place a method's behaviour lives.
 Model selection uses the val split only; test is touched once, at the end.
 A non-finite loss or weight stops the run with TrainingDiverged (exit 3) before anything non-finite
 is saved: the last good checkpoint stays, and metrics.jsonl records where it diverged.
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import torch
 from rich.progress import TextColumn
-from torch.optim.swa_utils import AveragedModel, update_bn
 
 from mmlab_cli.config import TrainConfig, config_to_yaml
 from mmlab_cli.console import clock, console, progress
@@ -35,12 +35,14 @@ from mmlab_cli.engine.rundir import RunPaths, build_model, environment
 from mmlab_cli.engine.step import TrainStep, build_step
 from mmlab_cli.errors import MmlabError, TrainingDiverged
 from mmlab_cli.methods.augment import BatchAugment
+from mmlab_cli.methods.base import Loop, Method
 from mmlab_cli.methods.objective import Objective
+from mmlab_cli.methods.registry import build_methods
 from mmlab_cli.models.pretrained import init_pretrained
 from mmlab_cli.threads import use_threads
 from mmlab_cli.tracking import check_loggers, open_loggers
 
-METHOD_KEYS = ("scheme", "regularizer", "sam", "swa_start", "label_smoothing", "augment")
+METHOD_KEYS = ("scheme", "regularizer", "balance", "sam", "swa_start", "label_smoothing", "augment")
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
@@ -90,12 +92,13 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
                     step: TrainStep | None = None, augment: BatchAugment | None = None, epoch: int = 0,
                     world: World = World()) -> dict:
     """One pass of optimisation steps; returns the mean fused CE and accuracy over the (global) epoch,
-    plus the DAGR terms' means and Pareto's mean alpha* when they are on. Without `step`: plain joint
+    plus the means of the methods' `stats` (DAGR's terms, Pareto's alpha*). Without `step`: plain joint
     training on the fused loss (+ the probes' loss on detached embeddings). A non-finite training loss
     raises Diverged (checked every CHECK_EVERY steps and at the end of the epoch)."""
     step = step or TrainStep(Objective(model), model, opt, scaler, device, precision)
     model.train()
-    keys = ("ce", "dispersion", "anchoring", "alpha")
+    stats = {k: name for method in step.methods for k, name in method.stats.items()}
+    keys = ("ce", *stats)
     sums = torch.zeros(len(keys) + 2, device=device, dtype=torch.float64)  # ..., correct, n
     total = torch.zeros((), device=device, dtype=torch.float64)  # every loss the step optimised
     every = CHECK_EVERY.get(device.type, CHECK_EVERY["cuda"])
@@ -104,8 +107,8 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
             inputs = augment(inputs, epoch, i)
         out = step(inputs, y)
         n = len(y)
-        stats = [out[k].detach().double() * n if k in out else sums.new_zeros(()) for k in keys]
-        sums += torch.stack([*stats, (out["logits"].argmax(1) == y).sum().double(), sums.new_tensor(float(n))])
+        means = [out[k].detach().double() * n if k in out else sums.new_zeros(()) for k in keys]
+        sums += torch.stack([*means, (out["logits"].argmax(1) == y).sum().double(), sums.new_tensor(float(n))])
         total += out["loss"].detach().double()
         if (i + 1) % every == 0:
             _check_finite(total, world, i + 1)
@@ -114,12 +117,8 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
     _check_finite(total, world, len(loader))
     sums = world.sum(sums).tolist()
     n = max(sums[-1], 1)
-    record = {"loss": sums[0] / n, "acc": 100.0 * sums[-2] / n}
-    if step.dagr:
-        record.update(dispersion=sums[1] / n, anchoring=sums[2] / n)
-    if step.dagr == "pareto":
-        record["dagr_alpha"] = sums[3] / n
-    return record
+    return {"loss": sums[0] / n, "acc": 100.0 * sums[-2] / n,
+            **{name: value / n for name, value in zip(stats.values(), sums[1:-2])}}
 
 
 def _prepare_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: World) -> RunPaths:
@@ -182,15 +181,16 @@ def _stop_diverged(paths: RunPaths, state: dict, epoch: int, step: int, lr: floa
                            f"--clip-grad-norm, and start a new run with another --out")
 
 
-def _swa_finish(swa: AveragedModel, model, dataset: PreparedDataset, cfg: TrainConfig, device, world: World,
-                paths: RunPaths, state: dict) -> None:
-    """Batch-norm statistics of the averaged weights over the (un-augmented, SML-paired) training set;
-    the average becomes the run's model: validated, and saved as the best checkpoint."""
-    update_bn(BatchLoader(dataset.split("train"), cfg.batch_size, device), swa)
-    model.load_state_dict(swa.module.state_dict())
-    val = evaluate(model, BatchLoader(dataset.split("val"), cfg.batch_size, device), device, cfg.precision)
-    state.update(best_val_acc=val["acc"], best_epoch=cfg.epochs, swa_val={f"val_{k}": v for k, v in val.items()})
-    if world.main:
+def _finish(methods: list[Method], loop: Loop, paths: RunPaths, state: dict) -> None:
+    """The methods' finish hooks; weights a method put in place of the trained ones (SWA's average) become
+    the run's model: validated, and saved as the best checkpoint."""
+    if not any([method.finish(loop) for method in methods]):  # a list: every method finishes
+        return
+    cfg, model = loop.cfg, loop.model
+    val = evaluate(model, BatchLoader(loop.dataset.split("val"), cfg.batch_size, loop.device), loop.device,
+                   cfg.precision)
+    state.update(best_val_acc=val["acc"], best_epoch=cfg.epochs, final_val={f"val_{k}": v for k, v in val.items()})
+    if loop.world.main:
         save_checkpoint(paths.best, model, state)
 
 
@@ -247,7 +247,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
         model = model.to(memory_format=torch.channels_last)
     opt, sched = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.precision == "fp16")
-    swa = AveragedModel(model) if cfg.swa_start else None
+    methods = build_methods(cfg, model, world)
     state = {"epoch": 0, "history": [], "best_val_acc": -1.0, "best_epoch": 0}
     if point is not None:
         weights, state = point
@@ -259,12 +259,14 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
-        if swa is not None:
-            swa.load_state_dict(state["swa"])
+        for method in methods:
+            if method.state_dict() is not None:
+                method.load_state_dict(state[method.name])
         say(f"resuming {paths.root} after epoch {state['epoch']}")
     else:
         init_pretrained(model, cfg.pretrained)
-    step = build_step(cfg, model, opt, scaler, device, world)
+    step = build_step(cfg, model, opt, scaler, device, world, methods)
+    loop = Loop(cfg, model, opt, dataset, device, world)
     augment = BatchAugment(cfg.augment, dataset.specs, cfg.seed, cfg.batch_size, world.rank, world.size)
     if cfg.augment and not augment:
         say(f"[yellow]augment {','.join(cfg.augment)}: no modality of this run is of a kind it applies to")
@@ -277,10 +279,8 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     with bars as bar, loggers as log:
         for epoch in range(state["epoch"], cfg.epochs):
             t0 = time.time()
-            averaging = swa is not None and epoch + 1 >= cfg.swa_start
-            if averaging and cfg.swa_lr > 0:  # constant SWA rate; encoder groups keep their ratio to lr
-                for g in opt.param_groups:
-                    g["lr"] = cfg.swa_lr * g["initial_lr"] / cfg.lr
+            for method in methods:
+                method.start_epoch(loop, epoch)
             order, partners = epoch_plan(train_split.labels, dataset.modalities, cfg.pairing, cfg.seed, epoch)
             loader = BatchLoader(train_split, cfg.batch_size, device, order=order, partners=partners,
                                  drop_last=len(order) > cfg.batch_size, rank=world.rank, world=world.size)
@@ -294,9 +294,9 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             except Diverged as d:
                 _stop_diverged(paths, state, epoch + 1, d.step, opt.param_groups[0]["lr"], world)
             lr = opt.param_groups[0]["lr"]
-            if averaging:
-                swa.update_parameters(model)
-            else:
+            for method in methods:
+                method.end_epoch(loop, epoch)
+            if not any(method.holds_lr(epoch) for method in methods):
                 sched.step()
             val = evaluate(model, val_loader, device, cfg.precision)
             if bar:  # in a log this is the epoch's line: val accuracy and the time the run has left
@@ -309,7 +309,8 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             log(record)  # before the checkpoint: a resume replaces what a kill in between left logged
             state["epoch"] = epoch + 1
             state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                         torch_rng=torch.get_rng_state(), **({"swa": swa.state_dict()} if swa is not None else {}))
+                         torch_rng=torch.get_rng_state(),
+                         **{m.name: kept for m in methods if (kept := m.state_dict()) is not None})
             if world.main:
                 if val["acc"] > state["best_val_acc"]:
                     state["best_val_acc"], state["best_epoch"] = val["acc"], epoch + 1
@@ -319,14 +320,13 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             elif val["acc"] > state["best_val_acc"]:
                 state["best_val_acc"], state["best_epoch"] = val["acc"], epoch + 1
 
-    if swa is not None:
-        _swa_finish(swa, model, dataset, cfg, device, world, paths, state)
+    _finish(methods, loop, paths, state)
     world.barrier()  # the best checkpoint is on disk
     if not world.main:
         return {}
     load_weights(find_checkpoint(paths.best), model, device)
     test = evaluate(model, BatchLoader(dataset.split("test"), cfg.batch_size, device), device, cfg.precision)
-    best = state.get("swa_val") or state["history"][state["best_epoch"] - 1]
+    best = state.get("final_val") or state["history"][state["best_epoch"] - 1]
     metrics = {"dataset": dataset.name, "modalities": dataset.modalities, "pairing": cfg.pairing,
                **{k: getattr(cfg, k) for k in METHOD_KEYS}, "seed": cfg.seed, "world_size": world.size,
                "best_epoch": state["best_epoch"], "epochs": cfg.epochs,

@@ -8,6 +8,12 @@
   loss, and it is exactly zero, with zero gradient, inside the tolerance radius delta.
 
 Both are plain functions of the embeddings: DAGR adds no parameter and runs only in training.
+
+The method adds lambda_d L_disp + lambda_a L_anchor to the loss, or, with Pareto mixing (`--dagr-pareto`),
+task + lambda (alpha* L_disp + (1 - alpha*) L_anchor) with alpha* from the gradients of the two terms
+w.r.t. the encoder parameters only (two extra backward passes through the encoders, methods/pareto.py):
+since neither term depends on the fusion head, the head sees the task loss only, and the encoders get
+g_task + lambda (alpha* g_d + (1 - alpha*) g_a).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from itertools import combinations
 
 import torch
 import torch.nn.functional as F
+
+from mmlab_cli.methods.base import Method
+from mmlab_cli.methods.pareto import pareto_alpha
 
 
 def dispersion(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -43,3 +52,35 @@ def dagr_terms(embeddings: dict[str, torch.Tensor], temperature: float, delta: f
     anchor = (torch.stack([anchoring(z[a], z[b], delta) for a, b in pairs]).mean() if pairs
               else disp.new_zeros(()))
     return {"dispersion": disp, "anchoring": anchor}
+
+
+class DAGR(Method):
+    name = "dagr"
+
+    def __init__(self, model, temperature: float, delta: float, pareto: bool, lam: float,
+                 weights: tuple[float, float], world):
+        self.temperature, self.delta, self.pareto, self.lam, self.weights = temperature, delta, pareto, lam, weights
+        self.encoder_params = [p for p in model.encoders.parameters() if p.requires_grad]
+        self.world = world
+        self.stats = {"dispersion": "dispersion", "anchoring": "anchoring",
+                      **({"alpha": "dagr_alpha"} if pareto else {})}
+
+    def outputs(self, model, z, y, gather):
+        """The terms over the global batch of a distributed run (`gather` keeps the gradient)."""
+        return dagr_terms({m: gather(v) if gather else v for m, v in z.items()}, self.temperature, self.delta)
+
+    def loss(self, step, out):
+        if not self.pareto:
+            return self.weights[0] * out["dispersion"] + self.weights[1] * out["anchoring"]
+        scale = step.scaler.scale  # fp16: scaled like the task loss; alpha* is scale-invariant
+        alpha = pareto_alpha(scale(out["dispersion"]), scale(out["anchoring"]), self.encoder_params,
+                             self.world.mean if self.world.size > 1 else None)
+        out["alpha"] = alpha.detach()
+        return self.lam * (alpha * out["dispersion"] + (1 - alpha) * out["anchoring"])
+
+
+def build(cfg, model, world) -> DAGR | None:
+    if cfg.regularizer != "dagr":
+        return None
+    return DAGR(model, cfg.dagr_temperature, cfg.dagr_delta, cfg.dagr_pareto, cfg.dagr_lambda,
+                tuple(cfg.dagr_weights), world)

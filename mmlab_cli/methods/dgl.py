@@ -11,16 +11,20 @@ gradients (unimodal backward, fusion-head gradients erased, fused backward) in o
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
-
-from mmlab_cli.models.fusion import LateFusion
+from mmlab_cli.methods.base import Method
 
 
-def dgl_losses(model: LateFusion, z: dict[str, torch.Tensor], y: torch.Tensor,
-               ce: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fused logits, fused loss, sum of the unimodal losses)."""
-    logits = model.fuse({m: v.detach() for m, v in z.items()})
-    unimodal = sum(ce(model.fuse({m: z[m]}, detach_head=True), y) for m in model.modalities)
-    return logits, ce(logits, y), unimodal
+class DGL(Method):
+    name = "dgl"
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def task_loss(self, model, z, y, ce):
+        logits = model.fuse({m: v.detach() for m, v in z.items()})
+        unimodal = sum(ce(model.fuse({m: z[m]}, detach_head=True), y) for m in model.modalities)
+        return logits, ce(logits, y) + self.alpha * unimodal
+
+
+def build(cfg, model, world) -> DGL | None:
+    return DGL(cfg.dgl_alpha) if cfg.scheme == "dgl" else None

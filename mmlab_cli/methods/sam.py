@@ -13,6 +13,8 @@ import contextlib
 import torch
 from torch import nn
 
+from mmlab_cli.methods.base import Method
+
 
 class SAM:
     def __init__(self, params, rho: float):
@@ -48,3 +50,24 @@ def frozen_bn_stats(model: nn.Module):
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+class SharpnessAware(Method):
+    """SAM as a method: after the first backward, the second pass at w + eps gives the gradient the update uses
+    (the probes are left out of the perturbation: they train on detached embeddings)."""
+    name = "sam"
+
+    def __init__(self, model: nn.Module, rho: float):
+        self.model = model
+        self.sam = SAM([p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("probes.")], rho)
+
+    def after_backward(self, step, inputs, y, out) -> None:
+        self.sam.ascend()
+        step.opt.zero_grad(set_to_none=True)
+        with frozen_bn_stats(self.model):
+            step.backward(inputs, y)
+        self.sam.descend()
+
+
+def build(cfg, model, world) -> SharpnessAware | None:
+    return SharpnessAware(model, cfg.sam) if cfg.sam > 0 else None

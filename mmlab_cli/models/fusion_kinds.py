@@ -13,11 +13,12 @@ class FusionKind:
     cls: str  # class name in mmlab_cli.models.fusion_nets
     min_modalities: int = 1  # film and gated need a conditioning modality and a conditioned one
     heads: int = 1  # the embedding size must be a multiple of it
+    linear: bool = False  # logits linear in each modality's embedding: per-modality slices of the head exist (OGM)
 
 
 FUSIONS = {
-    "concat": FusionKind("Concat"),
-    "sum": FusionKind("Sum"),
+    "concat": FusionKind("Concat", linear=True),
+    "sum": FusionKind("Sum", linear=True),
     "mlp": FusionKind("MLP"),
     "attention": FusionKind("Attention", heads=8),
     "film": FusionKind("FiLM", min_modalities=2),

@@ -1,0 +1,38 @@
+"""Every training method by name: the module that implements it (a `Method`, mmlab_cli.methods.base) and
+whose `build(cfg, model, world)` returns it, or None when the config leaves it off.
+
+Adding a method is one module, one line here and one test. The methods are built, and their hooks called,
+in this order: the task (DGL), DAGR, SAM, SWA, then the balancing method `--balance` names (after SAM, so
+that it modulates the gradient SAM's second pass leaves). This module imports no torch: config.py reads
+the balancing names from it for `--balance`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from mmlab_cli.errors import MmlabError
+
+METHODS = {
+    "dgl": "mmlab_cli.methods.dgl",
+    "dagr": "mmlab_cli.methods.dagr",
+    "sam": "mmlab_cli.methods.sam",
+    "swa": "mmlab_cli.methods.swa",
+}
+BALANCES = {  # --balance NAME
+    "ogm": "mmlab_cli.methods.ogm",
+    "ogm-ge": "mmlab_cli.methods.ogm",
+    "agm": "mmlab_cli.methods.agm",
+    "pmr": "mmlab_cli.methods.pmr",
+    "mmpareto": "mmlab_cli.methods.mmpareto",
+}
+
+
+def build_methods(cfg, model, world) -> list:
+    """The methods a config turns on, in hook order."""
+    if cfg.balance in BALANCES and len(model.modalities) < 2:
+        raise MmlabError(f"balance {cfg.balance}: balances modalities against each other; this run has one "
+                         f"({model.modalities[0]}): drop --balance or train on two or more modalities")
+    modules = [*METHODS.values(), *([BALANCES[cfg.balance]] if cfg.balance in BALANCES else [])]
+    built = (importlib.import_module(module).build(cfg, model, world) for module in modules)
+    return [method for method in built if method is not None]
