@@ -35,6 +35,7 @@ KEY_DEFAULTS = {k: off for k, (off, _) in OPTIONAL_GROUP_BY.items()}
 FORMATS = ("md", "csv", "latex")
 METHOD_KEYS = ("modalities", "pairing", *OPTIONAL_GROUP_BY)  # summarised by the method column
 RETRIEVAL = (("R@1 {}", "recall@1_*", "↑"), ("R@5 {}", "recall@5_*", "↑"), ("R@10 {}", "recall@10_*", "↑"))
+FLAG = "†"  # marks a cell one of whose runs flagged its value (TableSpec.flags)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class TableSpec:
     columns: tuple[tuple[str, str, str], ...]  # (label, JSON path, direction: ↑ higher is better, ↓ lower, "")
     fmt: str = ".2f"  # a cell without a seed spread to round to (one run, or equal values)
     plots: tuple[str, ...] = ()  # patterns of PNGs in the run directory (listed in its file), embedded once per group
+    # (column JSON path, JSON path of a boolean with the same wildcards): a cell of a group in which that boolean is
+    # false for some run is marked with the footnote's mark (flagged: a value from a computation that did not converge)
+    flags: tuple[tuple[str, str], ...] = ()
+    footnote: str = ""
 
 
 TABLES = (
@@ -59,11 +64,22 @@ TABLES = (
     TableSpec("retrieval_class", "Class-level cross-modal retrieval of contrastive runs, Recall@K (%) on the test "
               "split, a hit = any item of the query's class", "metrics.json", "mmlab train --objective contrastive",
               tuple((label, f"test_class_{path}", arrow) for label, path, arrow in RETRIEVAL)),
-    TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter)",
+    TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter); "
+              "λ_max of one encoder's block (same parameters across runs), λ_max/thr = λ_max over the learning-rate "
+              "stability threshold 2(1+momentum)/lr, and the modality-absent test (DML Theorems 1-2)",
               "flatness.json", "mmlab flatness RUN_DIR",
-              (("λ_max", "lambda_max", "↓"), ("λ1/λ5", "lambda_ratio", ""), ("trace", "trace", "↓"),
-               ("L_LPF", "lpf_loss", "↓"), ("Δ_LPF", "lpf_delta", "↓"), ("F_gap {}", "fgap_mean_*", "↓")), ".4g",
-              ("flatness_fgap.png", "flatness_density.png", "flatness_landscape_2d_contour.png")),
+              (("λ_max", "lambda_max", "↓"), ("λ_max/thr", "lambda_max_over_threshold", ""),
+               ("λ1/λ5", "lambda_ratio", ""), ("trace", "trace", "↓"),
+               ("λ_max block {}", "block_lambda_max.*", "↓"), ("λ_max/thr block {}", "block_over_threshold.*", ""),
+               ("λ_max {} absent", "absent_lambda_max.*", ""), ("L_LPF", "lpf_loss", "↓"), ("Δ_LPF", "lpf_delta", "↓"),
+               ("L_LPF {} absent", "absent_lpf_loss.*", ""), ("Δ_LPF {} absent", "absent_lpf_delta.*", ""),
+               ("F_gap {}", "fgap_mean_*", "↓")), ".4g",
+              ("flatness_fgap.png", "flatness_density.png", "flatness_landscape_2d_contour.png"),
+              (("lambda_max", "lambda_max_converged"), ("lambda_max_over_threshold", "lambda_max_converged"),
+               ("block_lambda_max.*", "block_converged.*"), ("block_over_threshold.*", "block_converged.*"),
+               ("absent_lambda_max.*", "absent_converged.*")),
+              f"{FLAG}: in at least one run of the group the Lanczos solve of this λ_max did not converge (residual "
+              "above tol |λ|); λ1/λ5 is left out (-) for such a run."),
     TableSpec("geometry", "Modality variance Tr Σ of unit embeddings, variance ratio and modality gap W2² "
               "(DML paper Table 5)", "geometry.json", "mmlab geometry RUN_DIR",
               (("variance {}", "modality.*.variance", ""), ("ratio {}", "pairs.*.variance_ratio", ""),
@@ -279,11 +295,24 @@ def _best(mean: pd.Series, within: list[pd.Series], arrow: str) -> pd.Series:
     return (mean == by.transform("max" if arrow == "↑" else "min")) & (by.transform("count") > 1)
 
 
+def lookup(doc, path: str, captured: tuple[str, ...]):
+    """The value at dotted `path` in `doc` with its `*` wildcards filled by `captured` in order (None if absent)."""
+    parts = iter(captured)
+    for seg in path.split("."):
+        key = seg.replace("*", next(parts)) if "*" in seg else seg
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
 def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> Table:
     """Per-run values from the spec's paths, then mean, sample std and count per group; a column no run has a
     value for is left out (the note names it and the command that fills it)."""
     values: dict[str, dict[int, float]] = {}  # column label -> {run row: value}; labels in first-seen order
     direction: dict[str, str] = {}
+    flags = dict(spec.flags)
+    flagged: dict[str, dict[int, bool]] = {}  # column label -> {run row: True where its flag is false}
     empty = []
     for label, path, arrow in spec.columns:
         before = len(values)
@@ -291,12 +320,16 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
             for captured, value in resolve(doc, path) if doc is not None else []:
                 values.setdefault(label.format(*captured), {})[i] = value
                 direction[label.format(*captured)] = arrow
+                if path in flags:
+                    flagged.setdefault(label.format(*captured), {})[i] = lookup(doc, flags[path], captured) is False
         if len(values) == before:
             empty.append(label.replace(" {}", ""))
     per_run = runs[list(group_by)].copy()
     per_run["seed"] = runs["seed"] if "seed" in runs else range(len(runs))  # no seed recorded: each run counts
     for label, by_run in values.items():
         per_run[label] = pd.Series(by_run, dtype=float)
+    for label, by_run in flagged.items():
+        per_run[f"{label} flagged"] = [by_run.get(i, False) for i in per_run.index]
     grouped = per_run.groupby(list(group_by), dropna=False, sort=True)
     numbers = grouped["seed"].nunique().rename("seeds").to_frame()
     numbers["runs"] = grouped.size()
@@ -304,6 +337,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         numbers[f"{label} mean"] = grouped[label].mean()
         numbers[f"{label} std"] = grouped[label].std(ddof=1)
         numbers[f"{label} n"] = grouped[label].count()
+        if label in flagged:
+            numbers[f"{label} flagged"] = grouped[f"{label} flagged"].any()
     numbers = numbers.reset_index()
     if {"modalities", "pairing"} <= set(group_by):  # the method column says what these keys say
         cells = numbers[[k for k in group_by if k not in METHOD_KEYS]].copy()
@@ -318,6 +353,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         header = f"{label} {direction[label]}".rstrip()
         cells[header] = [_cell(m, sd, n, k, spec.fmt) for m, sd, n, k in zip(
             numbers[f"{label} mean"], numbers[f"{label} std"], numbers[f"{label} n"], numbers["runs"])]
+        if label in flagged:
+            cells[header] = cells[header].where(~numbers[f"{label} flagged"], cells[header] + f" {FLAG}")
         best[header] = _best(numbers[f"{label} mean"], [numbers[k] for k in within], direction[label])
     notes = []
     absent = [runs.at[i, "run"] for i, doc in enumerate(docs) if doc is None]
@@ -325,6 +362,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         listed = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
         notes.append(f"-: {len(absent)} of {len(runs)} runs have no {spec.file} ({listed}); "
                      f"produce it with `{spec.command}`.")
+    if any(numbers[f"{label} flagged"].any() for label in flagged):
+        notes.append(spec.footnote)
     if empty and len(absent) < len(runs):
         notes.append(f"Not measured by any run yet, so left out: {', '.join(empty)} (`{spec.command}`).")
     return Table(spec, numbers, cells, best, ["seeds", *cells.columns[len(keys) + 1:]], " ".join(notes))
