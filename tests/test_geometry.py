@@ -92,7 +92,7 @@ def test_outputs_and_metrics_match_the_stored_embeddings(runs):
     for m in ("image", "audio"):  # concat + linear head is affine: only the off-diagonal of W_m misses alpha * tau
         assert stored["ati"][m]["taylor_eps_rel"] < 1e-5 < stored["ati"][m]["eps_rel"]
     # the synthetic modalities are drawn apart given the class: the pair metrics are flagged class-level only
-    assert stored["pairing"] == "class-level"
+    assert stored["pairing"] == "class-level" and stored["sample_level_pairs"] is False
     assert set(stored["pairing_caveat"]["metrics"]) == {
         "drift", "cosine_pos", "cosine_neg", "cosine_gap", "cosine_ks",
         *(f"recall{kind}@{k}" for kind in ("", "_forward", "_backward") for k in (1, 5, 10))}
@@ -113,6 +113,7 @@ def test_pairing_caveat_follows_the_manifest(runs, tiny_synthetic, tmp_path):
         results[pairing], _ = geometry(run.model, PreparedDataset(copy, run.model.modalities),
                                        GeometrySettings(**SETTINGS), CPU)
     assert results["sample-level"]["pairing"] == "sample-level" and results["sample-level"]["pairing_caveat"] is None
+    assert results["sample-level"]["sample_level_pairs"] and not results[None]["sample_level_pairs"]
     assert results[None]["pairing"] == "unknown" and "drift" in results[None]["pairing_caveat"]["metrics"]
     assert "does not say whether its pairs are sample-level" in results[None]["pairing_caveat"]["note"]
     assert results[None]["pairs"] == results["sample-level"]["pairs"]  # a flag, not another measurement

@@ -211,10 +211,10 @@ def test_formats(runs_dir):
 
 
 def test_sample_level_metrics_on_class_level_pairs_are_flagged(runs_dir):
-    note = "avmnist pairs are class-level: drift, cosine gap, KS and Recall@K measure class-level alignment only"
-    path = runs_dir / "sml/s0/geometry.json"  # one run of the group carries the caveat: the group's cells are flagged
-    flagged = ["drift", "cosine_gap", "cosine_ks", "recall@1"]
-    path.write_text(json.dumps({**json.loads(path.read_text()), "pairing_caveat": {"note": note, "metrics": flagged}}))
+    path = runs_dir / "sml/s0/geometry.json"  # one run of the group says its pairs are not sample-level
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sample_level_pairs": False}))
+    dml = runs_dir / "dml/s0/geometry.json"  # sample-level pairs: not flagged
+    dml.write_text(json.dumps({**json.loads(dml.read_text()), "sample_level_pairs": True}))
     tables, md, _ = write_report(runs_dir)
     alignment = next(t for t in tables if t.spec.name == "alignment")
     cells = alignment.cells.set_index("method")
@@ -222,11 +222,12 @@ def test_sample_level_metrics_on_class_level_pairs_are_flagged(runs_dir):
         assert cells.loc["SML (image+audio)", column].endswith(" †"), column
         assert not cells.loc["DML (image+audio)", column].endswith("†"), column
     assert not cells.loc["SML (image+audio)", "erank entropy image"].endswith("†")  # a per-modality metric
-    assert list(_row(alignment.numbers, "sml")[["drift image|audio caveat", "R@1 image|audio caveat"]]) == [True] * 2
-    assert not _row(alignment.numbers, "dml")["drift image|audio caveat"]
-    assert f"†: {note}." in md.split("## Representation diagnostics")[1].split("## ATI")[0]
+    assert list(_row(alignment.numbers, "sml")[["drift image|audio flagged", "R@1 image|audio flagged"]]) == [True] * 2
+    assert not _row(alignment.numbers, "dml")["drift image|audio flagged"]
+    section = md.split("## Representation diagnostics")[1].split("## ATI")[0]
+    assert "†: the runs' dataset pairs its modalities at class level" in section
     latex = write_report(runs_dir, fmt="latex")[1]
-    assert r"$^\dagger$" in latex
+    assert r"\dag{}" in latex
     _check_latex_structure(latex, tables=7)
 
 
@@ -261,7 +262,7 @@ def test_grouping_rules(runs_dir, tmp_path):
         config = yaml.safe_load((runs_dir / run / "config.yaml").read_text())
         (runs_dir / run / "config.yaml").write_text(yaml.safe_dump({**config, "scheme": "dgl"}))
     numbers = write_report(runs_dir)[0][0]
-    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "regularizer", "scheme", "seeds"]
+    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "scheme", "regularizer", "seeds"]
     assert sorted(numbers.numbers["scheme"]) == ["dgl", "joint", "joint", "joint"]  # runs without it ran joint
     assert "DML (image+audio) + DGL + DAGR" in list(numbers.cells["method"])
 
@@ -365,7 +366,8 @@ def test_columns_without_values_are_left_out(tmp_path):
     tables, md, _ = write_report(tmp_path / "runs")
     flat = {t.spec.name: t for t in tables}["flatness"]
     assert list(flat.cells.columns[2:]) == ["seeds", "λ_max ↓"]  # no 'F_gap *' or 'L_LPF' placeholder
-    assert "left out: λ1/λ5, trace, L_LPF, Δ_LPF, F_gap (`mmlab flatness RUN_DIR`)" in flat.note
+    assert ("left out: λ_max/thr, λ1/λ5, trace, λ_max block, λ_max/thr block, λ_max absent, L_LPF, Δ_LPF, "
+            "L_LPF absent, Δ_LPF absent, F_gap (`mmlab flatness RUN_DIR`)") in flat.note
     assert "*" not in md.split("## Modality variance")[1].split("## ")[0]  # no wildcard header anywhere
     assert "| avmnist" not in md.split("## Modality variance")[1].split("## ")[0]  # no geometry: no table, a note
 

@@ -160,6 +160,7 @@ def geometry(model: LateFusion, dataset: PreparedDataset, settings: GeometrySett
               "modalities": list(model.modalities), "dim": int(next(iter(emb.raw.values())).shape[1]),
               "classes": len(dataset.classes), "settings": asdict(s), "device": str(device),
               "threads": torch.get_num_threads(), "pairing": dataset.pairing,
+              "sample_level_pairs": dataset.pairing == "sample-level",
               "pairing_caveat": pairing_caveat(dataset.name, dataset.pairing, metrics["pairs"]), **metrics,
               "seconds": time.perf_counter() - start}
     return result, emb
