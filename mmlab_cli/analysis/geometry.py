@@ -152,7 +152,8 @@ def geometry(model: LateFusion, dataset: PreparedDataset, settings: GeometrySett
 
 def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, checkpoint: str = "best",
                 force: bool = False) -> dict:
-    """geometry() of a loaded run plus its identity, with every output file written into the checkpoint's analyses folder (RunPaths.analyses);
+    """geometry() of a loaded run plus its identity, with every output file written into the checkpoint's
+    analyses folder (RunPaths.analyses);
     a geometry.json with the same settings and checkpoint bytes is reused unless `force`."""
     out = run.paths.analyses(checkpoint)
     out.mkdir(exist_ok=True)
