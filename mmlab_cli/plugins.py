@@ -42,6 +42,9 @@ class DMLSampler(Sampler):
         self.labels = np.asarray(labels)
         if self.labels.ndim != 1 or not np.issubdtype(self.labels.dtype, np.integer) or (self.labels < 0).any():
             raise MmlabError("DMLSampler: labels must be one class index (an integer >= 0) per sample")
+        if modalities < 2:
+            raise MmlabError(f"DMLSampler: modalities={modalities}; DML re-pairs modalities 1.. with modality 0: "
+                             "give 2 or more")
         self.modalities, self.seed, self.epoch = modalities, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -106,6 +106,8 @@ def test_dml_example_pairs_share_labels_and_change_between_epochs():
     assert all(labels[a] == labels[b] == labels[c] for a, b, c in first)
     with pytest.raises(MmlabError, match="labels"):
         plugins.DMLSampler([0.5, 1.0])
+    with pytest.raises(MmlabError, match="modalities=1"):
+        plugins.DMLSampler(labels, modalities=1)
 
 
 def test_ogm_example_coefficients_by_hand():
