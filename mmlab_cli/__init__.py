@@ -11,7 +11,7 @@ PLUGINS = (  # the public names of mmlab_cli.plugins
     "DAGRLoss", "pareto_alpha", "min_norm_alpha",
     "DMLSampler", "DMLDataset",
     "ogm_scores", "ogm_coefficients", "ogm_parameters", "ogm_modulate",
-    "agm_shapley", "agm_score_sums", "agm_coefficients",
+    "agm_shapley", "agm_score_sums", "agm_coefficients", "agm_clip",
     "pmr_prototypes", "pmr_terms", "pmr_weights",
     "mmpareto_combine",
 )

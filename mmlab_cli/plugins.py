@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Sampler
 from mmlab_cli import PLUGINS
 from mmlab_cli.data.pairing import epoch_plan
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.methods.agm import clip as agm_clip
 from mmlab_cli.methods.agm import coefficients as agm_coefficients
 from mmlab_cli.methods.agm import score_sums as agm_score_sums
 from mmlab_cli.methods.agm import shapley as agm_shapley

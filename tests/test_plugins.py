@@ -155,6 +155,22 @@ def test_agm_example_shapley_and_coefficients_by_hand():
     assert abs(ns["k"][0].item() - 1) > 1e-3  # not the trivial coefficient
 
 
+def test_agm_clip_only_when_a_head_weight_gradient_leaves_unit_range():
+    head, encoder = torch.nn.Linear(2, 3), torch.nn.Linear(4, 2)
+    params = [*head.parameters(), *encoder.parameters()]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    head.bias.grad.fill_(5.0)  # a bias outside [-1, 1] does not count
+    plugins.agm_clip(head.parameters(), params)
+    assert head.bias.grad.eq(5.0).all() and all(p.grad.eq(0.5).all() for p in params[::2])
+    head.weight.grad[0, 0] = 3.0
+    before = [p.grad.clone() for p in params]
+    total = float(torch.sqrt(sum(g.pow(2).sum() for g in before)))
+    plugins.agm_clip(head.parameters(), params)
+    for p, g in zip(params, before):
+        assert torch.allclose(p.grad, g / total, rtol=1e-5)  # the whole model's gradient to norm 1
+
+
 def test_pmr_example_prototypes_and_weights_by_hand():
     ns = example("PMR")
     labels, y = ns["labels"].numpy(), ns["y"].numpy()

@@ -73,6 +73,19 @@ def coefficients(scores: torch.Tensor, running: torch.Tensor, alpha: float) -> t
     return torch.exp(alpha * gap.clamp(max=MAX_GAP))
 
 
+def clip(head, params, scale: float = 1.0) -> None:
+    """After the backward: clip the gradients of `params` (the whole model's) to norm 1 when a weight gradient
+    of the fusion head (`head`, its parameters) leaves [-1, 1]; `scale`: the fp16 loss scale, if any."""
+    weights = [p.grad for p in head if p.grad is not None and p.dim() >= 2]
+    if not weights:
+        return
+    params = [p for p in params if p.grad is not None]
+    outside = torch.stack([g.abs().max() for g in weights]).max() > CLIP * scale
+    norm = get_total_norm([p.grad for p in params])
+    # no host sync: with a zero norm the clipping factor is capped at 1, a no-op
+    clip_grads_with_norm_(params, CLIP * scale, torch.where(outside, norm, torch.zeros_like(norm)))
+
+
 class AGM(Method):
     name = "agm"
 
@@ -112,15 +125,8 @@ class AGM(Method):
         self.running += (out["agm_scores"] - self.running) / self.steps  # the mean over every step so far
         if not self.active:
             return
-        scale = step.scaler.get_scale() if step.scaler.is_enabled() else 1.0
-        head = [p.grad for p in self.model.head.parameters() if p.grad is not None and p.dim() >= 2]
-        if not head:
-            return
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        outside = torch.stack([g.abs().max() for g in head]).max() > CLIP * scale
-        norm = get_total_norm([p.grad for p in params])
-        # no host sync: with a zero norm the clipping factor is capped at 1, a no-op
-        clip_grads_with_norm_(params, CLIP * scale, torch.where(outside, norm, torch.zeros_like(norm)))
+        clip(self.model.head.parameters(), self.model.parameters(),
+             step.scaler.get_scale() if step.scaler.is_enabled() else 1.0)
 
     def state_dict(self) -> dict:
         return {"running": self.running.clone(), "steps": self.steps}
