@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import mmlab_cli
 from mmlab_cli import plugins
 from mmlab_cli.data.pairing import epoch_plan
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.methods.dagr import DAGR
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
@@ -80,6 +82,16 @@ def test_dagr_example_terms_and_pareto_alpha_by_hand():
     assert got.item() == pytest.approx(alpha, rel=1e-4)
     d, a = fresh["dispersion"].item(), fresh["anchoring"].item()
     assert mixed.item() == pytest.approx(0.1 * (alpha * d + (1 - alpha) * a), rel=1e-4)
+
+    # mmlab's own DAGR method gives the same numbers on the same embeddings, weighted and Pareto-mixed
+    z = {"a": ns["enc_a"](ns["xa"]), "b": ns["enc_b"](ns["xb"])}
+    model = SimpleNamespace(encoders=torch.nn.ModuleList([ns["enc_a"], ns["enc_b"]]))
+    step = SimpleNamespace(scaler=SimpleNamespace(scale=lambda x: x))
+    for pareto, expected in ((False, fresh["loss"]), (True, mixed)):
+        method = DAGR(model, 2.0, 0.5, pareto, 0.1, (0.1, 0.1), SimpleNamespace(size=1))
+        out = method.outputs(None, z, None, None)
+        assert out["dispersion"].item() == pytest.approx(d, rel=1e-6)
+        assert method.loss(step, out).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_dml_example_pairs_share_labels_and_change_between_epochs():
