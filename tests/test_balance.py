@@ -569,8 +569,8 @@ def test_relearn_moves_each_encoder_back_towards_its_initial_weights(tiny_synthe
     method.start_epoch(loop, 1)  # not after a multiple of 2 epochs: nothing moves
     assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
     with torch.no_grad():
-        z = {name: model.embed({m: to_tensor(split.arrays[m][rows], CPU)
-                                for m in model.modalities}) for name, rows in (("train", loop.rows), ("held", loop.held_out))}
+        z = {name: model.embed({m: to_tensor(split.arrays[m][rows], CPU) for m in model.modalities})
+             for name, rows in (("train", loop.rows), ("held", loop.held_out))}
     w = {m: math.tanh(3.0 * abs(purity(z["train"][m].double().numpy(), split.labels[loop.rows], 4)
                                 - purity(z["held"][m].double().numpy(), split.labels[loop.held_out], 4)))
          for m in model.modalities}
@@ -585,3 +585,25 @@ def test_relearn_moves_each_encoder_back_towards_its_initial_weights(tiny_synthe
     method.start_epoch(loop, 4)  # relearn_times 1: done
     assert all(torch.equal(p, moved[n]) for n, p in model.named_parameters())
     assert method.coeff.tolist() == [0.0, 0.0]
+
+
+def test_a_run_never_trains_on_its_held_out_rows(tiny_synthetic, tmp_path, monkeypatch, one_thread):
+    plans = []
+
+    def recorded(*args):
+        plans.append(fit_plan(*args))
+        return plans[-1]
+
+    fit_plan = fit.epoch_plan
+    monkeypatch.setattr(fit, "epoch_plan", recorded)
+    cfg = tiny_config(tiny_synthetic, tmp_path / "run", encoder="mlp", epochs=1, pairing="dml", balance="gblending",
+                      balance_holdout=0.25)
+    metrics = train(cfg)
+    from mmlab_cli.data.dataset import PreparedDataset
+
+    labels = PreparedDataset(tiny_synthetic).split("train").labels
+    rows, held = held_out_split(labels, 0.25, cfg.seed)
+    assert metrics["held_out_train_rows"] == len(held) > 0
+    (order, partners), = plans
+    assert sorted(order) == sorted(rows)
+    assert not any(np.isin(partners[m][order], held).any() for m in partners)
