@@ -22,6 +22,7 @@ from mmlab_cli.tracking import LOGGERS
 
 AUGMENTS = ("jitter", "crop", "flip", "specaugment")
 SLICEABLE_FUSIONS = tuple(n for n, k in FUSIONS.items() if k.linear)  # OGM reads per-modality slices of the head
+OBJECTIVES = ("classification", "contrastive")
 
 
 def option(default, help: str, choices: tuple = (), metavar: str = ""):
@@ -42,6 +43,16 @@ class TrainConfig:
                                    "default: every modality of the dataset.", metavar="NAMES")
     pairing: str = option("sml", "sml: fixed pairs; dml: re-pair each non-anchor modality with a random "
                           "same-class training sample every epoch.", ("sml", "dml"))
+    objective: str = option("classification", "classification: the fused classifier's cross-entropy; contrastive: "
+                            "symmetric InfoNCE between the two modalities' embeddings with a learned temperature "
+                            "(CLIP), evaluated by cross-modal Recall@K.", OBJECTIVES)
+    pseudo_labels: str = option("", "kmeans:K: DML re-pairs within K k-means clusters of the training inputs of "
+                                "--pseudo-modality instead of within the classes (computed once, kept in "
+                                "RUN/pseudo_labels.json).", metavar="kmeans:K")
+    pseudo_modality: str = option("", "Modality whose flattened training inputs are clustered (default: the first, "
+                                  "DML's anchor).", metavar="NAME")
+    pseudo_umap: int = option(0, "Reduce those inputs to this many dimensions with UMAP before k-means (0: off; "
+                              "needs mmlab[umap]).", metavar="INT")
     fusion: str = option("concat", "The network fusing the embeddings before the linear classifier "
                          "(docs/training.md).", tuple(FUSIONS))
     encoder: str | dict[str, str] = option("small_cnn", "small_cnn | tiny_cnn | strided_cnn | resnet18 | mlp | "
@@ -229,7 +240,7 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
         if getattr(cfg, key) <= 0:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
     for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "dagr_lambda", "dagr_delta", "sam",
-                "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end", "relearn_times"):
+                "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end", "relearn_times", "pseudo_umap"):
         if getattr(cfg, key) < 0:
             raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     for key in ("encoder_lr", "encoder_weight_decay"):
@@ -265,7 +276,41 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise MmlabError(f"{source}: 'logger' has unknown '{unknown[0]}'; choose from {', '.join(LOGGERS)}")
     if len(set(cfg.modalities)) != len(cfg.modalities):
         raise MmlabError(f"{source}: modalities {cfg.modalities} name one modality twice")
+    _validate_contrastive(cfg, source)
     return cfg
+
+
+def kmeans_clusters(spec: str) -> int:
+    """K of a `pseudo_labels: kmeans:K` value (ValueError for any other text)."""
+    method, _, k = spec.partition(":")
+    if method != "kmeans" or not k.isdigit() or int(k) < 2:
+        raise ValueError(spec)
+    return int(k)
+
+
+def _validate_contrastive(cfg: TrainConfig, source: str) -> None:
+    """The objective and pseudo-label keys: what combines with what."""
+    if cfg.objective == "contrastive" and cfg.modalities and len(cfg.modalities) != 2:
+        raise MmlabError(f"{source}: objective contrastive pairs two modalities; 'modalities' has "
+                         f"{len(cfg.modalities)} ({', '.join(cfg.modalities)}): name two")
+    if cfg.objective == "contrastive" and cfg.scheme != "joint":
+        raise MmlabError(f"{source}: scheme {cfg.scheme} trains a fused classifier, which objective contrastive has "
+                         f"not; use scheme joint")
+    if cfg.objective == "contrastive" and cfg.balance != "none":
+        raise MmlabError(f"{source}: balance {cfg.balance} balances the modalities of a fused classifier, which "
+                         f"objective contrastive does not train; drop balance")
+    if cfg.pseudo_labels:
+        try:
+            kmeans_clusters(cfg.pseudo_labels)
+        except ValueError:
+            raise MmlabError(f"{source}: 'pseudo_labels' is {cfg.pseudo_labels!r}; give kmeans:K with K >= 2, "
+                             f"e.g. kmeans:100") from None
+        if cfg.pairing != "dml":
+            raise MmlabError(f"{source}: 'pseudo_labels' only changes DML's re-pairing, but pairing is "
+                             f"{cfg.pairing}; set pairing dml or drop pseudo_labels")
+    elif cfg.pseudo_modality or cfg.pseudo_umap:
+        key = "pseudo_modality" if cfg.pseudo_modality else "pseudo_umap"
+        raise MmlabError(f"{source}: '{key}' applies to pseudo-labels; set pseudo_labels (kmeans:K) too")
 
 
 def _dagr_mode(layers: list[dict], source: str) -> dict:
@@ -332,7 +377,9 @@ def method_name(modalities: str, pairing: str) -> str:
 
 def method_label(cfg: TrainConfig, modalities: list[str]) -> str:
     """method_name plus what else trained the run: 'DML (image+audio) + DAGR', '... + SAM'."""
-    extras = [cfg.scheme.upper() if cfg.scheme != "joint" else "",
+    extras = [cfg.objective if cfg.objective != "classification" else "",
+              f"pseudo-labels {cfg.pseudo_labels}" if cfg.pseudo_labels else "",
+              cfg.scheme.upper() if cfg.scheme != "joint" else "",
               cfg.regularizer.upper() if cfg.regularizer != "none" else "",
               cfg.balance.upper() if cfg.balance != "none" else "",
               "SAM" if cfg.sam > 0 else "", "SWA" if cfg.swa_start > 0 else ""]

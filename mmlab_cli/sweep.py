@@ -240,6 +240,7 @@ def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) 
 
 
 def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
+    from mmlab_cli.engine.evaluate import headline
     from mmlab_cli.engine.fit import train
 
     if state == "finished":
@@ -247,7 +248,7 @@ def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
     else:
         metrics = train(job.config, resume=state == "interrupted")
         status = "resumed" if state == "interrupted" else "finished"
-        detail = f"test accuracy {metrics['test_acc']:.2f}%"
+        detail = headline(metrics)
     for name, args in analyses.items():
         code = run_command([name, job.config.out, *args, "--device", job.config.device])
         if code:

@@ -234,7 +234,7 @@ def test_grouping_rules(runs_dir, tmp_path):
         config = yaml.safe_load((runs_dir / run / "config.yaml").read_text())
         (runs_dir / run / "config.yaml").write_text(yaml.safe_dump({**config, "scheme": "dgl"}))
     numbers = write_report(runs_dir)[0][0]
-    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "regularizer", "scheme", "seeds"]
+    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "scheme", "regularizer", "seeds"]
     assert sorted(numbers.numbers["scheme"]) == ["dgl", "joint", "joint", "joint"]  # runs without it ran joint
     assert "DML (image+audio) + DGL + DAGR" in list(numbers.cells["method"])
 
@@ -338,7 +338,8 @@ def test_columns_without_values_are_left_out(tmp_path):
     tables, md, _ = write_report(tmp_path / "runs")
     flat = {t.spec.name: t for t in tables}["flatness"]
     assert list(flat.cells.columns[2:]) == ["seeds", "λ_max ↓"]  # no 'F_gap *' or 'L_LPF' placeholder
-    assert "left out: λ1/λ5, trace, L_LPF, Δ_LPF, F_gap (`mmlab flatness RUN_DIR`)" in flat.note
+    assert ("left out: λ_max/thr, λ1/λ5, trace, λ_max block, λ_max/thr block, λ_max absent, L_LPF, Δ_LPF, "
+            "L_LPF absent, Δ_LPF absent, F_gap (`mmlab flatness RUN_DIR`)") in flat.note
     assert "*" not in md.split("## Modality variance")[1].split("## ")[0]  # no wildcard header anywhere
     assert "| avmnist" not in md.split("## Modality variance")[1].split("## ")[0]  # no geometry: no table, a note
 

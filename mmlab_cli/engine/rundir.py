@@ -5,7 +5,8 @@
     metrics.jsonl          one line per finished epoch
     metrics.json           best-val epoch, val and test accuracy (fused and per modality); present = finished
     checkpoints/last/      model.safetensors + state.pt, after every epoch
-    checkpoints/best/      the same, for the best validation accuracy so far
+    checkpoints/best/      the same, for the best validation accuracy (contrastive: mean R@1) so far
+    pseudo_labels.json     with --pseudo-labels: the k-means pseudo-labels DML re-pairs within, and their settings
 
 `load_run` turns a run directory back into a `Run` (model, dataset, config, paths) for notebooks and
 analyses (docs/api.md).
@@ -27,6 +28,7 @@ from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import read_json_object
 from mmlab_cli.engine.checkpoint import find_checkpoint, non_finite_weights, read_weights
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.methods.contrastive import make_contrastive
 from mmlab_cli.models.fusion import LateFusion
 
 
@@ -76,8 +78,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, dataset: PreparedDataset) -> LateFusion:
-    return LateFusion(dataset.specs, len(dataset.classes), encoder=cfg.encoder, dim=cfg.embed_dim, fusion=cfg.fusion,
-                      text_encoder=cfg.text_encoder)
+    """The run's model; a contrastive run's has a learned temperature and a frozen fusion head."""
+    model = LateFusion(dataset.specs, len(dataset.classes), encoder=cfg.encoder, dim=cfg.embed_dim, fusion=cfg.fusion,
+                       text_encoder=cfg.text_encoder)
+    return make_contrastive(model) if cfg.objective == "contrastive" else model
 
 
 def git_commit() -> str | None:

@@ -2,7 +2,7 @@
 whose `build(cfg, model, world)` returns it, or None when the config leaves it off.
 
 Adding a method is one module, one line here and one test. The methods are built, and their hooks called,
-in this order: the task (DGL), DAGR, SAM, SWA, then the balancing method `--balance` names (after SAM, so
+in this order: the task (contrastive, DGL), DAGR, SAM, SWA, then the balancing method `--balance` names (after SAM, so
 that it modulates the gradient SAM's second pass leaves). This module imports no torch: config.py reads
 the balancing names from it for `--balance`.
 """
@@ -14,6 +14,7 @@ import importlib
 from mmlab_cli.errors import MmlabError
 
 METHODS = {
+    "contrastive": "mmlab_cli.methods.contrastive",  # --objective contrastive: the task loss
     "dgl": "mmlab_cli.methods.dgl",
     "dagr": "mmlab_cli.methods.dagr",
     "sam": "mmlab_cli.methods.sam",
