@@ -95,12 +95,20 @@ class TrainConfig:
     dagr_delta: float = option(0.5, "Tolerance radius of DAGR's anchoring hinge (unit-sphere distance, in "
                                "[0, 2]).", metavar="FLOAT")
     balance: str = option("none", "Modality balancing: ogm / ogm-ge (Peng et al. 2022), agm (Li et al. 2023), "
-                          "pmr (Fan et al. 2023), mmpareto (Wei & Hu 2024); see docs/training.md.",
+                          "pmr (Fan et al. 2023), mmpareto (Wei & Hu 2024), gblending (Wang et al. 2020), "
+                          "relearn (Wei et al. 2024); see docs/training.md.",
                           ("none", *BALANCES))
     balance_alpha: float = option(0.8, "Strength alpha of the balancing method (0.8: OGM-GE's official CREMA-D "
                                   "value).", metavar="FLOAT")
     balance_start: int = option(1, "First epoch (1-based) the balancing method modulates.", metavar="INT")
     balance_end: int = option(0, "Last epoch the balancing method modulates (0: the last epoch).", metavar="INT")
+    balance_holdout: float = option(0.1, "Fraction of every class of train held out (seeded by --seed) by gblending "
+                                    "and relearn to measure generalisation; never trained on.", metavar="FLOAT")
+    gblend_super_epoch: int = option(10, "G-Blending: epochs between re-estimates of the loss weights.",
+                                     metavar="INT")
+    relearn_every: int = option(20, "Diagnosing & Re-learning: re-initialise after every this many epochs "
+                                "(strength: --balance-alpha, the official lambda is 3).", metavar="INT")
+    relearn_times: int = option(3, "Diagnosing & Re-learning: at most this many re-initialisations.", metavar="INT")
     sam: float = option(0.0, "Sharpness-aware minimisation radius rho (0: off).", metavar="FLOAT")
     swa_start: int = option(0, "First epoch (1-based) averaged by SWA (0: off).", metavar="INT")
     swa_lr: float = option(0.0, "Constant learning rate from --swa-start on (0: keep the rate reached there).",
@@ -224,14 +232,15 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     for key, allowed in ((k, f.metadata["choices"]) for k, f in FIELDS.items() if f.metadata["choices"]):
         if getattr(cfg, key) not in allowed:
             raise MmlabError(f"{source}: '{key}' is {getattr(cfg, key)!r}; choose one of {', '.join(allowed)}")
-    for key in ("epochs", "batch_size", "embed_dim", "step_size", "balance_start"):
+    for key in ("epochs", "batch_size", "embed_dim", "step_size", "balance_start", "gblend_super_epoch",
+                "relearn_every"):
         if getattr(cfg, key) < 1:
             raise MmlabError(f"{source}: '{key}' must be >= 1, got {getattr(cfg, key)}")
     for key in ("lr", "gamma", "dagr_temperature"):
         if getattr(cfg, key) <= 0:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
     for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "dagr_lambda", "dagr_delta", "sam",
-                "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end", "pseudo_umap"):
+                "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end", "relearn_times", "pseudo_umap"):
         if getattr(cfg, key) < 0:
             raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     for key in ("encoder_lr", "encoder_weight_decay"):
@@ -252,8 +261,10 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     if cfg.balance.startswith("ogm") and cfg.fusion not in SLICEABLE_FUSIONS:
         raise MmlabError(f"{source}: balance {cfg.balance} reads each modality's slice of a linear fusion head "
                          f"({', '.join(SLICEABLE_FUSIONS)}), not of fusion {cfg.fusion}: choose one of those fusions")
-    if cfg.balance == "agm" and cfg.scheme == "dgl":
-        raise MmlabError(f"{source}: balance agm and scheme dgl both replace the fused loss; choose one")
+    if not 0 < cfg.balance_holdout < 1:
+        raise MmlabError(f"{source}: 'balance_holdout' must be in (0, 1), got {cfg.balance_holdout}")
+    if cfg.balance in ("agm", "gblending") and cfg.scheme == "dgl":
+        raise MmlabError(f"{source}: balance {cfg.balance} and scheme dgl both replace the fused loss; choose one")
     if cfg.balance == "mmpareto" and (cfg.scheme == "dgl" or cfg.regularizer == "dagr"):
         raise MmlabError(f"{source}: balance mmpareto sets the encoders' whole gradient, which would drop what "
                          f"{'scheme dgl' if cfg.scheme == 'dgl' else 'regularizer dagr'} gives them; choose one")

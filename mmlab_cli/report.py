@@ -22,6 +22,7 @@ import yaml
 
 from mmlab_cli.config import FIELDS, RUN_LOCATION, method_name
 from mmlab_cli.data.format import atomic_write_text
+from mmlab_cli.engine import ANALYSES
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.tables import mean_std, to_latex, to_markdown
 
@@ -380,7 +381,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
     return Table(spec, numbers, cells, best, ["seeds", *cells.columns[len(keys) + 1:]], " ".join(notes))
 
 
-def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> None:
+def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list,
+                 checkpoint: str = "best") -> None:
     """For each group, the PNGs of its first run that the run's analysis file lists (so a file a later analysis
     no longer produces is never shown) and that match the spec's patterns."""
     for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
@@ -390,7 +392,8 @@ def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], do
             pngs = [f for f in listed if any(fnmatch(f, pattern) for pattern in table.spec.plots)]
             if pngs:
                 caption = ", ".join(map(str, key))
-                table.plots += [(f"{caption}: {f} ({run})", f"{run}/{f}") for f in pngs]
+                folder = Path(run) / ANALYSES[checkpoint]
+                table.plots += [(f"{caption}: {f} ({run})", (folder / f).as_posix()) for f in pngs]
                 break
 
 
@@ -406,9 +409,12 @@ def comparison_figures(root: Path) -> list[tuple[str, str]]:
 
 
 def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
-                 claims: str | Path | None = None) -> tuple[list[Table], tuple[str, ...]]:
+                 claims: str | Path | None = None, checkpoint: str = "best") -> tuple[list[Table], tuple[str, ...]]:
     """Every table of TABLES for the runs under `root` (group_by None: the default grouping), then the verdicts
-    of a claims file (mmlab_cli/claims.py), which is checked before any run is read."""
+    of a claims file (mmlab_cli/claims.py), which is checked before any run is read. The analyses are read from
+    the `checkpoint`'s folder (mmlab_cli.engine.ANALYSES); accuracy is always the best checkpoint's."""
+    if checkpoint not in ANALYSES:
+        raise MmlabError(f"--checkpoint {checkpoint}: choose one of {', '.join(ANALYSES)}")
     stated = None
     if claims:  # scipy is imported only when claims are asked for
         from mmlab_cli.claims import claims_table, load_claims
@@ -426,7 +432,7 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
             runs[k] = defaults[k]
     files = dict.fromkeys(spec.file for spec in TABLES if spec.file != "metrics.json")
     commands = {spec.file: spec.command for spec in TABLES}
-    docs = {f: [_read_json(root / run / f, commands[f]) for run in runs["run"]] for f in files}
+    docs = {f: [_read_json(root / run / ANALYSES[checkpoint] / f, commands[f]) for run in runs["run"]] for f in files}
     check_groupable(runs, group_by, docs, asked=bool(asked))
     if "data" in group_by:
         runs["data"] = runs["data"].map(data_labels(runs["data"]))
@@ -434,7 +440,7 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
     tables = []
     for spec in TABLES:
         table = build_table(spec, runs, group_by, docs[spec.file])
-        attach_plots(table, runs, group_by, docs[spec.file])
+        attach_plots(table, runs, group_by, docs[spec.file], checkpoint)
         tables.append(table)
     if stated:
         tables.append(claims_table(stated, runs, docs, group_by))
@@ -466,14 +472,16 @@ def render(tables: list[Table], fmt: str) -> str:
 
 
 def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt: str = "md",
-                 claims: str | Path | None = None) -> tuple[list[Table], str, list[Path]]:
+                 claims: str | Path | None = None, checkpoint: str = "best") -> tuple[list[Table], str, list[Path]]:
     """Write report.md (per-run and comparison figures embedded) and report_<table>.csv into `root` (and
     report.tex for latex), with the claims table when given a claims file; returns the tables, the report
-    rendered in `fmt`, and the paths written."""
+    rendered in `fmt`, and the paths written. With checkpoint 'last' the analyses of the last checkpoints are
+    reported, into report-last.md, report-last_<table>.csv and report-last.tex."""
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
-    tables, group_by = build_tables(root, group_by, claims)
+    tables, group_by = build_tables(root, group_by, claims, checkpoint)
+    name = "report" if checkpoint == "best" else f"report-{checkpoint}"
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
     md = (f"# mmlab report: {root}\n\n{runs} runs in {len(tables[0].numbers)} groups by "
@@ -482,14 +490,15 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
           f"read from the files the runs hold; (n=k) marks a cell averaged over only k of them, - a value no run "
           f"of the group has, and bold the best value of a column marked ↑ (higher is better) or ↓ (lower). "
           f"Accuracy and retrieval are on the test split at the best-validation checkpoint (contrastive runs: the "
-          f"best mean validation R@1, at the level the run records as retrieval_level).\n\n" + render(tables, "md") + "\n"
+          f"best mean validation R@1, at the level the run records as retrieval_level). The analyses (flatness, robustness, geometry) are of "
+          f"each run's {checkpoint} checkpoint.\n\n" + render(tables, "md") + "\n"
           + ("## Comparisons\n\n" + "\n".join(f"![{c}]({p})" for c, p in compared) + "\n" if compared else ""))
-    written = [root / "report.md"]
+    written = [root / f"{name}.md"]
     atomic_write_text(written[0], md)
     for t in tables:
-        written.append(root / f"report_{t.spec.name}.csv")
+        written.append(root / f"{name}_{t.spec.name}.csv")
         atomic_write_text(written[-1], t.numbers.to_csv(index=False))
     if fmt == "latex":
-        written.append(root / "report.tex")
+        written.append(root / f"{name}.tex")
         atomic_write_text(written[-1], render(tables, "latex"))
     return tables, (md if fmt == "md" else render(tables, fmt)), written

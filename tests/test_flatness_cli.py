@@ -213,3 +213,29 @@ def test_cli_blocks_absent_modality_stability_and_report(runs):
                                                         *doc["block_converged"].values(),
                                                         *uni["block_converged"].values(),
                                                         *doc["absent_converged"].values()]))
+
+
+def test_last_checkpoint_analyses_have_their_own_folder_and_report(runs):
+    """`--checkpoint last` writes into RUN/analyses-last/ (the best checkpoint's files stay), and
+    `report --checkpoint last` reads those into report-last.md."""
+    from mmlab_cli.data.format import sha256_file
+    from mmlab_cli.report import write_report
+
+    cli = CliRunner()
+    args = ["--metric", "lpf", "--samples", "16", "--lpf-draws", "2", "--block", "none", "--absent", "none"]
+    for checkpoint in ("best", "last"):
+        result = cli.invoke(app, ["flatness", *map(str, runs), *args, "--checkpoint", checkpoint, "--force"])
+        assert result.exit_code == 0, result.output
+    lpf = {}
+    for run in runs:
+        best, last = (json.loads((d / "flatness.json").read_text()) for d in (run, run / "analyses-last"))
+        assert (best["checkpoint"], last["checkpoint"]) == ("best", "last")
+        assert last["checkpoint_sha256"] == sha256_file(run / "checkpoints" / "last" / "model.safetensors")
+        assert best["checkpoint_sha256"] == sha256_file(run / "checkpoints" / "best" / "model.safetensors")
+        lpf[run.name] = last["lpf_loss"]
+    tables, text, written = write_report(runs[0].parent, checkpoint="last")
+    assert [p.name for p in written[:2]] == ["report-last.md", "report-last_accuracy.csv"]
+    assert "each run's last checkpoint" in text
+    flat = {t.spec.name: t for t in tables}["flatness"].numbers.set_index("modalities")
+    assert flat.at["audio", "L_LPF mean"] == pytest.approx(lpf["audio"])
+    assert flat.at["image+audio", "L_LPF mean"] == pytest.approx(lpf["sml"])

@@ -339,7 +339,9 @@ def analyse_run(run: Run, settings: FlatnessSettings, device: torch.device, chec
     """flatness() of a loaded run plus its identity, merged with reusable blocks of its flatness.json, written."""
     s = settings.check()
     identity = run_identity(run, checkpoint)
-    path = run.paths.root / "flatness.json"
+    out = run.paths.analyses(checkpoint)
+    out.mkdir(exist_ok=True)
+    path = out / "flatness.json"
     previous = None if force else previous_result(path)
     old = {} if previous is None else _reusable(previous, identity, s)
     requested = {m: old[m] for m in s.metrics if m in old}
@@ -350,7 +352,7 @@ def analyse_run(run: Run, settings: FlatnessSettings, device: torch.device, chec
     result = {**identity, **result, **kept, "stability": stability(state, run.config.optimizer)}
     result = {**result, **summary(result), "reused": sorted(requested)}
     path.unlink(missing_ok=True)  # the files below change: the old result no longer describes them
-    write_run_outputs(result, run.paths.root)  # sets result["files"]
+    write_run_outputs(result, out)  # sets result["files"]
     atomic_write_json(path, result)
     return result
 

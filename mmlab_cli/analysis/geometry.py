@@ -182,23 +182,26 @@ def caveat_notes(results: list[dict]) -> list[str]:
 
 def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, checkpoint: str = "best",
                 force: bool = False) -> dict:
-    """geometry() of a loaded run plus its identity, with every output file written into the run directory;
+    """geometry() of a loaded run plus its identity, with every output file written into the checkpoint's
+    analyses folder (RunPaths.analyses);
     a geometry.json with the same settings and checkpoint bytes is reused unless `force`."""
+    out = run.paths.analyses(checkpoint)
+    out.mkdir(exist_ok=True)
     from mmlab_cli.analysis.geometry_plots import write_plots
 
     identity = run_identity(run, checkpoint)
-    old = None if force else reusable_result(run.paths.root / "geometry.json", SCHEMA, asdict(settings.check()),
+    old = None if force else reusable_result(out / "geometry.json", SCHEMA, asdict(settings.check()),
                                              identity)
     if old is not None:
         return old
     result, emb = geometry(run.model, run.dataset, settings, device)
     result = {**identity, **result}
-    (run.paths.root / "geometry.json").unlink(missing_ok=True)  # written last again, once every file is new
-    for stale in run.paths.root.glob("geometry_*.*"):
+    (out / "geometry.json").unlink(missing_ok=True)  # written last again, once every file is new
+    for stale in out.glob("geometry_*.*"):
         stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
     with console.status("geometry: t-SNE and plots"):
-        plots = write_plots(emb, result, settings, run.paths.root, run.dataset.classes)
-    write_outputs(result, emb, run.paths.root, plots)
+        plots = write_plots(emb, result, settings, out, run.dataset.classes)
+    write_outputs(result, emb, out, plots)
     return result
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import TextColumn
 
@@ -25,7 +26,7 @@ from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_json_object, strict_json
 from mmlab_cli.data.loader import BatchLoader
-from mmlab_cli.data.pairing import epoch_plan
+from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.data.pseudo_labels import pairing_labels
 from mmlab_cli.engine.checkpoint import (find_checkpoint, load_state, load_weights, non_finite_weights,
                                         read_weights, save_checkpoint)
@@ -274,12 +275,14 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     step = build_step(cfg, model, opt, scaler, device, world, methods)
     scoring = scorer(cfg.objective, dataset, device, cfg.precision)  # best_val_acc holds val[scoring.select]
     labels = pairing_labels(cfg, dataset, paths.root, world)
-    loop = Loop(cfg, model, opt, dataset, device, world)
+    train_split, val_split = dataset.split("train"), dataset.split("val")
+    rows, held_out = (held_out_split(train_split.labels, cfg.balance_holdout, cfg.seed)
+                      if any(method.holds_out for method in methods) else (None, np.arange(0)))
+    loop = Loop(cfg, model, opt, dataset, device, world, rows, held_out)
     augment = BatchAugment(cfg.augment, dataset.specs, cfg.seed, cfg.batch_size, world.rank, world.size)
     if cfg.augment and not augment:
         say(f"[yellow]augment {','.join(cfg.augment)}: no modality of this run is of a kind it applies to")
 
-    train_split, val_split = dataset.split("train"), dataset.split("val")
     val_loader = BatchLoader(val_split, cfg.batch_size, device)
     start, first = time.time(), state["epoch"]
     bars = progress(TextColumn("loss {task.fields[loss]:.3f}")) if world.main else contextlib.nullcontext()
@@ -289,7 +292,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             t0 = time.time()
             for method in methods:
                 method.start_epoch(loop, epoch)
-            order, partners = epoch_plan(labels, dataset.modalities, cfg.pairing, cfg.seed, epoch)
+            order, partners = epoch_plan(labels, dataset.modalities, cfg.pairing, cfg.seed, epoch, rows)
             loader = BatchLoader(train_split, cfg.batch_size, device, order=order, partners=partners,
                                  drop_last=len(order) > cfg.batch_size, rank=world.rank, world=world.size)
             task = (bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=float("nan"))
@@ -339,6 +342,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                **{k: getattr(cfg, k) for k in METHOD_KEYS}, "seed": cfg.seed, "world_size": world.size,
                "best_epoch": state["best_epoch"], "epochs": cfg.epochs,
                "selected_by": f"val_{scoring.select}", **scoring.recorded,
+               **({"held_out_train_rows": len(held_out)} if len(held_out) else {}),
                **{k: v for k, v in best.items() if k.startswith("val_")},
                **{f"test_{k}": v for k, v in test.items()},
                "train_seconds": sum(r["seconds"] for r in state["history"]),

@@ -26,6 +26,7 @@ import torch
 from mmlab_cli.config import TrainConfig, config_from_yaml
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import read_json_object
+from mmlab_cli.engine import ANALYSES
 from mmlab_cli.engine.checkpoint import find_checkpoint, non_finite_weights, read_weights
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.contrastive import make_contrastive
@@ -41,6 +42,11 @@ class RunPaths:
         self.metrics = self.root / "metrics.json"
         self.last = self.root / "checkpoints" / "last"
         self.best = self.root / "checkpoints" / "best"
+
+    def analyses(self, checkpoint: str = "best") -> Path:
+        """Where the analyses of a checkpoint write their files: the run directory for the best checkpoint,
+        RUN/analyses-last/ for the last one (so a run can hold both: flatness at a fixed epoch and at the best)."""
+        return self.root / ANALYSES[checkpoint]
 
     def load_config(self) -> TrainConfig:
         """config.yaml with `out` re-based on where the run directory is now."""

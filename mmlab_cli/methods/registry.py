@@ -26,6 +26,8 @@ BALANCES = {  # --balance NAME
     "agm": "mmlab_cli.methods.agm",
     "pmr": "mmlab_cli.methods.pmr",
     "mmpareto": "mmlab_cli.methods.mmpareto",
+    "gblending": "mmlab_cli.methods.gblending",
+    "relearn": "mmlab_cli.methods.relearn",
 }
 
 
