@@ -53,11 +53,31 @@ def tile_or_cut(wave: np.ndarray, length: int) -> np.ndarray:
     return np.tile(wave, reps)[:length]
 
 
-def add_noise_at_snr(wave: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
-    """Add white Gaussian noise so that 10 log10(P_signal / P_noise) = snr_db exactly in expectation."""
+NOISE_COLOURS = ("white", "pink")
+
+
+def coloured_noise(length: int, colour: str, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise of `length` samples with a flat (white) or 1/f (pink) power spectrum, float64.
+
+    Pink noise is white noise whose spectrum is scaled by f^(-1/2) in amplitude (f^-1 in power), the DC
+    bin set to 0 (the `colorednoise` package's method; a few lines of numpy FFT rather than a dependency)."""
+    white = rng.standard_normal(length)
+    if colour == "white":
+        return white
+    spectrum = np.fft.rfft(white)
+    f = np.fft.rfftfreq(length)
+    spectrum[0] = 0.0
+    spectrum[1:] /= np.sqrt(f[1:])
+    return np.fft.irfft(spectrum, n=length)
+
+
+def add_noise_at_snr(wave: np.ndarray, snr_db: float, rng: np.random.Generator, colour: str = "white") -> np.ndarray:
+    """`wave` plus `colour` noise (NOISE_COLOURS) scaled so that 10 log10(P_wave / P_noise) = snr_db exactly,
+    P the mean square over the whole of `wave` (a silent wave gets no noise)."""
+    noise = coloured_noise(len(wave), colour, rng)
     power = float(np.mean(np.square(wave, dtype=np.float64)))
-    noise_power = power / (10.0 ** (snr_db / 10.0))
-    return (wave + rng.normal(0.0, np.sqrt(noise_power), size=wave.shape)).astype(np.float32)
+    scale = np.sqrt(power / (10.0 ** (snr_db / 10.0)) / max(float(np.mean(noise**2)), np.finfo(float).tiny))
+    return (wave + scale * noise).astype(np.float32)
 
 
 def log_spectrogram(waves: np.ndarray, n_fft: int, hop_length: int, eps: float = 1e-7) -> np.ndarray:

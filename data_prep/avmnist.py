@@ -4,13 +4,21 @@
   components that keep `pca_keep` of the train-split variance (0.25 removes 75 % of the energy,
   as in the original AVMNIST), so the image is a weakened but still useful modality.
 - audio [1, 112, 112] float32: log(|STFT| + 1e-7) of a Free Spoken Digit Dataset take, 8 kHz,
-  zero-padded or cut to 1 s, optionally with white noise at `snr_db`, n_fft 222, hop 72.
+  zero-padded or cut to 1 s, optionally with white or pink noise at `snr_db` added to that whole
+  1 s window (AVMNIST-like: the original mixes in ESC-50 noise, which is not obtainable here), n_fft
+  222, hop 72. Padding first and adding noise after removes the log(1e-7) floor that the zero
+  padding leaves in the spectrogram, which would give away the length of the utterance.
 
 Splits: the official 60,000 / 10,000 MNIST split when the train-* files are present, otherwise a
 stratified `test_fraction` of the 10,000 test images; val is a stratified `val_fraction` of train.
 FSDD takes 0-4 (the conventional test takes) pair only with test images, takes 5-9 only with val
 images and takes 10-49 only with train images, so no recording is shared between splits and the
-validation accuracy that selects the model is not inflated by recordings seen in training.
+validation accuracy that selects the model is not inflated by recordings seen in training. With
+`speaker_split` whole speakers are held out instead: one (seeded) for test, one for val, the rest
+train, so the audio is tested on a voice it was not trained on.
+
+The pairs are class-level: an image and a recording share only their digit (the manifest's
+"pairing" is "class-level"), so sample-level alignment metrics measure class-level alignment here.
 
 A recording that cannot be used (a name that does not parse, an unreadable file, a wav shorter than
 its header declares, NaN or inf samples) is left out of the pairing and listed with the reason in
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.audio import add_noise_at_snr, log_spectrogram, pad_or_cut, read_wav, resample
+from data_prep.audio import NOISE_COLOURS, add_noise_at_snr, log_spectrogram, pad_or_cut, read_wav, resample
 from data_prep.streaming import DONE, FAILED, Problem, finished, write_report
 from mmlab_cli.data.format import SPLITS, sha256_file, stratified_split, write_dataset
 from mmlab_cli.errors import MmlabError
@@ -128,11 +136,31 @@ def take_splits(takes: np.ndarray) -> np.ndarray:
     return np.where(takes < FIRST_VAL_TAKE, "test", np.where(takes < FIRST_TRAIN_TAKE, "val", "train"))
 
 
-def load_takes(wavs: list[Path], snr_db: float | None, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[Problem], list[Problem]]:
-    """Read every take once. For each well-named file: its name, digit, take index, log spectrogram
-    [112, 112] and whether it is usable; then the files left out with the reason, found while scanning
-    (a name that does not parse) and while reading (unreadable, truncated, NaN or inf samples)."""
+def speaker_splits(speakers: np.ndarray, seed: int) -> dict[str, list[str]]:
+    """Whole speakers per split: of the sorted names, a seeded permutation puts the first in test, the
+    second in val and the rest in train."""
+    names = sorted(set(speakers.tolist()))
+    if len(names) < 3:
+        raise MmlabError(f"--speaker-split needs at least 3 FSDD speakers (one each for test and val, the rest "
+                         f"for train); found {len(names)}: {', '.join(names)}")
+    order = [names[i] for i in np.random.default_rng([seed, 3]).permutation(len(names))]
+    return {"train": sorted(order[2:]), "val": [order[1]], "test": [order[0]]}
+
+
+def noisy(wave: np.ndarray, name: str, noise: str | None, snr_db: float | None, seed: int) -> np.ndarray:
+    """`wave` with `noise` at `snr_db` (None: unchanged), drawn from a generator seeded by `seed` and the
+    file name, so a recording's noise does not depend on which other files are there."""
+    if noise is None:
+        return wave
+    return add_noise_at_snr(wave, snr_db, np.random.default_rng([seed, 1, zlib.crc32(name.encode())]), noise)
+
+
+def load_takes(wavs: list[Path], noise: str | None, snr_db: float | None, seed: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[Problem],
+                          list[Problem]]:
+    """Read every take once. For each well-named file: its name, digit, speaker, take index, log
+    spectrogram [112, 112] and whether it is usable; then the files left out with the reason, found while
+    scanning (a name that does not parse) and while reading (unreadable, truncated, NaN or inf samples)."""
     matches = [(path, TAKE_NAME.match(path.name)) for path in wavs]
     scanned = [Problem(str(path), "name is not {digit}_{speaker}_{index}.wav") for path, m in matches if not m]
     matches = [(path, m) for path, m in matches if m]
@@ -144,8 +172,7 @@ def load_takes(wavs: list[Path], snr_db: float | None, rng: np.random.Generator
         except (RuntimeError, ValueError, OSError) as e:
             reasons[i] = str(e)
             continue
-        wave = pad_or_cut(resample(wave, sr, SAMPLE_RATE), length)
-        waves[i] = wave if snr_db is None else add_noise_at_snr(wave, snr_db, rng)
+        waves[i] = noisy(pad_or_cut(resample(wave, sr, SAMPLE_RATE), length), path.name, noise, snr_db, seed)
     specs = log_spectrogram(waves, n_fft=N_FFT, hop_length=HOP, eps=LOG_EPS)
     for i in np.flatnonzero(~np.isfinite(specs).all(axis=(1, 2))):
         reasons.setdefault(int(i), "NaN or inf samples")
@@ -155,7 +182,8 @@ def load_takes(wavs: list[Path], snr_db: float | None, rng: np.random.Generator
         raise MmlabError(f"{wavs[0].parent}: none of the recordings could be read; expected {FSDD_LAYOUT}")
     failed = [Problem(str(matches[i][0]), reasons[i], matches[i][0].stem) for i in sorted(reasons)]
     return (np.array([path.name for path, _ in matches]), np.array([int(m[1]) for _, m in matches]),
-            np.array([int(m[3]) for _, m in matches]), specs, usable, scanned, failed)
+            np.array([m[2] for _, m in matches]), np.array([int(m[3]) for _, m in matches]), specs, usable,
+            scanned, failed)
 
 
 def pair(labels: np.ndarray, take_digits: np.ndarray, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -203,9 +231,22 @@ def _sources(files: dict[str, tuple[Path, Path]], wavs: list[Path]) -> dict[str,
     return sources
 
 
+def check_noise(noise: str | None, snr_db: float | None) -> str | None:
+    """The noise colour to add: `noise`, white when only `snr_db` is given (the flag's older meaning), None
+    for clean audio; one line when the pair cannot be used."""
+    if noise is not None and noise not in NOISE_COLOURS:
+        raise MmlabError(f"--noise {noise}: choose one of {', '.join(NOISE_COLOURS)}")
+    if noise is not None and snr_db is None:
+        raise MmlabError(f"--noise {noise} needs --snr-db X, the signal-to-noise ratio in dB")
+    if snr_db is not None and not np.isfinite(snr_db):
+        raise MmlabError(f"--snr-db {snr_db}: give a finite number of dB (leave it out for clean audio)")
+    return noise or ("white" if snr_db is not None else None)
+
+
 def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path, *, pca_keep: float = 0.25,
-                    snr_db: float | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                    seed: int = 0, force: bool = False) -> tuple[dict, dict, bool]:
+                    noise: str | None = None, snr_db: float | None = None, speaker_split: bool = False,
+                    test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
+                    force: bool = False) -> tuple[dict, dict, bool]:
     """Write AVMNIST to `out`; returns (manifest, report, built) where built=False means it was already
     there with the same parameters and the same source files; prepared otherwise, it is a one-line
     error unless `force`.
@@ -213,17 +254,26 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
     Besides the modalities, each split holds two arrays that record the pairing, described in the
     manifest's "pairs" entry: {split}/mnist_index.npy (the image's row in the MNIST IDX file the
     split came from) and {split}/fsdd_take.npy (the paired recording's file name). The FSDD files
-    left out, each {"clip", "path", "reason"}, are the report's "left_out" and the manifest's "skipped".
+    left out, each {"clip", "path", "reason"}, are the report's "left_out" and the manifest's "skipped";
+    "speakers" lists the FSDD speakers whose recordings each split pairs with.
     """
+    noise = check_noise(noise, snr_db)
     files, wavs = mnist_files(mnist_dir), recordings(fsdd_dir)
     official = "train" in files
     params = {"mnist_split": "official train / t10k" if official else "stratified split of t10k",
               "test_fraction": None if official else test_fraction, "val_fraction": val_fraction, "seed": seed,
               "pca_keep": pca_keep, "pca_fit": "sklearn PCA on train images / 255, reconstruction clipped to [0, 1]",
               "sample_rate": SAMPLE_RATE, "duration_s": DURATION_S, "fit_length": "zero-pad or cut at the end",
-              "snr_db": snr_db, "n_fft": N_FFT, "hop_length": HOP, "window": "hann", "center": True,
-              "log_eps": LOG_EPS, "spectrogram": "log(|STFT| + 1e-7)",
-              "pairing": "same digit; takes 0-4 with test, 5-9 with val, 10-49 with train; seeded, balanced reuse"}
+              "noise": noise, "snr_db": snr_db if noise else None,
+              "noise_added": "to the zero-padded 1 s window, scaled to P_window / P_noise = 10^(snr_db / 10) "
+                             "per recording, seeded by seed and file name" if noise else None,
+              "n_fft": N_FFT, "hop_length": HOP, "window": "hann", "center": True,
+              "log_eps": LOG_EPS, "spectrogram": "log(|STFT| + 1e-7)", "speaker_split": speaker_split,
+              "pairing": "same digit; " + ("one held-out speaker for test, one for val, the rest train"
+                                           if speaker_split else "takes 0-4 with test, 5-9 with val, 10-49 with train")
+                         + "; seeded, balanced reuse"}
+    held = speaker_splits(np.array([m[2] for p in wavs if (m := TAKE_NAME.match(p.name))]), seed) \
+        if speaker_split else None  # from the file names, before any file is read
     sources = _sources(files, wavs)
     out = Path(out)
     if done := finished(out, {"preprocessing": params, "sources": sources}, force):
@@ -240,15 +290,20 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
         test_x, test_y = test_x[test_rows], test_y[test_rows]
     train, val = stratified_split(trainval_y, val_fraction, seed)
 
-    names, digits, takes, specs, usable, scanned, failed = load_takes(wavs, snr_db, np.random.default_rng([seed, 1]))
-    split_of = take_splits(takes)
+    names, digits, speakers, takes, specs, usable, scanned, failed = load_takes(wavs, noise, snr_db, seed)
+    if held:
+        split_of = np.array([split for name in speakers for split in SPLITS if name in held[split]])
+        rule = "of the held-out speakers: " + ", ".join(f"{s} {'+'.join(held[s])}" for s in SPLITS)
+    else:
+        split_of = take_splits(takes)
+        rule = "takes 0-4 test, 5-9 val, 10-49 train"
     pools = {split: usable & (split_of == split) for split in SPLITS}
     for split, pool in pools.items():
         if missing := sorted(set(range(10)) - set(digits[pool].tolist())):
             unusable = names[~usable & (split_of == split) & np.isin(digits, missing)]
             left_out = f" ({', '.join(unusable)} unreadable)" if len(unusable) else ""
-            raise MmlabError(f"{fsdd_dir}: no usable {split} take (0-4 test, 5-9 val, 10-49 train) of digit(s) "
-                             f"{missing}{left_out}; every digit needs a readable take in each range ({FSDD_LAYOUT})")
+            raise MmlabError(f"{fsdd_dir}: no usable {split} take ({rule}) of digit(s) {missing}{left_out}; "
+                             f"every digit needs a readable take in each split ({FSDD_LAYOUT})")
     rng = np.random.default_rng([seed, 0])
     labels = {"train": trainval_y[train], "val": trainval_y[val], "test": test_y}
     chosen = {s: pair(y, digits, pools[s], rng) for s, y in labels.items()}
@@ -264,5 +319,7 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
     manifest = write_dataset(out, dataset="avmnist", classes=[str(d) for d in range(10)],
                              kinds={"image": "image", "audio": "spectrogram"}, arrays=arrays, labels=labels,
                              preprocessing={**params, "pca_n_components": k, "pca_energy_kept": energy},
-                             sources=sources, extra={"skipped": report["left_out"], "pairs": PAIRS})
+                             sources=sources, pairing="class-level",
+                             extra={"skipped": report["left_out"], "pairs": PAIRS,
+                                    "speakers": {s: sorted(set(speakers[pools[s]].tolist())) for s in SPLITS}})
     return manifest, report, True

@@ -168,8 +168,9 @@ def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip
     run = _Run(out, clips, outputs, process, json.dumps(identity), force, workers or available_cpus())
     run.execute(dataset)
     report = run.finish(dataset, problems, time.time() - started)
+    # every row holds the modalities of one clip (one video, one page): its pairs are the recorded ones
     manifest = write_manifest(out, dataset=dataset, classes=classes, modalities=run.specs(), labels=run.labels(),
-                              preprocessing=preprocessing, sources=sources,
+                              preprocessing=preprocessing, sources=sources, pairing="sample-level",
                               extra={"fingerprint": fp, "report": REPORT, "left_out": len(report["left_out"])})
     return manifest, report, True
 

@@ -112,5 +112,5 @@ def prepare_synthetic(out: str | Path, *, num_classes: int = 10, train_size: int
     kinds = {"image": "image", "audio": "spectrogram", **({"depth": "image"} if third else {})}
     manifest = write_dataset(out, dataset="synthetic", classes=[f"class{c}" for c in range(num_classes)],
                              kinds=kinds, arrays=arrays, labels=labels, preprocessing=params,
-                             sources=sources)
+                             sources=sources, pairing="class-level")  # modalities drawn apart given y
     return manifest, True

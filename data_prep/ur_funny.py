@@ -152,5 +152,5 @@ def prepare_ur_funny(src: str | Path, out: str | Path, *, max_length: int = 50, 
     report = write_report(out, "ur-funny", split_of, np.full(len(split_of), DONE), problems, [], time.time() - started)
     manifest = write_dataset(out, dataset="ur-funny", classes=CLASSES, kinds=dict.fromkeys(replaced, "sequence"),
                              arrays=arrays, labels=labels, preprocessing={**params, "non_finite_set_to_zero": replaced},
-                             sources=sources)
+                             sources=sources, pairing="sample-level")  # the modalities of one video segment
     return manifest, report, True

@@ -22,6 +22,7 @@ from mmlab_cli.tracking import LOGGERS
 
 AUGMENTS = ("jitter", "crop", "flip", "specaugment")
 SLICEABLE_FUSIONS = tuple(n for n, k in FUSIONS.items() if k.linear)  # OGM reads per-modality slices of the head
+OBJECTIVES = ("classification", "contrastive")
 
 
 def option(default, help: str, choices: tuple = (), metavar: str = ""):
@@ -42,6 +43,16 @@ class TrainConfig:
                                    "default: every modality of the dataset.", metavar="NAMES")
     pairing: str = option("sml", "sml: fixed pairs; dml: re-pair each non-anchor modality with a random "
                           "same-class training sample every epoch.", ("sml", "dml"))
+    objective: str = option("classification", "classification: the fused classifier's cross-entropy; contrastive: "
+                            "symmetric InfoNCE between the two modalities' embeddings with a learned temperature "
+                            "(CLIP), evaluated by cross-modal Recall@K.", OBJECTIVES)
+    pseudo_labels: str = option("", "kmeans:K: DML re-pairs within K k-means clusters of the training inputs of "
+                                "--pseudo-modality instead of within the classes (computed once, kept in "
+                                "RUN/pseudo_labels.json).", metavar="kmeans:K")
+    pseudo_modality: str = option("", "Modality whose flattened training inputs are clustered (default: the first, "
+                                  "DML's anchor).", metavar="NAME")
+    pseudo_umap: int = option(0, "Reduce those inputs to this many dimensions with UMAP before k-means (0: off; "
+                              "needs mmlab[umap]).", metavar="INT")
     fusion: str = option("concat", "The network fusing the embeddings before the linear classifier "
                          "(docs/training.md).", tuple(FUSIONS))
     encoder: str | dict[str, str] = option("small_cnn", "small_cnn | tiny_cnn | strided_cnn | resnet18 | mlp | "
@@ -90,12 +101,20 @@ class TrainConfig:
     dagr_delta: float = option(0.5, "Tolerance radius of DAGR's anchoring hinge (unit-sphere distance, in "
                                "[0, 2]).", metavar="FLOAT")
     balance: str = option("none", "Modality balancing: ogm / ogm-ge (Peng et al. 2022), agm (Li et al. 2023), "
-                          "pmr (Fan et al. 2023), mmpareto (Wei & Hu 2024); see docs/training.md.",
+                          "pmr (Fan et al. 2023), mmpareto (Wei & Hu 2024), gblending (Wang et al. 2020), "
+                          "relearn (Wei et al. 2024); see docs/training.md.",
                           ("none", *BALANCES))
     balance_alpha: float = option(0.8, "Strength alpha of the balancing method (0.8: OGM-GE's official CREMA-D "
                                   "value).", metavar="FLOAT")
     balance_start: int = option(1, "First epoch (1-based) the balancing method modulates.", metavar="INT")
     balance_end: int = option(0, "Last epoch the balancing method modulates (0: the last epoch).", metavar="INT")
+    balance_holdout: float = option(0.1, "Fraction of every class of train held out (seeded by --seed) by gblending "
+                                    "and relearn to measure generalisation; never trained on.", metavar="FLOAT")
+    gblend_super_epoch: int = option(10, "G-Blending: epochs between re-estimates of the loss weights.",
+                                     metavar="INT")
+    relearn_every: int = option(20, "Diagnosing & Re-learning: re-initialise after every this many epochs "
+                                "(strength: --balance-alpha, the official lambda is 3).", metavar="INT")
+    relearn_times: int = option(3, "Diagnosing & Re-learning: at most this many re-initialisations.", metavar="INT")
     sam: float = option(0.0, "Sharpness-aware minimisation radius rho (0: off).", metavar="FLOAT")
     swa_start: int = option(0, "First epoch (1-based) averaged by SWA (0: off).", metavar="INT")
     swa_lr: float = option(0.0, "Constant learning rate from --swa-start on (0: keep the rate reached there).",
@@ -219,14 +238,16 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     for key, allowed in ((k, f.metadata["choices"]) for k, f in FIELDS.items() if f.metadata["choices"]):
         if getattr(cfg, key) not in allowed:
             raise MmlabError(f"{source}: '{key}' is {getattr(cfg, key)!r}; choose one of {', '.join(allowed)}")
-    for key in ("epochs", "batch_size", "embed_dim", "step_size", "balance_start"):
+    for key in ("epochs", "batch_size", "embed_dim", "step_size", "balance_start", "gblend_super_epoch",
+                "relearn_every"):
         if getattr(cfg, key) < 1:
             raise MmlabError(f"{source}: '{key}' must be >= 1, got {getattr(cfg, key)}")
     for key in ("lr", "gamma", "dagr_temperature"):
         if getattr(cfg, key) <= 0:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
-    for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "control_weight", "dagr_lambda", "dagr_delta", "sam",
-                "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end"):
+    for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "control_weight", "dagr_lambda",
+                "dagr_delta", "sam", "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end", "relearn_times",
+                "pseudo_umap"):
         if getattr(cfg, key) < 0:
             raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     for key in ("encoder_lr", "encoder_weight_decay"):
@@ -247,8 +268,10 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
     if cfg.balance.startswith("ogm") and cfg.fusion not in SLICEABLE_FUSIONS:
         raise MmlabError(f"{source}: balance {cfg.balance} reads each modality's slice of a linear fusion head "
                          f"({', '.join(SLICEABLE_FUSIONS)}), not of fusion {cfg.fusion}: choose one of those fusions")
-    if cfg.balance == "agm" and cfg.scheme == "dgl":
-        raise MmlabError(f"{source}: balance agm and scheme dgl both replace the fused loss; choose one")
+    if not 0 < cfg.balance_holdout < 1:
+        raise MmlabError(f"{source}: 'balance_holdout' must be in (0, 1), got {cfg.balance_holdout}")
+    if cfg.balance in ("agm", "gblending") and cfg.scheme == "dgl":
+        raise MmlabError(f"{source}: balance {cfg.balance} and scheme dgl both replace the fused loss; choose one")
     with_loss = cfg.regularizer in REGULARIZERS and cfg.regularizer != UNIT_SPHERE  # a term on the encoders
     if cfg.balance == "mmpareto" and (cfg.scheme == "dgl" or with_loss):
         raise MmlabError(f"{source}: balance mmpareto sets the encoders' whole gradient, which would drop what "
@@ -262,7 +285,41 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise MmlabError(f"{source}: 'logger' has unknown '{unknown[0]}'; choose from {', '.join(LOGGERS)}")
     if len(set(cfg.modalities)) != len(cfg.modalities):
         raise MmlabError(f"{source}: modalities {cfg.modalities} name one modality twice")
+    _validate_contrastive(cfg, source)
     return cfg
+
+
+def kmeans_clusters(spec: str) -> int:
+    """K of a `pseudo_labels: kmeans:K` value (ValueError for any other text)."""
+    method, _, k = spec.partition(":")
+    if method != "kmeans" or not k.isdigit() or int(k) < 2:
+        raise ValueError(spec)
+    return int(k)
+
+
+def _validate_contrastive(cfg: TrainConfig, source: str) -> None:
+    """The objective and pseudo-label keys: what combines with what."""
+    if cfg.objective == "contrastive" and cfg.modalities and len(cfg.modalities) != 2:
+        raise MmlabError(f"{source}: objective contrastive pairs two modalities; 'modalities' has "
+                         f"{len(cfg.modalities)} ({', '.join(cfg.modalities)}): name two")
+    if cfg.objective == "contrastive" and cfg.scheme != "joint":
+        raise MmlabError(f"{source}: scheme {cfg.scheme} trains a fused classifier, which objective contrastive has "
+                         f"not; use scheme joint")
+    if cfg.objective == "contrastive" and cfg.balance != "none":
+        raise MmlabError(f"{source}: balance {cfg.balance} balances the modalities of a fused classifier, which "
+                         f"objective contrastive does not train; drop balance")
+    if cfg.pseudo_labels:
+        try:
+            kmeans_clusters(cfg.pseudo_labels)
+        except ValueError:
+            raise MmlabError(f"{source}: 'pseudo_labels' is {cfg.pseudo_labels!r}; give kmeans:K with K >= 2, "
+                             f"e.g. kmeans:100") from None
+        if cfg.pairing != "dml":
+            raise MmlabError(f"{source}: 'pseudo_labels' only changes DML's re-pairing, but pairing is "
+                             f"{cfg.pairing}; set pairing dml or drop pseudo_labels")
+    elif cfg.pseudo_modality or cfg.pseudo_umap:
+        key = "pseudo_modality" if cfg.pseudo_modality else "pseudo_umap"
+        raise MmlabError(f"{source}: '{key}' applies to pseudo-labels; set pseudo_labels (kmeans:K) too")
 
 
 def _dagr_mode(layers: list[dict], source: str) -> dict:
@@ -329,7 +386,9 @@ def method_name(modalities: str, pairing: str) -> str:
 
 def method_label(cfg: TrainConfig, modalities: list[str]) -> str:
     """method_name plus what else trained the run: 'DML (image+audio) + DAGR', '... + SAM'."""
-    extras = [cfg.scheme.upper() if cfg.scheme != "joint" else "",
+    extras = [cfg.objective if cfg.objective != "classification" else "",
+              f"pseudo-labels {cfg.pseudo_labels}" if cfg.pseudo_labels else "",
+              cfg.scheme.upper() if cfg.scheme != "joint" else "",
               cfg.regularizer.upper() if cfg.regularizer != "none" else "",
               cfg.balance.upper() if cfg.balance != "none" else "",
               "SAM" if cfg.sam > 0 else "", "SWA" if cfg.swa_start > 0 else ""]

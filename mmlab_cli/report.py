@@ -22,14 +22,24 @@ import yaml
 
 from mmlab_cli.config import FIELDS, RUN_LOCATION, method_name
 from mmlab_cli.data.format import atomic_write_text
+from mmlab_cli.engine import ANALYSES
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.tables import mean_std, to_latex, to_markdown
 
 DEFAULT_GROUP_BY = ("dataset", "modalities", "pairing")
-KEY_DEFAULTS = {"regularizer": "none", "scheme": "joint", "balance": "none"}  # a run without the key ran with this
-OPTIONAL_GROUP_BY = tuple(KEY_DEFAULTS)  # in the default grouping when some run records them
+# in the default grouping when some run records them; each is summarised by the method column when not `off`
+# (off: the value a run without the key ran with), as `label(value)`
+OPTIONAL_GROUP_BY = {"objective": ("classification", str), "pseudo_labels": ("", "pseudo-labels {}".format),
+                     "scheme": ("joint", str.upper), "regularizer": ("none", str.upper),
+                     "balance": ("none", str.upper)}
+KEY_DEFAULTS = {k: off for k, (off, _) in OPTIONAL_GROUP_BY.items()}
 FORMATS = ("md", "csv", "latex")
 METHOD_KEYS = ("modalities", "pairing", *OPTIONAL_GROUP_BY)  # summarised by the method column
+RETRIEVAL = (("R@1 {}", "recall@1_*", "↑"), ("R@5 {}", "recall@5_*", "↑"), ("R@10 {}", "recall@10_*", "↑"))
+FLAG = "†"  # marks a cell one of whose runs flagged its value (TableSpec.flags)
+# geometry's metrics that compare a sample with its own partner: flagged where the pairs are not sample-level
+SAMPLE_LEVEL_COLUMNS = (("drift {}", "pairs.*.drift", ""), ("cos gap {}", "pairs.*.cosine_gap", ""),
+                        ("KS {}", "pairs.*.cosine_ks", ""), ("R@1 {}", "pairs.*.recall@1", "↑"))
 
 
 @dataclass(frozen=True)
@@ -41,28 +51,59 @@ class TableSpec:
     columns: tuple[tuple[str, str, str], ...]  # (label, JSON path, direction: ↑ higher is better, ↓ lower, "")
     fmt: str = ".2f"  # a cell without a seed spread to round to (one run, or equal values)
     plots: tuple[str, ...] = ()  # patterns of PNGs in the run directory (listed in its file), embedded once per group
+    # (column JSON path, JSON path of a boolean with the same wildcards): a cell of a group in which that boolean is
+    # false for some run is marked with the footnote's mark (flagged: a value from a computation that did not converge,
+    # a sample-level metric on pairs that are not sample-level)
+    flags: tuple[tuple[str, str], ...] = ()
+    footnote: str = ""
 
 
 TABLES = (
     TableSpec("accuracy", "Test accuracy (%): fused prediction and each modality's linear probe "
               "(DML paper Table 1, DAGR paper Table 1)", "metrics.json", "mmlab train",
               (("acc (fused)", "test_acc", "↑"), ("acc {}", "test_acc_*", "↑"))),
-    TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter)",
+    TableSpec("retrieval", "Cross-modal retrieval of contrastive runs, Recall@K (%) on the test split, a hit = the "
+              "query's own pair (DML paper Table 7); capped and near chance where pairs are drawn within the class "
+              "(AVMNIST, synthetic: see the class-level table)", "metrics.json", "mmlab train --objective contrastive",
+              tuple((label, f"test_{path}", arrow) for label, path, arrow in RETRIEVAL)),
+    TableSpec("retrieval_class", "Class-level cross-modal retrieval of contrastive runs, Recall@K (%) on the test "
+              "split, a hit = any item of the query's class", "metrics.json", "mmlab train --objective contrastive",
+              tuple((label, f"test_class_{path}", arrow) for label, path, arrow in RETRIEVAL)),
+    TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter); "
+              "λ_max of one encoder's block (same parameters across runs), λ_max/thr = λ_max over the learning-rate "
+              "stability threshold 2(1+momentum)/lr, and the modality-absent test (DML Theorems 1-2)",
               "flatness.json", "mmlab flatness RUN_DIR",
-              (("λ_max", "lambda_max", "↓"), ("λ1/λ5", "lambda_ratio", ""), ("trace", "trace", "↓"),
-               ("L_LPF", "lpf_loss", "↓"), ("Δ_LPF", "lpf_delta", "↓"), ("F_gap {}", "fgap_mean_*", "↓")), ".4g",
-              ("flatness_fgap.png", "flatness_density.png", "flatness_landscape_2d_contour.png")),
-    TableSpec("geometry", "Modality variance Tr Σ of unit embeddings, variance ratio and modality gap W2² "
-              "(DML paper Table 5)", "geometry.json", "mmlab geometry RUN_DIR",
-              (("variance {}", "modality.*.variance", ""), ("ratio {}", "pairs.*.variance_ratio", ""),
-               ("W2² {}", "pairs.*.wasserstein2_sq", "")), ".4g", ("geometry_tsne.png",)),
-    TableSpec("alignment", "Representation diagnostics: effective rank, semantic margin, cross-modal drift, "
-              "cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
+              (("λ_max", "lambda_max", "↓"), ("λ_max/thr", "lambda_max_over_threshold", ""),
+               ("λ1/λ5", "lambda_ratio", ""), ("trace", "trace", "↓"),
+               ("λ_max block {}", "block_lambda_max.*", "↓"), ("λ_max/thr block {}", "block_over_threshold.*", ""),
+               ("λ_max {} absent", "absent_lambda_max.*", ""), ("L_LPF", "lpf_loss", "↓"), ("Δ_LPF", "lpf_delta", "↓"),
+               ("L_LPF {} absent", "absent_lpf_loss.*", ""), ("Δ_LPF {} absent", "absent_lpf_delta.*", ""),
+               ("F_gap {}", "fgap_mean_*", "↓")), ".4g",
+              ("flatness_fgap.png", "flatness_density.png", "flatness_landscape_2d_contour.png"),
+              (("lambda_max", "lambda_max_converged"), ("lambda_max_over_threshold", "lambda_max_converged"),
+               ("block_lambda_max.*", "block_converged.*"), ("block_over_threshold.*", "block_converged.*"),
+               ("absent_lambda_max.*", "absent_converged.*")),
+              f"{FLAG}: in at least one run of the group the Lanczos solve of this λ_max did not converge (residual "
+              "above tol |λ|); λ1/λ5 is left out (-) for such a run."),
+    TableSpec("geometry", "Modality variance of unit embeddings: Tr Σ and Tr Σ/d (d the embedding size; the DML "
+              "paper's Table 5 prints the latter times 1000), variance ratio of Tr Σ, and modality gap W2² "
+              "(DML paper Table 5)",
+              "geometry.json", "mmlab geometry RUN_DIR",
+              (("Tr Σ {}", "modality.*.variance", ""), ("Tr Σ/d {}", "modality.*.variance_per_dim", ""),
+               ("ratio {}", "pairs.*.variance_ratio", ""), ("W2² {}", "pairs.*.wasserstein2_sq", "")), ".4g",
+              ("geometry_tsne.png",)),
+    TableSpec("alignment", "Representation diagnostics: effective rank of the covariance as spectral entropy "
+              "(Roy & Vetterli 2007) and as participation ratio PR (DAGR paper Theorem 3.2), semantic margin, "
+              "cross-modal drift, cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
               "mmlab geometry RUN_DIR",
-              (("erank {}", "modality.*.effective_rank", ""), ("margin {}", "modality.*.semantic_margin", ""),
-               ("drift {}", "pairs.*.drift", ""), ("cos gap {}", "pairs.*.cosine_gap", ""),
-               ("KS {}", "pairs.*.cosine_ks", ""), ("R@1 {}", "pairs.*.recall@1", "↑")), ".4g",
-              ("geometry_cosine.png",)),
+              (("erank entropy {}", "modality.*.effective_rank_entropy", ""),
+               ("erank PR {}", "modality.*.effective_rank_participation", ""),
+               ("margin {}", "modality.*.semantic_margin", ""),
+               *SAMPLE_LEVEL_COLUMNS), ".4g", ("geometry_cosine.png",),
+              tuple((path, "sample_level_pairs") for _, path, _ in SAMPLE_LEVEL_COLUMNS),
+              f"{FLAG}: the runs' dataset pairs its modalities at class level (AVMNIST, synthetic) or does not say "
+              "(`pairing` in geometry.json): drift, cosine gap, KS and R@1 then measure class-level alignment only, "
+              "and R@1 is capped (a sample's partner is one of many same-class candidates)."),
     TableSpec("ati", "ATI check (DML paper Table 13): the trained fusion map perturbing one modality's embedding "
               "(feature norm ‖φ‖, Δ_error, ε_rel), and ε_rel of the paper's four fusion networks on the unit "
               "embeddings (u|v, v perturbed)", "geometry.json", "mmlab geometry RUN_DIR",
@@ -245,10 +286,10 @@ def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[st
 
 
 def method_label(row, group_by: tuple[str, ...]) -> str:
-    """'audio only', 'DML (image+audio)', with ' + DGL' / ' + DAGR' / ' + OGM-GE' when grouped by scheme /
-    regularizer / balance."""
-    extras = [str(row[k]).upper() for k in ("scheme", "regularizer", "balance")
-              if k in group_by and str(row[k]) != KEY_DEFAULTS[k]]
+    """'audio only', 'DML (image+audio)', with ' + contrastive', ' + pseudo-labels kmeans:K', ' + DGL',
+    ' + DAGR', ' + OGM-GE' when grouped by those keys and they are not off."""
+    extras = [OPTIONAL_GROUP_BY[k][1](str(row[k])) for k in OPTIONAL_GROUP_BY  # config.method_label's order
+              if k in group_by and str(row[k]) != OPTIONAL_GROUP_BY[k][0]]
     return " + ".join([method_name(row["modalities"], row["pairing"]), *extras])
 
 
@@ -267,11 +308,24 @@ def _best(mean: pd.Series, within: list[pd.Series], arrow: str) -> pd.Series:
     return (mean == by.transform("max" if arrow == "↑" else "min")) & (by.transform("count") > 1)
 
 
+def lookup(doc, path: str, captured: tuple[str, ...]):
+    """The value at dotted `path` in `doc` with its `*` wildcards filled by `captured` in order (None if absent)."""
+    parts = iter(captured)
+    for seg in path.split("."):
+        key = seg.replace("*", next(parts)) if "*" in seg else seg
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
 def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> Table:
     """Per-run values from the spec's paths, then mean, sample std and count per group; a column no run has a
     value for is left out (the note names it and the command that fills it)."""
     values: dict[str, dict[int, float]] = {}  # column label -> {run row: value}; labels in first-seen order
     direction: dict[str, str] = {}
+    flags = dict(spec.flags)
+    flagged: dict[str, dict[int, bool]] = {}  # column label -> {run row: True where its flag is false}
     empty = []
     for label, path, arrow in spec.columns:
         before = len(values)
@@ -279,20 +333,25 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
             for captured, value in resolve(doc, path) if doc is not None else []:
                 values.setdefault(label.format(*captured), {})[i] = value
                 direction[label.format(*captured)] = arrow
+                if path in flags:
+                    flagged.setdefault(label.format(*captured), {})[i] = lookup(doc, flags[path], captured) is False
         if len(values) == before:
             empty.append(label.replace(" {}", ""))
     per_run = runs[list(group_by)].copy()
     per_run["seed"] = runs["seed"] if "seed" in runs else range(len(runs))  # no seed recorded: each run counts
     for label, by_run in values.items():
         per_run[label] = pd.Series(by_run, dtype=float)
+    for label, by_run in flagged.items():
+        per_run[f"{label} flagged"] = [by_run.get(i, False) for i in per_run.index]
     grouped = per_run.groupby(list(group_by), dropna=False, sort=True)
-    numbers = grouped["seed"].nunique().rename("seeds").to_frame()
-    numbers["runs"] = grouped.size()
+    columns = {"seeds": grouped["seed"].nunique(), "runs": grouped.size()}  # one frame at once: no fragmentation
     for label in values:
-        numbers[f"{label} mean"] = grouped[label].mean()
-        numbers[f"{label} std"] = grouped[label].std(ddof=1)
-        numbers[f"{label} n"] = grouped[label].count()
-    numbers = numbers.reset_index()
+        columns[f"{label} mean"] = grouped[label].mean()
+        columns[f"{label} std"] = grouped[label].std(ddof=1)
+        columns[f"{label} n"] = grouped[label].count()
+        if label in flagged:
+            columns[f"{label} flagged"] = grouped[f"{label} flagged"].any()
+    numbers = pd.DataFrame(columns).reset_index()
     if {"modalities", "pairing"} <= set(group_by):  # the method column says what these keys say
         cells = numbers[[k for k in group_by if k not in METHOD_KEYS]].copy()
         cells["method"] = [method_label(row, group_by) for _, row in numbers.iterrows()]
@@ -306,6 +365,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         header = f"{label} {direction[label]}".rstrip()
         cells[header] = [_cell(m, sd, n, k, spec.fmt) for m, sd, n, k in zip(
             numbers[f"{label} mean"], numbers[f"{label} std"], numbers[f"{label} n"], numbers["runs"])]
+        if label in flagged:
+            cells[header] = cells[header].where(~numbers[f"{label} flagged"], cells[header] + f" {FLAG}")
         best[header] = _best(numbers[f"{label} mean"], [numbers[k] for k in within], direction[label])
     notes = []
     absent = [runs.at[i, "run"] for i, doc in enumerate(docs) if doc is None]
@@ -313,12 +374,15 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         listed = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
         notes.append(f"-: {len(absent)} of {len(runs)} runs have no {spec.file} ({listed}); "
                      f"produce it with `{spec.command}`.")
+    if any(numbers[f"{label} flagged"].any() for label in flagged):
+        notes.append(spec.footnote)
     if empty and len(absent) < len(runs):
         notes.append(f"Not measured by any run yet, so left out: {', '.join(empty)} (`{spec.command}`).")
     return Table(spec, numbers, cells, best, ["seeds", *cells.columns[len(keys) + 1:]], " ".join(notes))
 
 
-def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> None:
+def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list,
+                 checkpoint: str = "best") -> None:
     """For each group, the PNGs of its first run that the run's analysis file lists (so a file a later analysis
     no longer produces is never shown) and that match the spec's patterns."""
     for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
@@ -328,7 +392,8 @@ def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], do
             pngs = [f for f in listed if any(fnmatch(f, pattern) for pattern in table.spec.plots)]
             if pngs:
                 caption = ", ".join(map(str, key))
-                table.plots += [(f"{caption}: {f} ({run})", f"{run}/{f}") for f in pngs]
+                folder = Path(run) / ANALYSES[checkpoint]
+                table.plots += [(f"{caption}: {f} ({run})", (folder / f).as_posix()) for f in pngs]
                 break
 
 
@@ -344,9 +409,12 @@ def comparison_figures(root: Path) -> list[tuple[str, str]]:
 
 
 def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
-                 claims: str | Path | None = None) -> tuple[list[Table], tuple[str, ...]]:
+                 claims: str | Path | None = None, checkpoint: str = "best") -> tuple[list[Table], tuple[str, ...]]:
     """Every table of TABLES for the runs under `root` (group_by None: the default grouping), then the verdicts
-    of a claims file (mmlab_cli/claims.py), which is checked before any run is read."""
+    of a claims file (mmlab_cli/claims.py), which is checked before any run is read. The analyses are read from
+    the `checkpoint`'s folder (mmlab_cli.engine.ANALYSES); accuracy is always the best checkpoint's."""
+    if checkpoint not in ANALYSES:
+        raise MmlabError(f"--checkpoint {checkpoint}: choose one of {', '.join(ANALYSES)}")
     stated = None
     if claims:  # scipy is imported only when claims are asked for
         from mmlab_cli.claims import claims_table, load_claims
@@ -364,7 +432,7 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
             runs[k] = defaults[k]
     files = dict.fromkeys(spec.file for spec in TABLES if spec.file != "metrics.json")
     commands = {spec.file: spec.command for spec in TABLES}
-    docs = {f: [_read_json(root / run / f, commands[f]) for run in runs["run"]] for f in files}
+    docs = {f: [_read_json(root / run / ANALYSES[checkpoint] / f, commands[f]) for run in runs["run"]] for f in files}
     check_groupable(runs, group_by, docs, asked=bool(asked))
     if "data" in group_by:
         runs["data"] = runs["data"].map(data_labels(runs["data"]))
@@ -372,7 +440,7 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
     tables = []
     for spec in TABLES:
         table = build_table(spec, runs, group_by, docs[spec.file])
-        attach_plots(table, runs, group_by, docs[spec.file])
+        attach_plots(table, runs, group_by, docs[spec.file], checkpoint)
         tables.append(table)
     if stated:
         tables.append(claims_table(stated, runs, docs, group_by))
@@ -404,14 +472,16 @@ def render(tables: list[Table], fmt: str) -> str:
 
 
 def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt: str = "md",
-                 claims: str | Path | None = None) -> tuple[list[Table], str, list[Path]]:
+                 claims: str | Path | None = None, checkpoint: str = "best") -> tuple[list[Table], str, list[Path]]:
     """Write report.md (per-run and comparison figures embedded) and report_<table>.csv into `root` (and
     report.tex for latex), with the claims table when given a claims file; returns the tables, the report
-    rendered in `fmt`, and the paths written."""
+    rendered in `fmt`, and the paths written. With checkpoint 'last' the analyses of the last checkpoints are
+    reported, into report-last.md, report-last_<table>.csv and report-last.tex."""
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
-    tables, group_by = build_tables(root, group_by, claims)
+    tables, group_by = build_tables(root, group_by, claims, checkpoint)
+    name = "report" if checkpoint == "best" else f"report-{checkpoint}"
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
     md = (f"# mmlab report: {root}\n\n{runs} runs in {len(tables[0].numbers)} groups by "
@@ -419,14 +489,16 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
           f"(`seeds` counts their distinct seeds), rounded to two significant digits of the standard deviation, "
           f"read from the files the runs hold; (n=k) marks a cell averaged over only k of them, - a value no run "
           f"of the group has, and bold the best value of a column marked ↑ (higher is better) or ↓ (lower). "
-          f"Accuracy is on the test split at the best-validation checkpoint.\n\n" + render(tables, "md") + "\n"
+          f"Accuracy and retrieval are on the test split at the best-validation checkpoint (contrastive runs: the "
+          f"best mean validation R@1, at the level the run records as retrieval_level). The analyses (flatness, robustness, geometry) are of "
+          f"each run's {checkpoint} checkpoint.\n\n" + render(tables, "md") + "\n"
           + ("## Comparisons\n\n" + "\n".join(f"![{c}]({p})" for c, p in compared) + "\n" if compared else ""))
-    written = [root / "report.md"]
+    written = [root / f"{name}.md"]
     atomic_write_text(written[0], md)
     for t in tables:
-        written.append(root / f"report_{t.spec.name}.csv")
+        written.append(root / f"{name}_{t.spec.name}.csv")
         atomic_write_text(written[-1], t.numbers.to_csv(index=False))
     if fmt == "latex":
-        written.append(root / "report.tex")
+        written.append(root / f"{name}.tex")
         atomic_write_text(written[-1], render(tables, "latex"))
     return tables, (md if fmt == "md" else render(tables, fmt)), written

@@ -39,8 +39,8 @@ class Sweep:
     grid: dict[str, list] = field(default_factory=dict)
     seeds: list[int] | None = None  # None: each recipe's own seed
     overrides: dict = field(default_factory=dict)
-    analyses: dict[str, list[str]] = field(default_factory=dict)
-    report: list[str] | None = None  # `mmlab report OUT` arguments; None: no report
+    analyses: dict[str, list[list[str]]] = field(default_factory=dict)  # each invocation's arguments, in order
+    report: list[list[str]] | None = None  # each `mmlab report OUT` invocation's arguments; None: no report
     slurm: dict = field(default_factory=dict)
 
 
@@ -116,18 +116,28 @@ def load_sweep(path: str | Path, *, out: str | None = None, seeds: list[int] | N
     for name, args in analyses.items():
         if name not in ANALYSES:
             raise MmlabError(f"{path}: unknown analysis '{name}'; choose from {', '.join(ANALYSES)}")
-        if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
-            raise MmlabError(f"{path}: analyses '{name}' must be a list of `mmlab {name}` arguments")
-        if "--device" in args:
+        calls = _invocations(args, f"analyses '{name}'", f"mmlab {name}", path)
+        if any("--device" in call for call in calls):
             raise MmlabError(f"{path}: analyses '{name}' gives --device; analyses run on each run's device "
                              f"(set it with overrides device: or --set device=...)")
+        analyses[name] = calls
     report = raw.get("report", False)
     if not isinstance(report, (bool, list)):
         raise MmlabError(f"{path}: 'report' must be true, false or a list of `mmlab report` arguments")
     return Sweep(path, recipes, Path(out), axes, seeds, overrides,
-                 {a: [str(x) for x in analyses[a]] for a in ANALYSES if a in analyses},
-                 None if report is False else [] if report is True else [str(x) for x in report],
-                 _mapping(raw.get("slurm"), "slurm", path))
+                 {a: analyses[a] for a in ANALYSES if a in analyses},
+                 None if report is False else [[]] if report is True else
+                 _invocations(report, "'report'", "mmlab report", path), _mapping(raw.get("slurm"), "slurm", path))
+
+
+def _invocations(args, what: str, command: str, path) -> list[list[str]]:
+    """A list of `command` arguments (one invocation), or a list of such lists (several: e.g. flatness at
+    --checkpoint best and at --checkpoint last), as lists of strings."""
+    calls = args if isinstance(args, list) and args and all(isinstance(a, list) for a in args) else [args]
+    for call in calls:
+        if not isinstance(call, list) or not all(isinstance(a, (str, int, float)) for a in call):
+            raise MmlabError(f"{path}: {what} must be a list of `{command}` arguments, or a list of such lists")
+    return [[str(a) for a in call] for call in calls]
 
 
 def label(value) -> str:
@@ -240,6 +250,7 @@ def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) 
 
 
 def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
+    from mmlab_cli.engine.evaluate import headline
     from mmlab_cli.engine.fit import train
 
     if state == "finished":
@@ -247,11 +258,12 @@ def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
     else:
         metrics = train(job.config, resume=state == "interrupted")
         status = "resumed" if state == "interrupted" else "finished"
-        detail = f"test accuracy {metrics['test_acc']:.2f}%"
-    for name, args in analyses.items():
-        code = run_command([name, job.config.out, *args, "--device", job.config.device])
-        if code:
-            return Outcome(job.name, "failed", f"{detail}; `mmlab {name}` exited with {code} (see {job.log})")
+        detail = headline(metrics)
+    for name, calls in analyses.items():
+        for args in calls:
+            code = run_command([name, job.config.out, *args, "--device", job.config.device])
+            if code:
+                return Outcome(job.name, "failed", f"{detail}; `mmlab {name}` exited with {code} (see {job.log})")
     return Outcome(job.name, status, detail)
 
 
@@ -273,8 +285,8 @@ def check_commands(sweep: Sweep) -> None:
     from mmlab_cli.main import app
 
     group = typer.main.get_command(app)
-    steps = [(name, ["RUN", *args]) for name, args in sweep.analyses.items()]
-    steps += [("report", ["OUT", *sweep.report])] if sweep.report is not None else []
+    steps = [(name, ["RUN", *args]) for name, calls in sweep.analyses.items() for args in calls]
+    steps += [("report", ["OUT", *args]) for args in sweep.report or []]
     for name, args in steps:
         try:
             group.get_command(None, name).make_context(name, list(args))

@@ -21,13 +21,18 @@ from mmlab_cli.engine.step import build_step
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.agm import coefficients as agm_coefficients
 from mmlab_cli.methods.agm import shapley_logits
+from mmlab_cli.data.loader import to_tensor
+from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.methods.base import Loop
+from mmlab_cli.methods.gblending import GBlending, blend_weights
 from mmlab_cli.methods.mmpareto import combine
 from mmlab_cli.methods.ogm import coefficients, slice_logits
 from mmlab_cli.methods.pmr import PMR, class_means
+from mmlab_cli.methods.relearn import Relearn, purity, relearn_weight
 from mmlab_cli.models.fusion import LateFusion
 from test_distributed import _free_port, _worker
 
+CPU = torch.device("cpu")
 SPECS = {"a": ModalitySpec((6,), "float32", "features"), "b": ModalitySpec((5,), "float32", "features")}
 
 
@@ -157,11 +162,14 @@ def test_balance_config_errors_name_the_key():
 
 SETTINGS = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5), "agm": dict(balance="agm", balance_alpha=0.1),
             "pmr": dict(balance="pmr", balance_alpha=1.0), "mmpareto": dict(balance="mmpareto"),
+            # a re-estimate / re-initialisation before the second epoch, DML re-pairing among the training rows
+            "gblending": dict(balance="gblending", gblend_super_epoch=1, pairing="dml", epochs=2),
+            "relearn": dict(balance="relearn", relearn_every=1, balance_alpha=3.0, epochs=2),
             # Pareto weights from embedding gradients: MMPareto's dot products summed over the processes, DAGR's
             # from the global batch's terms (tests/test_controls.py)
             "mmpareto-embeddings": dict(balance="mmpareto", pareto_space="embeddings"),
             "dagr-embeddings": dict(regularizer="dagr", pareto_space="embeddings")}
-STATEFUL = ("ogm-ge", "agm", "pmr")  # the methods that carry state from step to step
+STATEFUL = ("ogm-ge", "agm", "pmr", "gblending", "relearn")  # the methods that carry state from step to step
 
 
 class Killed(Exception):
@@ -175,7 +183,7 @@ def _history(run):
 
 @pytest.mark.parametrize("name", STATEFUL)
 def test_balance_resume_is_bit_identical(name, tiny_synthetic, tmp_path, monkeypatch, one_thread):
-    settings = dict(encoder="mlp", epochs=2, batch_size=32, **SETTINGS[name])
+    settings = {**dict(encoder="mlp", epochs=2, batch_size=32), **SETTINGS[name]}
     whole = train(tiny_config(tiny_synthetic, tmp_path / "whole", **settings))
     save = fit.save_checkpoint
 
@@ -207,7 +215,7 @@ def _workers(rank: int, world: int, runs: list[tuple[int, dict]]) -> None:
 
 def test_balance_two_gloo_processes_match_one(tiny_synthetic, tmp_path, one_thread):
     """Every balancing method: scores summed over the processes before the coefficients, noise drawn alike."""
-    settings = {name: dict(encoder="mlp", epochs=1, batch_size=16, lr=0.01, **s) for name, s in SETTINGS.items()}
+    settings = {name: {**dict(encoder="mlp", epochs=1, batch_size=16, lr=0.01), **s} for name, s in SETTINGS.items()}
     runs = [(_free_port(), tiny_config(tiny_synthetic, tmp_path / name / "two", **s).to_dict())
             for name, s in settings.items()]
     mp.spawn(_workers, args=(2, runs), nprocs=2, join=True)
@@ -415,3 +423,191 @@ def test_mmpareto_refuses_what_it_would_silently_drop():
     for other in ({"scheme": "dgl"}, {"regularizer": "dagr"}):
         with pytest.raises(MmlabError, match="mmpareto sets the encoders' whole gradient"):
             resolve_config(None, {"balance": "mmpareto", **other})
+
+
+# ---- the held-out part of train (G-Blending, Diagnosing & Re-learning) ---------------------------------------
+
+def test_held_out_rows_are_stratified_and_never_in_an_epoch_plan():
+    labels = np.repeat(np.arange(3), [20, 10, 30])
+    np.random.default_rng(2).shuffle(labels)
+    rows, held = held_out_split(labels, 0.2, seed=4)
+    assert np.bincount(labels[held]).tolist() == [4, 2, 6]  # a fifth of every class
+    assert sorted([*rows, *held]) == list(range(60))
+    order, partners = epoch_plan(labels, ["a", "b"], "dml", seed=1, epoch=3, rows=rows)
+    assert sorted(order) == sorted(rows)
+    for m in ("a", "b"):
+        read = partners[m][order]  # the rows the loader reads for modality m
+        assert not np.isin(read, held).any() and (labels[read] == labels[order]).all()
+    assert not (partners["b"][order] == order).all()  # re-paired
+    # every row a training row: the plan of a run without a held-out part
+    full = epoch_plan(labels, ["a", "b"], "dml", seed=1, epoch=3)
+    same = epoch_plan(labels, ["a", "b"], "dml", seed=1, epoch=3, rows=np.arange(60))
+    assert np.array_equal(full[0], same[0]) and all(np.array_equal(full[1][m], same[1][m]) for m in "ab")
+    with pytest.raises(MmlabError, match="--balance-holdout 0.04: the held-out part of train has no sample of class 1"):
+        held_out_split(labels, 0.04, seed=4)
+
+
+def test_gblending_and_relearn_config():
+    with pytest.raises(MmlabError, match="balance gblending and scheme dgl both replace the fused loss"):
+        resolve_config(None, {"balance": "gblending", "scheme": "dgl"})
+    with pytest.raises(MmlabError, match="'balance_holdout' must be in"):
+        resolve_config(None, {"balance": "relearn", "balance_holdout": 1.0})
+    cfg = resolve_config(None, {"balance": "relearn", "pairing": "dml"})
+    assert method_label(cfg, ["image", "audio"]) == "DML (image+audio) + RELEARN"
+
+
+# ---- G-Blending ---------------------------------------------------------------------------------------------
+
+def test_gblend_weights_hand_computed():
+    # paths (fused, a, b); rows: loss on the training rows, on the held-out rows
+    before = torch.tensor([[1.0, 1.2, 1.5], [1.3, 1.4, 1.6]], dtype=torch.float64)
+    after = torch.tensor([[0.6, 1.0, 1.4], [1.1, 1.3, 1.65]], dtype=torch.float64)
+    # Delta G = 0.2, 0.1, -0.05 (-> 0); gaps 0.3, 0.2, 0.1 -> 0.5, 0.3, 0.25: Delta O = 0.2, 0.1, 0.15
+    # G / O^2 = 5, 10, 0
+    assert blend_weights(before, after).tolist() == pytest.approx([1 / 3, 2 / 3, 0.0])
+    worse = after.clone()
+    worse[1] = before[1] + 0.1
+    assert blend_weights(before, worse) is None  # no path generalised: the caller keeps its weights
+    flat = torch.tensor([[1.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    assert blend_weights(flat, flat - 0.5).tolist() == pytest.approx([0.5, 0.5])  # Delta O = 0: floored, no NaN
+
+
+def test_gblend_step_blends_the_fused_and_unimodal_losses():
+    model, ref = _model(), _model()
+    inputs, y = _batch()
+    step = _step(model, hooks=False, balance="gblending")
+    step.methods[0].used = torch.tensor([0.5, 0.3, 0.2])
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = step(inputs, y)
+    assert [out[f"gblend_w_{p}"].item() for p in ("fused", "a", "b")] == pytest.approx([0.5, 0.3, 0.2])
+    z = ref.embed(inputs)
+    params = dict(ref.named_parameters())
+
+    def grads(loss):  # zeros where the loss does not reach
+        got = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+        return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), got)}
+
+    fused = grads(F.cross_entropy(ref.fuse(z), y))
+    uni = {m: grads(F.cross_entropy(ref.probes[m](z[m]), y)) for m in SPECS}
+    for n, q in model.named_parameters():
+        part = n.split(".")
+        if part[0] == "probes":  # the probe trains on its own loss only, weight 1 (not 1 + w_m)
+            expected = uni[part[1]][n]
+        else:  # encoders: w_0 of the fused gradient plus w_m of their unimodal loss's; the head: w_0 of its own
+            expected = 0.5 * fused[n] + (dict(a=0.3, b=0.2)[part[1]] * uni[part[1]][n] if part[0] == "encoders" else 0)
+        assert torch.allclose(q.detach(), w0[n] - 0.1 * expected, atol=1e-6), n
+
+
+def _held_out_loop(tiny_synthetic, **kw):
+    from mmlab_cli.data.dataset import PreparedDataset
+    from mmlab_cli.engine.distributed import World
+
+    cfg = tiny_config(tiny_synthetic, "unused", encoder="mlp", **kw)
+    dataset = PreparedDataset(tiny_synthetic, ["image", "audio"])
+    torch.manual_seed(0)
+    model = LateFusion({m: dataset.specs[m] for m in ("image", "audio")}, 4, encoder="mlp", dim=16)
+    rows, held = held_out_split(dataset.split("train").labels, cfg.balance_holdout, cfg.seed)
+    return Loop(cfg, model, None, dataset, torch.device("cpu"), World(), rows, held), dataset.split("train")
+
+
+def test_gblend_reestimates_from_the_losses_on_training_and_held_out_rows(tiny_synthetic, one_thread):
+    loop, split = _held_out_loop(tiny_synthetic, balance="gblending", gblend_super_epoch=2, balance_start=3)
+    model = loop.model
+    gb = GBlending(model, 2, torch.device("cpu"))
+
+    def losses():  # path CE by hand: fused head, then each probe, on the training rows and the held-out rows
+        with torch.no_grad():
+            out = []
+            for rows in (loop.rows, loop.held_out):
+                x = {m: to_tensor(split.arrays[m][rows], CPU) for m in model.modalities}
+                y = torch.from_numpy(split.labels[rows])
+                o = model(x)
+                out.append([F.cross_entropy(v, y).item() for v in (o.logits, *o.probe_logits.values())])
+            return torch.tensor(out, dtype=torch.float64)
+
+    gb.start_epoch(loop, 0)
+    before = losses()
+    assert torch.allclose(gb.losses, before, rtol=1e-6)
+    assert gb.used.tolist() == [1.0, 0.0, 0.0]  # outside the balancing window (from epoch 3): plain fused CE
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = {m: to_tensor(split.arrays[m][loop.rows], CPU) for m in model.modalities}
+    y = torch.from_numpy(split.labels[loop.rows])
+    for _ in range(5):  # trained on the training rows: every path's held-out loss falls
+        opt.zero_grad()
+        out = model(x)
+        sum(F.cross_entropy(v, y) for v in (out.logits, *out.probe_logits.values())).backward()
+        opt.step()
+    gb.start_epoch(loop, 1)  # inside the super-epoch: nothing re-estimated
+    assert gb.weights.tolist() == pytest.approx([1 / 3] * 3)
+    gb.start_epoch(loop, 2)
+    after = losses()
+    assert torch.allclose(gb.losses, after, rtol=1e-6)
+    expected = blend_weights(before, after)  # small changes of the gaps: float32 rounding shows in the weights
+    assert expected is not None and expected.min() > 0
+    assert gb.weights.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+    assert gb.used.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+# ---- Diagnosing & Re-learning -------------------------------------------------------------------------------
+
+def test_relearn_purity_and_weight_hand_computed():
+    features = np.array([[0.0, 5.0], [0.1, 5.0], [0.05, 5.0], [1.0, 5.0], [1.1, 5.0], [1.05, 5.0]])
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    # two clusters, {0, 0.1, 0.05} (classes 0, 0, 1) and {1, 1.1, 1.05} (1, 1, 0): 2 + 2 of 6 in the majority
+    assert purity(features, labels, 2) == pytest.approx(4 / 6)
+    assert purity(features, np.array([0, 0, 0, 1, 1, 1]), 2) == 1.0
+    assert relearn_weight(1.0, 4 / 6, 3.0) == pytest.approx(math.tanh(1.0))
+    assert relearn_weight(0.5, 0.75, 2.0) == pytest.approx(math.tanh(0.5))  # the gap's absolute value
+
+
+def test_relearn_moves_each_encoder_back_towards_its_initial_weights(tiny_synthetic, one_thread):
+    loop, split = _held_out_loop(tiny_synthetic, balance="relearn")
+    model = loop.model
+    method = Relearn(model, every=2, times=1, strength=3.0)
+    method.start_epoch(loop, 0)  # keeps the initial weights
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():  # as if trained
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method.start_epoch(loop, 1)  # not after a multiple of 2 epochs: nothing moves
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        z = {name: model.embed({m: to_tensor(split.arrays[m][rows], CPU) for m in model.modalities})
+             for name, rows in (("train", loop.rows), ("held", loop.held_out))}
+    w = {m: math.tanh(3.0 * abs(purity(z["train"][m].double().numpy(), split.labels[loop.rows], 4)
+                                - purity(z["held"][m].double().numpy(), split.labels[loop.held_out], 4)))
+         for m in model.modalities}
+    assert any(v > 0.01 for v in w.values())  # a gap the test can see
+    method.start_epoch(loop, 2)
+    for n, p in model.named_parameters():
+        m = n.split(".")[1]
+        expected = w[m] * initial[n] + (1 - w[m]) * trained[n] if n.startswith("encoders.") else trained[n]
+        assert torch.allclose(p.detach(), expected, atol=1e-5), n
+    assert method.coeff.tolist() == pytest.approx([w[m] for m in model.modalities], rel=1e-5)
+    moved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method.start_epoch(loop, 4)  # relearn_times 1: done
+    assert all(torch.equal(p, moved[n]) for n, p in model.named_parameters())
+    assert method.coeff.tolist() == [0.0, 0.0]
+
+
+def test_a_run_never_trains_on_its_held_out_rows(tiny_synthetic, tmp_path, monkeypatch, one_thread):
+    plans = []
+
+    def recorded(*args):
+        plans.append(fit_plan(*args))
+        return plans[-1]
+
+    fit_plan = fit.epoch_plan
+    monkeypatch.setattr(fit, "epoch_plan", recorded)
+    cfg = tiny_config(tiny_synthetic, tmp_path / "run", encoder="mlp", epochs=1, pairing="dml", balance="gblending",
+                      balance_holdout=0.25)
+    metrics = train(cfg)
+    from mmlab_cli.data.dataset import PreparedDataset
+
+    labels = PreparedDataset(tiny_synthetic).split("train").labels
+    rows, held = held_out_split(labels, 0.25, cfg.seed)
+    assert metrics["held_out_train_rows"] == len(held) > 0
+    (order, partners), = plans
+    assert sorted(order) == sorted(rows)
+    assert not any(np.isin(partners[m][order], held).any() for m in partners)

@@ -12,13 +12,19 @@ from torch import nn
 from torch.func import functional_call
 
 from mmlab_cli.analysis.common import Subset, load_subset
-from mmlab_cli.analysis.hessian import HessianVectorProduct, hutchinson_trace, lanczos, slq_density, spectrum
+from mmlab_cli.analysis.flatness import FlatnessSettings, cell, convergence, flatness, scalar_rows
+from mmlab_cli.analysis.hessian import (HessianVectorProduct, hutchinson_trace, lambda_star, lanczos, slq_density,
+                                        spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import directions, landscape
 from mmlab_cli.analysis.lossfn import LossParams, batch_loss, generator, loss_params, losses_at
 from mmlab_cli.analysis.perturb import fgap, fgap_curves, fgap_direction, lpf, parameter_blocks
+from mmlab_cli.analysis.stability import stability, threshold
+from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.engine.fit import build_optimizer
+from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.encoders import Standardize
-from mmlab_cli.models.fusion import LateFusion
+from mmlab_cli.models.fusion import FusionOutput, LateFusion
 
 CPU = torch.device("cpu")
 
@@ -342,3 +348,141 @@ def test_losses_at_batched_equals_one_at_a_time(setup):
     torch.testing.assert_close(loss_1, loss_3, rtol=1e-12, atol=0)
     assert torch.equal(acc_1, acc_3)
     assert loss_1[0].item() == pytest.approx(_in_place_loss(model, lp, thetas[0], subset), rel=1e-12)
+
+
+# ---------------------------------------------------------------- blocks, modality absence, convergence, stability
+
+
+class _Bias(nn.Module):
+    def __init__(self, k: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(k))
+
+    def forward(self, x):
+        return x + self.bias
+
+
+class LinearFusion(nn.Module):
+    """logits = sum_m W_m vec(x_m) + b at W = 0, b = 0: every prediction is uniform whatever the input, so the
+    Hessian of the mean cross-entropy is exactly (I - 11^T/K)/K (x) E[z z^T], z = (vec x_m..., 1), and the top
+    eigenvalue of any block (or of the network with an input replaced) is that of its input second moment / K."""
+
+    def __init__(self, dataset: PreparedDataset):
+        super().__init__()
+        k = len(dataset.classes)
+        self.modalities = list(dataset.modalities)
+        self.encoders = nn.ModuleDict({m: nn.Sequential(nn.Flatten(), nn.Linear(math.prod(s.shape), k, bias=False))
+                                       for m, s in dataset.specs.items()})
+        self.head = _Bias(k)
+        for p in self.parameters():
+            nn.init.zeros_(p)
+
+    def forward(self, inputs):
+        return FusionOutput(self.head(sum(self.encoders[m](inputs[m]) for m in self.modalities)), {}, {})
+
+
+def _top_second_moment(*parts: np.ndarray) -> float:
+    z = np.hstack(parts)
+    return np.linalg.eigvalsh(z.T @ z / len(z))[-1]
+
+
+@pytest.mark.parametrize("how", ["mean", "zero"])
+def test_blocks_and_modality_absence_match_the_closed_form(tiny_synthetic, how):
+    dataset = PreparedDataset(tiny_synthetic, ["image", "depth"])
+    k, n = len(dataset.classes), 24
+    s = FlatnessSettings(metrics=["hessian"], samples=n, batch_size=n, top_k=1, tol=1e-4, max_steps=60,
+                         trace_probes=0, blocks=["encoder:image", "encoder:depth", "head"], absent=how)
+    res = flatness(LinearFusion(dataset), dataset, s, CPU)
+    split = dataset.split("train")
+    x = {m: np.asarray(split.arrays[m][res["indices"]], dtype=np.float64).reshape(n, -1) for m in dataset.modalities}
+    one = np.ones((n, 1))
+    h = res["hessian"]
+    assert h["lambda_max"] == pytest.approx(_top_second_moment(x["image"], x["depth"], one) / k, rel=1e-4)
+    blocks = {b: t["lambda_max"] for b, t in h["blocks"].items()}
+    assert blocks == pytest.approx({"encoder:image": _top_second_moment(x["image"]) / k,
+                                    "encoder:depth": _top_second_moment(x["depth"]) / k, "head": 1 / k}, rel=1e-4)
+    # the absence value: the whole train split's mean input (computed here from the arrays), or zeros
+    fill = {m: np.asarray(split.arrays[m], dtype=np.float64).reshape(len(split), -1).mean(0) * (how == "mean")
+            for m in dataset.modalities}
+    expected = {"image": _top_second_moment(np.tile(fill["image"], (n, 1)), x["depth"], one) / k,
+                "depth": _top_second_moment(x["image"], np.tile(fill["depth"], (n, 1)), one) / k}
+    assert {m: t["lambda_max"] for m, t in h["absent"].items()} == pytest.approx(expected, rel=1e-4)
+    assert res["absent_lambda_max"] == pytest.approx(expected, rel=1e-4)
+    assert all(res["absent_converged"].values()) and res["absence"]["value"] == how
+    assert res["lr_threshold"] is None and res["lambda_max_over_threshold"] is None  # no checkpoint: no rate
+
+
+def test_block_hessian_is_the_dense_sub_block(setup):
+    _, model, subset, lp, hessian = setup
+    assert lp.blocks == ["encoder:image", "encoder:audio", "head"]
+    for block in lp.blocks:
+        part = lp.block(block)
+        idx = np.concatenate([np.arange(start, start + size) for name, start, size in
+                              zip(lp.names, np.cumsum([0, *lp.sizes[:-1]]), lp.sizes) if name in part.names])
+        assert len(idx) == part.numel and all(n.startswith("encoders.image" if block == "encoder:image" else
+                                                           "encoders.audio" if block == "encoder:audio" else "head")
+                                              for n in part.names)
+        exact = np.linalg.eigvalsh(hessian[np.ix_(idx, idx)])[::-1][:3]
+        top = top_eigenvalues(HessianVectorProduct(model, subset, part), part.flat(), 3, 1e-6, part.numel, seed=0)
+        np.testing.assert_allclose(top["eigenvalues"], exact, rtol=1e-5)
+    with pytest.raises(MmlabError, match="--block encoder:depth: no parameter of this fused loss is in it; choose "
+                                         "from encoder:image, encoder:audio, head"):
+        lp.block("encoder:depth")
+
+
+def test_unconverged_lanczos_is_flagged_and_left_out_of_lambda_star():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.linspace(10.0, 1.0, 40, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))
+    matrix = basis @ torch.diag(values) @ basis.T
+    theta = torch.zeros(40, dtype=torch.float64)
+    short = top_eigenvalues(lambda v: matrix @ v, theta, k=5, tol=1e-6, max_steps=5, seed=0)  # too few steps
+    assert short["lanczos_steps"] == 5 and not short["converged"]
+    assert short["converged_each"] == [r <= 1e-6 * abs(v) for r, v in zip(short["residuals"], short["eigenvalues"])]
+    assert not short["converged_each"][4]  # 5 steps in 40 dimensions cannot pin the 5th value
+    assert lambda_star(short["eigenvalues"], short["converged_each"]) is None
+    full = top_eigenvalues(lambda v: matrix @ v, theta, k=5, tol=1e-6, max_steps=40, seed=0)
+    assert full["converged_each"] == [True] * 5
+    assert lambda_star(full["eigenvalues"], full["converged_each"]) == pytest.approx(10.0 / values[4].item())
+    assert lambda_star([3.0, 2.0, 1.0, 1.0, 1.0], [False, True, True, True, True]) is None
+
+
+def test_unconverged_lambda_max_is_flagged_in_the_result(setup, tiny_synthetic):
+    dataset, model, _, _, _ = setup
+    s = FlatnessSettings(metrics=["hessian"], samples=24, batch_size=24, top_k=5, max_steps=5, trace_probes=0,
+                         blocks=["head"], absent="none")
+    res = flatness(copy.deepcopy(model).float(), dataset, s, CPU)
+    h = res["hessian"]
+    assert h["lanczos_steps"] == 5 and not all(h["converged_each"])
+    assert res["lambda_max_converged"] == h["converged_each"][0]
+    assert res["lambda_ratio"] is None and h["lambda_star"] is None
+    rows = {r["metric"]: r for r in scalar_rows(res)}
+    assert rows["lambda_5"]["converged"] is False and cell(rows["lambda_5"]).endswith(" †")
+    assert rows["lambda* = lambda_1/lambda_5"]["value"] is None
+    assert ("†" in convergence(res)) == (not h["converged_each"][0])
+
+
+def test_stability_threshold_per_optimizer_and_parameter_group(setup):
+    assert threshold("sgd", 0.1) == pytest.approx(20.0)  # 2 / eta
+    assert threshold("sgd", 0.1, 0.9) == pytest.approx(38.0)  # 2 (1 + beta) / eta
+    assert threshold("adam", 0.1, 0.9) is None  # preconditioned: does not apply
+    _, model, _, _, _ = setup
+    for optimizer, momentum in (("sgd", 0.9), ("sgd", 0.0), ("adam", 0.9)):
+        cfg = TrainConfig(lr=0.1, encoder_lr={"image": 0.01}, optimizer=optimizer, momentum=momentum, step_size=1,
+                          gamma=0.5)
+        opt, sched = build_optimizer(cfg, model)
+        history = []
+        for epoch in range(2):  # as `train` records it: the epoch's rate, then the scheduler steps
+            history.append({"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]})
+            opt.step()  # no gradients: changes nothing
+            sched.step()
+        st = stability({"optimizer": opt.state_dict(), "history": history, "epoch": 2}, optimizer)
+        assert st["rates"] == pytest.approx({"head": 0.05, "image": 0.005, "audio": 0.05})  # epoch 2, not epoch 3's
+        limits = st["thresholds"]
+        if optimizer == "adam":
+            assert set(limits.values()) == {None} and "Adam" in st["note"]
+            continue
+        assert limits["all"] is None and "different rates" in st["note"]  # the groups disagree
+        assert limits["head"] == pytest.approx(2 * (1 + momentum) / 0.05)
+        assert limits["encoder:audio"] == pytest.approx(2 * (1 + momentum) / 0.05)
+        assert limits["encoder:image"] == pytest.approx(2 * (1 + momentum) / 0.005)

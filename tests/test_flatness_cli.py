@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from checks import png_image
-from conftest import tiny_config
+from conftest import snapshot, tiny_config
 from mmlab_cli.analysis.common import load_subset
 from mmlab_cli.analysis.hessian import pyhessian_spectrum, spectrum
 from mmlab_cli.analysis.lossfn import loss_params
@@ -20,7 +20,8 @@ from mmlab_cli.engine.rundir import load_run
 from mmlab_cli.main import app
 
 SMALL = ["--samples", "16", "--batch-size", "8", "--top-k", "5", "--trace-probes", "4", "--lpf-draws", "3",
-         "--fgap-directions", "2", "--fgap-relative", "--fgap-radii", "0,0.05", "--grid", "3"]
+         "--fgap-directions", "2", "--fgap-relative", "--fgap-radii", "0,0.05", "--grid", "3", "--block", "none",
+         "--absent", "none"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +87,7 @@ def test_cli_writes_files_reuses_and_compares(runs):
     for run in runs:
         doc = json.loads((run / "flatness.json").read_text())
         ref = refs[run] = _reference(run, doc)
-        assert doc["schema"] == "mmlab.flatness/1" and doc["split"] == "train" and doc["samples"] == 16
+        assert doc["schema"] == "mmlab.flatness/2" and doc["split"] == "train" and doc["samples"] == 16
         assert len(doc["indices"]) == 16 and "eval()" in doc["eval_mode"]
         assert all(n.startswith("probes.") for n in doc["parameters"]["excluded"])
         assert doc["loss"] == pytest.approx(ref["loss"], rel=1e-5) and doc["acc"] == pytest.approx(ref["acc"])
@@ -144,3 +145,97 @@ def test_cli_pyhessian_backend_and_errors(runs):
     assert h["backend"] == "pyhessian" and len(h["eigenvalues"]) == 2 and h["lambda_star"] is None
     bad = cli.invoke(app, ["flatness", str(runs[1]), "--metric", "sharpness"])
     assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0 and "--metric sharpness" in bad.output
+    bad = cli.invoke(app, ["flatness", str(runs[1]), "--absent", "half"])
+    assert bad.exit_code == 2 and "--absent half: choose mean, zero, none" in bad.output
+    before = snapshot(runs[0])
+    bad = cli.invoke(app, ["flatness", str(runs[0]), str(runs[1]), "--block", "encoder:image", "--force"])
+    assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0, bad.output
+    assert "--block encoder:image: a audio run has no such block; choose from encoder:audio, head" in bad.output
+    assert snapshot(runs[0]) == before  # refused before the first run was measured
+
+
+def test_cli_blocks_absent_modality_stability_and_report(runs):
+    """Default blocks (every encoder) and the modality-absent test; the threshold at the checkpoint's rate; too few
+    Lanczos steps flagged in the run's files and in the report."""
+    sml, audio = runs
+    cli = CliRunner()
+    result = cli.invoke(app, ["flatness", str(sml), str(audio), "--metric", "hessian,lpf", "--samples", "16",
+                              "--batch-size", "16", "--top-k", "5", "--max-steps", "5", "--trace-probes", "0",
+                              "--lpf-draws", "2", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "Lanczos convergence (top-k converged): all " in result.output
+    doc, uni = (json.loads((run / "flatness.json").read_text()) for run in runs)
+    assert list(doc["hessian"]["blocks"]) == ["encoder:image", "encoder:audio"]
+    assert list(uni["hessian"]["blocks"]) == ["encoder:audio"] and uni["hessian"]["absent"] == {}
+    model = load_run(sml).model
+    assert doc["hessian"]["blocks"]["encoder:audio"]["parameters"] == sum(
+        p.numel() for p in model.encoders["audio"].parameters())
+
+    # the rate of the best checkpoint's epoch: lr 0.05, x0.1 every 2 epochs (tiny_config); momentum 0.9
+    st = doc["stability"]
+    epoch = json.loads((sml / "metrics.json").read_text())["best_epoch"]
+    rate = 0.05 * 0.1 ** ((epoch - 1) // 2)
+    assert st["epoch"] == epoch and st["rates"] == pytest.approx({"head": rate, "image": rate, "audio": rate})
+    assert doc["lr_threshold"] == pytest.approx(2 * 1.9 / rate)
+    assert doc["lambda_max_over_threshold"] == pytest.approx(doc["lambda_max"] * rate / 3.8)
+
+    # modality absent: the loss with the input replaced by the train split's mean, computed here from the arrays
+    dataset = load_run(sml).dataset
+    split = dataset.split("train")
+    idx = np.array(doc["indices"])
+    inputs = {m: to_tensor(np.array(a[idx]), torch.device("cpu")) for m, a in split.arrays.items()}
+    for m in ("image", "audio"):
+        mean = torch.from_numpy(np.asarray(split.arrays[m], dtype=np.float64).mean(0)).float()
+        with torch.no_grad():
+            logits = model({**inputs, m: mean.expand_as(inputs[m])}).logits
+        loss = F.cross_entropy(logits, torch.from_numpy(split.labels[idx])).item()
+        assert doc["hessian"]["absent"][m]["loss"] == pytest.approx(loss, rel=1e-4)
+        assert doc["lpf"]["absent"][m]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert set(doc["absent_lambda_max"]) == set(doc["absent_lpf_loss"]) == {"image", "audio"}
+    md = (sml / "flatness.md").read_text()
+    assert "## Modality absent (the DML paper's Theorems 1-2)" in md and "| image absent" in md
+
+    # 5 Lanczos steps: whatever did not converge is flagged, and lambda* needs lambda_1 and lambda_5 converged
+    h = doc["hessian"]
+    assert not all(h["converged_each"])
+    assert (doc["lambda_ratio"] is None) == (not (h["converged_each"][0] and h["converged_each"][4]))
+    from mmlab_cli.report import write_report
+
+    tables, report, _ = write_report(sml.parent)
+    flat = {t.spec.name: t for t in tables}["flatness"].cells.set_index("method")
+    assert {"λ_max block encoder:audio ↓", "λ_max/thr block encoder:image", "λ_max image absent",
+            "L_LPF audio absent"} <= set(flat.columns)
+    for run, label in ((doc, "SML (image+audio)"), (uni, "audio only")):
+        assert flat.at[label, "λ_max ↓"].endswith("†") == (not run["lambda_max_converged"])
+        for b, ok in run["block_converged"].items():
+            assert flat.at[label, f"λ_max block {b} ↓"].endswith("†") == (not ok)
+    assert ("did not converge" in report) == (not all([doc["lambda_max_converged"], uni["lambda_max_converged"],
+                                                        *doc["block_converged"].values(),
+                                                        *uni["block_converged"].values(),
+                                                        *doc["absent_converged"].values()]))
+
+
+def test_last_checkpoint_analyses_have_their_own_folder_and_report(runs):
+    """`--checkpoint last` writes into RUN/analyses-last/ (the best checkpoint's files stay), and
+    `report --checkpoint last` reads those into report-last.md."""
+    from mmlab_cli.data.format import sha256_file
+    from mmlab_cli.report import write_report
+
+    cli = CliRunner()
+    args = ["--metric", "lpf", "--samples", "16", "--lpf-draws", "2", "--block", "none", "--absent", "none"]
+    for checkpoint in ("best", "last"):
+        result = cli.invoke(app, ["flatness", *map(str, runs), *args, "--checkpoint", checkpoint, "--force"])
+        assert result.exit_code == 0, result.output
+    lpf = {}
+    for run in runs:
+        best, last = (json.loads((d / "flatness.json").read_text()) for d in (run, run / "analyses-last"))
+        assert (best["checkpoint"], last["checkpoint"]) == ("best", "last")
+        assert last["checkpoint_sha256"] == sha256_file(run / "checkpoints" / "last" / "model.safetensors")
+        assert best["checkpoint_sha256"] == sha256_file(run / "checkpoints" / "best" / "model.safetensors")
+        lpf[run.name] = last["lpf_loss"]
+    tables, text, written = write_report(runs[0].parent, checkpoint="last")
+    assert [p.name for p in written[:2]] == ["report-last.md", "report-last_accuracy.csv"]
+    assert "each run's last checkpoint" in text
+    flat = {t.spec.name: t for t in tables}["flatness"].numbers.set_index("modalities")
+    assert flat.at["audio", "L_LPF mean"] == pytest.approx(lpf["audio"])
+    assert flat.at["image+audio", "L_LPF mean"] == pytest.approx(lpf["sml"])

@@ -40,6 +40,22 @@ def test_round_trip_is_memory_mapped_with_scaled_stats(tmp_path):
     assert not list(tmp_path.rglob(".*partial*")), "temporary files must be renamed away"
 
 
+def test_pairing_is_recorded_read_and_checked(tmp_path):
+    _write(tmp_path)  # no pairing given: not recorded, read as unknown (as a manifest older than the key)
+    assert "pairing" not in read_manifest(tmp_path) and PreparedDataset(tmp_path).pairing == "unknown"
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "pairing": "class-level"}))
+    assert PreparedDataset(tmp_path).pairing == "class-level"
+    path.write_text(json.dumps({**manifest, "pairing": "paired"}))
+    with pytest.raises(MmlabError, match=r"manifest.json: 'pairing' is 'paired'; expected one of sample-level, "
+                                         r"class-level; re-run"):
+        read_manifest(tmp_path)
+    with pytest.raises(ValueError, match="pairing"):
+        write_dataset(tmp_path / "new", dataset="toy", classes=["a"], kinds={}, arrays={}, labels={},
+                      preprocessing={}, sources={}, pairing="paired")
+
+
 @pytest.mark.parametrize("value, dtype", [(0.1, np.float32), (0.7, np.float32), (-9.5, np.float32),
                                           (200, np.uint8), (0, np.float32)])
 def test_constant_modality_is_stored_with_std_one(tmp_path, value, dtype):

@@ -2,6 +2,7 @@
 numpy/scipy, reproducibility, three modalities, unimodal runs and the command line."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 from conftest import tiny_config
 from mmlab_cli.analysis import geometry_metrics as gm
 from mmlab_cli.analysis.ati import paper_fusions
-from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, compare, geometry
+from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, compare, geometry, markdown
+from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.fit import train
 from mmlab_cli.engine.rundir import load_run
@@ -62,7 +64,14 @@ def test_outputs_and_metrics_match_the_stored_embeddings(runs):
         assert np.allclose(npz[f"emb_{m}"], fresh[m].numpy(), atol=1e-5)
         z[m] = npz[f"emb_{m}"].astype(np.float64)
         z[m] /= np.linalg.norm(z[m], axis=1, keepdims=True)
-        assert stored["modality"][m]["variance"] == pytest.approx(np.trace(np.cov(z[m].T, bias=True)), rel=1e-6)
+        cov = np.cov(z[m].T, bias=True)
+        eig = np.clip(np.linalg.eigvalsh(cov), 0, None)
+        p = eig[eig > 0] / eig.sum()
+        got = stored["modality"][m]
+        assert got["variance"] == pytest.approx(np.trace(cov), rel=1e-6)
+        assert got["variance_per_dim"] == pytest.approx(np.trace(cov) / 16, rel=1e-6)  # d = 16
+        assert got["effective_rank_entropy"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+        assert got["effective_rank_participation"] == pytest.approx(np.trace(cov) ** 2 / np.sum(cov**2), rel=1e-6)
 
     pair = stored["pairs"]["image|audio"]
     cost = cdist(z["image"], z["audio"], "sqeuclidean")
@@ -79,10 +88,36 @@ def test_outputs_and_metrics_match_the_stored_embeddings(runs):
     assert pair["recall_forward@1"] == pytest.approx(forward_r1)
     assert pair["recall@1"] == pytest.approx((forward_r1 + backward_r1) / 2)
     assert pair["recall@10"] >= pair["recall@5"] >= pair["recall@1"]
-    assert stored["schema"] == "mmlab.geometry/2" and stored["ati_map"] == "fusion+head"
+    assert stored["schema"] == "mmlab.geometry/3" and stored["ati_map"] == "fusion+head"
     for m in ("image", "audio"):  # concat + linear head is affine: only the off-diagonal of W_m misses alpha * tau
         assert stored["ati"][m]["taylor_eps_rel"] < 1e-5 < stored["ati"][m]["eps_rel"]
-        assert 1 <= stored["modality"][m]["effective_rank"] <= 16
+    # the synthetic modalities are drawn apart given the class: the pair metrics are flagged class-level only
+    assert stored["pairing"] == "class-level" and stored["sample_level_pairs"] is False
+    assert set(stored["pairing_caveat"]["metrics"]) == {
+        "drift", "cosine_pos", "cosine_neg", "cosine_gap", "cosine_ks",
+        *(f"recall{kind}@{k}" for kind in ("", "_forward", "_backward") for k in (1, 5, 10))}
+    assert f"**Note.** {stored['pairing_caveat']['note']}." in (out / "geometry.md").read_text()
+    assert "synthetic pairs are class-level" in stored["pairing_caveat"]["note"]
+
+
+def test_pairing_caveat_follows_the_manifest(runs, tiny_synthetic, tmp_path):
+    """sample-level pairs: no caveat; a manifest older than the key: unknown, flagged; the metrics are the same."""
+    run = load_run(runs / "two")
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    results = {}
+    for pairing in ("sample-level", None):
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "pairing": pairing} if pairing else
+                                                       {k: v for k, v in manifest.items() if k != "pairing"}))
+        results[pairing], _ = geometry(run.model, PreparedDataset(copy, run.model.modalities),
+                                       GeometrySettings(**SETTINGS), CPU)
+    assert results["sample-level"]["pairing"] == "sample-level" and results["sample-level"]["pairing_caveat"] is None
+    assert results["sample-level"]["sample_level_pairs"] and not results[None]["sample_level_pairs"]
+    assert results[None]["pairing"] == "unknown" and "drift" in results[None]["pairing_caveat"]["metrics"]
+    assert "does not say whether its pairs are sample-level" in results[None]["pairing_caveat"]["note"]
+    assert results[None]["pairs"] == results["sample-level"]["pairs"]  # a flag, not another measurement
+    assert "**Note.**" not in markdown({**results["sample-level"], "run": "r", "checkpoint": "best"})
 
 
 def test_same_seed_same_metrics(runs):
@@ -108,7 +143,7 @@ def test_three_modalities_and_unimodal(runs):
     # the report reads these files as they are: one run per group, so each cell is the value itself
     tables = {t.spec.name: t.numbers for t in write_report(runs)[0]}
     row = tables["geometry"].set_index("modalities").loc["image+audio+depth"]
-    assert row["variance depth mean"] == pytest.approx(three["modality"]["depth"]["variance"])
+    assert row["Tr Σ depth mean"] == pytest.approx(three["modality"]["depth"]["variance"])
     assert row["W2² audio|depth mean"] == pytest.approx(three["pairs"]["audio|depth"]["wasserstein2_sq"])
     assert tables["ati"].set_index("modalities").loc["audio", "ε_rel audio n"] == 0  # unimodal: no ATI
     row = tables["ati"].set_index("modalities").loc["image+audio+depth"]
@@ -184,3 +219,7 @@ def test_compare_puts_the_runs_side_by_side(runs, tmp_path):
     assert set(rows) == {"SML (image+audio)", "SML (image+audio+depth)"}
     assert rows["SML (image+audio+depth)"]["variance depth"] == results[1]["modality"]["depth"]["variance"]
     assert "variance depth" not in rows["SML (image+audio)"]  # a modality the run does not have (no NaN)
+    assert rows["SML (image+audio)"]["effective_rank_participation audio"] == \
+        results[0]["modality"]["audio"]["effective_rank_participation"]
+    md = (tmp_path / "cmp" / "geometry_comparison.md").read_text()
+    assert md.count("synthetic pairs are class-level") == 1  # both runs carry it: said once

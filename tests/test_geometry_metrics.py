@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist, pdist, squareform
+from scipy.stats import ortho_group
 
 from mmlab_cli.analysis import geometry_metrics as gm
 from mmlab_cli.data.format import ModalitySpec
@@ -42,21 +43,28 @@ def test_exact_w2_matches_an_assignment_solver_and_sinkhorn_is_close():
 
 def test_effective_rank_closed_forms():
     rng = np.random.default_rng(2)
-    assert gm.effective_rank(_t(rng.normal(size=(50_000, 8)))) == pytest.approx(8, abs=0.02)  # isotropic: d
-    line = rng.normal(size=(500, 1)) * rng.normal(size=(1, 8)) + rng.normal(size=8)
-    assert gm.effective_rank(_t(line)) == pytest.approx(1.0, abs=1e-6)  # rank 1: 1
-    # {+-sqrt(2) e1, +-e2, +-e3}: covariance diag(4, 2, 2) / 6, p = (1/2, 1/4, 1/4), erank = exp(1.5 ln 2)
-    e = np.eye(3)
-    cloud = np.concatenate([np.sqrt(2) * e[:1], -np.sqrt(2) * e[:1], e[1:], -e[1:]])
-    assert gm.effective_rank(_t(cloud)) == pytest.approx(2 ** 1.5, rel=1e-12)
-    assert gm.effective_rank(_t(np.ones((5, 3)))) == 0.0  # no spread
+    iso = _t(rng.normal(size=(50_000, 8)))
+    assert gm.effective_rank_entropy(iso) == pytest.approx(8, abs=0.02)  # isotropic: d
+    assert gm.effective_rank_participation(iso) == pytest.approx(8, abs=0.02)
+    line = _t(rng.normal(size=(500, 1)) * rng.normal(size=(1, 8)) + rng.normal(size=8))
+    assert gm.effective_rank_entropy(line) == pytest.approx(1.0, abs=1e-6)  # rank 1: 1
+    assert gm.effective_rank_participation(line) == pytest.approx(1.0, abs=1e-9)
+    flat = _t(np.ones((5, 3)))  # no spread
+    assert gm.effective_rank_entropy(flat) == 0.0 and gm.effective_rank_participation(flat) == 0.0
 
 
-def test_variance_is_the_trace_of_the_biased_covariance_and_unit_rows():
-    rng = np.random.default_rng(3)
-    z = rng.normal(size=(40, 5)) * [1, 2, 3, 0.5, 0.1]
-    assert gm.modality_variance(_t(z)) == pytest.approx(np.trace(np.cov(z.T, bias=True)), rel=1e-12)
-    assert torch.allclose(gm.unit(_t(z)).norm(dim=1), torch.ones(40, dtype=torch.float64))
+def test_two_effective_ranks_and_tr_over_d_on_known_eigenvalues():
+    """{+-sqrt(d lambda_k) e_k} has covariance diag(lambda) (1/N); rotated and shifted, the same eigenvalues."""
+    lam, d = np.array([4.0, 2.0, 1.0, 1.0, 0.0]), 5
+    axes = np.sqrt(d * lam)[:, None] * np.eye(d)
+    rotation = ortho_group.rvs(d, random_state=7)
+    cloud = _t(np.concatenate([axes, -axes]) @ rotation.T + 3.0)
+    assert gm.spectrum(cloud).numpy() == pytest.approx(lam, abs=1e-12)
+    # p = (1/2, 1/4, 1/8, 1/8, 0): entropy (1/2 + 2/4 + 2 * 3/8) ln 2 = 1.75 ln 2
+    assert gm.effective_rank_entropy(cloud) == pytest.approx(2 ** 1.75, rel=1e-12)
+    assert gm.effective_rank_participation(cloud) == pytest.approx(8.0**2 / (16 + 4 + 1 + 1), rel=1e-12)  # 32 / 11
+    assert gm.modality_variance(cloud) == pytest.approx(8.0, rel=1e-12)
+    assert gm.variance_per_dim(cloud) == pytest.approx(8.0 / 5, rel=1e-12)
 
 
 def test_semantic_margin_against_pdist():

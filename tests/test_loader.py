@@ -44,8 +44,10 @@ def test_dml_batches_hold_the_anchors_in_order_and_same_class_partners(tiny_synt
 
 
 def test_validation_and_test_are_fed_the_true_pairs(tiny_synthetic, tmp_path, monkeypatch):
-    """Spies on what fit.py hands to evaluate(): every batch evaluate consumed during a DML run."""
-    fed, real = [], fit.evaluate
+    """Spies on what the run's Scorer hands to evaluate(): every batch evaluate consumed during a DML run."""
+    from mmlab_cli.engine import evaluate as scoring
+
+    fed, real = [], scoring.evaluate
 
     def spy(model, loader, *args, **kwargs):
         batches = []
@@ -58,7 +60,7 @@ def test_validation_and_test_are_fed_the_true_pairs(tiny_synthetic, tmp_path, mo
 
         return real(model, recorded(), *args, **kwargs)
 
-    monkeypatch.setattr(fit, "evaluate", spy)
+    monkeypatch.setattr(scoring, "evaluate", spy)  # scorer() binds it when the run starts
     fit.train(tiny_config(tiny_synthetic, tmp_path / "dml", modalities=MODALITIES, pairing="dml", epochs=2))
     assert [name for name, _ in fed] == ["val", "val", "test"]
     data = PreparedDataset(tiny_synthetic, MODALITIES)

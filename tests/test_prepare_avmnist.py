@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import fixtures_media as media
 from conftest import snapshot
 from data_prep.audio import log_spectrogram, pad_or_cut
-from data_prep.avmnist import prepare_avmnist, read_mnist
+from data_prep.avmnist import noisy, prepare_avmnist, read_mnist, speaker_splits
 from mmlab_cli.errors import MmlabError
 
 TAKE = re.compile(r"^(\d)_([^_]+)_(\d+)\.wav$")
@@ -249,3 +249,88 @@ def test_digit_left_without_a_take_names_the_unreadable_file(tiny, tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "out" / "manifest.json").exists()
     tone_take(recordings / "7_tone_0.wav", 7)  # the fix the message asks for: a readable take
     assert prepare_avmnist(mnist, recordings, tmp_path / "out")[2]
+
+
+SPEAKERS = ("george", "jackson", "lucas", "theo")
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory, mnist_dir, fsdd_dir):
+    """500 MNIST images (raw IDX) and takes 0 and 1 of every digit by four speakers, prepared with pink
+    noise at -5 dB and whole speakers held out (seed 3)."""
+    root = tmp_path_factory.mktemp("voices")
+    images, labels = mnist_test_split(mnist_dir)
+    (root / "mnist").mkdir()
+    write_idx(root / "mnist" / "t10k-images-idx3-ubyte", images[:500], 2051)
+    write_idx(root / "mnist" / "t10k-labels-idx1-ubyte", labels[:500], 2049)
+    (root / "fsdd").mkdir()
+    for speaker in SPEAKERS:
+        for digit in range(10):
+            for take in (0, 1):
+                shutil.copy(fsdd_dir / f"{digit}_{speaker}_{take}.wav", root / "fsdd")
+    manifest, _, built = prepare_avmnist(root / "mnist", root / "fsdd", root / "out", noise="pink", snr_db=-5.0,
+                                         speaker_split=True, seed=3)
+    assert built
+    return root / "out", manifest
+
+
+def test_speaker_split_holds_out_whole_speakers(voices):
+    out, manifest = voices
+    used = {s: {TAKE.match(t)[2] for t in load(out, s, "fsdd_take")} for s in ("train", "val", "test")}
+    assert not (used["train"] & used["val"] or used["train"] & used["test"] or used["val"] & used["test"])
+    assert set().union(*used.values()) == set(SPEAKERS) and len(used["val"]) == len(used["test"]) == 1
+    assert manifest["speakers"] == {s: sorted(v) for s, v in used.items()}
+    assert speaker_splits(np.array(SPEAKERS * 3), 3) == manifest["speakers"]  # seeded: the same speakers again
+    assert {speaker_splits(np.array(SPEAKERS), seed)["test"][0] for seed in range(8)} == set(SPEAKERS)
+    assert manifest["pairing"] == "class-level"
+    prep = manifest["preprocessing"]
+    assert (prep["noise"], prep["snr_db"], prep["speaker_split"]) == ("pink", -5.0, True)
+
+
+def test_noise_is_added_to_the_padded_window_at_the_requested_snr(voices):
+    out, manifest = voices
+    take = load(out, "test", "fsdd_take")[0]
+    wave = pad_or_cut(sf.read(out.parent / "fsdd" / take, dtype="float32")[0], 8000)
+    assert np.count_nonzero(wave == 0) > 1000  # the recording is shorter than the 1 s window
+    noisy_wave = noisy(wave, take, "pink", -5.0, 3)
+    np.testing.assert_allclose(np.load(out / "test" / "audio.npy", mmap_mode="r")[0, 0],
+                               log_spectrogram(noisy_wave, n_fft=222, hop_length=72), rtol=1e-5, atol=1e-4)
+    for colour in ("white", "pink"):
+        for snr in (-15.0, -5.0, 0.0, 10.0):
+            added = noisy(wave, take, colour, snr, 3).astype(np.float64) - wave
+            measured = 10 * np.log10(np.mean(wave.astype(np.float64) ** 2) / np.mean(added**2))
+            assert measured == pytest.approx(snr, abs=0.01), (colour, snr)
+            assert np.all(added[-1000:] != 0)  # noise over the padded tail too
+
+
+def test_noise_hides_the_zero_padding_floor(voices, small):
+    """Clean, the padded tail is log(1e-7) in every bin of its frames; with noise no bin is near it."""
+    floor = np.log(1e-7) + 1
+    clean = np.load(small[0] / "out" / "test" / "audio.npy", mmap_mode="r")
+    assert np.mean(clean < floor) > 0.1
+    assert np.count_nonzero(np.load(voices[0] / "test" / "audio.npy", mmap_mode="r") < floor) == 0
+
+
+@pytest.mark.parametrize("colour, slope", [("white", 0.0), ("pink", -1.0)])
+def test_noise_colour_has_its_spectral_slope(fsdd_dir, colour, slope):
+    """Slope of log power against log frequency (Welch, 50-3500 Hz) of the noise added to a real take."""
+    from scipy.signal import welch
+
+    wave = pad_or_cut(sf.read(fsdd_dir / "3_theo_7.wav", dtype="float32")[0], 8000)
+    added = noisy(wave, "3_theo_7.wav", colour, 0.0, 0).astype(np.float64) - wave
+    f, power = welch(added, fs=8000, nperseg=256)
+    band = (f >= 50) & (f <= 3500)
+    assert np.polyfit(np.log10(f[band]), np.log10(power[band]), 1)[0] == pytest.approx(slope, abs=0.15)
+
+
+def test_bad_noise_or_speaker_options_are_one_line_errors(tiny, tmp_path):
+    from mmlab_cli.main import app
+
+    mnist, recordings = tiny  # one speaker, "tone"
+    base = ["prepare", "avmnist", "--mnist", str(mnist), "--fsdd", str(recordings), "--out", str(tmp_path / "out")]
+    for extra, needle in ((["--noise", "pink"], "--noise pink needs --snr-db"),
+                          (["--noise", "brown", "--snr-db", "0"], "--noise brown: choose one of white, pink"),
+                          (["--speaker-split"], "--speaker-split needs at least 3 FSDD speakers")):
+        result = CliRunner().invoke(app, [*base, *extra])
+        assert result.exit_code == 2 and needle in result.stderr and result.stderr.count("\n") == 1, result.output
+    assert not (tmp_path / "out").exists()  # refused before anything was read or written

@@ -41,6 +41,7 @@ def test_finished_dataset_prepared_otherwise_is_refused_until_force(tmp_path):
     assert "nan" not in {c for s in ("train", "val", "test") for c in (out / s / "clips.txt").read_text().split()}
     assert manifest["modalities"]["feature"]["mean"] == pytest.approx(TRAIN.mean())
     assert manifest["modalities"]["feature"]["std"] == pytest.approx(TRAIN.std())
+    assert manifest["pairing"] == "sample-level"  # a streamed row holds the modalities of one clip
 
     before = snapshot(out)
     with pytest.raises(MmlabError, match=r"manifest.json: .*different preprocessing.scale.*--force") as e:

@@ -71,6 +71,7 @@ def test_official_folds_shapes_and_missing_segments(prepared):
     assert report["left_out"] == [{"clip": "seg31", "path": str(root / "src" / "covarep_features_sdk.pkl"),
                                    "reason": "segment 'seg31' of fold test is not in it"}]
     assert manifest["preprocessing"]["non_finite_set_to_zero"] == {"text": 0, "acoustic": 1, "visual": 0}
+    assert manifest["pairing"] == "sample-level"  # text, audio and video of one segment
     assert np.array_equal(np.load(root / "out" / "val" / "labels.npy"), np.arange(24, 30) % 2)
 
 
@@ -109,7 +110,8 @@ def test_three_sequence_modalities_train_and_every_analysis_runs(prepared, one_t
     data = PreparedDataset(root / "out")
     r = robustness(run.model, data, RobustnessSettings(levels=[0, 1], batch_size=16), CPU)
     assert set(r["pgd"]) == {"text", "acoustic", "visual"}
-    assert all(0 < p["max_abs_delta"] <= 0.005 + 1e-6 for p in r["pgd"].values())
+    assert all(0 < p["max_abs_delta"] <= p["settings"]["eps"] + 1e-6 for p in r["pgd"].values())  # within the ball
+    assert all(p["settings"]["eps"] == pytest.approx(0.1 * p["settings"]["input_std"]) for p in r["pgd"].values())
     assert all(c["acc"][0] == r["clean"]["acc"] for cs in r["corruptions"].values() for c in cs.values())
     f = flatness(run.model, data, FlatnessSettings(metrics=["hessian", "lpf", "fgap"], samples=16, top_k=1,
                                                    max_steps=5, trace_probes=0, lpf_draws=2, fgap_directions=1,

@@ -27,8 +27,12 @@ def _flatness(lmax, ratio, trace, lpf, delta, fgap):
 
 def _geometry(var_i, var_a, w2, split="test", extra=0.0):
     return {"split": split,
-            "modality": {"image": {"variance": var_i, "effective_rank": 10 + extra, "semantic_margin": 0.5 + extra},
-                         "audio": {"variance": var_a, "effective_rank": 8 + extra, "semantic_margin": 0.25}},
+            "modality": {"image": {"variance": var_i, "variance_per_dim": var_i / 64,
+                                   "effective_rank_entropy": 10 + extra, "effective_rank_participation": 7 + extra,
+                                   "semantic_margin": 0.5 + extra},
+                         "audio": {"variance": var_a, "variance_per_dim": var_a / 64,
+                                   "effective_rank_entropy": 8 + extra, "effective_rank_participation": 5,
+                                   "semantic_margin": 0.25}},
             "pairs": {"image|audio": {"variance_ratio": var_i / var_a, "wasserstein2_sq": w2, "drift": 1 + extra,
                                       "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra}},
             "ati": {m: {"feature_norm": 3.0 + extra, "delta_error": 1e-7, "eps_rel": 3e-8 + extra}
@@ -83,9 +87,11 @@ EXPECTED = {
         "dml": {"λ_max": (5.5, 1 / R2, 2), "λ1/λ5": (1.25, 0.1 / R2, 2), "trace": (42.0, 4 / R2, 2),
                 "L_LPF": (0.85, 0.1 / R2, 2), "Δ_LPF": (0.02, 0.02 / R2, 2), "F_gap train": (0.15, 0.1 / R2, 2)}},
     "geometry": {
-        "sml": {"variance image": (0.85, 0.1 / R2, 2), "variance audio": (0.5, 0.2 / R2, 2),
+        "sml": {"Tr Σ image": (0.85, 0.1 / R2, 2), "Tr Σ audio": (0.5, 0.2 / R2, 2),
+                "Tr Σ/d image": (0.85 / 64, 0.1 / 64 / R2, 2), "Tr Σ/d audio": (0.5 / 64, 0.2 / 64 / R2, 2),
                 "ratio image|audio": (1.75, 0.5 / R2, 2), "W2² image|audio": (0.6, 0.2 / R2, 2)},
-        "dml": {"variance image": (1.0, NAN, 1), "variance audio": (0.5, NAN, 1), "ratio image|audio": (2.0, NAN, 1),
+        "dml": {"Tr Σ image": (1.0, NAN, 1), "Tr Σ audio": (0.5, NAN, 1), "Tr Σ/d image": (1 / 64, NAN, 1),
+                "Tr Σ/d audio": (0.5 / 64, NAN, 1), "ratio image|audio": (2.0, NAN, 1),
                 "W2² image|audio": (0.4, NAN, 1)}},
     "robustness": {
         "uni": {"clean acc": (65.0, 2 / R2, 2), "PGD acc image": (13.5, 5 / R2, 2),
@@ -168,8 +174,9 @@ def test_every_cell_against_hand_computed_mean_and_std(runs_dir):
                 assert (len(vs) == 1 and math.isnan(row[f"{label} std"])) or \
                     row[f"{label} std"] == pytest.approx(abs(vs[0] - vs[1]) / R2, rel=1e-9, abs=1e-15)
     alignment = _row(by_name["alignment"].numbers, "sml")
-    assert alignment["erank image mean"] == pytest.approx(10.25)
-    assert alignment["erank image std"] == pytest.approx(0.5 / R2)
+    assert alignment["erank entropy image mean"] == pytest.approx(10.25)
+    assert alignment["erank entropy image std"] == pytest.approx(0.5 / R2)
+    assert alignment["erank PR image mean"] == pytest.approx(7.25)
 
     md = (runs_dir / "report.md").read_text()
     assert text == md and (runs_dir / "report.md") in written
@@ -203,6 +210,27 @@ def test_formats(runs_dir):
         write_report(runs_dir, fmt="html")
 
 
+def test_sample_level_metrics_on_class_level_pairs_are_flagged(runs_dir):
+    path = runs_dir / "sml/s0/geometry.json"  # one run of the group says its pairs are not sample-level
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sample_level_pairs": False}))
+    dml = runs_dir / "dml/s0/geometry.json"  # sample-level pairs: not flagged
+    dml.write_text(json.dumps({**json.loads(dml.read_text()), "sample_level_pairs": True}))
+    tables, md, _ = write_report(runs_dir)
+    alignment = next(t for t in tables if t.spec.name == "alignment")
+    cells = alignment.cells.set_index("method")
+    for column in ("drift image|audio", "cos gap image|audio", "KS image|audio", "R@1 image|audio ↑"):
+        assert cells.loc["SML (image+audio)", column].endswith(" †"), column
+        assert not cells.loc["DML (image+audio)", column].endswith("†"), column
+    assert not cells.loc["SML (image+audio)", "erank entropy image"].endswith("†")  # a per-modality metric
+    assert list(_row(alignment.numbers, "sml")[["drift image|audio flagged", "R@1 image|audio flagged"]]) == [True] * 2
+    assert not _row(alignment.numbers, "dml")["drift image|audio flagged"]
+    section = md.split("## Representation diagnostics")[1].split("## ATI")[0]
+    assert "†: the runs' dataset pairs its modalities at class level" in section
+    latex = write_report(runs_dir, fmt="latex")[1]
+    assert r"\dag{}" in latex
+    _check_latex_structure(latex, tables=7)
+
+
 def test_grouping_rules(runs_dir, tmp_path):
     tables, _, _ = write_report(runs_dir, ("pairing",))  # one dataset: any grouping is fine
     # four runs per pairing but only two distinct seeds: seeds counts seeds, runs counts runs
@@ -234,7 +262,7 @@ def test_grouping_rules(runs_dir, tmp_path):
         config = yaml.safe_load((runs_dir / run / "config.yaml").read_text())
         (runs_dir / run / "config.yaml").write_text(yaml.safe_dump({**config, "scheme": "dgl"}))
     numbers = write_report(runs_dir)[0][0]
-    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "regularizer", "scheme", "seeds"]
+    assert list(numbers.numbers.columns[:6]) == ["dataset", "modalities", "pairing", "scheme", "regularizer", "seeds"]
     assert sorted(numbers.numbers["scheme"]) == ["dgl", "joint", "joint", "joint"]  # runs without it ran joint
     assert "DML (image+audio) + DGL + DAGR" in list(numbers.cells["method"])
 
@@ -338,7 +366,8 @@ def test_columns_without_values_are_left_out(tmp_path):
     tables, md, _ = write_report(tmp_path / "runs")
     flat = {t.spec.name: t for t in tables}["flatness"]
     assert list(flat.cells.columns[2:]) == ["seeds", "λ_max ↓"]  # no 'F_gap *' or 'L_LPF' placeholder
-    assert "left out: λ1/λ5, trace, L_LPF, Δ_LPF, F_gap (`mmlab flatness RUN_DIR`)" in flat.note
+    assert ("left out: λ_max/thr, λ1/λ5, trace, λ_max block, λ_max/thr block, λ_max absent, L_LPF, Δ_LPF, "
+            "L_LPF absent, Δ_LPF absent, F_gap (`mmlab flatness RUN_DIR`)") in flat.note
     assert "*" not in md.split("## Modality variance")[1].split("## ")[0]  # no wildcard header anywhere
     assert "| avmnist" not in md.split("## Modality variance")[1].split("## ")[0]  # no geometry: no table, a note
 

@@ -87,12 +87,29 @@ def test_expand_names_product_and_precedence(tmp_path):
     ({"analyses": {"flatnes": []}}, ["unknown analysis 'flatnes'"]),
     ({"analyses": {"flatness": ["--metrc", "lpf"]}}, ["mmlab flatness --metrc lpf", "No such option"]),
     ({"report": ["--format", "pdf", "--nope"]}, ["mmlab report", "No such option"]),
+    ({"analyses": {"flatness": [["--checkpoint", "best"], ["--checkpoint", "last", "--nope"]]}},
+     ["mmlab flatness --checkpoint last --nope", "No such option"]),
+    ({"analyses": {"geometry": [["--samples", 8], "--force"]}}, ["a list of `mmlab geometry` arguments, or a list"]),
     ({"sweeps": 2}, ["unknown key 'sweeps'"]),
 ])
 def test_a_bad_sweep_is_one_line_exit_2_before_any_run(tmp_path, tiny_synthetic, values, needles):
     path = _sweep(tmp_path, data=str(tiny_synthetic), **values)
     _one_line_error(runner.invoke(app, ["sweep", str(path), "--jobs", "2"]), str(path), *needles)
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_analysis_or_the_report_may_run_several_times(tmp_path, tiny_synthetic):
+    """One list of arguments is one invocation; a list of lists is one invocation each, in order (flatness at the
+    best and at the last checkpoint, two reports)."""
+    path = _sweep(tmp_path, data=str(tiny_synthetic), analyses={
+        "flatness": [["--checkpoint", "best"], ["--checkpoint", "last", "--samples", 8]],
+        "geometry": ["--samples", 8]}, report=[["--checkpoint", "best"], ["--checkpoint", "last"]])
+    sweep = sw.load_sweep(path)
+    assert sweep.analyses == {"flatness": [["--checkpoint", "best"], ["--checkpoint", "last", "--samples", "8"]],
+                              "geometry": [["--samples", "8"]]}
+    assert sweep.report == [["--checkpoint", "best"], ["--checkpoint", "last"]]
+    sw.check_commands(sweep)
+    assert sw.load_sweep(_sweep(tmp_path, data=str(tiny_synthetic), report=True)).report == [[]]
 
 
 def test_two_recipes_with_one_stem_and_a_missing_dataset_are_refused(tmp_path, tiny_synthetic):

@@ -1,9 +1,15 @@
 """Flatness of a trained run: Hessian spectrum, LPF, F_gap and loss landscapes, written into the run.
 
 `flatness(model, dataset, settings, device)` measures the requested metrics on a fixed, seeded
-subset with the model in eval mode and returns one dict; `analyse_run` adds the run's identity,
-reuses metric blocks of an existing flatness.json measured with the same checkpoint bytes, subset
-and settings, and writes flatness.json / flatness.md / CSV / NPZ / PNG into the run directory.
+subset with the model in eval mode and returns one dict; `analyse_run` adds the run's identity and
+the learning-rate stability threshold of its checkpoint (`stability.py`), reuses metric blocks of an
+existing flatness.json measured with the same checkpoint bytes, subset and settings, and writes
+flatness.json / flatness.md / CSV / NPZ / PNG into the run directory.
+
+Besides the full Hessian, the top-k of the Hessian restricted to parameter blocks (each encoder by
+default, so runs with different modalities compare on the same parameters), and the modality-absent
+test of the DML paper's Theorems 1-2: lambda_max and LPF of the same network with modality j's input
+replaced by its absence value (the train-split mean input or zeros), next to the present ones.
 `compare` writes one table and side-by-side figures for several runs.
 """
 
@@ -19,19 +25,23 @@ import torch
 from mmlab_cli import figures
 from mmlab_cli.analysis import flatness_plots as plots
 from mmlab_cli.analysis.common import Subset, load_subset, previous_result, run_identity, same_measurement
-from mmlab_cli.analysis.hessian import HessianVectorProduct, pyhessian, pyhessian_spectrum, slq_density, spectrum
+from mmlab_cli.analysis.corruptions import CONTINUOUS
+from mmlab_cli.analysis.hessian import (HessianVectorProduct, lambda_star, pyhessian, pyhessian_spectrum, slq_density,
+                                        spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import landscape
-from mmlab_cli.analysis.lossfn import LossParams, loss_params, losses_at
+from mmlab_cli.analysis.lossfn import LossParams, block_names, encoder_block, loss_params, losses_at
 from mmlab_cli.analysis.perturb import FGAP_NORMALIZATIONS, NORMALIZATIONS, fgap, lpf
+from mmlab_cli.analysis.stability import over, stability
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.engine.checkpoint import find_checkpoint, load_state
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
 from mmlab_cli.tables import to_markdown
 
-SCHEMA = "mmlab.flatness/1"
+SCHEMA = "mmlab.flatness/2"  # 2: Hessian blocks, the modality-absent test, per-eigenvalue convergence, stability
 METRICS = ("hessian", "lpf", "fgap", "landscape")
 BACKENDS = ("mmlab", "pyhessian")
 EVAL_MODE = ("model.eval(): BatchNorm uses its running statistics (buffers, never perturbed) and dropout is off; "
@@ -40,6 +50,11 @@ EXCLUDED = ("trainable parameters the fused loss has no gradient for: the per-mo
             "detached embeddings, never enter the fused loss")
 FGAP_RADII = tuple(float(r) for r in range(0, 65, 5))  # SWAD: 0..60 step 5 (absolute, --fgap-absolute)
 FGAP_RELATIVE_RADII = tuple(round(0.05 * i, 2) for i in range(7))  # 0..0.3 x ||theta|| (the default)
+ABSENCE = {"mean": "the train split's mean input of the modality (every sample gets the same average input)",
+           "zero": "zeros (in the loader's units: pixels in [0, 1], spectrogram values as stored)",
+           "none": "not measured"}
+UNCONVERGED = "†"  # marks a value whose Lanczos solve did not reach its tolerance
+HEADLINE = ("lambda_max", "lambda*", "trace", "L_LPF", "Delta_LPF", "mean F_gap")  # the command's table: rows so named
 
 
 @dataclass
@@ -69,6 +84,8 @@ class FlatnessSettings:
     grid: int = 21
     span: float = 1.0
     landscape_dims: list[int] = field(default_factory=lambda: [1, 2])
+    blocks: list[str] | None = None  # Hessian blocks besides the full one; None: every encoder
+    absent: str = "mean"  # the absence value of the modality-absent test: mean | zero | none
 
     def check(self) -> "FlatnessSettings":
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -80,6 +97,8 @@ class FlatnessSettings:
             raise MmlabError(f"--backend {self.backend}: choose {' or '.join(BACKENDS)}")
         if self.backend == "pyhessian" and "hessian" in self.metrics:
             pyhessian()  # a missing package stops here, before any run is loaded
+        if self.absent not in ABSENCE:
+            raise MmlabError(f"--absent {self.absent}: choose {', '.join(ABSENCE)}")
         if self.lpf_normalize not in NORMALIZATIONS:
             raise MmlabError(f"--lpf-normalize {self.lpf_normalize}: choose {' or '.join(NORMALIZATIONS)}")
         if self.fgap_normalize not in FGAP_NORMALIZATIONS:
@@ -104,6 +123,16 @@ class FlatnessSettings:
             raise MmlabError(f"--fgap-radii {self.fgap_radii}: radii must be >= 0 and increasing")
         return self
 
+    def blocks_for(self, modalities: list[str]) -> list[str]:
+        """The Hessian blocks to measure for a model with these modalities; an unknown one is a one-line error."""
+        known = block_names(modalities)
+        blocks = list(map(encoder_block, modalities)) if self.blocks is None else self.blocks
+        unknown = [b for b in blocks if b not in known]
+        if unknown:
+            raise MmlabError(f"--block {unknown[0]}: a {'+'.join(modalities)} run has no such block; choose from "
+                             f"{', '.join(known)}, auto or none")
+        return blocks
+
     def for_device(self, device: torch.device) -> "FlatnessSettings":
         """Batching defaults: vmap over perturbations/probes pays on a GPU, not on a CPU."""
         cuda = device.type == "cuda"
@@ -113,21 +142,52 @@ class FlatnessSettings:
     def of(self, metric: str) -> dict:
         """The settings a metric's values depend on (what a reused block must match)."""
         keys = {"hessian": ("backend", "top_k", "tol", "max_steps", "trace_probes", "density", "density_steps",
-                            "density_runs"),
-                "lpf": ("lpf_sigma", "lpf_draws", "lpf_normalize"),
+                            "density_runs", "blocks", "absent"),
+                "lpf": ("lpf_sigma", "lpf_draws", "lpf_normalize", "absent"),
                 "fgap": ("fgap_directions", "fgap_radii", "fgap_relative", "fgap_normalize"),
                 "landscape": ("grid", "span", "landscape_dims")}[metric]
         return {k: getattr(self, k) for k in keys}
 
 
-def _work(s: FlatnessSettings, metric: str) -> int:
-    """Progress-bar units: Hessian-vector products, perturbed evaluations, directions or grid points."""
-    return {"hessian": s.max_steps + s.trace_probes + s.density_steps * s.density_runs * s.density,
-            "lpf": s.lpf_draws, "fgap": s.fgap_directions,
+def _work(s: FlatnessSettings, metric: str, solves: int = 1, absent: int = 0) -> int:
+    """Progress-bar units: Hessian-vector products, perturbed evaluations, directions or grid points
+    (`solves` top-k solves: the full Hessian, its blocks and the absent modalities)."""
+    return {"hessian": s.max_steps * solves + s.trace_probes + s.density_steps * s.density_runs * s.density,
+            "lpf": s.lpf_draws * (1 + absent), "fgap": s.fgap_directions,
             "landscape": sum(s.grid ** d for d in s.landscape_dims)}[metric]
 
 
-def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance) -> dict:
+def absent_modalities(dataset: PreparedDataset, how: str) -> tuple[list[str], dict[str, str]]:
+    """The modalities the modality-absent test replaces, and those it leaves out with why (a unimodal run has
+    nothing to compare; text tokens have no mean input)."""
+    if how == "none" or len(dataset.modalities) < 2:
+        return [], {}
+    skipped = {m: f"{spec.kind}: discrete tokens have no absence value" for m, spec in dataset.specs.items()
+               if spec.kind not in CONTINUOUS}
+    return [m for m in dataset.modalities if m not in skipped], skipped
+
+
+def absent_subset(dataset: PreparedDataset, subset: Subset, modality: str, how: str) -> Subset:
+    """The subset with `modality`'s input replaced by its absence value (`ABSENCE`: mean or zero)."""
+    fill = torch.from_numpy(dataset.train_mean[modality]) if how == "mean" else torch.zeros(())
+    batches = [({**x, modality: fill.to(x[modality]).expand_as(x[modality])}, y) for x, y in subset.batches]
+    return Subset(subset.split, subset.indices, batches)
+
+
+def _top(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance) -> dict:
+    """Top-k of the Hessian w.r.t. `lp` (a block, or all) with the chosen backend, each with its convergence."""
+    if s.backend == "pyhessian":
+        out = pyhessian_spectrum(model, subset, lp, s.top_k, 0, s.seed)
+        del out["trace"]
+    else:
+        out = top_eigenvalues(HessianVectorProduct(model, subset, lp), lp.flat(), s.top_k, s.tol, s.max_steps,
+                              s.seed, advance)
+    return {**out, "parameters": lp.numel, "lambda_max": out["eigenvalues"][0],
+            "lambda_star": lambda_star(out["eigenvalues"], out["converged_each"])}
+
+
+def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, blocks: list[str],
+             absent: dict[str, Subset], advance) -> dict:
     if s.backend == "pyhessian":
         out = pyhessian_spectrum(model, subset, lp, s.top_k, s.trace_probes, s.seed)
         out["method"] = ("pyhessian 0.1 hessian(model, CrossEntropyLoss): power iteration with deflation, "
@@ -142,10 +202,23 @@ def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance
         out["method"] = (f"Lanczos with full reorthogonalisation; stops when each of the top {s.top_k} Ritz pairs "
                          f"has ||H y - theta y|| <= {s.tol:g} |theta| (so each eigenvalue is within that of one of H)")
     ev = out["eigenvalues"]
-    out.update(backend=s.backend, lambda_max=ev[0], lambda_star=ev[0] / ev[4] if len(ev) >= 5 else None,
+    out.update(backend=s.backend, lambda_max=ev[0], lambda_star=lambda_star(ev, out["converged_each"]),
                hvp="double backward (torch.autograd.grad with create_graph) of the summed loss, batch by batch, "
-                   "divided by the subset size")
+                   "divided by the subset size",
+               blocks={b: _top(model, subset, lp.block(b), s, advance) for b in blocks},
+               absent={m: {**_top(model, sub, lp, s, advance),
+                           "loss": losses_at(model, sub, lp, lp.flat()[None])[0].item()} for m, sub in absent.items()})
     return out
+
+
+def _lpf(model, subset: Subset, lp: LossParams, s: FlatnessSettings, absent: dict[str, Subset], advance) -> dict:
+    """LPF of the subset and, with the same draws (common random numbers), of each modality-absent subset."""
+    def one(sub):
+        return lpf(model, sub, lp, s.lpf_sigma, s.lpf_draws, s.lpf_normalize, s.seed, s.chunk, advance)
+
+    out = one(subset)
+    keys = ("loss", "acc", "lpf_loss", "lpf_loss_stderr", "lpf_acc", "delta")
+    return {**out, "absent": {m: {k: v for k, v in one(sub).items() if k in keys} for m, sub in absent.items()}}
 
 
 def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSettings, device: str | torch.device,
@@ -157,6 +230,12 @@ def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSett
     model.eval()
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
     lp = loss_params(model, subset)
+    blocks = s.blocks_for(model.modalities)
+    for b in blocks:
+        lp.block(b)  # a block without loss parameters fails here, before any measurement
+    replaced, skipped = absent_modalities(dataset, s.absent)
+    wanted = {"hessian", "lpf"} & {m for m in s.metrics if m not in reuse}  # train_mean reads the train split
+    absent = {m: absent_subset(dataset, subset, m, s.absent) for m in replaced} if wanted else {}
     theta = lp.flat()
     loss, acc = (v.item() for v in losses_at(model, subset, lp, theta[None]))
     result = {"schema": SCHEMA, "dataset": dataset.name, "modalities": list(model.modalities), "split": s.split,
@@ -165,10 +244,13 @@ def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSett
                              "excluded": lp.excluded, "excluded_why": EXCLUDED},
               "loss": loss, "acc": acc, "device": str(device), "threads": torch.get_num_threads(),
               "torch": torch.__version__,
+              "absence": {"value": s.absent, "meaning": ABSENCE[s.absent], "modalities": replaced,
+                          "skipped": skipped},
               "settings": {k: v for k, v in asdict(s).items() if k != "metrics"}}
     todo = [m for m in s.metrics if m not in reuse]
     with progress() as bar:
-        tasks = {m: bar.add_task(m, total=_work(s, m)) for m in todo}
+        work = {m: _work(s, m, 1 + len(blocks) + len(replaced), len(replaced)) for m in METRICS}
+        tasks = {m: bar.add_task(m, total=work[m]) for m in todo}
         for metric in s.metrics:
             if metric in reuse:
                 result[metric] = reuse[metric]
@@ -180,9 +262,9 @@ def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSett
                 bar.advance(task, n)
 
             if metric == "hessian":
-                block = _hessian(model, subset, lp, s, advance)
+                block = _hessian(model, subset, lp, s, blocks, absent, advance)
             elif metric == "lpf":
-                block = lpf(model, subset, lp, s.lpf_sigma, s.lpf_draws, s.lpf_normalize, s.seed, s.chunk, advance)
+                block = _lpf(model, subset, lp, s, absent, advance)
             elif metric == "fgap":
                 subsets = {split: subset if split == s.split else
                            load_subset(dataset, split, s.samples, s.seed, s.batch_size, device)
@@ -193,20 +275,44 @@ def flatness(model: LateFusion, dataset: PreparedDataset, settings: FlatnessSett
             else:
                 block = landscape(model, subset, lp, tuple(s.landscape_dims), s.grid, s.span, s.seed, cache_dir,
                                   run_key, s.chunk, advance)
-            bar.update(task, completed=_work(s, metric))
+            bar.update(task, completed=work[metric])
             result[metric] = {**block, "settings": s.of(metric), "seconds": time.perf_counter() - start}
     return {**result, **summary(result)}
 
 
+def _eigen(top: dict, limit: float | None) -> dict:
+    """lambda_max of one top-k solve, whether it converged, the threshold it is read against and the ratio."""
+    return {"lambda_max": top["lambda_max"], "converged": top["converged_each"][0], "threshold": limit,
+            "over_threshold": over(top["lambda_max"], limit)}
+
+
+def solves(result: dict) -> dict[str, dict[str, dict]]:
+    """_eigen of every top-k solve: {"all": {"all": full Hessian}, "block": {block: ...}, "absent": {modality: ...}};
+    an absent modality's network is the full one, read against the full threshold."""
+    h = result["hessian"]
+    limits = (result.get("stability") or {}).get("thresholds", {})
+    return {"all": {"all": _eigen(h, limits.get("all"))},
+            "block": {b: _eigen(t, limits.get(b)) for b, t in h["blocks"].items()},
+            "absent": {m: _eigen(t, limits.get("all")) for m, t in h["absent"].items()}}
+
+
 def summary(result: dict) -> dict:
-    """Flat scalars for tables (`mmlab report` reads these keys)."""
+    """Flat scalars for tables (`mmlab report` reads these keys): per block and absent modality a mapping."""
     out = {}
     if "hessian" in result:
         h = result["hessian"]
-        out.update(lambda_max=h["lambda_max"], lambda_ratio=h["lambda_star"],
-                   trace=h["trace"]["value"] if h.get("trace") else None)
+        every = solves(result)
+        full = every["all"]["all"]
+        out.update(lambda_max=h["lambda_max"], lambda_max_converged=full["converged"], lambda_ratio=h["lambda_star"],
+                   trace=h["trace"]["value"] if h.get("trace") else None, lr_threshold=full["threshold"],
+                   lambda_max_over_threshold=full["over_threshold"])
+        for prefix in ("block", "absent"):
+            out.update({f"{prefix}_{key}": {k: v[key] for k, v in every[prefix].items()} for key in full})
     if "lpf" in result:
-        out.update(lpf_loss=result["lpf"]["lpf_loss"], lpf_delta=result["lpf"]["delta"])
+        f = result["lpf"]
+        out.update(lpf_loss=f["lpf_loss"], lpf_delta=f["delta"],
+                   absent_lpf_loss={m: a["lpf_loss"] for m, a in f["absent"].items()},
+                   absent_lpf_delta={m: a["delta"] for m, a in f["absent"].items()})
     if "fgap" in result:
         out.update({f"fgap_mean_{split}": float(np.mean(c["F"])) for split, c in result["fgap"]["splits"].items()})
     if "landscape" in result:
@@ -233,23 +339,38 @@ def analyse_run(run: Run, settings: FlatnessSettings, device: torch.device, chec
     """flatness() of a loaded run plus its identity, merged with reusable blocks of its flatness.json, written."""
     s = settings.check()
     identity = run_identity(run, checkpoint)
-    path = run.paths.root / "flatness.json"
+    out = run.paths.analyses(checkpoint)
+    out.mkdir(exist_ok=True)
+    path = out / "flatness.json"
     previous = None if force else previous_result(path)
     old = {} if previous is None else _reusable(previous, identity, s)
     requested = {m: old[m] for m in s.metrics if m in old}
     kept = {m: b for m, b in old.items() if m not in s.metrics}
     result = flatness(run.model, run.dataset, s, device, run.paths.root / "flatness_cache",
                       identity["checkpoint_sha256"], requested)
-    result = {**identity, **result, **kept}
+    state = load_state(find_checkpoint(run.paths.best if checkpoint == "best" else run.paths.last))
+    result = {**identity, **result, **kept, "stability": stability(state, run.config.optimizer)}
     result = {**result, **summary(result), "reused": sorted(requested)}
     path.unlink(missing_ok=True)  # the files below change: the old result no longer describes them
-    write_run_outputs(result, run.paths.root)  # sets result["files"]
+    write_run_outputs(result, out)  # sets result["files"]
     atomic_write_json(path, result)
     return result
 
 
 def _fmt(v, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}g}"
+
+
+def cell(row: dict) -> str:
+    """A row's value for people: a value from an unconverged Lanczos solve (or derived from one) gets a dagger."""
+    flagged = row.get("converged") is False and row["value"] is not None
+    return _fmt(row["value"]) + (f" {UNCONVERGED}" if flagged else "")
+
+
+def _solve_rows(where: str, e: dict) -> list[dict]:
+    return [{"metric": f"lambda_max{where}", "value": e["lambda_max"], "converged": e["converged"]},
+            {"metric": f"lr threshold 2(1+beta)/lr{where}", "value": e["threshold"]},
+            {"metric": f"lambda_max / threshold{where}", "value": e["over_threshold"], "converged": e["converged"]}]
 
 
 def _frame(records: list[dict]):
@@ -263,17 +384,24 @@ def scalar_rows(result: dict) -> list[dict]:
     rows = []
     if "hessian" in result:
         h = result["hessian"]
-        rows += [{"metric": f"lambda_{i + 1}", "value": v} for i, v in enumerate(h["eigenvalues"])]
-        rows += [{"metric": "lambda_max", "value": h["lambda_max"]},
-                 {"metric": "lambda* = lambda_1/lambda_5", "value": h["lambda_star"]}]
+        every = solves(result)
+        rows += [{"metric": f"lambda_{i + 1}", "value": v, "converged": c}
+                 for i, (v, c) in enumerate(zip(h["eigenvalues"], h["converged_each"]))]
+        rows += _solve_rows("", every["all"]["all"])
+        rows.append({"metric": "lambda* = lambda_1/lambda_5", "value": h["lambda_star"]})
         if h.get("trace"):
             rows.append({"metric": "trace (Hutchinson)", "value": h["trace"]["value"],
                          "stderr": h["trace"]["stderr"]})
+        for b, e in every["block"].items():
+            rows += _solve_rows(f" [{b}]", e)
+        for m, e in every["absent"].items():
+            rows += _solve_rows(f" [{m} absent]", e)
     if "lpf" in result:
         f = result["lpf"]
-        rows += [{"metric": "L", "value": f["loss"]},
-                 {"metric": "L_LPF", "value": f["lpf_loss"], "stderr": f["lpf_loss_stderr"]},
-                 {"metric": "Delta_LPF = L_LPF - L", "value": f["delta"], "stderr": f["lpf_loss_stderr"]}]
+        for where, v in {"": f, **{f" [{m} absent]": a for m, a in f["absent"].items()}}.items():
+            rows += [{"metric": f"L{where}", "value": v["loss"]},
+                     {"metric": f"L_LPF{where}", "value": v["lpf_loss"], "stderr": v["lpf_loss_stderr"]},
+                     {"metric": f"Delta_LPF = L_LPF - L{where}", "value": v["delta"], "stderr": v["lpf_loss_stderr"]}]
     if "fgap" in result:
         rows += [{"metric": f"mean F_gap over radii ({split})", "value": float(np.mean(c["F"]))}
                  for split, c in result["fgap"]["splits"].items()]
@@ -303,11 +431,21 @@ def markdown(result: dict) -> str:
              f"Eval mode: {result['eval_mode']}.", "",
              f"Parameters: {p['count']} in {p['tensors']} tensors (||theta|| = {p['theta_norm']:.4g}); excluded: "
              f"{', '.join(p['excluded']) or 'none'} ({p['excluded_why']}).", "",
-             to_markdown(_frame([{"metric": r["metric"], "value": _fmt(r["value"]),
+             to_markdown(_frame([{"metric": r["metric"], "value": cell(r),
                                   "stderr": _fmt(r.get("stderr"))} for r in scalar_rows(result)]))]
     if "hessian" in result:
         h = result["hessian"]
-        lines += [f"Hessian ({h['backend']}): {h['method']}. Products: {h['hvp']}.", ""]
+        lines += [f"Hessian ({h['backend']}): {h['method']}. Products: {h['hvp']}. Blocks: the Hessian w.r.t. one "
+                  f"module's parameters only (the fused loss, every other parameter fixed).", "",
+                  f"Lanczos convergence: {convergence(result)}.", ""]
+        if UNCONVERGED in convergence(result):
+            lines += [f"{UNCONVERGED}: the solve did not reach its tolerance (residual > tol |lambda|) within "
+                      f"--max-steps; the value is shown but lambda* is not computed from it.", ""]
+        lines += [_stability_note(result), ""]
+    if "hessian" in result and result["hessian"]["absent"] or "lpf" in result and result["lpf"]["absent"]:
+        lines += ["## Modality absent (the DML paper's Theorems 1-2)", "",
+                  f"The same network with modality j's input replaced by {result['absence']['meaning']} "
+                  f"(--absent {result['absence']['value']}).", "", to_markdown(_frame(absent_rows(result)))]
     if "lpf" in result:
         f = result["lpf"]
         lines += [f"LPF: sigma {f['sigma']:g}, {f['draws']} draws, normalisation '{f['normalize']}' "
@@ -321,6 +459,46 @@ def markdown(result: dict) -> str:
                   to_markdown(_frame([{k: _fmt(v) for k, v in row.items()} for row in fgap_rows(result)]))]
     lines += ["Files: " + ", ".join(result.get("files", [])), ""]
     return "\n".join(lines)
+
+
+def convergence(result: dict) -> str:
+    """'all 5/5 in 23 steps, encoder:image 4/5 in 100 steps †, ...': converged top-k eigenvalues per solve."""
+    h = result["hessian"]
+    parts = []
+    for name, t in {"all": h, **h["blocks"], **{f"{m} absent": a for m, a in h["absent"].items()}}.items():
+        done, k = sum(t["converged_each"]), len(t["converged_each"])
+        steps = f" in {t['lanczos_steps']} steps" if "lanczos_steps" in t else ""
+        parts.append(f"{name} {done}/{k}{steps}" + (f" {UNCONVERGED}" if not t["converged_each"][0] else ""))
+    return ", ".join(parts)
+
+
+def _stability_note(result: dict) -> str:
+    st = result.get("stability")
+    if not st:
+        return "Stability threshold: not known (no checkpoint state)."
+    rates = ", ".join(f"{g} {lr:.4g}" for g, lr in st["rates"].items())
+    return (f"Stability threshold {st['formula']}; {st['optimizer']} at epoch {st['epoch']}, learning rates {rates}"
+            f"{'; ' + st['note'] if st['note'] else ''}. lambda_max / threshold near 1 means the learning rate set "
+            f"lambda_max.")
+
+
+def absent_rows(result: dict) -> list[dict]:
+    """The modality-absent test side by side: all present, then each modality replaced by its absence value."""
+    eigen = solves(result) if "hessian" in result else {"all": {}, "absent": {}}
+    lpfs = result.get("lpf", {"absent": {}})
+    names = list(dict.fromkeys([*eigen["absent"], *lpfs["absent"]]))
+    losses = {m: (result.get("hessian", {}).get("absent", {}).get(m) or lpfs["absent"][m])["loss"] for m in names}
+    rows = []
+    for m in [None, *names]:
+        e = eigen["all"].get("all") if m is None else eigen["absent"].get(m)
+        f = (lpfs if m is None else lpfs["absent"].get(m)) if "lpf" in result else None
+        e = e or {"lambda_max": None, "over_threshold": None, "converged": None}
+        rows.append({"input": "all present" if m is None else f"{m} absent",
+                     "L": _fmt(result["loss"] if m is None else losses[m]),
+                     "lambda_max": cell({"value": e["lambda_max"], "converged": e["converged"]}),
+                     "lambda_max / threshold": cell({"value": e["over_threshold"], "converged": e["converged"]}),
+                     "L_LPF": _fmt(f and f["lpf_loss"]), "Delta_LPF": _fmt(f and f["delta"])})
+    return rows
 
 
 def write_run_outputs(result: dict, out: Path) -> list[Path]:
@@ -367,7 +545,8 @@ def compare(results: list[dict], out: Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = dict(zip(figures.run_names(results), results))
-    values = {label: {row["metric"]: row["value"] for row in scalar_rows(r)} for label, r in runs.items()}
+    rows = {label: {row["metric"]: row for row in scalar_rows(r)} for label, r in runs.items()}
+    values = {label: {m: row["value"] for m, row in by_metric.items()} for label, by_metric in rows.items()}
     metrics = list(dict.fromkeys(m for v in values.values() for m in v))
     written = [out / "flatness_comparison.json", out / "flatness_comparison.csv", out / "flatness_comparison.md"]
     atomic_write_text(written[1], _frame([{"run": label, "method": r["method"], "split": r["split"],
@@ -375,7 +554,8 @@ def compare(results: list[dict], out: Path) -> list[Path]:
                                           for label, r in runs.items()]).to_csv(index=False))
     table = [{"metric": "method", **{label: r["method"] for label, r in runs.items()}},
              {"metric": "split (samples)", **{label: f"{r['split']} ({r['samples']})" for label, r in runs.items()}}]
-    table += [{"metric": m, **{label: _fmt(values[label].get(m)) for label in runs}} for m in metrics]
+    table += [{"metric": m, **{label: cell(rows[label][m]) if m in rows[label] else "-" for label in runs}}
+              for m in metrics]
     fg = {label: r["fgap"] for label, r in runs.items() if "fgap" in r}
     if fg:
         written += plots.fgap(fg, out / "flatness_comparison_fgap.png")
@@ -390,7 +570,8 @@ def compare(results: list[dict], out: Path) -> list[Path]:
     if dens:
         written += plots.density(dens, out / "flatness_comparison_density.png")
     md = ["# Flatness comparison", "", "Lower is flatter. Each run's own flatness.json holds its settings, subset "
-          "indices and the eval-mode note.", "", to_markdown(_frame(table)),
+          "indices and the eval-mode note. Blocks ([encoder:m], [head]) compare runs on the same parameters; "
+          f"{UNCONVERGED}: from a Lanczos solve that did not converge.", "", to_markdown(_frame(table)),
           "Figures: " + (", ".join(p.name for p in written[3:]) or "none"), ""]
     atomic_write_text(written[2], "\n".join(md))
     atomic_write_json(written[0], {"schema": "mmlab.flatness-comparison/1", "files": [p.name for p in written],

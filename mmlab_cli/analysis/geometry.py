@@ -31,7 +31,18 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
 from mmlab_cli.tables import to_markdown
 
-SCHEMA = "mmlab.geometry/2"  # 2: ATI as the paper defines it (delta_error, eps_rel), ati_map, ati_paper
+SCHEMA = "mmlab.geometry/3"  # 3: both effective ranks, named, Tr Σ / d and the pairing caveat (2: ATI as the
+# paper defines it, delta_error, eps_rel, ati_map, ati_paper; 1 had one unnamed effective_rank)
+# pair metrics (key prefixes) that compare a sample with its own partner: on class-level pairs they see a
+# same-class stand-in for the partner, so they measure class-level alignment only
+SAMPLE_LEVEL = ("drift", "cosine_", "recall")
+CAVEATS = {
+    "class-level": "{dataset} pairs are class-level (row i pairs two samples that share only their class): drift, "
+                   "cosine gap, KS and Recall@K measure class-level alignment only, and Recall@K is capped since "
+                   "a sample's partner is one of many same-class candidates",
+    "unknown": "{dataset}'s manifest does not say whether its pairs are sample-level or class-level (prepared "
+               "before mmlab recorded it; `mmlab prepare ... --force` records it): drift, cosine gap, KS and "
+               "Recall@K may measure class-level alignment only"}
 
 
 @dataclass
@@ -108,7 +119,9 @@ def measure(model: LateFusion, emb: Embeddings, settings: GeometrySettings, bar=
 
     per_modality = {}
     for m in model.modalities:
-        per_modality[m] = {"variance": gm.modality_variance(u[m]), "effective_rank": gm.effective_rank(u[m]),
+        per_modality[m] = {"variance": gm.modality_variance(u[m]), "variance_per_dim": gm.variance_per_dim(u[m]),
+                           "effective_rank_entropy": gm.effective_rank_entropy(u[m]),
+                           "effective_rank_participation": gm.effective_rank_participation(u[m]),
                            **gm.semantic_margin(u[m], labels), "raw_norm": float(emb.raw[m].norm(dim=1).mean())}
         step()
     pairs = {}
@@ -146,29 +159,49 @@ def geometry(model: LateFusion, dataset: PreparedDataset, settings: GeometrySett
     result = {"schema": SCHEMA, "dataset": dataset.name, "split": s.split, "samples": len(emb.indices),
               "modalities": list(model.modalities), "dim": int(next(iter(emb.raw.values())).shape[1]),
               "classes": len(dataset.classes), "settings": asdict(s), "device": str(device),
-              "threads": torch.get_num_threads(), **metrics, "seconds": time.perf_counter() - start}
+              "threads": torch.get_num_threads(), "pairing": dataset.pairing,
+              "sample_level_pairs": dataset.pairing == "sample-level",
+              "pairing_caveat": pairing_caveat(dataset.name, dataset.pairing, metrics["pairs"]), **metrics,
+              "seconds": time.perf_counter() - start}
     return result, emb
+
+
+def pairing_caveat(dataset: str, pairing: str, pairs: dict) -> dict | None:
+    """{"note", "metrics": the pair keys it applies to} when the dataset's pairs are not known to be
+    sample-level and there are pair metrics; None otherwise."""
+    keys = [k for k in next(iter(pairs.values()), {}) if k.startswith(SAMPLE_LEVEL)]
+    if pairing == "sample-level" or not keys:
+        return None
+    return {"note": CAVEATS[pairing].format(dataset=dataset), "metrics": keys}
+
+
+def caveat_notes(results: list[dict]) -> list[str]:
+    """The distinct pairing caveats of several geometry results, in order."""
+    return list(dict.fromkeys(r["pairing_caveat"]["note"] for r in results if r.get("pairing_caveat")))
 
 
 def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, checkpoint: str = "best",
                 force: bool = False) -> dict:
-    """geometry() of a loaded run plus its identity, with every output file written into the run directory;
+    """geometry() of a loaded run plus its identity, with every output file written into the checkpoint's
+    analyses folder (RunPaths.analyses);
     a geometry.json with the same settings and checkpoint bytes is reused unless `force`."""
+    out = run.paths.analyses(checkpoint)
+    out.mkdir(exist_ok=True)
     from mmlab_cli.analysis.geometry_plots import write_plots
 
     identity = run_identity(run, checkpoint)
-    old = None if force else reusable_result(run.paths.root / "geometry.json", SCHEMA, asdict(settings.check()),
+    old = None if force else reusable_result(out / "geometry.json", SCHEMA, asdict(settings.check()),
                                              identity)
     if old is not None:
         return old
     result, emb = geometry(run.model, run.dataset, settings, device)
     result = {**identity, **result}
-    (run.paths.root / "geometry.json").unlink(missing_ok=True)  # written last again, once every file is new
-    for stale in run.paths.root.glob("geometry_*.*"):
+    (out / "geometry.json").unlink(missing_ok=True)  # written last again, once every file is new
+    for stale in out.glob("geometry_*.*"):
         stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
     with console.status("geometry: t-SNE and plots"):
-        plots = write_plots(emb, result, settings, run.paths.root, run.dataset.classes)
-    write_outputs(result, emb, run.paths.root, plots)
+        plots = write_plots(emb, result, settings, out, run.dataset.classes)
+    write_outputs(result, emb, out, plots)
     return result
 
 
@@ -211,10 +244,15 @@ def markdown(result: dict) -> str:
              f"{result['dataset']}, {result['split']} split, {result['samples']} samples, {result['checkpoint']} "
              f"checkpoint, d = {result['dim']}, seed {s['seed']}, {result['device']}, {result['seconds']:.1f} s. "
              f"Embeddings are L2-normalised before every metric except the ATI check; formulas in docs/geometry.md.",
-             "", "## Per modality", "", to_markdown(t["modalities"].map(_fmt))]
+             "", "## Per modality", "",
+             "variance = Tr Σ (the DML paper's Section 5.2), variance_per_dim = Tr Σ / d (the scale of its Table 5, "
+             "× 10³ there); effective_rank_entropy = exp(entropy of λ / Σλ) (Roy & Vetterli 2007), "
+             "effective_rank_participation = (tr Σ)² / ‖Σ‖_F² (the DAGR paper's Theorem 3.2).", "",
+             to_markdown(t["modalities"].map(_fmt))]
     if "pairs" in t:
+        caveat = result.get("pairing_caveat")
         lines += ["## Modality pairs (a|b: variance ratio = Tr Σ_a / Tr Σ_b; recall = mean of a→b and b→a)", "",
-                  to_markdown(t["pairs"].map(_fmt))]
+                  *([f"**Note.** {caveat['note']}.", ""] if caveat else []), to_markdown(t["pairs"].map(_fmt))]
     if "ati" in t:
         lines += [f"## ATI check of the fusion (the DML paper's Table 13), ||tau|| = {s['tau']:g} ||v||", "",
                   f"φ = the trained {result['ati_map']} on the raw embeddings. `delta_error` is the paper's "
@@ -247,7 +285,8 @@ def write_outputs(result: dict, emb: Embeddings, out: Path, plots: list[Path] = 
 
 # ---------------------------------------------------------------- several runs
 
-COMPARED = {"modality": ("variance", "effective_rank", "semantic_margin"),
+COMPARED = {"modality": ("variance", "variance_per_dim", "effective_rank_entropy", "effective_rank_participation",
+                         "semantic_margin"),
             "pairs": ("variance_ratio", "wasserstein2_sq", "cosine_gap", "recall@1")}
 
 
@@ -267,7 +306,8 @@ def compare(results: list[dict], out: Path, classes: list[str]) -> list[Path]:
                    for part, v in r[section].items() for key in keys}} for name, r in zip(names, results)]
     table = pd.DataFrame(records)
     written = [out / "geometry_comparison.json", out / "geometry_comparison.md", out / "geometry_comparison.csv"]
-    atomic_write_text(written[1], "# Geometry comparison\n\n" + to_markdown(table.map(_fmt)))
+    notes = "".join(f"\n**Note.** {note}.\n" for note in caveat_notes(results))
+    atomic_write_text(written[1], "# Geometry comparison\n\n" + to_markdown(table.map(_fmt)) + notes)
     atomic_write_text(written[2], table.to_csv(index=False))
     panels = {}
     for name, r in zip(names, results):

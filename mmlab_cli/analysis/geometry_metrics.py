@@ -28,8 +28,13 @@ def covariance(z: torch.Tensor) -> torch.Tensor:
 
 
 def modality_variance(z: torch.Tensor) -> float:
-    """Tr(Sigma): the mean squared distance of the samples to their mean."""
+    """Tr(Sigma): the mean squared distance of the samples to their mean (the DML paper's Section 5.2)."""
     return float(torch.trace(covariance(z)))
+
+
+def variance_per_dim(z: torch.Tensor) -> float:
+    """Tr(Sigma) / d: the mean per-coordinate variance, the scale the DML paper's Table 5 (x 10^3) fits."""
+    return modality_variance(z) / z.shape[1]
 
 
 def spectrum(z: torch.Tensor) -> torch.Tensor:
@@ -37,7 +42,7 @@ def spectrum(z: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(covariance(z)).flip(0).clamp_min(0)
 
 
-def effective_rank(z: torch.Tensor) -> float:
+def effective_rank_entropy(z: torch.Tensor) -> float:
     """Roy & Vetterli (2007) effective rank of Sigma: exp(-sum_k p_k log p_k), p_k = lambda_k / sum lambda.
 
     Sigma is symmetric PSD, so its singular values are its eigenvalues. 0 for a cloud with no spread."""
@@ -48,6 +53,14 @@ def effective_rank(z: torch.Tensor) -> float:
     p = eig / total
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def effective_rank_participation(z: torch.Tensor) -> float:
+    """The participation ratio (tr Sigma)^2 / ||Sigma||_F^2 = (sum lambda)^2 / sum lambda^2, the effective rank
+    of the DAGR paper's Theorem 3.2 (Appendix A.3, Part D). 0 for a cloud with no spread."""
+    eig = spectrum(z)
+    squares = float((eig**2).sum())
+    return float(eig.sum()) ** 2 / squares if squares > 0 else 0.0
 
 
 def wasserstein2_sq(a: torch.Tensor, b: torch.Tensor, exact_max: int = 5000, reg: float = 0.02,
@@ -129,17 +142,24 @@ def separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float | None]:
     return {"cosine_pos": mp, "cosine_neg": mn, "cosine_gap": mp - mn, "cosine_ks": float(ks_2samp(pos, neg).statistic)}
 
 
-def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024) -> dict[int, float]:
-    """Cross-modal retrieval by cosine: the fraction of queries i whose partner gallery[i] is among the top k.
+def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024,
+                labels: torch.Tensor | None = None) -> dict[int, float]:
+    """Cross-modal retrieval by cosine: the fraction of queries i whose partner gallery[i] is among the top k;
+    with `labels` (one per row of both), a class-level hit: any gallery item of the query's class.
 
-    The rank of the partner is the number of gallery items strictly more similar (ties count for the
-    partner)."""
+    The rank of the partner (of the most similar item of the class) is the number of gallery items strictly
+    more similar (ties count for the partner)."""
     q, g = unit(query), unit(gallery)
     ranks = []
     for s in range(0, len(q), chunk):
         sim = q[s:s + chunk] @ g.T
         rows = torch.arange(len(sim), device=sim.device)
-        ranks.append((sim > sim[rows, rows + s][:, None]).sum(1))
+        if labels is None:
+            target = sim[rows, rows + s]
+        else:
+            same = labels[s:s + chunk, None].to(sim.device) == labels[None, :].to(sim.device)
+            target = sim.masked_fill(~same, float("-inf")).max(1).values
+        ranks.append((sim > target[:, None]).sum(1))
     rank = torch.cat(ranks)
     return {k: float((rank < k).double().mean()) for k in ks}
 

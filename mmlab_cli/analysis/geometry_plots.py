@@ -86,7 +86,7 @@ def plot_spectra(emb, result: dict, path: Path) -> list[Path]:
         eig = gm.spectrum(z).cpu().numpy()
         p = eig / eig.sum() if eig.sum() > 0 else eig
         ax.semilogy(np.arange(1, len(p) + 1), np.maximum(p, 1e-12),
-                    label=f"{m} (erank {result['modality'][m]['effective_rank']:.1f})")
+                    label=f"{m} (entropy erank {result['modality'][m]['effective_rank_entropy']:.1f})")
     ax.set(xlabel="eigenvalue index $k$", ylabel=r"$\lambda_k\,/\,\mathrm{tr}\,\Sigma$",
            title=f"Covariance spectrum: {result['method']}")
     ax.legend()

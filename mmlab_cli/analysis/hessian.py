@@ -6,7 +6,9 @@ from double backward, accumulated over the subset's batches, so memory is that o
 
 - Top-k: Lanczos with full reorthogonalisation (Gram-Schmidt twice against every previous
   vector), stopped once each of the k largest Ritz pairs has residual ||H y - theta y|| <= tol |theta|;
-  each reported eigenvalue is then within tol |theta| of an eigenvalue of H.
+  each reported eigenvalue is then within tol |theta| of an eigenvalue of H. Every eigenvalue keeps its
+  own `converged` flag (residual <= tol |theta|): a solve that hit `max_steps` first may have
+  converged the top one and not the fifth; `lambda_star` (lambda_1/lambda_5) is null unless both did.
 - Trace: Hutchinson's estimator, the mean of z^T H z over Rademacher probes z, batched over probes.
 - Density: stochastic Lanczos quadrature (Ghorbani et al. 2019): Ritz values and squared first
   components of the eigenvectors of T from a normalised Rademacher start, averaged over runs.
@@ -77,9 +79,12 @@ class Tridiagonal:
         order = np.argsort(theta)[::-1][:k]
         return theta[order], self.residual * np.abs(s[-1, order])
 
-    def converged(self, k: int, tol: float) -> bool:
+    def converged_each(self, k: int, tol: float) -> list[bool]:
         theta, residual = self.top(k)
-        return bool(np.all(residual <= tol * np.abs(theta)))
+        return (residual <= tol * np.abs(theta)).tolist()
+
+    def converged(self, k: int, tol: float) -> bool:
+        return all(self.converged_each(k, tol))
 
 
 def _orthogonalise(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -129,7 +134,14 @@ def top_eigenvalues(hvp, theta: torch.Tensor, k: int, tol: float, max_steps: int
     t = lanczos(hvp, torch.randn(theta.numel(), generator=gen).to(theta), max_steps, k, tol, gen, advance)
     values, residuals = t.top(k)
     return {"eigenvalues": values.tolist(), "residuals": residuals.tolist(), "lanczos_steps": len(t.alphas),
-            "converged": t.converged(k, tol)}
+            "converged": t.converged(k, tol), "converged_each": t.converged_each(k, tol)}
+
+
+def lambda_star(eigenvalues: list[float], converged_each: list[bool]) -> float | None:
+    """lambda_1 / lambda_5 (the DML paper's lambda*), or None without 5 values or when either did not converge."""
+    if len(eigenvalues) < 5 or not (converged_each[0] and converged_each[4]):
+        return None
+    return eigenvalues[0] / eigenvalues[4]
 
 
 def hutchinson_trace(hvp, theta: torch.Tensor, probes: int, batch: int, seed: int,
@@ -238,10 +250,18 @@ def pyhessian_spectrum(model: nn.Module, subset: Subset, lp: LossParams, top_k: 
         warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")  # .grad is reset after
         torch.manual_seed(seed)
         h = hessian(PackedInput(model, shapes), nn.CrossEntropyLoss(), cuda=device.type == "cuda", **data)
-        values, _ = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_k)
+        values, vectors = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_k)
         trace = np.array(h.trace(maxIter=trace_probes, tol=tol)) if trace_probes else None
     order = np.argsort(values)[::-1]
-    return {"eigenvalues": [float(values[i]) for i in order], "power_iteration": {"max_iter": max_iter, "tol": tol},
+    # its stopping rule bounds no error: the residual ||H v - lambda v|| of each returned pair, with our products
+    hvp = HessianVectorProduct(model, subset, lp)
+    residuals = []
+    for i in order:
+        v = torch.cat([t.reshape(-1) for t in vectors[i]]).to(lp.params[0])
+        residuals.append((hvp(v / v.norm()) - values[i] * v / v.norm()).norm().item())
+    return {"eigenvalues": [float(values[i]) for i in order], "residuals": residuals,
+            "converged_each": [r <= tol * abs(values[i]) for r, i in zip(residuals, order)],
+            "power_iteration": {"max_iter": max_iter, "tol": tol},
             "trace": None if trace is None else {
                 "value": float(trace.mean()), "probes": len(trace), "probe_distribution": "rademacher",
                 "stderr": float(trace.std(ddof=1) / math.sqrt(len(trace))) if len(trace) > 1 else None}}

@@ -6,6 +6,11 @@ drop out) and flattens them into one vector theta. `losses_at` evaluates the exa
 of a subset at many parameter vectors theta + delta at once: the vectors go through
 `torch.func.functional_call` batched with `vmap`, so the module's own tensors are never
 written and the original weights stay bit-for-bit as they were.
+
+A *block* is the part of theta one module owns: `encoder:<m>` (the parameters under `encoders.<m>`),
+or `head` (every other top-level module the fused loss uses: the fusion and the classifier,
+whatever the fusion module is called). `LossParams.block` restricts theta to one block, the others
+held fixed: the loss is still the fused loss.
 """
 
 from __future__ import annotations
@@ -20,9 +25,28 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from mmlab_cli.analysis.common import Subset
+from mmlab_cli.errors import MmlabError
 
 
 Advance = Callable[[int], None]  # progress callback: n units of work done
+
+
+HEAD = "head"  # every top-level module but the encoders (and the probes, which the fused loss never uses)
+
+
+def encoder_block(modality: str) -> str:
+    return f"encoder:{modality}"
+
+
+def block_names(modalities: list[str]) -> list[str]:
+    """Every block a model with these modalities has."""
+    return [*map(encoder_block, modalities), HEAD]
+
+
+def block_of(name: str) -> str:
+    """The block a parameter name belongs to: encoder:<m> for `encoders.<m>.*`, else head."""
+    top, _, rest = name.partition(".")
+    return encoder_block(rest.partition(".")[0]) if top == "encoders" else HEAD
 
 
 def generator(seed: int, name: str) -> torch.Generator:
@@ -52,6 +76,19 @@ class LossParams:
     @property
     def numel(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def blocks(self) -> list[str]:
+        """The blocks of these parameters, in parameter order."""
+        return list(dict.fromkeys(map(block_of, self.names)))
+
+    def block(self, name: str) -> "LossParams":
+        """The parameters of one block; a block without loss parameters is a one-line error."""
+        if name not in self.blocks:
+            raise MmlabError(f"--block {name}: no parameter of this fused loss is in it; choose from "
+                             f"{', '.join(self.blocks)}")
+        keep = [i for i, n in enumerate(self.names) if block_of(n) == name]
+        return LossParams([self.names[i] for i in keep], [self.params[i] for i in keep], self.excluded)
 
     def flat(self) -> torch.Tensor:
         """theta: a detached copy of the parameters as one vector."""

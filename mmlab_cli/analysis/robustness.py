@@ -249,17 +249,20 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
 
 def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, checkpoint: str = "best",
                 force: bool = False) -> dict:
-    """robustness() of a loaded run plus its identity, written into the run directory; a robustness.json
+    """robustness() of a loaded run plus its identity, written into the checkpoint's analyses folder
+    (RunPaths.analyses); a robustness.json
     with the same settings and checkpoint bytes is reused unless `force`."""
+    out = run.paths.analyses(checkpoint)
+    out.mkdir(exist_ok=True)
     identity = run_identity(run, checkpoint)
     wanted = {**asdict(settings.check()),
               "modalities": list(run.model.modalities) if settings.modalities is None else settings.modalities}
-    old = None if force else reusable_result(run.paths.root / "robustness.json", SCHEMA, wanted, identity)
+    old = None if force else reusable_result(out / "robustness.json", SCHEMA, wanted, identity)
     if old is not None:
         return old
     result = {**identity, **robustness(run.model, run.dataset, settings, device)}
-    (run.paths.root / "robustness.json").unlink(missing_ok=True)  # written last again, once every file is new
-    write_run_outputs(result, run.paths.root)
+    (out / "robustness.json").unlink(missing_ok=True)  # written last again, once every file is new
+    write_run_outputs(result, out)
     return result
 
 

@@ -35,6 +35,12 @@ def flatness(
     trace_probes: int = typer.Option(100, help="Hutchinson probes for the trace (0: no trace)."),
     probe_batch: Optional[int] = typer.Option(None, help="Hutchinson probes per batched Hessian-vector product. "
                                               "Default 10 on CUDA, 1 on CPU."),
+    block: str = typer.Option("auto", help="Hessian blocks measured besides the full Hessian, comma-separated: "
+                              "encoder:<modality> (that encoder's parameters only), head (every other module of the "
+                              "fused loss); auto: every encoder; none."),
+    absent: str = typer.Option("mean", help="Modality-absent test (DML Theorems 1-2) on multimodal runs: lambda_max "
+                               "and LPF with each modality's input replaced by mean (its train-split mean input) or "
+                               "zero; none: skip."),
     density: bool = typer.Option(False, "--density/--no-density", help="Also the spectral density (SLQ) and its plot."),
     density_steps: int = typer.Option(80, help="Lanczos steps per SLQ run."),
     density_runs: int = typer.Option(1, help="SLQ runs averaged."),
@@ -62,11 +68,13 @@ def flatness(
 ) -> None:
     """Hessian spectrum, LPF, F_gap and loss landscapes of trained runs: writes flatness.{json,md,csv}, CSV/NPZ
     values and PNG plots into each run directory (docs/flatness.md)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from mmlab_cli import figures
     from mmlab_cli.analysis.common import open_runs
-    from mmlab_cli.analysis.flatness import METRICS, FlatnessSettings, analyse_run, compare
+    from mmlab_cli.analysis.flatness import (HEADLINE, METRICS, UNCONVERGED, FlatnessSettings, analyse_run, cell,
+                                             compare, convergence, scalar_rows)
     from mmlab_cli.engine.rundir import resolve_device
     from mmlab_cli.errors import MmlabError
 
@@ -80,26 +88,35 @@ def flatness(
         lpf_normalize=lpf_normalize, fgap_directions=fgap_directions,
         fgap_radii=None if fgap_radii is None else parse_numbers(fgap_radii, "--fgap-radii"),
         fgap_relative=fgap_relative, fgap_normalize=fgap_normalize, grid=grid, span=span,
-        landscape_dims=parse_numbers(landscape_dims, "--landscape-dims", int)).check()
+        landscape_dims=parse_numbers(landscape_dims, "--landscape-dims", int), absent=absent,
+        blocks=None if block == "auto" else [] if block == "none" else [b.strip() for b in block.split(",")
+                                                                        if b.strip()]).check()
     dev = resolve_device(device)
     folder = comparison_dir(run_dirs, "flatness", out)
     results = []
     with use_threads(threads):
-        for run in open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else []):
+        runs = open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else [])
+        for run in runs:  # a block a run lacks is one line before any run is measured
+            settings.blocks_for(run.model.modalities)
+        for run in runs:
             with figures.formats(figure_format):
                 result = analyse_run(run, settings, dev, checkpoint, force)
             results.append(result)
             reused = f" (reused: {', '.join(result['reused'])})" if result["reused"] else ""
             console.print(f"[bold]{run.paths.root}[/]: wrote flatness.json/.md and {len(result['files']) - 2} more "
                           f"files{reused}")
+            if "hessian" in result:
+                console.print(f"  Lanczos convergence (top-k converged): {convergence(result)}")
 
-    table = Table(title=f"Flatness on {settings.split} ({results[0]['samples']} samples); lower is flatter")
-    columns = ("lambda_max", "lambda_ratio", "trace", "lpf_loss", "lpf_delta", "fgap_mean_train", "fgap_mean_test")
-    shown = [c for c in columns if any(r.get(c) is not None for r in results)]
-    for col in ("run", "method", *shown):
-        table.add_column(col)
+    table = Table(title=f"Flatness on {settings.split} ({results[0]['samples']} samples); lower is flatter; "
+                        f"/thr: lambda_max over the learning-rate stability threshold 2(1+beta)/lr; "
+                        f"{UNCONVERGED}: Lanczos did not converge")
+    rows = [{r["metric"]: r for r in scalar_rows(result) if r["metric"].startswith(HEADLINE)} for result in results]
+    table.add_column("metric")
     for r in results:
-        table.add_row(r["label"], r["method"], *("-" if r.get(c) is None else f"{r[c]:.4g}" for c in shown))
+        table.add_column(f"{r['label']} ({r['method']})")
+    for m in dict.fromkeys(m for row in rows for m in row):
+        table.add_row(escape(m), *(cell(row[m]) if m in row else "-" for row in rows))  # [block] is not markup
     console.print(table)
     comparison = None
     if len(results) > 1:

@@ -48,7 +48,7 @@ def geometry(
 
     from mmlab_cli import figures
     from mmlab_cli.analysis.common import open_runs
-    from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, compare
+    from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, caveat_notes, compare
     from mmlab_cli.engine.rundir import resolve_device
     from mmlab_cli.errors import MmlabError
 
@@ -66,7 +66,8 @@ def geometry(
     folder = comparison_dir(run_dirs, "geometry", out)
     runs = open_runs(run_dirs, checkpoint, dev, [folder] if len(run_dirs) > 1 else [])
     table = Table(title=f"Geometry ({split} split, unit-normalised embeddings)")
-    for col in ("run", "modality / pair", "variance", "eff. rank", "margin", "W2²", "drift", "cos gap", "KS", "R@1"):
+    for col in ("run", "modality / pair", "Tr Σ", "erank entropy", "erank PR", "margin", "W2²", "drift", "cos gap",
+                "KS", "R@1"):
         table.add_column(col)
     with use_threads(threads):
         results = []
@@ -78,13 +79,16 @@ def geometry(
             console.print(f"[bold]{run.paths.root}[/]: {result['samples']} samples ({note}); "
                           f"wrote {', '.join(result['files'])}")
             for m, v in result["modality"].items():
-                table.add_row(run.paths.root.name, m, _num(v["variance"]), _num(v["effective_rank"], ".2f"),
-                              _num(v["semantic_margin"]), "", "", "", "", "")
+                table.add_row(run.paths.root.name, m, _num(v["variance"]), _num(v["effective_rank_entropy"], ".2f"),
+                              _num(v["effective_rank_participation"], ".2f"), _num(v["semantic_margin"]),
+                              "", "", "", "", "")
             for p, v in result["pairs"].items():
-                table.add_row(run.paths.root.name, p, f"ratio {_num(v['variance_ratio'], '.3f')}", "", "",
+                table.add_row(run.paths.root.name, p, f"ratio {_num(v['variance_ratio'], '.3f')}", "", "", "",
                               _num(v["wasserstein2_sq"]), _num(v["drift"]), _num(v["cosine_gap"]),
                               _num(v["cosine_ks"], ".3f"), _num(v.get("recall@1"), ".3f"))
     console.print(table)
+    for note in caveat_notes(results):
+        console.print(f"[yellow]note: {note}", highlight=False)
     comparison = None
     if len(runs) > 1:
         with figures.formats(figure_format):

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from data_prep.audio import NOISE_COLOURS
 from data_prep.synthetic import DEFAULT_INFO
 from mmlab_cli.console import cli_errors, console
 from mmlab_cli.threads import THREADS, use_threads
@@ -109,9 +110,15 @@ def avmnist(
     out: Path = typer.Option(Path("data/avmnist"), help="Output directory."),
     pca_keep: float = typer.Option(0.25, min=0.0, max=1.0, help="Fraction of PCA energy kept in the images "
                                    "(0.25 = remove 75 %, the original AVMNIST)."),
-    snr_db: Optional[float] = typer.Option(None, help="Add white noise to the audio at this SNR in dB."),
+    noise: Optional[str] = typer.Option(None, help=f"Add noise to the audio: {' or '.join(NOISE_COLOURS)} (pink: "
+                                        "power ~ 1/f), at --snr-db over the whole zero-padded 1 s window "
+                                        "(AVMNIST-like: the original mixes in ESC-50 noise, not obtainable here)."),
+    snr_db: Optional[float] = typer.Option(None, help="Signal-to-noise ratio of the added noise in dB (alone: "
+                                           "white noise)."),
+    speaker_split: bool = typer.Option(False, "--speaker-split", help="Hold out whole FSDD speakers (seeded: one "
+                                       "for test, one for val, the rest train) instead of splitting by take index."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when only the 10,000 MNIST test images exist."),
-    seed: int = typer.Option(0, help="Seed for splits, pairing and noise."),
+    seed: int = typer.Option(0, help="Seed for splits, pairing, held-out speakers and noise."),
     threads: int = THREADS,
     force: bool = typer.Option(False, help="Rebuild from scratch, replacing the dataset OUT holds (without it, "
                                "OUT prepared with other parameters is an error)."),
@@ -125,14 +132,19 @@ def avmnist(
 
     image [1,28,28] float32: MNIST reconstructed from its top principal components;
     audio [1,112,112] float32: log(|STFT|+1e-7) of an FSDD take of the same digit.
+    Pairs are class-level (an image and a recording share only the digit).
     Unreadable or truncated recordings are listed in OUT/prepare_report.json and left out.
     """
     from data_prep.avmnist import prepare_avmnist
 
     with use_threads(threads):
-        manifest, report, built = prepare_avmnist(mnist, fsdd, out, pca_keep=pca_keep, snr_db=snr_db,
-                                                  test_fraction=test_fraction, seed=seed, force=force)
+        manifest, report, built = prepare_avmnist(mnist, fsdd, out, pca_keep=pca_keep, noise=noise, snr_db=snr_db,
+                                                  speaker_split=speaker_split, test_fraction=test_fraction,
+                                                  seed=seed, force=force)
     _summary(manifest, out, built)
+    if "speakers" in manifest:  # a dataset prepared before it was recorded lacks it
+        console.print("FSDD speakers: " + "; ".join(f"{split} {', '.join(names)}"
+                                                   for split, names in manifest["speakers"].items()))
     _left_out(report, out)
 
 

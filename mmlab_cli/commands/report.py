@@ -21,6 +21,9 @@ def report(
     claims: Optional[Path] = typer.Option(None, help="Claims YAML (e.g. recipes/claims/dml-paper.yaml): each "
                                           "comparison tested over the seeds, with a verdict, in a claims table "
                                           "(docs/report.md, Claims)."),
+    checkpoint: str = typer.Option("best", help="best | last: report the analyses of each run's best checkpoint "
+                                   "(in the run directory) or of its last one (RUN/analyses-last/, from `mmlab "
+                                   "flatness --checkpoint last ...`), into report.md or report-last.md."),
 ) -> None:
     """Group finished runs and average over seeds (mean ± std): accuracy, flatness, geometry and robustness
     tables from the files `train` and the analyses wrote. Writes report.md (per-run and comparison figures
@@ -30,7 +33,7 @@ def report(
     from mmlab_cli.report import write_report
 
     keys = tuple(k.strip() for k in group_by.split(",") if k.strip()) if group_by else None
-    tables, text, written = write_report(runs_dir, keys, format, claims)
+    tables, text, written = write_report(runs_dir, keys, format, claims, checkpoint)
     typer.echo(text)
     console.print(f"{int(tables[0].numbers['runs'].sum())} runs in {len(tables[0].numbers)} groups; "
                   f"wrote {', '.join(str(p) for p in written)}")

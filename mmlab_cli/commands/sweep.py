@@ -77,7 +77,7 @@ def sweep(
                       f"[{COLOURS[outcome.status]}]{outcome.status}[/]{note}")
 
     outcomes = sw.run(job_list, states, spec.analyses, runner, jobs, threads, on_done)
-    report_failed = spec.report is not None and sw.run_command(["report", str(spec.out), *spec.report]) != 0
+    report_failed = any(sw.run_command(["report", str(spec.out), *args]) != 0 for args in spec.report or [])
     statuses = [o.status for o in outcomes]
     console.print(f"sweep {spec.out}: " + ", ".join(f"{statuses.count(s)} {s}" for s in sw.STATUSES)
                   + ("; the report failed" if report_failed else ""))

@@ -61,10 +61,13 @@ def train(recipe: Optional[Path], overrides: Optional[list[str]], resume: bool, 
     metrics = fit(cfg, resume=resume)
     if not metrics:  # a non-zero rank of a distributed run: rank 0 reports
         return
+    from mmlab_cli.engine.evaluate import headline
+
     per_mod = ", ".join(f"{m} {metrics[f'test_acc_{m}']:.2f}" for m in metrics["modalities"])
-    console.print(f"[bold]{cfg.out}[/]: test accuracy {metrics['test_acc']:.2f}% (probes: {per_mod}); "
-                  f"best val {metrics['val_acc']:.2f}% at epoch {metrics['best_epoch']}")
-    typer.echo(json.dumps({"out": cfg.out, "test_acc": metrics["test_acc"]}))
+    console.print(f"[bold]{cfg.out}[/]: {headline(metrics)} (probes' accuracy: {per_mod}); best "
+                  f"{metrics['selected_by']} {metrics[metrics['selected_by']]:.2f}% at epoch {metrics['best_epoch']}")
+    tested = {k: metrics[k] for k in ("test_acc", "test_retrieval_r1") if k in metrics}
+    typer.echo(json.dumps({"out": cfg.out, **tested}))
 
 
 train.__signature__ = inspect.Signature([

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmlab_cli.data.format import SPLITS, ModalitySpec, open_array, read_manifest, sha256_file
+from mmlab_cli.data.format import SPLITS, UNKNOWN_PAIRING, ModalitySpec, open_array, read_manifest, sha256_file
 from mmlab_cli.errors import MmlabError
 
 
@@ -41,6 +41,12 @@ class PreparedDataset:
     @property
     def name(self) -> str:
         return self.manifest["dataset"]
+
+    @property
+    def pairing(self) -> str:
+        """What a row's modalities share: "sample-level", "class-level" (format.PAIRINGS), or "unknown" for a
+        manifest written before the key existed."""
+        return self.manifest.get("pairing", UNKNOWN_PAIRING)
 
     @cached_property
     def fingerprint(self) -> str:

@@ -34,6 +34,11 @@ from mmlab_cli.errors import MmlabError
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 KINDS = ("image", "spectrogram", "frames", "text_tokens", "features", "sequence")
+# What row i of two modalities shares (the manifest's "pairing"): "sample-level", one recording or page
+# seen twice (CREMA-D, Kinetics-Sounds, Food101); "class-level", two samples drawn apart and paired
+# only by their class (AVMNIST, synthetic), so no metric can find the one true partner of a sample.
+PAIRINGS = ("sample-level", "class-level")
+UNKNOWN_PAIRING = "unknown"  # a manifest written before the key existed
 
 
 @dataclass(frozen=True)
@@ -204,8 +209,11 @@ def mean_std(count: int, total: float, total_sq: float) -> tuple[float, float]:
 
 def write_manifest(root: str | Path, *, dataset: str, classes: list[str], modalities: dict[str, ModalitySpec],
                    labels: dict[str, np.ndarray], preprocessing: dict, sources: dict[str, str],
-                   extra: dict | None = None) -> dict:
-    """Write manifest.json last, after every array is in place; returns the manifest."""
+                   extra: dict | None = None, pairing: str | None = None) -> dict:
+    """Write manifest.json last, after every array is in place; returns the manifest. `pairing` is one of
+    PAIRINGS (None: not recorded, read back as unknown)."""
+    if pairing is not None and pairing not in PAIRINGS:
+        raise ValueError(f"pairing {pairing!r}: expected one of {PAIRINGS}")
     splits = {}
     for split, y in labels.items():
         counts = np.bincount(np.asarray(y), minlength=len(classes)).tolist()
@@ -218,6 +226,7 @@ def write_manifest(root: str | Path, *, dataset: str, classes: list[str], modali
         "splits": splits,
         "preprocessing": preprocessing,
         "sources": sources,
+        **({"pairing": pairing} if pairing else {}),
         **(extra or {}),
     }
     atomic_write_json(Path(root) / "manifest.json", manifest)
@@ -226,7 +235,8 @@ def write_manifest(root: str | Path, *, dataset: str, classes: list[str], modali
 
 def write_dataset(root: str | Path, *, dataset: str, classes: list[str], kinds: dict[str, str],
                   arrays: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
-                  preprocessing: dict, sources: dict[str, str], extra: dict | None = None) -> dict:
+                  preprocessing: dict, sources: dict[str, str], extra: dict | None = None,
+                  pairing: str | None = None) -> dict:
     """Write a whole in-memory dataset: arrays[split][modality], labels[split]."""
     root = Path(root)
     stale = root / "manifest.json"
@@ -242,7 +252,7 @@ def write_dataset(root: str | Path, *, dataset: str, classes: list[str], kinds: 
         mean, std = modality_stats(train, kind)
         specs[m] = ModalitySpec(tuple(train.shape[1:]), str(train.dtype), kind, mean, std)
     return write_manifest(root, dataset=dataset, classes=classes, modalities=specs, labels=labels,
-                          preprocessing=preprocessing, sources=sources, extra=extra)
+                          preprocessing=preprocessing, sources=sources, extra=extra, pairing=pairing)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,6 +317,8 @@ def _manifest_problem(m) -> str | None:
     if not isinstance(m["splits"], dict) or not all(isinstance(v, dict) and isinstance(v.get("count"), int)
                                                      for v in m["splits"].values()):
         return "'splits' must map each split to {count, class_counts}"
+    if m.get("pairing", UNKNOWN_PAIRING) not in (*PAIRINGS, UNKNOWN_PAIRING):
+        return f"'pairing' is {m['pairing']!r}; expected one of {', '.join(PAIRINGS)}"
     return None
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import TextColumn
 
@@ -25,24 +26,27 @@ from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_json_object, strict_json
 from mmlab_cli.data.loader import BatchLoader
-from mmlab_cli.data.pairing import epoch_plan
+from mmlab_cli.data.pairing import epoch_plan, held_out_split
+from mmlab_cli.data.pseudo_labels import pairing_labels
 from mmlab_cli.engine.checkpoint import (find_checkpoint, load_state, load_weights, non_finite_weights,
                                         read_weights, save_checkpoint)
 from mmlab_cli.engine.distributed import World, init_world, shutdown
-from mmlab_cli.engine.evaluate import evaluate
+from mmlab_cli.engine.evaluate import Scorer, scorer
 from mmlab_cli.engine.lock import run_lock
 from mmlab_cli.engine.rundir import RunPaths, build_model, environment
 from mmlab_cli.engine.step import TrainStep, build_step
 from mmlab_cli.errors import MmlabError, TrainingDiverged
 from mmlab_cli.methods.augment import BatchAugment
 from mmlab_cli.methods.base import Loop, Method
+from mmlab_cli.methods.contrastive import check_run
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.methods.registry import build_methods
 from mmlab_cli.models.pretrained import init_pretrained
 from mmlab_cli.threads import use_threads
 from mmlab_cli.tracking import check_loggers, open_loggers
 
-METHOD_KEYS = ("scheme", "regularizer", "balance", "sam", "swa_start", "label_smoothing", "augment")
+METHOD_KEYS = ("objective", "pseudo_labels", "scheme", "regularizer", "balance", "sam", "swa_start",
+               "label_smoothing", "augment")
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
@@ -94,7 +98,8 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
     """One pass of optimisation steps; returns the mean fused CE and accuracy over the (global) epoch,
     plus the means of the methods' `stats` (DAGR's terms, Pareto's alpha*). Without `step`: plain joint
     training on the fused loss (+ the probes' loss on detached embeddings). A non-finite training loss
-    raises Diverged (checked every CHECK_EVERY steps and at the end of the epoch)."""
+    raises Diverged (checked every CHECK_EVERY steps and at the end of the epoch). An objective without
+    fused logits (contrastive) reports no accuracy; its loss is its task loss."""
     step = step or TrainStep(Objective(model), model, opt, scaler, device, precision)
     model.train()
     stats = {k: name for method in step.methods for k, name in method.stats.items()}
@@ -108,7 +113,8 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
         out = step(inputs, y)
         n = len(y)
         means = [out[k].detach().double() * n if k in out else sums.new_zeros(()) for k in keys]
-        sums += torch.stack([*means, (out["logits"].argmax(1) == y).sum().double(), sums.new_tensor(float(n))])
+        correct = (out["logits"].argmax(1) == y).sum().double() if "logits" in out else sums.new_zeros(())
+        sums += torch.stack([*means, correct, sums.new_tensor(float(n))])
         total += out["loss"].detach().double()
         if (i + 1) % every == 0:
             _check_finite(total, world, i + 1)
@@ -117,7 +123,7 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
     _check_finite(total, world, len(loader))
     sums = world.sum(sums).tolist()
     n = max(sums[-1], 1)
-    return {"loss": sums[0] / n, "acc": 100.0 * sums[-2] / n,
+    return {"loss": sums[0] / n, **({"acc": 100.0 * sums[-2] / n} if "logits" in out else {}),
             **{name: value / n for name, value in zip(stats.values(), sums[1:-2])}}
 
 
@@ -181,15 +187,15 @@ def _stop_diverged(paths: RunPaths, state: dict, epoch: int, step: int, lr: floa
                            f"--clip-grad-norm, and start a new run with another --out")
 
 
-def _finish(methods: list[Method], loop: Loop, paths: RunPaths, state: dict) -> None:
+def _finish(methods: list[Method], loop: Loop, paths: RunPaths, state: dict, scoring: Scorer) -> None:
     """The methods' finish hooks; weights a method put in place of the trained ones (SWA's average) become
     the run's model: validated, and saved as the best checkpoint."""
     if not any([method.finish(loop) for method in methods]):  # a list: every method finishes
         return
     cfg, model = loop.cfg, loop.model
-    val = evaluate(model, BatchLoader(loop.dataset.split("val"), cfg.batch_size, loop.device), loop.device,
-                   cfg.precision)
-    state.update(best_val_acc=val["acc"], best_epoch=cfg.epochs, final_val={f"val_{k}": v for k, v in val.items()})
+    val = scoring.score(model, BatchLoader(loop.dataset.split("val"), cfg.batch_size, loop.device))
+    state.update(best_val_acc=val[scoring.select], best_epoch=cfg.epochs,
+                 final_val={f"val_{k}": v for k, v in val.items()})
     if loop.world.main:
         save_checkpoint(paths.best, model, state)
 
@@ -215,6 +221,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
     dataset.check_splits()  # a truncated test array is found now, not after the last epoch
     dataset.require_every_class("train")
+    check_run(cfg, dataset)  # contrastive: two modalities; pseudo-labels that can be made
     cfg = recorded_config(cfg, dataset)
     world, device = init_world(cfg.device)
     try:
@@ -266,12 +273,16 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     else:
         init_pretrained(model, cfg.pretrained)
     step = build_step(cfg, model, opt, scaler, device, world, methods)
-    loop = Loop(cfg, model, opt, dataset, device, world)
+    scoring = scorer(cfg.objective, dataset, device, cfg.precision)  # best_val_acc holds val[scoring.select]
+    labels = pairing_labels(cfg, dataset, paths.root, world)
+    train_split, val_split = dataset.split("train"), dataset.split("val")
+    rows, held_out = (held_out_split(train_split.labels, cfg.balance_holdout, cfg.seed)
+                      if any(method.holds_out for method in methods) else (None, np.arange(0)))
+    loop = Loop(cfg, model, opt, dataset, device, world, rows, held_out)
     augment = BatchAugment(cfg.augment, dataset.specs, cfg.seed, cfg.batch_size, world.rank, world.size)
     if cfg.augment and not augment:
         say(f"[yellow]augment {','.join(cfg.augment)}: no modality of this run is of a kind it applies to")
 
-    train_split, val_split = dataset.split("train"), dataset.split("val")
     val_loader = BatchLoader(val_split, cfg.batch_size, device)
     start, first = time.time(), state["epoch"]
     bars = progress(TextColumn("loss {task.fields[loss]:.3f}")) if world.main else contextlib.nullcontext()
@@ -281,7 +292,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             t0 = time.time()
             for method in methods:
                 method.start_epoch(loop, epoch)
-            order, partners = epoch_plan(train_split.labels, dataset.modalities, cfg.pairing, cfg.seed, epoch)
+            order, partners = epoch_plan(labels, dataset.modalities, cfg.pairing, cfg.seed, epoch, rows)
             loader = BatchLoader(train_split, cfg.batch_size, device, order=order, partners=partners,
                                  drop_last=len(order) > cfg.batch_size, rank=world.rank, world=world.size)
             task = (bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=float("nan"))
@@ -298,11 +309,11 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                 method.end_epoch(loop, epoch)
             if not any(method.holds_lr(epoch) for method in methods):
                 sched.step()
-            val = evaluate(model, val_loader, device, cfg.precision)
-            if bar:  # in a log this is the epoch's line: val accuracy and the time the run has left
+            val = scoring.score(model, val_loader)
+            if bar:  # in a log this is the epoch's line: val accuracy (or R@1) and the time the run has left
                 left = (time.time() - start) / (epoch + 1 - first) * (cfg.epochs - epoch - 1)
-                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {val['acc']:.1f}%, "
-                                             f"run ETA {clock(left)}")
+                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {scoring.label}"
+                                             f"{val[scoring.select]:.1f}%, run ETA {clock(left)}")
             record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
                       **{f"val_{k}": v for k, v in val.items()}, "seconds": time.time() - t0}
             state["history"].append(record)
@@ -312,24 +323,26 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                          torch_rng=torch.get_rng_state(),
                          **{m.name: kept for m in methods if (kept := m.state_dict()) is not None})
             if world.main:
-                if val["acc"] > state["best_val_acc"]:
-                    state["best_val_acc"], state["best_epoch"] = val["acc"], epoch + 1
+                if val[scoring.select] > state["best_val_acc"]:
+                    state["best_val_acc"], state["best_epoch"] = val[scoring.select], epoch + 1
                     save_checkpoint(paths.best, model, state)
                 save_checkpoint(paths.last, model, state)
                 atomic_write_text(paths.metrics_jsonl, _jsonl(state["history"]))
-            elif val["acc"] > state["best_val_acc"]:
-                state["best_val_acc"], state["best_epoch"] = val["acc"], epoch + 1
+            elif val[scoring.select] > state["best_val_acc"]:
+                state["best_val_acc"], state["best_epoch"] = val[scoring.select], epoch + 1
 
-    _finish(methods, loop, paths, state)
+    _finish(methods, loop, paths, state, scoring)
     world.barrier()  # the best checkpoint is on disk
     if not world.main:
         return {}
     load_weights(find_checkpoint(paths.best), model, device)
-    test = evaluate(model, BatchLoader(dataset.split("test"), cfg.batch_size, device), device, cfg.precision)
+    test = scoring.score(model, BatchLoader(dataset.split("test"), cfg.batch_size, device))
     best = state.get("final_val") or state["history"][state["best_epoch"] - 1]
     metrics = {"dataset": dataset.name, "modalities": dataset.modalities, "pairing": cfg.pairing,
                **{k: getattr(cfg, k) for k in METHOD_KEYS}, "seed": cfg.seed, "world_size": world.size,
                "best_epoch": state["best_epoch"], "epochs": cfg.epochs,
+               "selected_by": f"val_{scoring.select}", **scoring.recorded,
+               **({"held_out_train_rows": len(held_out)} if len(held_out) else {}),
                **{k: v for k, v in best.items() if k.startswith("val_")},
                **{f"test_{k}": v for k, v in test.items()},
                "train_seconds": sum(r["seconds"] for r in state["history"]),

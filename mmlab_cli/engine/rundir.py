@@ -5,7 +5,8 @@
     metrics.jsonl          one line per finished epoch
     metrics.json           best-val epoch, val and test accuracy (fused and per modality); present = finished
     checkpoints/last/      model.safetensors + state.pt, after every epoch
-    checkpoints/best/      the same, for the best validation accuracy so far
+    checkpoints/best/      the same, for the best validation accuracy (contrastive: mean R@1) so far
+    pseudo_labels.json     with --pseudo-labels: the k-means pseudo-labels DML re-pairs within, and their settings
 
 `load_run` turns a run directory back into a `Run` (model, dataset, config, paths) for notebooks and
 analyses (docs/api.md).
@@ -25,8 +26,10 @@ import torch
 from mmlab_cli.config import TrainConfig, config_from_yaml
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import read_json_object
+from mmlab_cli.engine import ANALYSES
 from mmlab_cli.engine.checkpoint import find_checkpoint, non_finite_weights, read_weights
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.methods.contrastive import make_contrastive
 from mmlab_cli.methods.registry import UNIT_SPHERE
 from mmlab_cli.models.fusion import LateFusion
 
@@ -40,6 +43,11 @@ class RunPaths:
         self.metrics = self.root / "metrics.json"
         self.last = self.root / "checkpoints" / "last"
         self.best = self.root / "checkpoints" / "best"
+
+    def analyses(self, checkpoint: str = "best") -> Path:
+        """Where the analyses of a checkpoint write their files: the run directory for the best checkpoint,
+        RUN/analyses-last/ for the last one (so a run can hold both: flatness at a fixed epoch and at the best)."""
+        return self.root / ANALYSES[checkpoint]
 
     def load_config(self) -> TrainConfig:
         """config.yaml with `out` re-based on where the run directory is now."""
@@ -77,8 +85,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, dataset: PreparedDataset) -> LateFusion:
-    return LateFusion(dataset.specs, len(dataset.classes), encoder=cfg.encoder, dim=cfg.embed_dim, fusion=cfg.fusion,
-                      text_encoder=cfg.text_encoder, unit_sphere=cfg.regularizer == UNIT_SPHERE)
+    """The run's model; a contrastive run's has a learned temperature and a frozen fusion head."""
+    model = LateFusion(dataset.specs, len(dataset.classes), encoder=cfg.encoder, dim=cfg.embed_dim, fusion=cfg.fusion,
+                       text_encoder=cfg.text_encoder, unit_sphere=cfg.regularizer == UNIT_SPHERE)
+    return make_contrastive(model) if cfg.objective == "contrastive" else model
 
 
 def git_commit() -> str | None:

@@ -32,12 +32,13 @@ from mmlab_cli.methods.base import Loop, Method, balancing
 MAX_GAP, MIN_P, CLIP = 10.0, 1e-8, 1.0
 
 
-def shapley_logits(model, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """phi_m for every modality; they add up to the fused logits."""
-    mods = list(model.modalities)
+def shapley(fuse, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """phi_m for every modality of `z`, for any fusion `fuse(part) -> logits` that takes a dict of some of the
+    modalities and treats the missing ones as zero embeddings; the phi_m add up to fuse(z)."""
+    mods = list(z)
     n = len(mods)
-    empty = model.fuse({mods[0]: torch.zeros_like(z[mods[0]])})
-    value = {(): empty, **{s: model.fuse({m: z[m] for m in s}) for k in range(1, n + 1) for s in combinations(mods, k)}}
+    empty = fuse({mods[0]: torch.zeros_like(z[mods[0]])})
+    value = {(): empty, **{s: fuse({m: z[m] for m in s}) for k in range(1, n + 1) for s in combinations(mods, k)}}
     phi = {}
     for m in mods:
         others = [o for o in mods if o != m]
@@ -46,6 +47,19 @@ def shapley_logits(model, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
                  for k in range(n) for s in combinations(others, k)]
         phi[m] = sum(terms) + empty / n
     return phi
+
+
+def shapley_logits(model, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """phi_m for every modality of an mmlab model; they add up to the fused logits."""
+    return shapley(model.fuse, {m: z[m] for m in model.modalities})
+
+
+@torch.no_grad()
+def score_sums(phi: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """[M]: each modality's batch sum of -log max(p_m(y), 1e-8) from its mono logits phi_m [B, K]; divided
+    by the batch size, the scores r of `coefficients`."""
+    p = torch.stack([x.float().softmax(1).gather(1, y[:, None])[:, 0] for x in phi])
+    return -p.clamp_min(MIN_P).log().sum(1)
 
 
 def others_mean(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +71,19 @@ def coefficients(scores: torch.Tensor, running: torch.Tensor, alpha: float) -> t
     the running means rbar, both [M]."""
     gap = torch.exp(others_mean(running) - running) - torch.exp(others_mean(scores) - scores)
     return torch.exp(alpha * gap.clamp(max=MAX_GAP))
+
+
+def clip(head, params, scale: float = 1.0) -> None:
+    """After the backward: clip the gradients of `params` (the whole model's) to norm 1 when a weight gradient
+    of the fusion head (`head`, its parameters) leaves [-1, 1]; `scale`: the fp16 loss scale, if any."""
+    weights = [p.grad for p in head if p.grad is not None and p.dim() >= 2]
+    if not weights:
+        return
+    params = [p for p in params if p.grad is not None]
+    outside = torch.stack([g.abs().max() for g in weights]).max() > CLIP * scale
+    norm = get_total_norm([p.grad for p in params])
+    # no host sync: with a zero norm the clipping factor is capped at 1, a no-op
+    clip_grads_with_norm_(params, CLIP * scale, torch.where(outside, norm, torch.zeros_like(norm)))
 
 
 class AGM(Method):
@@ -77,9 +104,8 @@ class AGM(Method):
         phi = shapley_logits(model, z)
         for i, m in enumerate(self.modalities):  # read at backward time: loss() sets the scale first
             phi[m].register_hook(lambda g, i=i: g * self.scale[i].to(g.dtype))
-        with torch.no_grad():
-            p = torch.stack([phi[m].float().softmax(1).gather(1, y[:, None])[:, 0] for m in self.modalities])
-            self._scores = torch.cat([-p.clamp_min(MIN_P).log().sum(1), p.new_tensor([len(y)])]).double()
+        sums = score_sums([phi[m] for m in self.modalities], y)
+        self._scores = torch.cat([sums, sums.new_tensor([len(y)])]).double()
         logits = sum(phi.values())
         return logits, ce(logits, y)
 
@@ -99,15 +125,8 @@ class AGM(Method):
         self.running += (out["agm_scores"] - self.running) / self.steps  # the mean over every step so far
         if not self.active:
             return
-        scale = step.scaler.get_scale() if step.scaler.is_enabled() else 1.0
-        head = [p.grad for p in self.model.head.parameters() if p.grad is not None and p.dim() >= 2]
-        if not head:
-            return
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        outside = torch.stack([g.abs().max() for g in head]).max() > CLIP * scale
-        norm = get_total_norm([p.grad for p in params])
-        # no host sync: with a zero norm the clipping factor is capped at 1, a no-op
-        clip_grads_with_norm_(params, CLIP * scale, torch.where(outside, norm, torch.zeros_like(norm)))
+        clip(self.model.head.parameters(), self.model.parameters(),
+             step.scaler.get_scale() if step.scaler.is_enabled() else 1.0)
 
     def state_dict(self) -> dict:
         return {"running": self.running.clone(), "steps": self.steps}

@@ -14,6 +14,8 @@ Every hook is a no-op here; a method overrides the ones it needs. In the order t
 - `end_epoch(loop, epoch)`: after the epoch's steps (SWA averages here); `holds_lr(epoch)` says the method
   set this epoch's learning rate, so the scheduler does not step.
 - `finish(loop)`: after the last epoch; True when it replaced the model's weights (SWA's average).
+- `holds_out`: True for a method that measures generalisation on a held-out part of train (G-Blending,
+  Diagnosing & Re-learning): the loop then trains on `Loop.rows` only and leaves `Loop.held_out` untouched.
 - `state_dict()` / `load_state_dict(state)`: everything the method carries from step to step, saved in
   every checkpoint under the method's `name`, so a resumed run continues bit-identically.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -36,6 +39,8 @@ class Loop:
     dataset: object
     device: torch.device
     world: object
+    rows: np.ndarray | None = None  # the train rows trained on (None: all of them)
+    held_out: np.ndarray | None = None  # the train rows held out (see Method.holds_out)
 
 
 def balancing(cfg, epoch: int) -> bool:
@@ -47,6 +52,7 @@ def balancing(cfg, epoch: int) -> bool:
 class Method:
     name = ""
     stats: dict[str, str] = {}
+    holds_out = False
 
     def start_epoch(self, loop: Loop, epoch: int) -> None:
         pass

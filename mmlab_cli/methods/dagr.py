@@ -28,8 +28,11 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
+from mmlab_cli.config import TrainConfig
 from mmlab_cli.methods.base import Method
 from mmlab_cli.methods.pareto import pareto_alpha
+
+DEFAULT = TrainConfig()  # DAGRLoss's defaults are `mmlab train`'s
 
 
 def dispersion(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -58,12 +61,43 @@ def dagr_terms(embeddings: dict[str, torch.Tensor], temperature: float, delta: f
     return {"dispersion": disp, "anchoring": anchor}
 
 
+class DAGRLoss(torch.nn.Module):
+    """DAGR for any training loop: `DAGRLoss(...)(embeddings)`, embeddings a dict or list of [B, d] tensors
+    (one per modality, rows paired), returns {'dispersion', 'anchoring', 'loss'}, the last the weighted sum
+    lambda_d L_disp + lambda_a L_anchor. `pareto` gives the Pareto-mixed term instead."""
+
+    def __init__(self, temperature: float = DEFAULT.dagr_temperature, delta: float = DEFAULT.dagr_delta,
+                 weights: tuple[float, float] = tuple(DEFAULT.dagr_weights), lam: float = DEFAULT.dagr_lambda):
+        super().__init__()
+        self.temperature, self.delta, self.weights, self.lam = temperature, delta, tuple(weights), lam
+
+    def forward(self, embeddings) -> dict[str, torch.Tensor]:
+        if not isinstance(embeddings, dict):
+            embeddings = {str(i): e for i, e in enumerate(embeddings)}
+        terms = dagr_terms(embeddings, self.temperature, self.delta)
+        return {**terms, "loss": self.weighted(terms)}
+
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """lambda_d L_disp + lambda_a L_anchor."""
+        return self.weights[0] * terms["dispersion"] + self.weights[1] * terms["anchoring"]
+
+    def pareto(self, terms: dict[str, torch.Tensor], params: list[torch.Tensor], reduce=None,
+               scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda (alpha* L_disp + (1 - alpha*) L_anchor), alpha*), alpha* the min-norm mix of the two terms'
+        gradients w.r.t. `params` (the encoders': two extra backward passes; or the embeddings the terms were
+        computed from: MGDA-UB; graph kept). `reduce` averages a flat gradient over processes (distributed);
+        `scale` scales both terms first (fp16 loss scaling)."""
+        scaled = [scale(terms[k]) if scale else terms[k] for k in ("dispersion", "anchoring")]
+        alpha = pareto_alpha(*scaled, params, reduce)
+        return self.lam * (alpha * terms["dispersion"] + (1 - alpha) * terms["anchoring"]), alpha.detach()
+
+
 class DAGR(Method):
     name = "dagr"
 
     def __init__(self, model, temperature: float, delta: float, pareto: bool, lam: float,
                  weights: tuple[float, float], world, space: str = "params"):
-        self.temperature, self.delta, self.pareto, self.lam, self.weights = temperature, delta, pareto, lam, weights
+        self.pareto, self.terms = pareto, DAGRLoss(temperature, delta, weights, lam)
         self.encoder_params = [p for p in model.encoders.parameters() if p.requires_grad]
         self.world, self.space = world, space
         self._embeddings: list[torch.Tensor] = []
@@ -74,18 +108,17 @@ class DAGR(Method):
         """The terms over the global batch of a distributed run (`gather` keeps the gradient)."""
         z = {m: gather(v) if gather else v for m, v in z.items()}
         self._embeddings = list(z.values())
-        return dagr_terms(z, self.temperature, self.delta)
+        return dagr_terms(z, self.terms.temperature, self.terms.delta)
 
     def loss(self, step, out):
         embeddings, self._embeddings = self._embeddings, []  # not kept (nor their graph) past the step
         if not self.pareto:
-            return self.weights[0] * out["dispersion"] + self.weights[1] * out["anchoring"]
-        scale = step.scaler.scale  # fp16: scaled like the task loss; alpha* is scale-invariant
+            return self.terms.weighted(out)
         wrt, reduce = ((embeddings, None) if self.space == "embeddings" else
                        (self.encoder_params, self.world.mean if self.world.size > 1 else None))
-        alpha = pareto_alpha(scale(out["dispersion"]), scale(out["anchoring"]), wrt, reduce)
-        out["alpha"] = alpha.detach()
-        return self.lam * (alpha * out["dispersion"] + (1 - alpha) * out["anchoring"])
+        # fp16: scaled like the task loss; alpha* is scale-invariant
+        loss, out["alpha"] = self.terms.pareto(out, wrt, reduce, step.scaler.scale)
+        return loss
 
 
 def build(cfg, model, world) -> DAGR:

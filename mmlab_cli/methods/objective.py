@@ -18,7 +18,8 @@ class Objective(nn.Module):
     """forward(inputs, y) -> {'loss': the task loss plus the probes', 'ce': plain fused CE (detached),
     'logits': fused logits (detached), and every method's `outputs` (DAGR: 'dispersion', 'anchoring')}.
     The task loss is the fused cross-entropy unless a method's `task_loss` replaces it (DGL, AGM); a task without
-    fused logits (a contrastive objective) returns (None, loss), and the output then has no 'ce' or 'logits'."""
+    fused logits (a contrastive objective) returns (None, loss); the output then has no 'logits', and its 'ce' is
+    that task loss (detached)."""
 
     def __init__(self, model: LateFusion, methods: list[Method] = (), label_smoothing: float = 0.0,
                  gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
@@ -36,7 +37,7 @@ class Objective(nn.Module):
             task = logits, self.ce(logits, y)
         logits, loss = task
         loss = loss + sum(F.cross_entropy(self.model.probes[m](v.detach()), y) for m, v in z.items())
-        out = {"loss": loss}
+        out = {"loss": loss, "ce": task[1].detach()}  # without fused logits: the task's own loss
         if logits is not None:
             out.update(ce=F.cross_entropy(logits.detach().float(), y), logits=logits.detach())
         for method in self.methods:

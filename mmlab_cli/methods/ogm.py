@@ -40,13 +40,38 @@ def coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.where(rho > 1, 1 - torch.tanh(alpha * torch.relu(rho)), torch.ones_like(rho))
 
 
+@torch.no_grad()
+def scores(logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """[M]: each modality's batch sum of the softmax probability of the true class, from its logits [B, K]."""
+    return torch.stack([x.float().softmax(1).gather(1, y[:, None]).sum() for x in logits])
+
+
+def modulated(encoder: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters OGM scales: the encoder's trainable weight tensors (ndim >= 2, not biases or norms)."""
+    return [p for p in encoder.parameters() if p.requires_grad and p.dim() >= 2]
+
+
+@torch.no_grad()
+def modulate(weights: list[list[torch.Tensor]], k: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """After the backward: multiply the gradients of modality i's `weights[i]` by k[i]; with a `generator`
+    (OGM-GE), then add N(0, std(k_i g) + 1e-8) noise drawn from it to each."""
+    for i, params in enumerate(weights):
+        for p in params:
+            if p.grad is None:
+                continue
+            p.grad.mul_(k[i])
+            if generator is not None:
+                std = p.grad.float().std().nan_to_num() + NOISE_FLOOR  # one element: no spread
+                noise = torch.randn(p.shape, generator=generator, device=p.device)
+                p.grad.add_((noise * std).to(p.grad.dtype))
+
+
 class OGM(Method):
     name = "ogm"
 
     def __init__(self, model, alpha: float, noise: bool, seed: int, device):
         self.modalities, self.alpha, self.noise = list(model.modalities), alpha, noise
-        self.weights = {m: [p for p in model.encoders[m].parameters() if p.requires_grad and p.dim() >= 2]
-                        for m in self.modalities}
+        self.weights = [modulated(model.encoders[m]) for m in self.modalities]
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.active = False
         self.stats = {f"ogm_coeff_{m}": f"ogm_coeff_{m}" for m in self.modalities}
@@ -57,26 +82,15 @@ class OGM(Method):
     def outputs(self, model, z, y, gather):
         with torch.no_grad():
             logits = slice_logits(model, z)
-            scores = torch.stack([logits[m].float().softmax(1).gather(1, y[:, None]).sum() for m in self.modalities])
-        return {"ogm_scores": scores}
+        return {"ogm_scores": scores([logits[m] for m in self.modalities], y)}
 
     def after_backward(self, step, inputs, y, out) -> None:
         k = coefficients(step.world.sum(out["ogm_scores"].double()), self.alpha).float()
         if not self.active:
             k = torch.ones_like(k)
         out.update({f"ogm_coeff_{m}": k[i] for i, m in enumerate(self.modalities)})
-        if not self.active:
-            return
-        with torch.no_grad():
-            for i, m in enumerate(self.modalities):
-                for p in self.weights[m]:
-                    if p.grad is None:
-                        continue
-                    p.grad.mul_(k[i])
-                    if self.noise:
-                        std = p.grad.float().std().nan_to_num() + NOISE_FLOOR  # one element: no spread
-                        noise = torch.randn(p.shape, generator=self.generator, device=p.device)
-                        p.grad.add_((noise * std).to(p.grad.dtype))
+        if self.active:
+            modulate(self.weights, k, self.generator if self.noise else None)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -32,20 +32,44 @@ def proto_logits(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_means(model, batches, classes: int, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each modality's mean embedding per class over `batches` (eval mode); `previous` for absent classes."""
-    was_training = model.training
-    model.eval()
+def prototypes(embedded, classes: int, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each modality's mean embedding per class over `embedded`, batches of ({modality: [B, d]}, y);
+    `previous` ({modality: [K, d]}) for classes absent from them."""
     sums = {m: torch.zeros_like(p) for m, p in previous.items()}
     counts = None
-    for inputs, y in batches:
+    for z, y in embedded:
         onehot = F.one_hot(y, classes).float()  # [B, K]
         counts = onehot.sum(0) if counts is None else counts + onehot.sum(0)
-        for m, z in model.embed(inputs).items():
-            sums[m] += onehot.T @ z.float()
-    model.train(was_training)
+        for m, e in z.items():
+            sums[m] += onehot.T @ e.float()
     seen = (counts > 0)[:, None]
     return {m: torch.where(seen, s / counts.clamp_min(1)[:, None], previous[m]) for m, s in sums.items()}
+
+
+@torch.no_grad()
+def class_means(model, batches, classes: int, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`prototypes` of an mmlab model's embeddings of `batches` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    means = prototypes(((model.embed(inputs), y) for inputs, y in batches), classes, previous)
+    model.train(was_training)
+    return means
+
+
+def prototype_terms(z: list[torch.Tensor], protos: list[torch.Tensor],
+                    y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE of the prototype logits [M], with gradient; batch sums of their softmax at the true class [M])
+    for each modality's embeddings [B, d] and prototypes [K, d]."""
+    logits = [proto_logits(e, p) for e, p in zip(z, protos)]
+    with torch.no_grad():
+        scores = torch.stack([x.softmax(1).gather(1, y[:, None]).sum() for x in logits])
+    return torch.stack([F.cross_entropy(x, y) for x in logits]), scores
+
+
+def rebalance_weights(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha for every modality scoring below the mean of the others, else 0; [M] -> [M] (float32)."""
+    others = (scores.sum() - scores) / (len(scores) - 1)
+    return torch.where(scores < others, alpha, 0.0).float()
 
 
 class PMR(Method):
@@ -71,17 +95,12 @@ class PMR(Method):
         self.computed += 1
 
     def outputs(self, model, z, y, gather):
-        logits = {m: proto_logits(z[m], self.prototypes[m]) for m in self.modalities}
-        with torch.no_grad():
-            scores = torch.stack([logits[m].softmax(1).gather(1, y[:, None]).sum() for m in self.modalities])
-        return {"pmr_ce": torch.stack([F.cross_entropy(logits[m], y) for m in self.modalities]),
-                "pmr_scores": scores}
+        ce, scores = prototype_terms([z[m] for m in self.modalities], [self.prototypes[m] for m in self.modalities], y)
+        return {"pmr_ce": ce, "pmr_scores": scores}
 
     def loss(self, step, out):
         scores = step.world.sum(out["pmr_scores"].double())
-        others = (scores.sum() - scores) / (len(scores) - 1)
-        weak = (scores < others) if self.active else torch.zeros_like(scores, dtype=torch.bool)
-        weights = torch.where(weak, self.alpha, 0.0).float()
+        weights = rebalance_weights(scores, self.alpha) if self.active else torch.zeros_like(scores).float()
         out.update({f"pmr_weight_{m}": weights[i] for i, m in enumerate(self.modalities)})
         return (weights * out["pmr_ce"]).sum()
 

@@ -2,10 +2,10 @@
 whose `build(cfg, model, world)` returns it, or None when the config leaves it off.
 
 Adding a method is one module, one line here and one test. The methods are built, and their hooks called,
-in this order: the task (DGL), SAM, SWA, the regularizer `--regularizer` names (DAGR or a control: a loss
-term only, so its place among these changes no number), then the balancing method `--balance` names (after
-SAM, so that it modulates the gradient SAM's second pass leaves). This module imports no torch: config.py
-reads the regularizer and balancing names from it for `--regularizer` and `--balance`.
+in this order: the task (contrastive, DGL), SAM, SWA, the regularizer `--regularizer` names (DAGR or a
+control: a loss term only, so its place among these changes no number), then the balancing method
+`--balance` names (after SAM, so that it modulates the gradient SAM's second pass leaves). This module imports
+no torch: config.py reads the regularizer and balancing names from it for `--regularizer` and `--balance`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import importlib
 from mmlab_cli.errors import MmlabError
 
 METHODS = {
+    "contrastive": "mmlab_cli.methods.contrastive",  # --objective contrastive: the task loss
     "dgl": "mmlab_cli.methods.dgl",
     "sam": "mmlab_cli.methods.sam",
     "swa": "mmlab_cli.methods.swa",
@@ -33,6 +34,8 @@ BALANCES = {  # --balance NAME
     "agm": "mmlab_cli.methods.agm",
     "pmr": "mmlab_cli.methods.pmr",
     "mmpareto": "mmlab_cli.methods.mmpareto",
+    "gblending": "mmlab_cli.methods.gblending",
+    "relearn": "mmlab_cli.methods.relearn",
 }
 
 
