@@ -80,8 +80,8 @@ def test_avmnist_trains_every_method_and_seed_then_analyses_and_reports(tmp_path
         assert (cfg["pairing"], cfg["regularizer"], cfg["modalities"]) == \
             (recipe.pairing, recipe.regularizer, recipe.modalities)
     sweep = load_sweep(ROOT / args[1])
-    assert list(sweep.analyses) == ["flatness", "robustness", "geometry"] and sweep.report == []
-    assert sweep.analyses["flatness"][:2] == ["--metric", "hessian,lpf"]
+    assert list(sweep.analyses) == ["flatness", "robustness", "geometry"] and sweep.report == [[]]
+    assert sweep.analyses["flatness"][0][:2] == ["--metric", "hessian,lpf"]
     assert not any(line.startswith("rm ") for line in lines)
 
 
