@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mmlab_cli.claims import load_claims
 from mmlab_cli.config import TrainConfig, config_to_yaml, resolve_config
 from mmlab_cli.main import app
 from mmlab_cli.methods.registry import BALANCES, REGULARIZERS
@@ -160,6 +161,9 @@ def test_dagr_trains_table1_and_d3_on_one_imbalance_level_then_analyses_and_repo
     assert list(sweep.analyses) == ["robustness", "geometry"]
     assert "missing-zero" in sweep.analyses["robustness"][0][sweep.analyses["robustness"][0].index("--corruption") + 1]
     assert sweep.report == [["--claims", "recipes/claims/dagr-paper.yaml"]]
+    for claim in load_claims(ROOT / sweep.report[0][1]).claims:  # each side is one method of the sweep: 2 seeds
+        for side in claim.sides:
+            assert sum(all(j["config"][k] == v for k, v in side.where) for j in jobs.values()) == 2, claim.id
 
 
 def audio_visual(src: Path, out: Path) -> Path:
