@@ -2,12 +2,16 @@
 # its data and runs one sweep file of recipes/sweeps/ (docs/sweep.md): training, analyses and the report.
 #   make reproduce-avmnist [MNIST=DIR FSDD=DIR] [SEEDS="0 1 2"] [JOBS=N] [DEVICE=cuda]
 #   make reproduce-synthetic [SEEDS="0 1 2"] [JOBS=N] [AUDIO_INFO="0.3 0.25 0.2 0.15 0.1 0.05"]
+#   make reproduce-dagr [SEEDS="0 1 2"] [JOBS=N] [DEVICE=cuda CREMA_D=DIR KINETICS_SOUNDS=DIR]
 # Re-running a target picks up where it stopped: `prepare` skips a prepared dataset, the sweep skips finished
 # runs and resumes interrupted ones, and the analyses reuse their JSON when settings and checkpoint are unchanged.
 #
 # On a CPU the runs go JOBS at a time (default: one per core), the cores split among them, with the settings
 # of recipes/sweeps/avmnist-cpu.yaml (cut to fit 60 minutes on 2 cores); DEVICE=cuda runs
 # recipes/sweeps/avmnist.yaml, the recipes as written (the DML paper's Table 6), one run at a time.
+# reproduce-dagr: the DAGR paper's Table 1 and D.3 methods on one synthetic imbalance level on a CPU
+# (recipes/sweeps/dagr-synthetic.yaml); DEVICE=cuda: its CREMA-D and Kinetics-Sounds recipes as written,
+# on the raw datasets CREMA_D and KINETICS_SOUNDS (recipes/sweeps/dagr-crema-d.yaml, dagr-kinetics-sounds.yaml).
 
 MNIST ?= ../shared/data/mnist
 FSDD ?= ../shared/data/fsdd
@@ -22,6 +26,13 @@ SYNTH_RUNS := runs/synthetic-sweep
 IMAGE_INFO ?= 0.2
 AUDIO_INFO ?= 0.3 0.25 0.2 0.15 0.1 0.05
 SYNTH_LEVELS = $(addprefix $(SYNTH_DATA)/audio-,$(AUDIO_INFO))
+# the DAGR set's level: image dominant (~81 % alone), audio informative (~58 % alone, SML ~90 %)
+DAGR_AUDIO_INFO ?= 0.25
+DAGR_RUNS := runs/dagr
+CREMA_D ?= CREMA-D
+KINETICS_SOUNDS ?= KINETICS_SOUNDS
+CREMA_D_DATA := data/crema-d
+KS_DATA := data/kinetics-sounds
 
 ifeq ($(DEVICE),cuda)
 JOBS ?= 1
@@ -36,7 +47,7 @@ csv = $(subst $() ,$(comma),$(strip $(1)))
 # $(call sweep,SWEEP_FILE): the sweep with this make's seeds, jobs and device
 sweep = $(MMLAB) sweep $(1) --seeds $(call csv,$(SEEDS)) --jobs $(JOBS) --set device=$(DEVICE)
 
-.PHONY: reproduce-avmnist reproduce-synthetic
+.PHONY: reproduce-avmnist reproduce-synthetic reproduce-dagr
 
 reproduce-avmnist: venv
 	$(MMLAB) prepare avmnist --mnist $(MNIST) --fsdd $(FSDD) --out $(AVMNIST_DATA)
@@ -44,6 +55,17 @@ reproduce-avmnist: venv
 
 reproduce-synthetic: venv $(addsuffix /manifest.json,$(SYNTH_LEVELS))
 	$(call sweep,recipes/sweeps/synthetic.yaml) --grid data=$(call csv,$(SYNTH_LEVELS)) --out $(SYNTH_RUNS)
+
+ifeq ($(DEVICE),cuda)
+reproduce-dagr: venv
+	$(MMLAB) prepare crema-d --src $(CREMA_D) --out $(CREMA_D_DATA)
+	$(MMLAB) prepare kinetics-sounds --src $(KINETICS_SOUNDS) --out $(KS_DATA)
+	$(call sweep,recipes/sweeps/dagr-crema-d.yaml) --set data=$(CREMA_D_DATA) --out $(DAGR_RUNS)/crema-d
+	$(call sweep,recipes/sweeps/dagr-kinetics-sounds.yaml) --set data=$(KS_DATA) --out $(DAGR_RUNS)/kinetics-sounds
+else
+reproduce-dagr: venv $(SYNTH_DATA)/audio-$(DAGR_AUDIO_INFO)/manifest.json
+	$(call sweep,recipes/sweeps/dagr-synthetic.yaml) --set data=$(SYNTH_DATA)/audio-$(DAGR_AUDIO_INFO) --out $(DAGR_RUNS)/synthetic
+endif
 
 $(SYNTH_DATA)/audio-%/manifest.json: | venv
 	$(MMLAB) prepare synthetic --image-info $(IMAGE_INFO) --audio-info $* --out $(@D)

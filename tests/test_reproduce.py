@@ -13,14 +13,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mmlab_cli.claims import load_claims
 from mmlab_cli.config import TrainConfig, config_to_yaml, resolve_config
 from mmlab_cli.main import app
+from mmlab_cli.methods.registry import BALANCES, REGULARIZERS
 from mmlab_cli.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 AVMNIST_METHODS = ("sml-dagr", "dml-dagr", "sml", "dml", "audio", "image")
 SYNTH_METHODS = ("sml-dagr", "sml", "dml", "audio", "image")
+# the DAGR paper's Table 1 baselines (ogm: OGM-GE without its noise, not in the table) and D.3 controls
+DAGR_TABLE1 = ("dagr", "dgl", *(b.replace("ogm", "ogm-ge") for b in BALANCES if b not in ("ogm", "ogm-ge")), "ogm-ge")
+DAGR_METHODS = (*DAGR_TABLE1, *(r for r in REGULARIZERS if r != "dagr"), "sml")
 
 
 def dry_run(*args: str) -> list[str]:
@@ -52,9 +57,11 @@ def avmnist_data(tmp_path, tiny_synthetic) -> Path:
 
 
 def test_every_method_of_the_reproductions_has_a_recipe():
-    for name, methods in (("avmnist", AVMNIST_METHODS), ("avmnist-cpu", AVMNIST_METHODS), ("synthetic", SYNTH_METHODS)):
+    for name, methods in (("avmnist", AVMNIST_METHODS), ("avmnist-cpu", AVMNIST_METHODS), ("synthetic", SYNTH_METHODS),
+                          ("dagr-synthetic", DAGR_METHODS), ("dagr-crema-d", DAGR_METHODS[:-1]),
+                          ("dagr-kinetics-sounds", DAGR_TABLE1)):
         sweep = load_sweep(ROOT / "recipes" / "sweeps" / f"{name}.yaml")
-        assert [Path(r).stem for r in sweep.recipes] == list(methods), name
+        assert sorted(Path(r).stem for r in sweep.recipes) == sorted(methods), name
         assert all((ROOT / r).is_file() for r in sweep.recipes), name
 
 
@@ -126,3 +133,62 @@ def test_synthetic_sweep_prepares_each_level_and_trains_on_it(tmp_path, tiny_syn
         job = jobs[f"sml/data=audio-{level}/seed0"]
         assert job["recipe"] == "recipes/synthetic/sml.yaml" and job["config"]["data"] == f"{data}/audio-{level}"
     assert re.search(r"--seeds 0 --jobs \d+ --set device=cpu", " ".join(sweep_line(lines)))
+
+
+def test_dagr_trains_table1_and_d3_on_one_imbalance_level_then_analyses_and_reports(tmp_path, tiny_synthetic,
+                                                                                   monkeypatch):
+    data = tmp_path / "data"
+    lines = dry_run("reproduce-dagr", "SEEDS=0 2", "JOBS=2", f"SYNTH_DATA={data}", f"DAGR_RUNS={tmp_path}/runs",
+                    "DEVICE=cpu")
+    assert f"/fake/bin/mmlab prepare synthetic --image-info 0.2 --audio-info 0.25 --out {data}/audio-0.25" in lines
+    shutil.copytree(tiny_synthetic, data / "audio-0.25")  # what the prepare line makes
+    args = sweep_line(lines)
+    assert args[1] == "recipes/sweeps/dagr-synthetic.yaml" and "--seeds 0,2 --jobs 2" in " ".join(args)
+    jobs = {j["name"]: j for j in plan(args, monkeypatch)["jobs"]}
+    assert sorted(jobs) == sorted(f"{m}/seed{s}" for m in DAGR_METHODS for s in (0, 2))
+    methods = {(c["scheme"], c["regularizer"], c["balance"]) for c in (j["config"] for j in jobs.values())}
+    assert len(methods) == len(DAGR_METHODS)  # no two recipes train the same method
+    assert {b for _, _, b in methods} == set(BALANCES) - {"ogm"} | {"none"}
+    assert {r for _, r, _ in methods} == set(REGULARIZERS) | {"none"}
+    for job in jobs.values():
+        cfg = job["config"]
+        assert (cfg["device"], cfg["data"], cfg["epochs"]) == ("cpu", f"{data}/audio-0.25", 8)
+        assert cfg["out"] == f"{tmp_path}/runs/synthetic/{job['name']}"
+        # every epoch-based key acts within the 8 epochs
+        assert cfg["gblend_super_epoch"] < 8 if cfg["balance"] == "gblending" else True
+        assert cfg["relearn_every"] * cfg["relearn_times"] < 8 if cfg["balance"] == "relearn" else True
+    sweep = load_sweep(ROOT / args[1])
+    assert list(sweep.analyses) == ["robustness", "geometry"]
+    assert "missing-zero" in sweep.analyses["robustness"][0][sweep.analyses["robustness"][0].index("--corruption") + 1]
+    assert sweep.report == [["--claims", "recipes/claims/dagr-paper.yaml"]]
+    for claim in load_claims(ROOT / sweep.report[0][1]).claims:  # each side is one method of the sweep: 2 seeds
+        for side in claim.sides:
+            assert sum(all(j["config"][k] == v for k, v in side.where) for j in jobs.values()) == 2, claim.id
+
+
+def audio_visual(src: Path, out: Path) -> Path:
+    """A stand-in for a prepared CREMA-D or Kinetics-Sounds (audio + visual): the plan opens every dataset."""
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("depth.npy"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    modalities = manifest["modalities"]
+    manifest["modalities"] = {"audio": modalities["audio"], "visual": modalities["image"]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for split in manifest["splits"]:
+        (out / split / "image.npy").rename(out / split / "visual.npy")
+    return out
+
+
+def test_dagr_on_cuda_runs_the_crema_d_and_kinetics_sounds_recipes_as_written(tmp_path, tiny_synthetic, monkeypatch):
+    lines = dry_run("reproduce-dagr", "SEEDS=0", f"DAGR_RUNS={tmp_path}/runs", "DEVICE=cuda", "CREMA_D=/raw/cremad",
+                    "KINETICS_SOUNDS=/raw/ks", f"CREMA_D_DATA={tmp_path}/crema-d", f"KS_DATA={tmp_path}/ks")
+    assert f"/fake/bin/mmlab prepare crema-d --src /raw/cremad --out {tmp_path}/crema-d" in lines
+    assert f"/fake/bin/mmlab prepare kinetics-sounds --src /raw/ks --out {tmp_path}/ks" in lines
+    calls = [shlex.split(line)[1:] for line in lines if " sweep " in line]
+    assert [c[1] for c in calls] == ["recipes/sweeps/dagr-crema-d.yaml", "recipes/sweeps/dagr-kinetics-sounds.yaml"]
+    for args, name in zip(calls, ("crema-d", "ks")):
+        audio_visual(tiny_synthetic, tmp_path / name)
+        for job in plan(args, monkeypatch)["jobs"]:
+            cfg, recipe = job["config"], resolve_config(ROOT / job["recipe"], {})
+            assert (cfg["encoder"], cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["device"]) == \
+                (recipe.encoder, recipe.epochs, recipe.batch_size, recipe.lr, "cuda")
+            assert (cfg["epochs"], cfg["optimizer"], cfg["clip_grad_norm"]) == (100, "sgd", 40.0)  # DGL's protocol
