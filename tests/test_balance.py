@@ -168,7 +168,11 @@ SETTINGS = {"ogm-ge": dict(balance="ogm-ge", balance_alpha=0.5), "agm": dict(bal
             # Pareto weights from embedding gradients: MMPareto's dot products summed over the processes, DAGR's
             # from the global batch's terms (tests/test_controls.py)
             "mmpareto-embeddings": dict(balance="mmpareto", pareto_space="embeddings"),
-            "dagr-embeddings": dict(regularizer="dagr", pareto_space="embeddings")}
+            "dagr-embeddings": dict(regularizer="dagr", pareto_space="embeddings"),
+            # the D.3 controls and the contrastive objective read the all-gathered global batch
+            "align": dict(regularizer="align"), "vicreg": dict(regularizer="vicreg"),
+            "barlow": dict(regularizer="barlow"),
+            "contrastive": dict(objective="contrastive", modalities=["image", "audio"], pairing="dml")}
 STATEFUL = ("ogm-ge", "agm", "pmr", "gblending", "relearn")  # the methods that carry state from step to step
 
 
@@ -214,7 +218,8 @@ def _workers(rank: int, world: int, runs: list[tuple[int, dict]]) -> None:
 
 
 def test_balance_two_gloo_processes_match_one(tiny_synthetic, tmp_path, one_thread):
-    """Every balancing method: scores summed over the processes before the coefficients, noise drawn alike."""
+    """Every balancing method (scores summed over the processes before the coefficients, noise drawn alike), the
+    D.3 controls and the contrastive objective (terms on the all-gathered global batch)."""
     settings = {name: {**dict(encoder="mlp", epochs=1, batch_size=16, lr=0.01), **s} for name, s in SETTINGS.items()}
     runs = [(_free_port(), tiny_config(tiny_synthetic, tmp_path / name / "two", **s).to_dict())
             for name, s in settings.items()]
