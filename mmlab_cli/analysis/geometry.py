@@ -183,8 +183,8 @@ def caveat_notes(results: list[dict]) -> list[str]:
 def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, checkpoint: str = "best",
                 force: bool = False) -> dict:
     """geometry() of a loaded run plus its identity, with every output file written into the checkpoint's
-    analyses folder (RunPaths.analyses);
-    a geometry.json with the same settings and checkpoint bytes is reused unless `force`."""
+    analyses folder (RunPaths.analyses); a geometry.json with the same settings and checkpoint bytes is reused
+    unless `force`."""
     out = run.paths.analyses(checkpoint)
     out.mkdir(exist_ok=True)
     from mmlab_cli.analysis.geometry_plots import write_plots

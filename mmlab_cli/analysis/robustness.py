@@ -250,8 +250,7 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
 def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, checkpoint: str = "best",
                 force: bool = False) -> dict:
     """robustness() of a loaded run plus its identity, written into the checkpoint's analyses folder
-    (RunPaths.analyses); a robustness.json
-    with the same settings and checkpoint bytes is reused unless `force`."""
+    (RunPaths.analyses); a robustness.json with the same settings and checkpoint bytes is reused unless `force`."""
     out = run.paths.analyses(checkpoint)
     out.mkdir(exist_ok=True)
     identity = run_identity(run, checkpoint)

@@ -27,7 +27,7 @@ from itertools import combinations
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from mmlab_cli.methods.base import Loop, Method, balancing
+from mmlab_cli.methods.base import Loop, Method, balancing, others_mean
 
 MAX_GAP, MIN_P, CLIP = 10.0, 1e-8, 1.0
 
@@ -60,10 +60,6 @@ def score_sums(phi: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
     by the batch size, the scores r of `coefficients`."""
     p = torch.stack([x.float().softmax(1).gather(1, y[:, None])[:, 0] for x in phi])
     return -p.clamp_min(MIN_P).log().sum(1)
-
-
-def others_mean(x: torch.Tensor) -> torch.Tensor:
-    return (x.sum() - x) / (len(x) - 1)
 
 
 def coefficients(scores: torch.Tensor, running: torch.Tensor, alpha: float) -> torch.Tensor:

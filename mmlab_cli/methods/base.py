@@ -49,6 +49,11 @@ def balancing(cfg, epoch: int) -> bool:
     return cfg.balance_start <= epoch + 1 <= (cfg.balance_end or cfg.epochs)
 
 
+def others_mean(scores: torch.Tensor) -> torch.Tensor:
+    """[M] -> [M]: for each modality the mean of the other modalities' scores (OGM's, AGM's and PMR's comparison)."""
+    return (scores.sum() - scores) / (len(scores) - 1)
+
+
 class Method:
     name = ""
     stats: dict[str, str] = {}

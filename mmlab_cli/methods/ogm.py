@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from mmlab_cli.methods.base import Loop, Method, balancing
+from mmlab_cli.methods.base import Loop, Method, balancing, others_mean
 
 NOISE_FLOOR = 1e-8
 
@@ -35,7 +35,7 @@ def slice_logits(model, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     """k_m from the modalities' batch scores [M]: 1 - tanh(alpha relu(rho_m)) where rho_m > 1, else 1."""
-    others = (scores.sum() - scores) / (len(scores) - 1)
+    others = others_mean(scores)
     rho = scores / others.clamp_min(torch.finfo(scores.dtype).tiny)  # both scores 0: rho 0, no modulation
     return torch.where(rho > 1, 1 - torch.tanh(alpha * torch.relu(rho)), torch.ones_like(rho))
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlab_cli.data.loader import BatchLoader
-from mmlab_cli.methods.base import Loop, Method, balancing
+from mmlab_cli.methods.base import Loop, Method, balancing, others_mean
 
 FRACTION, MOMENTUM = 0.1, 0.2
 
@@ -68,7 +68,7 @@ def prototype_terms(z: list[torch.Tensor], protos: list[torch.Tensor],
 
 def rebalance_weights(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha for every modality scoring below the mean of the others, else 0; [M] -> [M] (float32)."""
-    others = (scores.sum() - scores) / (len(scores) - 1)
+    others = others_mean(scores)
     return torch.where(scores < others, alpha, 0.0).float()
 
 
