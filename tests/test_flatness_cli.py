@@ -239,3 +239,10 @@ def test_last_checkpoint_analyses_have_their_own_folder_and_report(runs):
     flat = {t.spec.name: t for t in tables}["flatness"].numbers.set_index("modalities")
     assert flat.at["audio", "L_LPF mean"] == pytest.approx(lpf["audio"])
     assert flat.at["image+audio", "L_LPF mean"] == pytest.approx(lpf["sml"])
+    # the best and last checkpoints may hold the same weights: mark the last one's file to see which is read
+    marked = runs[1] / "analyses-last" / "flatness.json"
+    marked.write_text(json.dumps({**json.loads(marked.read_text()), "lpf_loss": 123.0}))
+    read = {c: {t.spec.name: t for t in write_report(runs[0].parent, checkpoint=c)[0]}["flatness"]
+            .numbers.set_index("modalities").at["audio", "L_LPF mean"] for c in ("best", "last")}
+    assert read == {"best": pytest.approx(json.loads((runs[1] / "flatness.json").read_text())["lpf_loss"]),
+                    "last": 123.0}
