@@ -1,11 +1,18 @@
 """Shared fixtures: paths to the real data in ../shared/data (tests skip cleanly without it)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# One CPU thread in every test and in every command and process a test starts (their default honours
+# OMP_NUM_THREADS; set before torch is imported). The tiny models gain nothing from threads, and where a
+# machine shows more CPUs than it grants (CI: a 2-core quota) or is busy, one thread per visible CPU made the
+# suite many times slower. The tests of the thread policy set or delete the variable themselves.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -33,20 +40,6 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     prepare_synthetic(out, num_classes=4, train_size=200, test_size=100, image_info=2.0, audio_info=2.0,
                       third=True, depth_info=2.0, seed=0)
     return out
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads but their synchronisation (and the machine is shared): one
-    thread here and in the commands these tests run (their default honours OMP_NUM_THREADS)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(data: Path, out: Path, **overrides):

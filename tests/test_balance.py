@@ -186,7 +186,7 @@ def _history(run):
 
 
 @pytest.mark.parametrize("name", STATEFUL)
-def test_balance_resume_is_bit_identical(name, tiny_synthetic, tmp_path, monkeypatch, one_thread):
+def test_balance_resume_is_bit_identical(name, tiny_synthetic, tmp_path, monkeypatch):
     settings = {**dict(encoder="mlp", epochs=2, batch_size=32), **SETTINGS[name]}
     whole = train(tiny_config(tiny_synthetic, tmp_path / "whole", **settings))
     save = fit.save_checkpoint
@@ -217,7 +217,7 @@ def _workers(rank: int, world: int, runs: list[tuple[int, dict]]) -> None:
         _worker(rank, world, port, values)
 
 
-def test_balance_two_gloo_processes_match_one(tiny_synthetic, tmp_path, one_thread):
+def test_balance_two_gloo_processes_match_one(tiny_synthetic, tmp_path):
     """Every balancing method (scores summed over the processes before the coefficients, noise drawn alike), the
     D.3 controls and the contrastive objective (terms on the all-gathered global batch)."""
     settings = {name: {**dict(encoder="mlp", epochs=1, batch_size=16, lr=0.01), **s} for name, s in SETTINGS.items()}
@@ -331,7 +331,7 @@ def test_pmr_class_means_hand_computed():
         assert torch.equal(got[m][2], previous[m][2])
 
 
-def test_pmr_prototypes_are_an_ema_from_the_third_computation(tiny_synthetic, one_thread):
+def test_pmr_prototypes_are_an_ema_from_the_third_computation(tiny_synthetic):
     from mmlab_cli.data.dataset import PreparedDataset
 
     cfg = tiny_config(tiny_synthetic, "unused", encoder="mlp", balance="pmr")
@@ -515,7 +515,7 @@ def _held_out_loop(tiny_synthetic, **kw):
     return Loop(cfg, model, None, dataset, torch.device("cpu"), World(), rows, held), dataset.split("train")
 
 
-def test_gblend_reestimates_from_the_losses_on_training_and_held_out_rows(tiny_synthetic, one_thread):
+def test_gblend_reestimates_from_the_losses_on_training_and_held_out_rows(tiny_synthetic):
     loop, split = _held_out_loop(tiny_synthetic, balance="gblending", gblend_super_epoch=2, balance_start=3)
     model = loop.model
     gb = GBlending(model, 2, torch.device("cpu"))
@@ -565,7 +565,7 @@ def test_relearn_purity_and_weight_hand_computed():
     assert relearn_weight(0.5, 0.75, 2.0) == pytest.approx(math.tanh(0.5))  # the gap's absolute value
 
 
-def test_relearn_moves_each_encoder_back_towards_its_initial_weights(tiny_synthetic, one_thread):
+def test_relearn_moves_each_encoder_back_towards_its_initial_weights(tiny_synthetic):
     loop, split = _held_out_loop(tiny_synthetic, balance="relearn")
     model = loop.model
     method = Relearn(model, every=2, times=1, strength=3.0)
@@ -596,7 +596,7 @@ def test_relearn_moves_each_encoder_back_towards_its_initial_weights(tiny_synthe
     assert method.coeff.tolist() == [0.0, 0.0]
 
 
-def test_a_run_never_trains_on_its_held_out_rows(tiny_synthetic, tmp_path, monkeypatch, one_thread):
+def test_a_run_never_trains_on_its_held_out_rows(tiny_synthetic, tmp_path, monkeypatch):
     plans = []
 
     def recorded(*args):

@@ -104,7 +104,7 @@ def _pseudo_config(data, out, **extra):
                        **extra)
 
 
-def test_pseudo_labels_are_kmeans_fixpoints_deterministic_recorded_and_reused(tiny_synthetic, tmp_path, one_thread):
+def test_pseudo_labels_are_kmeans_fixpoints_deterministic_recorded_and_reused(tiny_synthetic, tmp_path):
     dataset = PreparedDataset(tiny_synthetic, ["image", "audio"])
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
@@ -132,8 +132,7 @@ def test_pseudo_labels_are_kmeans_fixpoints_deterministic_recorded_and_reused(ti
     assert json.loads((a / FILE).read_text())["settings"]["seed"] == 1 and len(other) == len(la)
 
 
-def test_contrastive_dml_repairs_within_pseudo_labels_and_writes_recall(tiny_synthetic, tmp_path, monkeypatch,
-                                                                       one_thread):
+def test_contrastive_dml_repairs_within_pseudo_labels_and_writes_recall(tiny_synthetic, tmp_path, monkeypatch):
     fed, build_step = [], fit.build_step
 
     class Recorded:  # the training step, recording every batch it is given
@@ -192,7 +191,7 @@ def _trimmed(run: Path):
     return metrics, history
 
 
-def test_a_resumed_contrastive_run_is_bit_identical(tiny_synthetic, tmp_path, monkeypatch, one_thread):
+def test_a_resumed_contrastive_run_is_bit_identical(tiny_synthetic, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     train(_pseudo_config(tiny_synthetic, whole, epochs=2))
 

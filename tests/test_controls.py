@@ -178,7 +178,7 @@ def test_unit_sphere_fuses_unit_norm_embeddings_and_is_built_from_the_config():
 
 
 @pytest.mark.parametrize("name", [*sorted(LOSSES), UNIT_SPHERE])
-def test_one_epoch_with_each_control(name, tiny_synthetic, tmp_path, one_thread):
+def test_one_epoch_with_each_control(name, tiny_synthetic, tmp_path):
     metrics = train(tiny_config(tiny_synthetic, tmp_path / name, encoder="mlp", epochs=1, regularizer=name))
     assert metrics["regularizer"] == name and 0 <= metrics["test_acc"] <= 100
     record = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])

@@ -29,7 +29,6 @@ from mmlab_cli.models.fusion import FusionOutput, LateFusion
 CPU = torch.device("cpu")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ SMALL = ["--samples", "16", "--batch-size", "8", "--top-k", "5", "--trace-probes
          "--absent", "none"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_checkpoint_of_the_earlier_concat_and_sum_loads_unchanged():
 
 
 @pytest.fixture(scope="module")
-def fusion_runs(tiny_synthetic, tmp_path_factory, one_thread):
+def fusion_runs(tiny_synthetic, tmp_path_factory):
     root = tmp_path_factory.mktemp("fusion_runs")
     for fusion in FUSIONS:  # DGL + DAGR: the fused loss on detached embeddings, the unimodal losses through detach_head
         train(tiny_config(tiny_synthetic, root / fusion, fusion=fusion, epochs=1, batch_size=64, scheme="dgl",

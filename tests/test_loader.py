@@ -15,7 +15,6 @@ from mmlab_cli.data.pairing import epoch_plan
 CPU = torch.device("cpu")
 MODALITIES = ["image", "audio", "depth"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dml_batches_hold_the_anchors_in_order_and_same_class_partners(tiny_synthetic):

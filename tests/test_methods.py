@@ -350,7 +350,7 @@ REFERENCE_SETTINGS = {"dgl": dict(scheme="dgl", dgl_alpha=2.0), "dagr": dict(reg
                       "swa_keep": dict(swa_start=2, epochs=3)}
 
 
-def test_methods_reproduce_the_runs_recorded_before_the_method_interface(tiny_synthetic, tmp_path, one_thread):
+def test_methods_reproduce_the_runs_recorded_before_the_method_interface(tiny_synthetic, tmp_path):
     """DGL, DAGR (Pareto and weighted), SAM and SWA (constant and held rate) moved onto methods.base.Method:
     tiny fixed-seed runs give the metrics the code before the move gave (tests/assets/method_reference.json;
     bit-equal on the machine that recorded them in most runs; the tolerance is for other kernels' last bits)."""

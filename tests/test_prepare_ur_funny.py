@@ -101,7 +101,7 @@ def test_rerun_skips_and_cli_names_a_missing_pickle(prepared, tmp_path):
     assert result.exit_code == 2 and "language_sdk.pkl: missing" in result.output
 
 
-def test_three_sequence_modalities_train_and_every_analysis_runs(prepared, one_thread):
+def test_three_sequence_modalities_train_and_every_analysis_runs(prepared):
     root = prepared[0]
     out = root / "run"
     train(tiny_config(root / "out", out, modalities=["text", "acoustic", "visual"], encoder="transformer",

@@ -130,7 +130,7 @@ def grid(tmp_path, tiny_synthetic):
     return path, {j.name: j for j in sw.expand(sw.load_sweep(path))}
 
 
-def test_a_run_with_other_settings_is_an_error_not_replaced(grid, one_thread):
+def test_a_run_with_other_settings_is_an_error_not_replaced(grid):
     from mmlab_cli.engine.fit import train
 
     path, jobs = grid
@@ -142,8 +142,7 @@ def test_a_run_with_other_settings_is_an_error_not_replaced(grid, one_thread):
     assert [p.name for p in (Path(job.config.out).parents[1]).iterdir()] == ["epochs=1,gamma=0.5"]
 
 
-def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence(grid, tmp_path, one_thread,
-                                                                                 monkeypatch):
+def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence(grid, tmp_path, monkeypatch):
     from mmlab_cli.engine import fit
 
     path, jobs = grid
