@@ -119,6 +119,16 @@ def test_strided_cnn_is_tiny_cnn_with_a_stride_2_stem():
         assert strided(x).shape == (2, 8)
 
 
+def test_pooled_cnn_is_strided_cnn_on_the_input_averaged_over_2x2_blocks():
+    torch.manual_seed(0)
+    strided, pooled = create_encoder("strided_cnn", SPEC, 8).eval(), create_encoder("pooled_cnn", SPEC, 8).eval()
+    pooled[1][1].load_state_dict(strided[1].state_dict())
+    x = torch.randn(2, 1, 40, 24)
+    blocks = (x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]) / 4
+    with torch.no_grad():
+        torch.testing.assert_close(pooled[1](x), strided[1](blocks))
+
+
 def test_resnet18_initialised_from_a_local_torchvision_state_dict(tmp_path):
     from torchvision.models import resnet18
 

@@ -108,6 +108,13 @@ def strided_cnn(in_channels: int, dim: int) -> nn.Module:
     return small_cnn(in_channels, dim, width=16, stem_stride=2)
 
 
+@register_encoder("pooled_cnn")
+def pooled_cnn(in_channels: int, dim: int) -> nn.Module:
+    """strided_cnn on the input average-pooled 2x2 (a 112x112 spectrogram seen at 56x56): about 4x less compute
+    again, so the 5-seed AVMNIST reproduction fits 2 CPU cores (docs/results/avmnist.md)."""
+    return nn.Sequential(nn.AvgPool2d(2), strided_cnn(in_channels, dim))
+
+
 @register_encoder("resnet18")
 def resnet18(in_channels: int, dim: int) -> nn.Module:
     """torchvision ResNet18 with its stem adapted to `in_channels` (1 for spectrograms) and a dim-sized head."""
