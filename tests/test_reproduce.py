@@ -22,6 +22,7 @@ from mmlab_cli.sweep import load_sweep
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 AVMNIST_METHODS = ("sml-dagr", "dml-dagr", "sml", "dml", "audio", "image")
+AVMNIST_CPU_METHODS = ("sml", "dml", "audio", "image")  # the DML paper's comparisons, 5 seeds in an hour
 SYNTH_METHODS = ("sml-dagr", "sml", "dml", "audio", "image")
 # the DAGR paper's Table 1 baselines (ogm: OGM-GE without its noise, not in the table) and D.3 controls
 DAGR_TABLE1 = ("dagr", "dgl", *(b.replace("ogm", "ogm-ge") for b in BALANCES if b not in ("ogm", "ogm-ge")), "ogm-ge")
@@ -57,7 +58,7 @@ def avmnist_data(tmp_path, tiny_synthetic) -> Path:
 
 
 def test_every_method_of_the_reproductions_has_a_recipe():
-    for name, methods in (("avmnist", AVMNIST_METHODS), ("avmnist-cpu", AVMNIST_METHODS), ("synthetic", SYNTH_METHODS),
+    for name, methods in (("avmnist", AVMNIST_METHODS), ("avmnist-cpu", AVMNIST_CPU_METHODS), ("synthetic", SYNTH_METHODS),
                           ("dagr-synthetic", DAGR_METHODS), ("dagr-crema-d", DAGR_METHODS[:-1]),
                           ("dagr-kinetics-sounds", DAGR_TABLE1)):
         sweep = load_sweep(ROOT / "recipes" / "sweeps" / f"{name}.yaml")
@@ -69,26 +70,37 @@ def test_avmnist_trains_every_method_and_seed_then_analyses_and_reports(tmp_path
     lines = dry_run("reproduce-avmnist", "SEEDS=0 1", "JOBS=2", f"AVMNIST_RUNS={tmp_path}/runs",
                     f"AVMNIST_DATA={avmnist_data}", "DEVICE=cpu")
     assert f"/fake/bin/mmlab prepare avmnist --mnist ../shared/data/mnist --fsdd ../shared/data/fsdd " \
-           f"--out {avmnist_data}" in lines
+           f"--noise white --snr-db -5 --out {avmnist_data}" in lines
     args = sweep_line(lines)
     assert args[:2] == ["sweep", "recipes/sweeps/avmnist-cpu.yaml"] and "--jobs 2" in " ".join(args)
     result = plan(args, monkeypatch)
     jobs = {j["name"]: j for j in result["jobs"]}
-    assert sorted(jobs) == sorted(f"{m}/seed{s}" for m in AVMNIST_METHODS for s in (0, 1))
+    assert sorted(jobs) == sorted(f"{m}/seed{s}" for m in AVMNIST_CPU_METHODS for s in (0, 1))
     assert result["threads"] == max(1, (os.cpu_count() or 1) // 2)  # the cores split among the JOBS
-    for m in AVMNIST_METHODS:
+    for m in AVMNIST_CPU_METHODS:
         job = jobs[f"{m}/seed1"]
         cfg = job["config"]
         assert job["recipe"] == f"recipes/avmnist/{m}.yaml" and job["state"] == "new"
         assert (cfg["seed"], cfg["device"], cfg["data"], cfg["out"]) == (1, "cpu", str(avmnist_data),
                                                                          f"{tmp_path}/runs/{m}/seed1")
-        assert cfg["encoder"] == {"image": "tiny_cnn", "audio": "strided_cnn"} and cfg["epochs"] == 8
+        # one SGD regime for every method, ending at lr 0.001 (stability limit 3800) after 14 epochs
+        assert cfg["encoder"] == {"image": "tiny_cnn", "audio": "pooled_cnn"}
+        assert (cfg["optimizer"], cfg["momentum"], cfg["lr"], cfg["gamma"], cfg["step_size"], cfg["epochs"]) == \
+            ("sgd", 0.9, 0.1, 0.1, 5, 14)
         recipe = resolve_config(ROOT / job["recipe"], {})  # the recipe's method is kept
         assert (cfg["pairing"], cfg["regularizer"], cfg["modalities"]) == \
             (recipe.pairing, recipe.regularizer, recipe.modalities)
     sweep = load_sweep(ROOT / args[1])
-    assert list(sweep.analyses) == ["flatness", "robustness", "geometry"] and sweep.report == [[]]
-    assert sweep.analyses["flatness"][0][:2] == ["--metric", "hessian,lpf"]
+    assert list(sweep.analyses) == ["flatness", "robustness", "geometry"]
+    for name, invocations in sweep.analyses.items():  # every analysis at the last and the best checkpoint
+        assert [a[:2] for a in invocations] == [["--checkpoint", "last"], ["--checkpoint", "best"]], name
+    assert sweep.analyses["flatness"][0][2:4] == ["--metric", "all"]  # Figures 1 and 4 at the last one
+    assert sweep.report == [["--checkpoint", c, "--claims", "recipes/claims/dml-paper.yaml"] for c in ("last", "best")]
+    keys = {name: {**j["config"], "n_modalities": len(j["config"]["modalities"])} for name, j in jobs.items()}
+    for claim in load_claims(ROOT / sweep.report[0][3]).claims:  # each side: one method, or several to pick from
+        for side in claim.sides:
+            matched = {n.split("/")[0] for n, cfg in keys.items() if all(cfg[k] == v for k, v in side.where)}
+            assert matched and (side.best_of or len(matched) == 1), (claim.id, matched)
     assert not any(line.startswith("rm ") for line in lines)
 
 
