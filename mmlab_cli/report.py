@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -128,6 +129,7 @@ class Table:
     numeric: list[str]  # the cells columns holding numbers (right-aligned)
     note: str = ""
     plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to the runs folder)
+    curves: dict[str, dict[str, dict]] = field(default_factory=dict)  # block -> group label -> F_gap over seeds
 
 
 # ---------------------------------------------------------------- reading runs
@@ -397,6 +399,41 @@ def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], do
                 break
 
 
+def fgap_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> dict[str, dict[str, dict]]:
+    """The DML paper's Figure 4 over seeds: for each block of runs the report compares (a dataset) and each
+    group in it, the mean F_gap curve of the group's runs on every split, its error bar the standard error
+    across the runs. A group whose runs used other radii than its first run is left out (its cells say so)."""
+    within = [k for k in group_by if k not in METHOD_KEYS]
+    named = {"modalities", "pairing"} <= set(group_by)
+    blocks: dict[str, dict[str, dict]] = {}
+    for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
+        found = [docs[i]["fgap"] for i in group.index if (docs[i] or {}).get("fgap")]
+        if not found or any((f["radii"], f["relative"]) != (found[0]["radii"], found[0]["relative"]) for f in found):
+            continue
+        row = group.iloc[0]
+        splits = {}
+        for split in found[0]["splits"]:
+            F = np.array([f["splits"][split]["F"] for f in found if split in f["splits"]])
+            err = F.std(axis=0, ddof=1) / math.sqrt(len(F)) if len(F) > 1 else [None] * F.shape[1]
+            splits[split] = {"F": F.mean(axis=0).tolist(), "F_stderr": list(err)}
+        label = method_label(row, group_by) if named else ", ".join(map(str, key if isinstance(key, tuple) else (key,)))
+        block = ", ".join(f"{k} {row[k]}" for k in within)
+        blocks.setdefault(block, {})[label] = {**found[0], "splits": splits, "runs": len(found)}
+    return blocks
+
+
+def draw_curves(root: Path, name: str, table: Table) -> None:
+    """Draw a table's curves over seeds into <name>_fgap[-k].png under `root` and list them with its plots."""
+    from mmlab_cli import figures  # matplotlib, only when there is something to draw
+    from mmlab_cli.analysis import flatness_plots
+
+    for k, (block, curves) in enumerate(table.curves.items()):
+        file = f"{name}_fgap{f'-{k + 1}' if len(table.curves) > 1 else ''}.png"
+        flatness_plots.fgap({f"{label}{figures.RUN_SEPARATOR}{c['runs']} runs": c for label, c in curves.items()},
+                            root / file)
+        table.plots.insert(k, (f"F_gap over seeds, mean ± standard error{f' ({block})' if block else ''}", file))
+
+
 def comparison_figures(root: Path) -> list[tuple[str, str]]:
     """(caption, path) of every PNG a comparison under `root` lists in its JSON (`mmlab <analysis> RUN RUN ...`
     writes them into <runs>/compare/<analysis>/)."""
@@ -441,6 +478,8 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
     for spec in TABLES:
         table = build_table(spec, runs, group_by, docs[spec.file])
         attach_plots(table, runs, group_by, docs[spec.file], checkpoint)
+        if spec.file == "flatness.json":
+            table.curves = fgap_over_seeds(runs, group_by, docs[spec.file])
         tables.append(table)
     if stated:
         tables.append(claims_table(stated, runs, docs, group_by))
@@ -482,6 +521,9 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
     root = Path(root)
     tables, group_by = build_tables(root, group_by, claims, checkpoint)
     name = "report" if checkpoint == "best" else f"report-{checkpoint}"
+    for table in tables:
+        if table.curves:
+            draw_curves(root, name, table)
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
     md = (f"# mmlab report: {root}\n\n{runs} runs in {len(tables[0].numbers)} groups by "

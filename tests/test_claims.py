@@ -276,3 +276,30 @@ def test_command_line_writes_markdown_csv_and_latex(runs_dir, report):
         done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
                               cwd=runs_dir, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_report_draws_figure_4_over_seeds_mean_and_standard_error(tmp_path):
+    """Per method, the mean F_gap curve of its seeds with the standard error across them; a group measured
+    with other radii than its first run is left out of the figure."""
+    root = tmp_path / "runs"
+    train = {"sml": [[0.0, 1.0, 3.0], [0.0, 2.0, 5.0]], "dml": [[0.0, 0.5, 1.0], [0.0, 1.5, 2.0]],
+             "image": [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]}
+    for group, curves in train.items():
+        for seed, F in enumerate(curves):
+            radii = [0.0, 0.1, 0.3] if (group, seed) == ("image", 1) else [0.0, 0.1, 0.2]
+            fgap = {"radii": radii, "gamma": [10 * r for r in radii], "relative": True,
+                    "splits": {split: {"F": [k * f for f in F], "F_stderr": [0.0] * 3}
+                               for k, split in ((1, "train"), (2, "test"))}}
+            modalities = ["image"] if group == "image" else ["image", "audio"]
+            _run(root, f"{group}/s{seed}", {"modalities": modalities, "pairing": "sml" if group == "image" else group,
+                                             "seed": seed}, 70.0, {"fgap": fgap})
+    tables, text, _ = write_report(root)
+    (curves,) = next(t for t in tables if t.spec.name == "flatness").curves.values()
+    assert set(curves) == {"SML (image+audio)", "DML (image+audio)"}  # image only: two sets of radii
+    sml = curves["SML (image+audio)"]
+    assert sml["runs"] == 2 and sml["radii"] == [0.0, 0.1, 0.2]
+    np.testing.assert_allclose(sml["splits"]["train"]["F"], [0.0, 1.5, 4.0])
+    np.testing.assert_allclose(sml["splits"]["train"]["F_stderr"], [0.0, 0.5, 1.0])  # std(1, 2) / sqrt(2) = 0.5
+    np.testing.assert_allclose(sml["splits"]["test"]["F"], [0.0, 3.0, 8.0])
+    np.testing.assert_allclose(curves["DML (image+audio)"]["splits"]["train"]["F"], [0.0, 1.0, 1.5])
+    assert "](report_fgap.png)" in text and (root / "report_fgap.png").stat().st_size > 10_000

@@ -4,6 +4,7 @@ panels of one figure share their axes, colour levels and colour bar."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,24 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 
 from mmlab_cli import figures
-from mmlab_cli.analysis.hessian import density_curve
 
 LOSS = "loss (nats)"
 ROUND_TICKS = ticker.LogLocator(subs=(1.0, 2.0, 5.0))  # colour-bar ticks at 1, 2, 5 x 10^k
+
+
+def density_curve(nodes: list[list[float]], weights: list[list[float]], points: int = 1000,
+                  width: float = 0.01, bounds: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SLQ density on a grid: Gaussians of std `width` x (spectrum range) at the nodes, averaged over runs.
+    `bounds` fixes the range (and so grid and width) for curves that are to be compared; default the nodes'."""
+    all_nodes = np.concatenate([np.asarray(n) for n in nodes])
+    lo, hi = bounds or (all_nodes.min(), all_nodes.max())
+    sigma = width * max(hi - lo, 1e-12)
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
+    dens = np.zeros_like(grid)
+    for n, w in zip(nodes, weights):
+        n, w = np.asarray(n)[:, None], np.asarray(w)[:, None]
+        dens += (w * np.exp(-0.5 * ((grid[None] - n) / sigma) ** 2)).sum(0) / (sigma * math.sqrt(2 * math.pi))
+    return grid, dens / len(nodes)
 
 
 @figures.styled

@@ -169,21 +169,6 @@ def slq_density(hvp, theta: torch.Tensor, steps: int, runs: int, seed: int, adva
     return {"steps": steps, "runs": runs, "nodes": nodes, "weights": weights}
 
 
-def density_curve(nodes: list[list[float]], weights: list[list[float]], points: int = 1000,
-                  width: float = 0.01, bounds: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """SLQ density on a grid: Gaussians of std `width` x (spectrum range) at the nodes, averaged over runs.
-    `bounds` fixes the range (and so grid and width) for curves that are to be compared; default the nodes'."""
-    all_nodes = np.concatenate([np.asarray(n) for n in nodes])
-    lo, hi = bounds or (all_nodes.min(), all_nodes.max())
-    sigma = width * max(hi - lo, 1e-12)
-    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
-    dens = np.zeros_like(grid)
-    for n, w in zip(nodes, weights):
-        n, w = np.asarray(n)[:, None], np.asarray(w)[:, None]
-        dens += (w * np.exp(-0.5 * ((grid[None] - n) / sigma) ** 2)).sum(0) / (sigma * math.sqrt(2 * math.pi))
-    return grid, dens / len(nodes)
-
-
 def spectrum(model: nn.Module, subset: Subset, lp: LossParams, top_k: int = 5, tol: float = 1e-3,
              max_steps: int = 100, trace_probes: int = 100, probe_batch: int = 1, density: bool = False,
              density_steps: int = 80, density_runs: int = 1, seed: int = 0,
