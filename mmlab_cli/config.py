@@ -55,8 +55,8 @@ class TrainConfig:
                               "needs mmlab[umap]).", metavar="INT")
     fusion: str = option("concat", "The network fusing the embeddings before the linear classifier "
                          "(docs/training.md).", tuple(FUSIONS))
-    encoder: str | dict[str, str] = option("small_cnn", "small_cnn | tiny_cnn | strided_cnn | pooled_cnn | resnet18 | mlp | "
-                                           "transformer (sequences) | bert, or one per modality: image=resnet18,"
+    encoder: str | dict[str, str] = option("small_cnn", "small_cnn | tiny_cnn | strided_cnn | pooled_cnn | resnet18 | "
+                                           "mlp | transformer (sequences) | bert, or one per modality: image=resnet18,"
                                            "text=bert (text_tokens modalities always use bert).", metavar="NAME")
     text_encoder: str = option("", "Local transformers model directory (BERT family) for text modalities: "
                                "config.json, and weights to start from if present.", metavar="DIR")

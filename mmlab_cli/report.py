@@ -402,7 +402,7 @@ def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], do
 def fgap_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> dict[str, dict[str, dict]]:
     """The DML paper's Figure 4 over seeds: for each block of runs the report compares (a dataset) and each
     group in it, the mean F_gap curve of the group's runs on every split, its error bar the standard error
-    across the runs. A group whose runs used other radii than its first run is left out (its cells say so)."""
+    across the runs. A group whose runs used other radii than its first run is left out of the figure."""
     within = [k for k in group_by if k not in METHOD_KEYS]
     named = {"modalities", "pairing"} <= set(group_by)
     blocks: dict[str, dict[str, dict]] = {}
@@ -416,7 +416,8 @@ def fgap_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -
             F = np.array([f["splits"][split]["F"] for f in found if split in f["splits"]])
             err = F.std(axis=0, ddof=1) / math.sqrt(len(F)) if len(F) > 1 else [None] * F.shape[1]
             splits[split] = {"F": F.mean(axis=0).tolist(), "F_stderr": list(err)}
-        label = method_label(row, group_by) if named else ", ".join(map(str, key if isinstance(key, tuple) else (key,)))
+        key = key if isinstance(key, tuple) else (key,)
+        label = method_label(row, group_by) if named else ", ".join(map(str, key))
         block = ", ".join(f"{k} {row[k]}" for k in within)
         blocks.setdefault(block, {})[label] = {**found[0], "splits": splits, "runs": len(found)}
     return blocks
