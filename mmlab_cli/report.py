@@ -399,28 +399,33 @@ def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], do
                 break
 
 
-def fgap_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> dict[str, dict[str, dict]]:
+def fgap_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list
+                    ) -> tuple[dict[str, dict[str, dict]], list[str]]:
     """The DML paper's Figure 4 over seeds: for each block of runs the report compares (a dataset) and each
     group in it, the mean F_gap curve of the group's runs on every split, its error bar the standard error
-    across the runs. A group whose runs used other radii than its first run is left out of the figure."""
+    across the runs; and the labels of the groups left out because their runs used different radii."""
     within = [k for k in group_by if k not in METHOD_KEYS]
     named = {"modalities", "pairing"} <= set(group_by)
     blocks: dict[str, dict[str, dict]] = {}
+    mixed = []
     for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
         found = [docs[i]["fgap"] for i in group.index if (docs[i] or {}).get("fgap")]
-        if not found or any((f["radii"], f["relative"]) != (found[0]["radii"], found[0]["relative"]) for f in found):
+        if not found:
             continue
         row = group.iloc[0]
+        key = key if isinstance(key, tuple) else (key,)
+        label = method_label(row, group_by) if named else ", ".join(map(str, key))
+        if any((f["radii"], f["relative"]) != (found[0]["radii"], found[0]["relative"]) for f in found):
+            mixed.append(label)
+            continue
         splits = {}
         for split in found[0]["splits"]:
             F = np.array([f["splits"][split]["F"] for f in found if split in f["splits"]])
             err = F.std(axis=0, ddof=1) / math.sqrt(len(F)) if len(F) > 1 else [None] * F.shape[1]
             splits[split] = {"F": F.mean(axis=0).tolist(), "F_stderr": list(err)}
-        key = key if isinstance(key, tuple) else (key,)
-        label = method_label(row, group_by) if named else ", ".join(map(str, key))
         block = ", ".join(f"{k} {row[k]}" for k in within)
         blocks.setdefault(block, {})[label] = {**found[0], "splits": splits, "runs": len(found)}
-    return blocks
+    return blocks, mixed
 
 
 def draw_curves(root: Path, name: str, table: Table) -> None:
@@ -480,7 +485,10 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
         table = build_table(spec, runs, group_by, docs[spec.file])
         attach_plots(table, runs, group_by, docs[spec.file], checkpoint)
         if spec.file == "flatness.json":
-            table.curves = fgap_over_seeds(runs, group_by, docs[spec.file])
+            table.curves, mixed = fgap_over_seeds(runs, group_by, docs[spec.file])
+            if mixed:
+                table.note = " ".join(filter(None, [table.note, f"Left out of the F_gap figure, their runs measured "
+                                                    f"F_gap at different radii: {', '.join(mixed)}."]))
         tables.append(table)
     if stated:
         tables.append(claims_table(stated, runs, docs, group_by))

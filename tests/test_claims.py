@@ -303,3 +303,4 @@ def test_report_draws_figure_4_over_seeds_mean_and_standard_error(tmp_path):
     np.testing.assert_allclose(sml["splits"]["test"]["F"], [0.0, 3.0, 8.0])
     np.testing.assert_allclose(curves["DML (image+audio)"]["splits"]["train"]["F"], [0.0, 1.0, 1.5])
     assert "](report_fgap.png)" in text and (root / "report_fgap.png").stat().st_size > 10_000
+    assert "Left out of the F_gap figure, their runs measured F_gap at different radii: image only." in text
