@@ -290,6 +290,19 @@ def test_jobs_changes_how_many_runs_go_at_once_never_their_numbers(tmp_path, tin
         assert [json.loads((run / "env.json").read_text())["threads"] for run in (one, two)] == [1, 1]
 
 
+def test_threads_is_every_runs_own_setting_and_the_default_is_one(tmp_path, tiny_synthetic):
+    """--threads N is `threads: N` in every run's config (what the run records and a resume compares with);
+    without it a run keeps its own setting (0: the sweep's 1 for a new run, the recorded count on a resume)."""
+    path = _sweep(tmp_path, data=str(tiny_synthetic), seeds=[0, 1])
+    for args, default, per_run in (([], 1, 0), (["--threads", "3"], 3, 3), (["--jobs", "2"], 1, 0)):
+        result = runner.invoke(app, ["sweep", str(path), "--dry-run", *args])
+        assert result.exit_code == 0, result.output
+        plan = json.loads(result.stdout)
+        assert plan["threads"] == default and {j["config"]["threads"] for j in plan["jobs"]} == {per_run}, args
+    _one_line_error(runner.invoke(app, ["sweep", str(path), "--threads", "2", "--set", "threads=2"]),
+                    "--threads and --set threads")
+
+
 def _sweep_process(path: Path, *args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mmlab_cli", "sweep", str(path), *args],
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, **kwargs)

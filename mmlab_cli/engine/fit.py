@@ -230,7 +230,7 @@ def run_threads(cfg: TrainConfig, resume: bool, say=console.print) -> int:
     its env.json records unless `threads` names another (then it says so: the numbers will differ from an
     uninterrupted run's); a new run takes `threads`, else the default policy (mmlab_cli.threads)."""
     recorded = (read_json_object(RunPaths(cfg.out).env) or {}).get("threads") if resume else None
-    recorded = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else 0
+    recorded = recorded if type(recorded) is int and recorded > 0 else 0  # absent or not a count: none
     if cfg.threads and recorded and cfg.threads != recorded:
         say(f"[yellow]{cfg.out} was trained with {recorded} CPU thread(s) and continues with {cfg.threads}: its "
             f"numbers will differ from an uninterrupted run's (give --threads {recorded}, or none, to keep them)")
