@@ -18,7 +18,7 @@ import yaml
 
 from mmlab_cli.data.pseudo_labels import kmeans_clusters
 from mmlab_cli.errors import MmlabError
-from mmlab_cli.methods.registry import in_slot, method_options, method_problems
+from mmlab_cli.methods.registry import method_options, method_problems
 from mmlab_cli.models.fusion_kinds import FUSIONS, fusion_problem
 from mmlab_cli.options import option
 from mmlab_cli.tracking import LOGGERS

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 

@@ -91,3 +91,9 @@ def test_a_negative_seed_is_one_line_and_leaves_no_run_directory(tiny_synthetic,
     _one_line_error(runner.invoke(app, ["train", "--data", str(tiny_synthetic), "--out", str(out), "--epochs", "1",
                                         *args]), "'seed' must be >= 0, got -1")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["flatness", "robustness", "geometry", "report"])
+def test_every_checkpoint_choice_is_checked_by_one_function(tmp_path, command):
+    _one_line_error(runner.invoke(app, [command, str(tmp_path), "--checkpoint", "mid"]),
+                    "--checkpoint mid: choose best or last")

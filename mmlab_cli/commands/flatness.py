@@ -77,7 +77,6 @@ def flatness(
                                              compare, convergence, scalar_rows)
     from mmlab_cli.engine import check_checkpoint
     from mmlab_cli.engine.rundir import resolve_device
-    from mmlab_cli.errors import MmlabError
 
     check_checkpoint(checkpoint)
     settings = FlatnessSettings(

@@ -10,5 +10,5 @@ def check_checkpoint(checkpoint: str) -> str:
     if checkpoint not in ANALYSES:
         from mmlab_cli.errors import MmlabError
 
-        raise MmlabError(f"--checkpoint {checkpoint}: choose one of {' or '.join(ANALYSES)}")
+        raise MmlabError(f"--checkpoint {checkpoint}: choose {' or '.join(ANALYSES)}")
     return checkpoint
