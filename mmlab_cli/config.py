@@ -2,8 +2,10 @@
 
 Defaults follow the DML paper's Table 6 (AVMNIST column): 70 epochs, batch 64, SGD lr 1e-3,
 weight decay 1e-4, StepLR every 30 epochs by 0.1. The training methods (DGL, DAGR, SAM, SWA,
-label smoothing, augmentation) are off by default; each is one key here and one flag of `mmlab train`,
-and the resolved config.yaml of a run records them all, so `report` can group runs by any of them.
+label smoothing, augmentation) are off by default. TrainConfig joins the core options (CoreOptions, here) and
+the options each method declares in mmlab_cli/methods/registry.py; every option is one key and one flag of
+`mmlab train`, and the resolved config.yaml of a run records them all, so `report` can group runs by any of
+them. `key=value` text (train's arguments, sweep's --set and --grid) is read by one parser, parse_overrides.
 """
 
 from __future__ import annotations

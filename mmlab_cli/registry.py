@@ -33,10 +33,6 @@ class Registry(Mapping):
 
         return add
 
-    def unregister(self, name: str) -> None:
-        """Remove an entry (a test's toy entry)."""
-        del self._entries[name]
-
     def pick(self, name: str):
         """The entry registered as `name`, or one line naming the choices."""
         if name not in self._entries:
