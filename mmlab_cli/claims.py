@@ -17,8 +17,8 @@ from scipy import stats
 
 from mmlab_cli.config import FIELDS, read_yaml_mapping
 from mmlab_cli.errors import MmlabError
-from mmlab_cli.report import (METHOD_KEYS, TABLES, Table, TableSpec, _hashable, key_defaults, method_label,
-                              resolve)
+from mmlab_cli.methods.registry import method_label
+from mmlab_cli.results import TABLES, Table, TableSpec, group_label, hashable, key_defaults, resolve, within_keys
 from mmlab_cli.tables import decimals, mean_std
 
 FILES = {spec.file: spec.command for spec in TABLES}  # the files a metric may read, and what writes each
@@ -234,7 +234,7 @@ def _same(have, wanted) -> bool:
     numbers (YAML reads 1e-3 as text), anything else as text."""
     if isinstance(wanted, list):
         return sorted(map(str, wanted)) == sorted(p for p in str(have).split("+") if p)
-    wanted = _hashable(wanted)  # a mapping as the report stores it
+    wanted = hashable(wanted)  # a mapping as the report stores it
     try:
         return float(have) == float(wanted)
     except (TypeError, ValueError):
@@ -248,18 +248,12 @@ def _selected(runs: pd.DataFrame, side: Side, group_by: tuple[str, ...], default
         if key in DERIVED:
             have = DERIVED[key](runs)
         elif key == "method":
-            have = runs.apply(lambda row: method_label(row, group_by), axis=1)
+            have = runs.apply(lambda row: method_label(row, keys=group_by), axis=1)
         else:
             have = runs[key].fillna(defaults.get(key, "")) if key in runs else pd.Series(defaults.get(key, ""),
                                                                                              index=runs.index)
         keep &= have.map(lambda v: _same(v, wanted)).astype(bool)
     return runs[keep]
-
-
-def _label(row, group_by: tuple[str, ...]) -> str:
-    if {"modalities", "pairing"} <= set(group_by):
-        return method_label(row, group_by)
-    return ", ".join(f"{k}={row[k]}" for k in group_by if k in METHOD_KEYS) or "all runs"
 
 
 @dataclass
@@ -294,7 +288,7 @@ class _Evaluation:
             self.note(capture, f"no run matches side {name} ({_where_text(side)})")
             return None
         if len(groups) > 1 and not side.best_of:
-            labels = ", ".join(_label(g.iloc[0], self.group_by) for g in groups)
+            labels = ", ".join(group_label(g.iloc[0], self.group_by) for g in groups)
             self.note(capture, f"side {name} ({_where_text(side)}) matches {len(groups)} groups ({labels}); add a "
                                f"key that tells them apart, or make it a best_of side")
             return None
@@ -309,7 +303,7 @@ class _Evaluation:
             pick = side.pick or ("lowest" if larger else "highest")  # by default the opponent hardest to beat
             groups = [groups[int(np.nanargmax(means) if pick == "highest" else np.nanargmin(means))]]
         group = groups[0]
-        label = _label(group.iloc[0], self.group_by)
+        label = group_label(group.iloc[0], self.group_by)
         found = {i: v for i in group.index if (v := self.value(metric, i, capture)) is not None}
         lacking = [group.at[i, "run"] for i in group.index if i not in found]
         if lacking:
@@ -408,7 +402,7 @@ def _difference_cell(mean: float, low: float, high: float) -> str:
 def claims_table(claims: Claims, runs: pd.DataFrame, docs: dict[str, list], group_by: tuple[str, ...]) -> Table:
     """Every claim tested on the runs of each block of runs that the report compares methods within (a dataset,
     or one preparation of it): a Table beside the report's, rendered and written like them."""
-    within = [k for k in group_by if k not in METHOD_KEYS]
+    within = within_keys(group_by)
     blocks = list(runs.groupby(within, dropna=False, sort=True)) if within else [((), runs)]
     rows, notes, defaults = [], [], key_defaults()
     for claim in claims.claims:

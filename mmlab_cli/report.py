@@ -2,7 +2,7 @@
 recomputes, never imports torch.
 
 A run is a directory holding config.yaml and metrics.json; the analyses add flatness.json,
-geometry.json and robustness.json. Every table is declared once in TABLES: its name, the per-run
+geometry.json and robustness.json. Every table is declared once in TABLES (mmlab_cli/results.py): its name, the per-run
 file it reads and its columns as (label, JSON path). A path is dotted keys; a `*` inside a key
 matches every key with that prefix/suffix and makes one column per match, whose captured part
 fills the label's `{}` (so `pgd.*.drop_rate` gives one column per attacked modality). Runs are
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -21,115 +20,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mmlab_cli.config import FIELDS, RUN_LOCATION, method_name
+from mmlab_cli.config import FIELDS, RUN_LOCATION
 from mmlab_cli.data.format import atomic_write_text
-from mmlab_cli.engine import ANALYSES
+from mmlab_cli.engine import ANALYSES, check_checkpoint
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.methods.registry import label_keys
+from mmlab_cli.results import (FLAG, TABLES, Table, TableSpec, group_label, hashable, key_defaults, resolve,
+                               within_keys)
 from mmlab_cli.tables import mean_std, to_latex, to_markdown
 
-DEFAULT_GROUP_BY = ("dataset", "modalities", "pairing")
-# in the default grouping when some run records them; each is summarised by the method column when not `off`
-# (off: the value a run without the key ran with), as `label(value)`
-OPTIONAL_GROUP_BY = {"objective": ("classification", str), "pseudo_labels": ("", "pseudo-labels {}".format),
-                     "scheme": ("joint", str.upper), "regularizer": ("none", str.upper),
-                     "balance": ("none", str.upper)}
-KEY_DEFAULTS = {k: off for k, (off, _) in OPTIONAL_GROUP_BY.items()}
+DEFAULT_GROUP_BY = ("dataset", "modalities", "pairing")  # then the method label's keys some run records
 FORMATS = ("md", "csv", "latex")
-METHOD_KEYS = ("modalities", "pairing", *OPTIONAL_GROUP_BY)  # summarised by the method column
-RETRIEVAL = (("R@1 {}", "recall@1_*", "↑"), ("R@5 {}", "recall@5_*", "↑"), ("R@10 {}", "recall@10_*", "↑"))
-FLAG = "†"  # marks a cell one of whose runs flagged its value (TableSpec.flags)
-# geometry's metrics that compare a sample with its own partner: flagged where the pairs are not sample-level
-SAMPLE_LEVEL_COLUMNS = (("drift {}", "pairs.*.drift", ""), ("cos gap {}", "pairs.*.cosine_gap", ""),
-                        ("KS {}", "pairs.*.cosine_ks", ""), ("R@1 {}", "pairs.*.recall@1", "↑"))
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    name: str  # report_<name>.csv
-    title: str
-    file: str  # the per-run JSON the columns read
-    command: str  # what writes that file (named in the note when it is missing)
-    columns: tuple[tuple[str, str, str], ...]  # (label, JSON path, direction: ↑ higher is better, ↓ lower, "")
-    fmt: str = ".2f"  # a cell without a seed spread to round to (one run, or equal values)
-    plots: tuple[str, ...] = ()  # patterns of PNGs in the run directory (listed in its file), embedded once per group
-    # (column JSON path, JSON path of a boolean with the same wildcards): a cell of a group in which that boolean is
-    # false for some run is marked with the footnote's mark (flagged: a value from a computation that did not converge,
-    # a sample-level metric on pairs that are not sample-level)
-    flags: tuple[tuple[str, str], ...] = ()
-    footnote: str = ""
-
-
-TABLES = (
-    TableSpec("accuracy", "Test accuracy (%): fused prediction and each modality's linear probe "
-              "(DML paper Table 1, DAGR paper Table 1)", "metrics.json", "mmlab train",
-              (("acc (fused)", "test_acc", "↑"), ("acc {}", "test_acc_*", "↑"))),
-    TableSpec("retrieval", "Cross-modal retrieval of contrastive runs, Recall@K (%) on the test split, a hit = the "
-              "query's own pair (DML paper Table 7); capped and near chance where pairs are drawn within the class "
-              "(AVMNIST, synthetic: see the class-level table)", "metrics.json", "mmlab train --objective contrastive",
-              tuple((label, f"test_{path}", arrow) for label, path, arrow in RETRIEVAL)),
-    TableSpec("retrieval_class", "Class-level cross-modal retrieval of contrastive runs, Recall@K (%) on the test "
-              "split, a hit = any item of the query's class", "metrics.json", "mmlab train --objective contrastive",
-              tuple((label, f"test_class_{path}", arrow) for label, path, arrow in RETRIEVAL)),
-    TableSpec("flatness", "Flatness: Hessian spectrum and low-pass-filter loss (DML paper Table 4; lower is flatter); "
-              "λ_max of one encoder's block (same parameters across runs), λ_max/thr = λ_max over the learning-rate "
-              "stability threshold 2(1+momentum)/lr, and the modality-absent test (DML Theorems 1-2)",
-              "flatness.json", "mmlab flatness RUN_DIR",
-              (("λ_max", "lambda_max", "↓"), ("λ_max/thr", "lambda_max_over_threshold", ""),
-               ("λ1/λ5", "lambda_ratio", ""), ("trace", "trace", "↓"),
-               ("λ_max block {}", "block_lambda_max.*", "↓"), ("λ_max/thr block {}", "block_over_threshold.*", ""),
-               ("λ_max {} absent", "absent_lambda_max.*", ""), ("L_LPF", "lpf_loss", "↓"), ("Δ_LPF", "lpf_delta", "↓"),
-               ("L_LPF {} absent", "absent_lpf_loss.*", ""), ("Δ_LPF {} absent", "absent_lpf_delta.*", ""),
-               ("F_gap {}", "fgap_mean_*", "↓")), ".4g",
-              ("flatness_fgap.png", "flatness_density.png", "flatness_landscape_2d_contour.png"),
-              (("lambda_max", "lambda_max_converged"), ("lambda_max_over_threshold", "lambda_max_converged"),
-               ("block_lambda_max.*", "block_converged.*"), ("block_over_threshold.*", "block_converged.*"),
-               ("absent_lambda_max.*", "absent_converged.*")),
-              f"{FLAG}: in at least one run of the group the Lanczos solve of this λ_max did not converge (residual "
-              "above tol |λ|); λ1/λ5 is left out (-) for such a run."),
-    TableSpec("geometry", "Modality variance of unit embeddings: Tr Σ and Tr Σ/d (d the embedding size; the DML "
-              "paper's Table 5 prints the latter times 1000), variance ratio of Tr Σ, and modality gap W2² "
-              "(DML paper Table 5)",
-              "geometry.json", "mmlab geometry RUN_DIR",
-              (("Tr Σ {}", "modality.*.variance", ""), ("Tr Σ/d {}", "modality.*.variance_per_dim", ""),
-               ("ratio {}", "pairs.*.variance_ratio", ""), ("W2² {}", "pairs.*.wasserstein2_sq", "")), ".4g",
-              ("geometry_tsne.png",)),
-    TableSpec("alignment", "Representation diagnostics: effective rank of the covariance as spectral entropy "
-              "(Roy & Vetterli 2007) and as participation ratio PR (DAGR paper Theorem 3.2), semantic margin, "
-              "cross-modal drift, cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
-              "mmlab geometry RUN_DIR",
-              (("erank entropy {}", "modality.*.effective_rank_entropy", ""),
-               ("erank PR {}", "modality.*.effective_rank_participation", ""),
-               ("margin {}", "modality.*.semantic_margin", ""),
-               *SAMPLE_LEVEL_COLUMNS), ".4g", ("geometry_cosine.png",),
-              tuple((path, "sample_level_pairs") for _, path, _ in SAMPLE_LEVEL_COLUMNS),
-              f"{FLAG}: the runs' dataset pairs its modalities at class level (AVMNIST, synthetic) or does not say "
-              "(`pairing` in geometry.json): drift, cosine gap, KS and R@1 then measure class-level alignment only, "
-              "and R@1 is capped (a sample's partner is one of many same-class candidates)."),
-    TableSpec("ati", "ATI check (DML paper Table 13): the trained fusion map perturbing one modality's embedding "
-              "(feature norm ‖φ‖, Δ_error, ε_rel), and ε_rel of the paper's four fusion networks on the unit "
-              "embeddings (u|v, v perturbed)", "geometry.json", "mmlab geometry RUN_DIR",
-              (("‖φ‖ {}", "ati.*.feature_norm", ""), ("Δ_error {}", "ati.*.delta_error", ""),
-               ("ε_rel {}", "ati.*.eps_rel", ""), ("ε_rel {} {}", "ati_paper.*.*.eps_rel", "")), ".3g"),
-    TableSpec("robustness", "PGD on one modality, the others clean: accuracy (%) and drop rate (%) "
-              "(DML paper Table 12)", "robustness.json", "mmlab robustness RUN_DIR",
-              (("clean acc", "clean.acc", "↑"), ("PGD acc {}", "pgd.*.perturbed_acc", "↑"),
-               ("drop {}", "pgd.*.drop_rate", "↓")), ".2f", ("robustness_*.png",)),
-    TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
-              "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
-              (("AUC {} {}", "corruptions.*.*.auc", "↑"),)),
-)
-
-
-@dataclass
-class Table:
-    spec: TableSpec
-    numbers: pd.DataFrame  # group keys, seeds, runs, then <label> mean / std / n per column
-    cells: pd.DataFrame  # group keys (+ method), seeds, then 'mean ± std' per column (header with ↑/↓)
-    best: pd.DataFrame  # like cells: True where a column with a direction has its best value
-    numeric: list[str]  # the cells columns holding numbers (right-aligned)
-    note: str = ""
-    plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to the runs folder)
-    curves: dict[str, dict[str, dict]] = field(default_factory=dict)  # block -> group label -> F_gap over seeds
 
 
 # ---------------------------------------------------------------- reading runs
@@ -143,21 +44,6 @@ def _read_json(path: Path, command: str) -> dict | None:
     except json.JSONDecodeError as e:
         raise MmlabError(f"{path}: not valid JSON ({e.msg}); re-run `{command}` to rewrite it") from None
 
-
-def _hashable(value):
-    """Group keys must be hashable: lists become 'a+b', mappings sorted JSON."""
-    if isinstance(value, (list, tuple)):
-        return "+".join(map(str, value))
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return value
-
-
-def key_defaults() -> dict:
-    """The value a run that does not record a config key ran with (older runs predate newer keys)."""
-    from mmlab_cli.config import TrainConfig
-
-    return {**{k: _hashable(v) for k, v in TrainConfig().to_dict().items()}, **KEY_DEFAULTS}
 
 
 def find_runs(root: str | Path) -> pd.DataFrame:
@@ -173,16 +59,16 @@ def find_runs(root: str | Path) -> pd.DataFrame:
         config = yaml.safe_load(config_path.read_text()) or {}
         metrics = _read_json(metrics_path, "mmlab train --resume --out RUN_DIR")
         row = {**config, **metrics, "run": str(metrics_path.parent.relative_to(root))}
-        rows.append({k: _hashable(v) for k, v in row.items()})
+        rows.append({k: hashable(v) for k, v in row.items()})
     if not rows:
         raise MmlabError(f"{root}: no finished runs found (a run directory holds config.yaml and metrics.json)")
     return pd.DataFrame(rows)
 
 
 def default_group_by(runs: pd.DataFrame) -> tuple[str, ...]:
-    """DEFAULT_GROUP_BY (+ OPTIONAL_GROUP_BY keys some run records), and `data` right after `dataset` when one
+    """DEFAULT_GROUP_BY (+ the method label's keys some run records), and `data` right after `dataset` when one
     dataset was prepared into several directories (e.g. a sweep over the synthetic informativeness)."""
-    keys = DEFAULT_GROUP_BY + tuple(k for k in OPTIONAL_GROUP_BY if k in runs.columns)
+    keys = DEFAULT_GROUP_BY + tuple(k for k in label_keys() if k in runs.columns)
     if "data" in runs.columns and runs.groupby("dataset")["data"].nunique().gt(1).any():
         keys = ("dataset", "data", *keys[1:])
     return keys
@@ -194,31 +80,6 @@ def data_labels(paths) -> dict[str, str]:
     shared = {n for n in names.values() if list(names.values()).count(n) > 1}
     return {p: p if n in shared else n for p, n in names.items()}
 
-
-def resolve(doc, path: str) -> list[tuple[tuple[str, ...], float]]:
-    """Every (captured parts, number) that the dotted `path` reaches in `doc`; `*` inside a key is a wildcard."""
-    segments = path.split(".")
-    found = []
-
-    def walk(node, i: int, captured: tuple[str, ...]) -> None:
-        if i == len(segments):
-            if isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
-                found.append((captured, float(node)))
-            return
-        if not isinstance(node, dict):
-            return
-        seg = segments[i]
-        if "*" not in seg:
-            if seg in node:
-                walk(node[seg], i + 1, captured)
-            return
-        prefix, suffix = seg.split("*", 1)
-        for key, value in node.items():
-            if key.startswith(prefix) and key.endswith(suffix) and len(key) > len(prefix) + len(suffix):
-                walk(value, i + 1, captured + (key[len(prefix):len(key) - len(suffix)],))
-
-    walk(doc, 0, ())
-    return found
 
 
 # ---------------------------------------------------------------- grouping
@@ -287,14 +148,6 @@ def check_groupable(runs: pd.DataFrame, group_by: tuple[str, ...], docs: dict[st
                                      f"with --group-by)")
 
 
-def method_label(row, group_by: tuple[str, ...]) -> str:
-    """'audio only', 'DML (image+audio)', with ' + contrastive', ' + pseudo-labels kmeans:K', ' + DGL',
-    ' + DAGR', ' + OGM-GE' when grouped by those keys and they are not off."""
-    extras = [OPTIONAL_GROUP_BY[k][1](str(row[k])) for k in OPTIONAL_GROUP_BY  # config.method_label's order
-              if k in group_by and str(row[k]) != OPTIONAL_GROUP_BY[k][0]]
-    return " + ".join([method_name(row["modalities"], row["pairing"]), *extras])
-
-
 def _cell(mean: float, std: float, n: int, runs: int, fmt: str) -> str:
     if n == 0:
         return "-"
@@ -355,14 +208,14 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
             columns[f"{label} flagged"] = grouped[f"{label} flagged"].any()
     numbers = pd.DataFrame(columns).reset_index()
     if {"modalities", "pairing"} <= set(group_by):  # the method column says what these keys say
-        cells = numbers[[k for k in group_by if k not in METHOD_KEYS]].copy()
-        cells["method"] = [method_label(row, group_by) for _, row in numbers.iterrows()]
+        cells = numbers[within_keys(group_by)].copy()
+        cells["method"] = [group_label(row, group_by) for _, row in numbers.iterrows()]
     else:
         cells = numbers[list(group_by)].copy()
     keys = list(cells.columns)
     cells["seeds"] = numbers["seeds"]
     best = pd.DataFrame(False, index=cells.index, columns=[*keys, "seeds"])
-    within = [k for k in group_by if k not in METHOD_KEYS]  # best among the methods of one dataset
+    within = within_keys(group_by)  # best among the methods of one dataset
     for label in values:
         header = f"{label} {direction[label]}".rstrip()
         cells[header] = [_cell(m, sd, n, k, spec.fmt) for m, sd, n, k in zip(
@@ -404,17 +257,15 @@ def fgap_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list
     """The DML paper's Figure 4 over seeds: for each block of runs the report compares (a dataset) and each
     group in it, the mean F_gap curve of the group's runs on every split, its error bar the standard error
     across the runs; and the labels of the groups left out because their runs used different radii."""
-    within = [k for k in group_by if k not in METHOD_KEYS]
-    named = {"modalities", "pairing"} <= set(group_by)
+    within = within_keys(group_by)
     blocks: dict[str, dict[str, dict]] = {}
     mixed = []
-    for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
+    for _, group in runs.groupby(list(group_by), dropna=False, sort=True):
         found = [docs[i]["fgap"] for i in group.index if (docs[i] or {}).get("fgap")]
         if not found:
             continue
         row = group.iloc[0]
-        key = key if isinstance(key, tuple) else (key,)
-        label = method_label(row, group_by) if named else ", ".join(map(str, key))
+        label = group_label(row, group_by)
         if any((f["radii"], f["relative"]) != (found[0]["radii"], found[0]["relative"]) for f in found):
             mixed.append(label)
             continue
@@ -456,8 +307,7 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
     """Every table of TABLES for the runs under `root` (group_by None: the default grouping), then the verdicts
     of a claims file (mmlab_cli/claims.py), which is checked before any run is read. The analyses are read from
     the `checkpoint`'s folder (mmlab_cli.engine.ANALYSES); accuracy is always the best checkpoint's."""
-    if checkpoint not in ANALYSES:
-        raise MmlabError(f"--checkpoint {checkpoint}: choose one of {', '.join(ANALYSES)}")
+    check_checkpoint(checkpoint)
     stated = None
     if claims:  # scipy is imported only when claims are asked for
         from mmlab_cli.claims import claims_table, load_claims

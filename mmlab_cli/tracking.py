@@ -17,19 +17,12 @@ from pathlib import Path
 
 from mmlab_cli.data.format import atomic_write_text
 from mmlab_cli.extras import require
+from mmlab_cli.registry import Registry
 
-LOGGERS: dict[str, type] = {}
-
-
-def register(name: str):
-    def add(cls: type) -> type:
-        LOGGERS[name] = cls
-        return cls
-
-    return add
+LOGGERS = Registry("logger")
 
 
-@register("csv")
+@LOGGERS.register("csv")
 class CsvLogger:
     """RUN/tb/scalars.csv: one row per epoch with the columns of metrics.jsonl, rewritten whole (atomically)
     each epoch, so it always holds exactly the epochs of the history."""
@@ -57,7 +50,7 @@ class CsvLogger:
         pass
 
 
-@register("tensorboard")
+@LOGGERS.register("tensorboard")
 class TensorBoardLogger:
     """Event files in RUN/tb/ from torch's SummaryWriter, the epoch as the step and `train/loss`, `val/acc_audio`,
     `lr`... as tags. A resumed run purges the steps after its history (`purge_step`): each epoch shows once."""
@@ -83,13 +76,13 @@ class TensorBoardLogger:
 def check_loggers(names: list[str]) -> None:
     """A missing optional package is one line now, before a run writes anything."""
     for name in names:
-        getattr(LOGGERS[name], "requires", lambda: None)()
+        getattr(LOGGERS.pick(name), "requires", lambda: None)()
 
 
 @contextlib.contextmanager
 def open_loggers(names: list[str], directory: Path, history: list[dict]):
     """The named loggers as one `log(record)` function, closed when the block ends."""
-    loggers = [LOGGERS[name](directory, history) for name in names]
+    loggers = [LOGGERS.pick(name)(directory, history) for name in names]
 
     def log(record: dict) -> None:
         for logger in loggers:

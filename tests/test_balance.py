@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import mmlab_cli.engine.fit as fit
 from conftest import tiny_config
-from mmlab_cli.config import TrainConfig, method_label, resolve_config
+from mmlab_cli.config import TrainConfig, resolve_config
+from mmlab_cli.methods.registry import method_label
 from mmlab_cli.data.format import ModalitySpec
 from mmlab_cli.engine.fit import build_optimizer, train
 from mmlab_cli.engine.step import build_step

@@ -16,7 +16,7 @@ import mmlab_cli.engine.fit as fit
 from checks import RowIndex
 from conftest import tiny_config
 from mmlab_cli.analysis.geometry_metrics import recall_at_k
-from mmlab_cli.config import FIELDS, OBJECTIVES, resolve_config
+from mmlab_cli.config import FIELDS, resolve_config
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pseudo_labels import FILE, features, pairing_labels
@@ -220,7 +220,7 @@ def test_a_resumed_contrastive_run_is_bit_identical(tiny_synthetic, tmp_path, mo
 
 def test_bad_contrastive_settings_are_one_line_errors_before_anything_is_written(tiny_synthetic, tmp_path,
                                                                                   monkeypatch):
-    assert FIELDS["objective"].metadata["choices"] == OBJECTIVES
+    assert FIELDS["objective"].metadata["choices"] == ("classification", "contrastive")
     run = tmp_path / "three"
     with pytest.raises(MmlabError, match="pairs two modalities"):
         train(tiny_config(tiny_synthetic, run, objective="contrastive", modalities=[]))

@@ -16,7 +16,7 @@ from mmlab_cli.analysis.flatness import FlatnessSettings, cell, convergence, fla
 from mmlab_cli.analysis.hessian import (HessianVectorProduct, hutchinson_trace, lambda_star, lanczos, slq_density,
                                         spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import directions, landscape
-from mmlab_cli.analysis.lossfn import LossParams, batch_loss, generator, loss_params, losses_at
+from mmlab_cli.analysis.lossfn import LossParams, batch_loss, block_of, generator, loss_params, losses_at
 from mmlab_cli.analysis.perturb import fgap, fgap_curves, fgap_direction, lpf, parameter_blocks
 from mmlab_cli.analysis.stability import stability, threshold
 from mmlab_cli.config import TrainConfig
@@ -240,8 +240,8 @@ def test_fgap_relative_radii_scale_with_theta_and_blocks_share_them():
         res = fgap_curves({"both": _at_minimum(lp, a), "a": _at_minimum(lp, a * (torch.arange(303) < 3))}, lp,
                           radii, directions=5, relative=True, normalize="block")
         assert res["gamma"] == pytest.approx([r * theta.norm().item() for r in radii], rel=1e-12)
-        assert res["blocks"] == {"encoders.a": {"params": 3, "theta_norm": pytest.approx(norms[0])},
-                                 "encoders.b": {"params": 300, "theta_norm": pytest.approx(norms[1])}}
+        assert res["blocks"] == {"encoder:a": {"params": 3, "theta_norm": pytest.approx(norms[0])},
+                                 "encoder:b": {"params": 300, "theta_norm": pytest.approx(norms[1])}}
         expected = [0.5 * r ** 2 * (2.0 * norms[0] ** 2 + 0.5 * norms[1] ** 2) for r in radii]
         assert res["splits"]["both"]["F"] == pytest.approx(expected, rel=1e-10)
         alone = _quadratic({"encoders.a.w": 3}, scale)  # the same first block, on its own
@@ -266,13 +266,13 @@ def test_fgap_directions_on_a_late_fusion_model(setup):
     _, model, subset, lp, _ = setup
     theta = lp.flat()
     blocks = parameter_blocks(lp)
-    assert list(blocks) == ["encoders.image", "encoders.audio", "head"]
+    assert list(blocks) == ["encoder:image", "encoder:audio", "head"]
     assert sum(len(i) for i in blocks.values()) == lp.numel
     u = fgap_direction(lp, theta, blocks, "block", generator(0, "t"))
     for b, idx in blocks.items():
         assert u[idx].norm().item() == pytest.approx(theta[idx].norm().item() / theta.norm().item(), rel=1e-12)
         marked = lp.unflatten(torch.zeros_like(theta).index_fill(0, idx, 1.0))
-        assert [n for n, t in marked.items() if t.any()] == [n for n in lp.names if n.startswith(b + ".")]
+        assert [n for n, t in marked.items() if t.any()] == [n for n in lp.names if block_of(n) == b]
     assert u.norm().item() == pytest.approx(1.0, rel=1e-12)
     f = lp.unflatten(fgap_direction(lp, theta, blocks, "filter", generator(0, "t")))
     for n, p in zip(lp.names, lp.params):
@@ -282,6 +282,27 @@ def test_fgap_directions_on_a_late_fusion_model(setup):
     res = fgap(model, {"train": subset}, lp, [0.0, 0.05], directions=2, relative=True, normalize="block")
     assert res["normalize"] == "block" and set(res["blocks"]) == set(blocks)
     assert res["splits"]["train"]["F"][1] > 0
+
+
+@pytest.mark.parametrize("fusion", ["mlp", "attention", "film", "gated"])
+def test_fgap_blocks_are_the_hessians_with_the_fusion_network_in_the_head(tiny_synthetic, fusion):
+    """A fusion network with parameters is part of the head block for F_gap as for the Hessian (one definition,
+    lossfn.block_of): block-normalised directions move fusion network and classifier together by
+    ||theta_head|| / ||theta||, not each by its own norm (the split the help text of --fgap-normalize denies)."""
+    dataset = PreparedDataset(tiny_synthetic, ["image", "audio"])
+    torch.manual_seed(0)
+    model = LateFusion(dataset.specs, len(dataset.classes), encoder="mlp", dim=8, fusion=fusion).double()
+    lp = loss_params(model, double_subset(dataset, 8, 8))
+    assert any(n.startswith("fusion.") for n in lp.names)
+    blocks = parameter_blocks(lp)
+    assert list(blocks) == lp.blocks == ["encoder:image", "encoder:audio", "head"]
+    theta = lp.flat()
+    u = fgap_direction(lp, theta, blocks, "block", generator(0, "t"))
+    head = torch.cat([p.detach().reshape(-1) for n, p in zip(lp.names, lp.params) if not n.startswith("encoders.")])
+    assert u[blocks["head"]].norm().item() == pytest.approx(head.norm().item() / theta.norm().item(), rel=1e-12)
+    fusion_idx = torch.cat([idx for n, idx in zip(lp.names, torch.arange(lp.numel).split(lp.sizes))
+                            if n.startswith("fusion.")])
+    assert set(fusion_idx.tolist()) <= set(blocks["head"].tolist())
 
 
 def test_fgap_defaults_are_relative_and_block_normalised(tmp_path):

@@ -86,7 +86,7 @@ def test_cli_writes_files_reuses_and_compares(runs):
     for run in runs:
         doc = json.loads((run / "flatness.json").read_text())
         ref = refs[run] = _reference(run, doc)
-        assert doc["schema"] == "mmlab.flatness/2" and doc["split"] == "train" and doc["samples"] == 16
+        assert doc["schema"] == "mmlab.flatness/3" and doc["split"] == "train" and doc["samples"] == 16
         assert len(doc["indices"]) == 16 and "eval()" in doc["eval_mode"]
         assert all(n.startswith("probes.") for n in doc["parameters"]["excluded"])
         assert doc["loss"] == pytest.approx(ref["loss"], rel=1e-5) and doc["acc"] == pytest.approx(ref["acc"])
@@ -122,6 +122,14 @@ def test_cli_writes_files_reuses_and_compares(runs):
     result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--density", "--density-steps", "6"])
     assert result.exit_code == 0, result.output
     assert json.loads((sml / "flatness.json").read_text())["reused"] == ["fgap", "hessian", "landscape", "lpf"]
+    # a file of schema 2 (F_gap's blocks cut otherwise): its other blocks are reused, F_gap is measured again
+    path = sml / "flatness.json"
+    path.write_text(json.dumps({**first, "schema": "mmlab.flatness/2"}))
+    result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--density", "--density-steps", "6"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "mmlab.flatness/3" and doc["reused"] == ["hessian", "landscape", "lpf"]
+    assert doc["hessian"] == first["hessian"] and doc["fgap"]["blocks"] == first["fgap"]["blocks"]
     result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--metric", "lpf", "--lpf-sigma", "0.02"])
     assert result.exit_code == 0, result.output
     doc = json.loads((sml / "flatness.json").read_text())

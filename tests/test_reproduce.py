@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mmlab_cli.claims import load_claims
 from mmlab_cli.config import TrainConfig, config_to_yaml, resolve_config
 from mmlab_cli.main import app
-from mmlab_cli.methods.registry import BALANCES, REGULARIZERS
+from mmlab_cli.methods.registry import in_slot
 from mmlab_cli.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,7 @@ AVMNIST_METHODS = ("sml-dagr", "dml-dagr", "sml", "dml", "audio", "image")
 AVMNIST_CPU_METHODS = ("sml", "dml", "audio", "image")  # the DML paper's comparisons, 5 seeds in an hour
 SYNTH_METHODS = ("sml-dagr", "sml", "dml", "audio", "image")
 # the DAGR paper's Table 1 baselines (ogm: OGM-GE without its noise, not in the table) and D.3 controls
+BALANCES, REGULARIZERS = in_slot("balance"), in_slot("regularizer")
 DAGR_TABLE1 = ("dagr", "dgl", *(b.replace("ogm", "ogm-ge") for b in BALANCES if b not in ("ogm", "ogm-ge")), "ogm-ge")
 DAGR_METHODS = (*DAGR_TABLE1, *(r for r in REGULARIZERS if r != "dagr"), "sml")
 

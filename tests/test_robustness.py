@@ -242,7 +242,8 @@ def test_frames_and_features_end_to_end(tmp_path):
 
 
 def test_method_labels_name_the_training_method():
-    from mmlab_cli.config import TrainConfig, method_label
+    from mmlab_cli.config import TrainConfig
+    from mmlab_cli.methods.registry import method_label
 
     def label(modalities, **cfg):
         return method_label(TrainConfig(**cfg), modalities)

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmlab_cli.config import method_label
 from mmlab_cli.console import console
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import check_writable, read_json_object, sha256_file
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.checkpoint import find_checkpoint
 from mmlab_cli.engine.rundir import Run, load_run
+from mmlab_cli.methods.registry import method_label
 
 
 @dataclass

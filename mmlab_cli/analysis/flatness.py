@@ -41,7 +41,9 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
 from mmlab_cli.tables import to_markdown
 
-SCHEMA = "mmlab.flatness/2"  # 2: Hessian blocks, the modality-absent test, per-eigenvalue convergence, stability
+SCHEMA = "mmlab.flatness/3"  # 3: F_gap's blocks are the Hessian's (encoder:<m>; head = fusion network + classifier)
+# 2: Hessian blocks, the modality-absent test, per-eigenvalue convergence, stability
+STILL_VALID = {"mmlab.flatness/2": ("hessian", "lpf", "landscape")}  # an older file's blocks measured as now
 METRICS = ("hessian", "lpf", "fgap", "landscape")
 BACKENDS = ("mmlab", "pyhessian")
 EVAL_MODE = ("model.eval(): BatchNorm uses its running statistics (buffers, never perturbed) and dropout is off; "
@@ -326,12 +328,14 @@ def summary(result: dict) -> dict:
 
 def _reusable(old: dict, identity: dict, s: FlatnessSettings) -> dict:
     """Metric blocks of an earlier flatness.json measured on the same checkpoint bytes and subset: the
-    requested ones only if their settings match, the others to keep in the file."""
-    same = same_measurement(old, SCHEMA, identity) and \
+    requested ones only if their settings match, the others to keep in the file. Of a file of an older schema,
+    only the blocks still measured the same way (STILL_VALID): F_gap of schema 2 is measured again."""
+    valid = METRICS if old.get("schema") == SCHEMA else STILL_VALID.get(old.get("schema"), ())
+    same = same_measurement({**old, "schema": SCHEMA}, SCHEMA, identity) and \
         all(old.get("settings", {}).get(k) == getattr(s, k) for k in ("split", "samples", "seed"))
     if not same:
         return {}
-    return {m: old[m] for m in METRICS if m in old and (m not in s.metrics or old[m].get("settings") == s.of(m))}
+    return {m: old[m] for m in valid if m in old and (m not in s.metrics or old[m].get("settings") == s.of(m))}
 
 
 def analyse_run(run: Run, settings: FlatnessSettings, device: torch.device, checkpoint: str = "best",

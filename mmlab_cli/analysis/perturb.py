@@ -12,8 +12,8 @@ as they are). Perturbed weights go through `losses_at`, so the model itself is n
   directions for every radius and split. With `relative`, gamma = radius * ||theta||. The direction's
   normalisation decides how a radius is shared between the parts of theta:
   "none" (SWAD): u uniform on the unit sphere of all of theta, so a block of n_b of the n parameters gets
-  about gamma sqrt(n_b / n), whatever its own size; "block": each block b (one per modality encoder, one
-  for the fusion head) gets a uniform direction of norm ||theta_b|| / ||theta||, so ||gamma u_b|| =
+  about gamma sqrt(n_b / n), whatever its own size; "block": each block b (lossfn.block_of: one per modality
+  encoder, one for the fusion network and classifier together, the Hessian's blocks) gets a uniform direction of norm ||theta_b|| / ||theta||, so ||gamma u_b|| =
   radius * ||theta_b|| exactly with relative radii: every encoder moves by the same fraction of itself
   in a unimodal and a multimodal model, and ||u|| = 1; "filter" (Li et al. 2018): the landscape's
   filter-normalised direction over ||theta||, every filter c of a weight moving by radius * ||theta_c||
@@ -31,7 +31,7 @@ from torch import nn
 
 from mmlab_cli.analysis.common import Subset
 from mmlab_cli.analysis.landscape import filter_normalized
-from mmlab_cli.analysis.lossfn import Advance, LossParams, generator, losses_at
+from mmlab_cli.analysis.lossfn import Advance, LossParams, block_of, generator, losses_at
 
 NORMALIZATIONS = ("filter", "none")
 FGAP_NORMALIZATIONS = ("block", "filter", "none")
@@ -63,9 +63,10 @@ def lpf(model: nn.Module, subset: Subset, lp: LossParams, sigma: float = 0.01, d
 
 
 def parameter_blocks(lp: LossParams) -> dict[str, torch.Tensor]:
-    """Entries of theta per block: `encoders.<modality>` for each encoder, the first name part otherwise
-    (the fusion head). {block: index tensor [n_b] on theta's device}, in the order the blocks first appear."""
-    names = [".".join(n.split(".")[:2]) if n.startswith("encoders.") else n.split(".")[0] for n in lp.names]
+    """Entries of theta per block (lossfn.block_of, the blocks of the Hessian: `encoder:<modality>` per encoder,
+    `head` for the fusion network and classifier). {block: index tensor [n_b] on theta's device}, in the order
+    the blocks first appear."""
+    names = list(map(block_of, lp.names))
     order = list(dict.fromkeys(names))
     owner = torch.repeat_interleave(torch.tensor([order.index(n) for n in names]), torch.tensor(lp.sizes))
     return {b: torch.nonzero(owner == i)[:, 0].to(lp.params[0].device) for i, b in enumerate(order)}

@@ -75,11 +75,10 @@ def flatness(
     from mmlab_cli.analysis.common import open_runs
     from mmlab_cli.analysis.flatness import (HEADLINE, METRICS, UNCONVERGED, FlatnessSettings, analyse_run, cell,
                                              compare, convergence, scalar_rows)
+    from mmlab_cli.engine import check_checkpoint
     from mmlab_cli.engine.rundir import resolve_device
-    from mmlab_cli.errors import MmlabError
 
-    if checkpoint not in ("best", "last"):
-        raise MmlabError(f"--checkpoint {checkpoint}: choose best or last")
+    check_checkpoint(checkpoint)
     settings = FlatnessSettings(
         metrics=list(METRICS) if metric == "all" else [m.strip() for m in metric.split(",") if m.strip()],
         split=split, samples=samples, seed=seed, batch_size=batch_size, chunk=chunk, backend=backend, top_k=top_k,

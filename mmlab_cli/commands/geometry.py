@@ -49,11 +49,11 @@ def geometry(
     from mmlab_cli import figures
     from mmlab_cli.analysis.common import open_runs
     from mmlab_cli.analysis.geometry import GeometrySettings, analyse_run, caveat_notes, compare
+    from mmlab_cli.engine import check_checkpoint
     from mmlab_cli.engine.rundir import resolve_device
     from mmlab_cli.errors import MmlabError
 
-    if checkpoint not in ("best", "last"):
-        raise MmlabError(f"--checkpoint {checkpoint}: choose best or last")
+    check_checkpoint(checkpoint)
     try:
         ks = [int(k) for k in recall_k.split(",") if k.strip()]
     except ValueError:

@@ -61,11 +61,11 @@ def robustness(
     from mmlab_cli.analysis.common import open_runs
     from mmlab_cli.analysis.corruptions import CORRUPTIONS
     from mmlab_cli.analysis.robustness import RobustnessSettings, analyse_run, compare, pgd_cell
+    from mmlab_cli.engine import check_checkpoint
     from mmlab_cli.engine.rundir import resolve_device
     from mmlab_cli.errors import MmlabError
 
-    if checkpoint not in ("best", "last"):
-        raise MmlabError(f"--checkpoint {checkpoint}: choose best or last")
+    check_checkpoint(checkpoint)
     names = {"all": list(CORRUPTIONS), "none": []}.get(corruption, [c.strip() for c in corruption.split(",")])
     settings = RobustnessSettings(attack=attack, preset=pgd_preset, eps=eps, eps_relative=pgd_eps_relative,
                                   steps=steps, step_size=step_size, random_start=random_start,

@@ -14,14 +14,6 @@ from mmlab_cli.console import cli_errors, console, parse_numbers
 COLOURS = {"finished": "green", "skipped": "dim", "resumed": "green", "diverged": "yellow", "failed": "red"}
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    from mmlab_cli.errors import MmlabError
-
-    if any("=" not in item for item in items):
-        raise MmlabError(f"{flag} {next(i for i in items if '=' not in i)!r}: expected KEY=VALUE")
-    return dict(item.split("=", 1) for item in items)
-
-
 @cli_errors
 def sweep(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML: recipe(s), data, out, grid, seeds, overrides, "
@@ -31,7 +23,8 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", help="KEY=VALUE for every run, over the file's overrides "
                                    "(repeatable): --set device=cuda --set data=data/avmnist."),
     grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2,... replaces (or adds) that grid axis "
-                                   "(repeatable): --grid pairing=sml,dml."),
+                                   "(repeatable), each value read as key=value reads it: --grid pairing=sml,dml, "
+                                   "--grid modalities=[image,audio],[image]."),
     jobs: int = typer.Option(1, "--jobs", min=1, help="Runs at a time on the local process pool: parallelism only "
                              "(a run's thread count, and so its numbers, never depend on it)."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads of every run, like --set threads=N "
@@ -47,16 +40,16 @@ def sweep(
     from rich.markup import escape
 
     from mmlab_cli import sweep as sw
+    from mmlab_cli.config import parse_grid, parse_overrides
     from mmlab_cli.errors import MmlabError
 
     if executor not in ("local", "slurm"):
         raise MmlabError(f"--executor {executor}: choose local or slurm")
-    sets = _pairs(set_, "--set")
+    sets = parse_overrides(set_, "--set")
     if threads and "threads" in sets:
         raise MmlabError("--threads and --set threads=... both given; give one")
     spec = sw.load_sweep(sweep_file, out=out, seeds=None if seeds is None else parse_numbers(seeds, "--seeds", int),
-                         sets={**sets, **({"threads": threads} if threads else {})},
-                         grid={k: v.split(",") for k, v in _pairs(grid, "--grid").items()})
+                         sets={**sets, **({"threads": threads} if threads else {})}, grid=parse_grid(grid))
     job_list = sw.expand(spec)
     sw.check_commands(spec)
     states = sw.plan(job_list)

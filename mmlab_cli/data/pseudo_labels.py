@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mmlab_cli.config import TrainConfig, kmeans_clusters
 from mmlab_cli.data.dataset import PreparedDataset, Split
 from mmlab_cli.data.format import atomic_write_json, read_json_object
 from mmlab_cli.errors import MmlabError
@@ -25,6 +24,15 @@ from mmlab_cli.extras import require
 
 FILE = "pseudo_labels.json"
 FEATURES = "raw inputs, flattened"
+
+
+def kmeans_clusters(spec: str) -> int:
+    """K of a `pseudo_labels: kmeans:K` value (ValueError for any other text): the one parser of that value,
+    used by the config's check and by the run."""
+    method, _, k = spec.partition(":")
+    if method != "kmeans" or not k.isdigit() or int(k) < 2:
+        raise ValueError(spec)
+    return int(k)
 
 
 def features(split: Split, modality: str) -> np.ndarray:
@@ -44,11 +52,11 @@ def cluster(x: np.ndarray, k: int, seed: int, umap_dims: int = 0) -> np.ndarray:
     return KMeans(n_clusters=k, random_state=seed, n_init=10).fit(x).labels_.astype(np.int64)
 
 
-def pseudo_modality(cfg: TrainConfig, dataset: PreparedDataset) -> str:
+def pseudo_modality(cfg, dataset: PreparedDataset) -> str:
     return cfg.pseudo_modality or dataset.modalities[0]
 
 
-def check_pseudo_labels(cfg: TrainConfig, dataset: PreparedDataset) -> None:
+def check_pseudo_labels(cfg, dataset: PreparedDataset) -> None:
     """Before anything is written: the clustered modality exists, K fits the training set, UMAP is installed."""
     if not cfg.pseudo_labels:
         return
@@ -62,14 +70,14 @@ def check_pseudo_labels(cfg: TrainConfig, dataset: PreparedDataset) -> None:
         require("umap", "umap", "pseudo_umap (UMAP before k-means)")
 
 
-def settings(cfg: TrainConfig, dataset: PreparedDataset) -> dict:
+def settings(cfg, dataset: PreparedDataset) -> dict:
     """What the pseudo-labels of a run depend on (recorded with them)."""
     return {"method": "kmeans", "clusters": kmeans_clusters(cfg.pseudo_labels),
             "modality": pseudo_modality(cfg, dataset), "features": FEATURES, "umap_dims": cfg.pseudo_umap, "seed": cfg.seed,
             "dataset_sha256": dataset.fingerprint, "train_size": len(dataset.split("train"))}
 
 
-def pairing_labels(cfg: TrainConfig, dataset: PreparedDataset, root: Path, world) -> np.ndarray:
+def pairing_labels(cfg, dataset: PreparedDataset, root: Path, world) -> np.ndarray:
     """The labels DML re-pairs within: the training classes, or the run's pseudo-labels, read from
     RUN/pseudo_labels.json when it holds them for these settings, else computed and written there (by the main
     process of a distributed run; the others read them)."""

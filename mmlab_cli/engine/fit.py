@@ -40,13 +40,10 @@ from mmlab_cli.methods.augment import BatchAugment
 from mmlab_cli.methods.base import Loop, Method
 from mmlab_cli.methods.contrastive import check_run
 from mmlab_cli.methods.objective import Objective
-from mmlab_cli.methods.registry import build_methods, check_methods
+from mmlab_cli.methods.registry import build_methods, check_methods, label_keys
 from mmlab_cli.models.pretrained import init_pretrained
 from mmlab_cli.threads import default_threads, use_threads
 from mmlab_cli.tracking import check_loggers, open_loggers
-
-METHOD_KEYS = ("objective", "pseudo_labels", "scheme", "regularizer", "balance", "sam", "swa_start",
-               "label_smoothing", "augment")
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
@@ -366,7 +363,8 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     test = scoring.score(model, BatchLoader(dataset.split("test"), cfg.batch_size, device))
     best = state.get("final_val") or state["history"][state["best_epoch"] - 1]
     metrics = {"dataset": dataset.name, "modalities": dataset.modalities, "pairing": cfg.pairing,
-               **{k: getattr(cfg, k) for k in METHOD_KEYS}, "seed": cfg.seed, "world_size": world.size,
+               **{k: getattr(cfg, k) for k in label_keys()}, "label_smoothing": cfg.label_smoothing,
+               "augment": cfg.augment, "seed": cfg.seed, "world_size": world.size,
                "best_epoch": state["best_epoch"], "epochs": cfg.epochs,
                "selected_by": f"val_{scoring.select}", **scoring.recorded,
                **({"held_out_train_rows": len(held_out)} if len(held_out) else {}),

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.pseudo_labels import check_pseudo_labels
 from mmlab_cli.errors import MmlabError
@@ -47,7 +46,7 @@ def make_contrastive(model: LateFusion) -> LateFusion:
     return model
 
 
-def check_run(cfg: TrainConfig, dataset: PreparedDataset) -> None:
+def check_run(cfg, dataset: PreparedDataset) -> None:
     """One-line errors before anything is written: a contrastive run has two modalities, and the pseudo-labels
     it asks for can be made."""
     if cfg.objective == "contrastive" and len(dataset.modalities) != 2:

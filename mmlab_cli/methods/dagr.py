@@ -28,11 +28,12 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
-from mmlab_cli.config import TrainConfig
 from mmlab_cli.methods.base import Method
 from mmlab_cli.methods.pareto import pareto_alpha
+from mmlab_cli.methods.registry import METHODS
+from mmlab_cli.options import default_of
 
-DEFAULT = TrainConfig()  # DAGRLoss's defaults are `mmlab train`'s
+DEFAULT = {k: default_of(f) for k, f in METHODS["dagr"].options.items()}  # DAGRLoss's defaults are `mmlab train`'s
 
 
 def dispersion(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -66,8 +67,8 @@ class DAGRLoss(torch.nn.Module):
     (one per modality, rows paired), returns {'dispersion', 'anchoring', 'loss'}, the last the weighted sum
     lambda_d L_disp + lambda_a L_anchor. `pareto` gives the Pareto-mixed term instead."""
 
-    def __init__(self, temperature: float = DEFAULT.dagr_temperature, delta: float = DEFAULT.dagr_delta,
-                 weights: tuple[float, float] = tuple(DEFAULT.dagr_weights), lam: float = DEFAULT.dagr_lambda):
+    def __init__(self, temperature: float = DEFAULT["dagr_temperature"], delta: float = DEFAULT["dagr_delta"],
+                 weights: tuple[float, float] = tuple(DEFAULT["dagr_weights"]), lam: float = DEFAULT["dagr_lambda"]):
         super().__init__()
         self.temperature, self.delta, self.weights, self.lam = temperature, delta, tuple(weights), lam
 

@@ -9,24 +9,15 @@ A ``sequence`` modality ([L, 1 + D], mask in channel 0, see mmlab_cli/data/forma
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmlab_cli.data.format import ModalitySpec
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.registry import Registry
 
-ENCODERS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_encoder(name: str):
-    def deco(fn):
-        ENCODERS[name] = fn
-        return fn
-
-    return deco
+ENCODERS = Registry("encoder")  # name -> fn(in_channels or features, ..., dim) -> nn.Module
 
 
 class Standardize(nn.Module):
@@ -87,7 +78,7 @@ def _conv_block(cin: int, cout: int, pool: bool, stride: int = 1) -> list[nn.Mod
     return layers + ([nn.MaxPool2d(2)] if pool else [])
 
 
-@register_encoder("small_cnn")
+@ENCODERS.register("small_cnn")
 def small_cnn(in_channels: int, dim: int, width: int = 32, stem_stride: int = 1) -> nn.Module:
     """Three conv-BN-ReLU blocks, global average pooling, a linear projection: trains fast on a CPU."""
     return nn.Sequential(*_conv_block(in_channels, width, True, stem_stride), *_conv_block(width, 2 * width, True),
@@ -95,27 +86,27 @@ def small_cnn(in_channels: int, dim: int, width: int = 32, stem_stride: int = 1)
                          nn.Linear(4 * width, dim))
 
 
-@register_encoder("tiny_cnn")
+@ENCODERS.register("tiny_cnn")
 def tiny_cnn(in_channels: int, dim: int) -> nn.Module:
     """small_cnn at half width (16-32-64 channels): about 3x faster, for CPU demos and tests."""
     return small_cnn(in_channels, dim, width=16)
 
 
-@register_encoder("strided_cnn")
+@ENCODERS.register("strided_cnn")
 def strided_cnn(in_channels: int, dim: int) -> nn.Module:
     """tiny_cnn whose first convolution has stride 2, like ResNet's stem: about 5x less compute on
     112x112 spectrograms, so AVMNIST trains on a CPU (the reproduction's audio encoder)."""
     return small_cnn(in_channels, dim, width=16, stem_stride=2)
 
 
-@register_encoder("pooled_cnn")
+@ENCODERS.register("pooled_cnn")
 def pooled_cnn(in_channels: int, dim: int) -> nn.Module:
     """strided_cnn on the input average-pooled 2x2 (a 112x112 spectrogram seen at 56x56): about 4x less compute
     again, so the 5-seed AVMNIST reproduction fits 2 CPU cores (docs/results/avmnist.md)."""
     return nn.Sequential(nn.AvgPool2d(2), strided_cnn(in_channels, dim))
 
 
-@register_encoder("resnet18")
+@ENCODERS.register("resnet18")
 def resnet18(in_channels: int, dim: int) -> nn.Module:
     """torchvision ResNet18 with its stem adapted to `in_channels` (1 for spectrograms) and a dim-sized head."""
     from torchvision.models import resnet18 as tv_resnet18
@@ -126,12 +117,12 @@ def resnet18(in_channels: int, dim: int) -> nn.Module:
     return net
 
 
-@register_encoder("mlp")
+@ENCODERS.register("mlp")
 def mlp(in_features: int, dim: int, hidden: int = 256) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
-@register_encoder("transformer")
+@ENCODERS.register("transformer")
 def transformer(length: int, features: int, dim: int) -> nn.Module:
     """Two transformer layers of width dim (4 heads, feed-forward 4 dim) over a sequence of `length` steps
     of `features` values, masked mean pooling (Hasan et al. 2019's per-modality transformer, small)."""

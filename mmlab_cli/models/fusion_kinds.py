@@ -1,11 +1,13 @@
-"""The fusions `--fusion` offers, declared once: name -> the class in `mmlab_cli.models.fusion_nets` that
-builds it, and what it needs. Kept free of torch so that the config (and `mmlab --help`) can list and
+"""The fusions `--fusion` offers, declared once in a Registry: name -> the class in
+`mmlab_cli.models.fusion_nets` that builds it, and what it needs. Kept free of torch so that the config (and `mmlab --help`) can list and
 check them without importing it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from mmlab_cli.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -16,14 +18,13 @@ class FusionKind:
     linear: bool = False  # logits linear in each modality's embedding: per-modality slices of the head exist (OGM)
 
 
-FUSIONS = {
-    "concat": FusionKind("Concat", linear=True),
-    "sum": FusionKind("Sum", linear=True),
-    "mlp": FusionKind("MLP"),
-    "attention": FusionKind("Attention", heads=8),
-    "film": FusionKind("FiLM", min_modalities=2),
-    "gated": FusionKind("Gated", min_modalities=2),
-}
+FUSIONS = Registry("fusion")
+FUSIONS.register("concat", FusionKind("Concat", linear=True))
+FUSIONS.register("sum", FusionKind("Sum", linear=True))
+FUSIONS.register("mlp", FusionKind("MLP"))
+FUSIONS.register("attention", FusionKind("Attention", heads=8))
+FUSIONS.register("film", FusionKind("FiLM", min_modalities=2))
+FUSIONS.register("gated", FusionKind("Gated", min_modalities=2))
 
 
 def fusion_problem(name: str, modalities: int | None, dim: int) -> str | None:
