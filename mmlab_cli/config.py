@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -18,21 +18,12 @@ import yaml
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion_kinds import FUSIONS, fusion_problem
 from mmlab_cli.methods.registry import BALANCES, REGULARIZERS, UNIT_SPHERE
+from mmlab_cli.options import option
 from mmlab_cli.tracking import LOGGERS
 
 AUGMENTS = ("jitter", "crop", "flip", "specaugment")
 SLICEABLE_FUSIONS = tuple(n for n, k in FUSIONS.items() if k.linear)  # OGM reads per-modality slices of the head
 OBJECTIVES = ("classification", "contrastive")
-
-
-def option(default, help: str, choices: tuple = (), metavar: str = ""):
-    """A TrainConfig field with what `mmlab train --help` says about it: the one declaration of a training
-    option (the flag, its help, default and choices are generated from it). Lists and dicts get a fresh
-    copy of `default` per config."""
-    meta = {"help": help, "choices": tuple(choices), "metavar": metavar}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
