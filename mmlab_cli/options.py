@@ -1,16 +1,16 @@
 """Options declared once: a dataclass field with its help, choices and flag beside it (`option`), and the
 Typer flags generated from such a dataclass (`flags`). `mmlab train` gets its flags from TrainConfig
 (mmlab_cli/config.py), each analysis command from its Settings dataclass and the shared `RunOptions`
-(mmlab_cli/analysis/runs.py). A field declared without `option` is not a flag (an internal setting).
+(mmlab_cli/analysis/settings.py). A field declared without `option` is not a flag (an internal setting).
 
 Every flag's default is None (not given), so a flag overrides a dataclass default only when it is given;
 the help text shows the dataclass default. Two ways values arrive: as text (`as_text=True`, train: recipes
 and key=value overrides convert and validate them in config.resolve_config), or typed (analyses: click
 converts int/float/str/bool, and a field with `parse` gets its text through that function, e.g. '0:0.3:0.05'
 into a list of radii). `from_flags` builds the dataclass from the given flags; `parse_args` parses a list of
-command-line arguments with the same flags (the sweep file's analysis arguments).
+command-line arguments with such flags (the sweep file's analysis arguments).
 
-Lowest layer: imports only mmlab_cli.errors (and typer, lazily, when flags are built)."""
+Lowest layer: imports nothing of mmlab (typer lazily, when flags are built)."""
 
 from __future__ import annotations
 
@@ -63,14 +63,22 @@ def flag(f: dataclasses.Field, as_text: bool = True) -> inspect.Parameter:
     base = f.type.replace(" | None", "")
     if base == "bool":
         decls = decl if meta["flag"] else f"{decl}/--no-{decl[2:]}"
-        opt = typer.Option(None, decls, show_default=False,
-                           help=f"{meta['help']} [default: {'on' if _default(f) else 'off'}]")
+        shown = "" if _default(f) is None else f" [default: {'on' if _default(f) else 'off'}]"
+        opt = typer.Option(None, decls, show_default=False, help=meta["help"] + shown)
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[bool])
     typed = TYPES.get(base) if not as_text and meta["parse"] is None else None
     metavar = "|".join(meta["choices"]) or meta["metavar"] or METAVARS.get(base, "TEXT")
     opt = typer.Option(None, decl, help=meta["help"] + _default_text(f), metavar=metavar, show_default=False)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                              annotation=Optional[typed or str])
+
+
+def argument(name: str, annotation, help: str) -> inspect.Parameter:
+    """A required positional argument of a command whose options are generated (e.g. the run directories)."""
+    import typer
+
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Argument(..., help=help))
 
 
 def flags(*classes, as_text: bool = False) -> list[inspect.Parameter]:
@@ -96,11 +104,14 @@ def with_signature(fn, parameters: list[inspect.Parameter]):
     return fn
 
 
-def parse_args(fn, name: str, args: list[str]) -> dict:
-    """The parameters `fn`'s command (its generated signature) reads from `args`; a usage error is
-    click's exception (typer.TyperException subclasses it's shipped as)."""
+def parse_args(parameters: list[inspect.Parameter], name: str, args: list[str]) -> dict:
+    """The values a command with these parameters (e.g. generated `flags`) reads from `args`, as click parses
+    them (None: not given); a usage error raises click's UsageError (as typer ships click, a typer.TyperException)."""
     import typer
 
+    def command(**given) -> None:
+        """Parses only."""
+
     app = typer.Typer(rich_markup_mode=None)
-    app.command(name)(fn)
+    app.command(name)(with_signature(command, parameters))
     return typer.main.get_command(app).make_context(name, list(args)).params

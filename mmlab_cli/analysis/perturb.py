@@ -33,8 +33,6 @@ from mmlab_cli.analysis.common import Subset
 from mmlab_cli.analysis.landscape import filter_normalized
 from mmlab_cli.analysis.lossfn import Advance, LossParams, generator, losses_at
 
-NORMALIZATIONS = ("filter", "none")
-FGAP_NORMALIZATIONS = ("block", "filter", "none")
 
 
 def _stderr(values: np.ndarray) -> float | None:
