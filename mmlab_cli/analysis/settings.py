@@ -248,7 +248,8 @@ class RobustnessSettings:
                 raise MmlabError(f"{flag} {value}: must be >= 0")
         unknown = [c for c in self.corruptions if c not in CORRUPTION_NAMES]
         if unknown:
-            raise MmlabError(f"--corruption {unknown[0]}: unknown; choose from {', '.join(CORRUPTION_NAMES)}, all or none")
+            raise MmlabError(f"--corruption {unknown[0]}: unknown; choose from {', '.join(CORRUPTION_NAMES)}, "
+                             f"all or none")
         levels = self.levels
         if not levels or any(not 0 <= s <= 1 for s in levels) or len(set(levels)) != len(levels):
             raise MmlabError(f"--severity {self.levels}: levels must be distinct values in [0, 1]")

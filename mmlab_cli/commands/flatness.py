@@ -12,8 +12,8 @@ from mmlab_cli.analysis.settings import FlatnessSettings, RunOptions
 from mmlab_cli.console import cli_errors
 from mmlab_cli.options import argument, flags, from_flags, with_signature
 
-RUN_DIRS = argument("run_dirs", list[Path], "Run directories (from `mmlab train`); two or more are also compared in one table and side-by-side "
-    "figures.")
+RUN_DIRS = argument("run_dirs", list[Path], "Run directories (from `mmlab train`); two or more are also "
+                    "compared in one table and side-by-side figures.")
 
 
 def flatness(run_dirs: list[Path], **given) -> None:

@@ -12,7 +12,8 @@ from mmlab_cli.analysis.settings import RobustnessSettings, RunOptions
 from mmlab_cli.console import cli_errors
 from mmlab_cli.options import argument, flags, from_flags, with_signature
 
-RUN_DIRS = argument("run_dirs", list[Path], "Run directories (from `mmlab train`); two or more are also compared on shared axes.")
+RUN_DIRS = argument("run_dirs", list[Path], "Run directories (from `mmlab train`); two or more are also "
+                    "compared on shared axes.")
 
 
 def robustness(run_dirs: list[Path], **given) -> None:

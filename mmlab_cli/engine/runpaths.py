@@ -132,4 +132,5 @@ def comparison_dir(run_dirs: list, analysis: str, out: Path | None = None) -> Pa
 def run_dirs(root: Path) -> list[RunPaths]:
     """Every run directory under `root` that training finished (config.yaml and metrics.json), in path order;
     an unreadable metrics.json is the reader's to report."""
-    return [RunPaths(p.parent) for p in sorted(Path(root).rglob("metrics.json")) if (p.parent / "config.yaml").is_file()]
+    found = sorted(Path(root).rglob("metrics.json"))
+    return [RunPaths(p.parent) for p in found if (p.parent / "config.yaml").is_file()]
