@@ -3,17 +3,17 @@
 robustness | geometry` and the sweep call.
 
 Each entry takes run directories, its Settings dataclass and `RunOptions` (which checkpoint, where, how many
-threads, the comparison folder, figure formats, force), declared once with their flags' help
-(mmlab_cli/options.py). `open_analysis` checks the inputs and opens the runs before anything is measured:
+threads, the comparison folder, figure formats, force), declared once with their flags' help in
+analysis/settings.py. `open_analysis` checks the inputs and opens the runs before anything is measured:
 the options, each run's state and preparation (RunPaths.check_analysable, check_dataset via load_run), every
-folder it will write. `Analysis.each` measures run by run under the thread count, `Analysis.compare` writes
-the comparison of several runs; each run's JSON is written last (analysis/common.py). An entry returns an
+folder it will write. `Analysis.each` measures run by run under the thread count, `Analysis.analysed`
+writes the comparison of several runs; each run's JSON is written last (analysis/common.py). An entry returns an
 `Analysed`: the results, each run's JSON and the comparison.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from mmlab_cli.engine.rundir import Run, resolve_device
 from mmlab_cli.engine.runpaths import comparison_dir
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.threads import use_threads
+
 
 @dataclass
 class Analysed:
@@ -48,7 +49,7 @@ class Analysis:
     options: RunOptions
     device: torch.device
     folder: Path
-    runs: list[Run] = field(default_factory=list)
+    runs: list[Run]
 
     def each(self, measure) -> list[dict]:
         """measure(run) for every run, with the options' threads and figure formats, in order."""

@@ -25,9 +25,6 @@ from mmlab_cli.errors import MmlabError
 COMPARE = "compare"  # RUNS/compare/<analysis>/: the comparison of several runs
 
 
-STATES = ("new", "interrupted", "diverged", "finished")
-
-
 class RunPaths:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -114,9 +111,11 @@ class RunPaths:
             raise MmlabError(f"{self.metrics_jsonl}: the run diverged in epoch {d.get('epoch')} ({d.get('reason')}); "
                              f"analyses read finished runs: train it again with a lower --lr or --clip-grad-norm")
         if state == "interrupted" and checkpoint != "last":
-            raise MmlabError(f"{self.metrics}: missing, the run is unfinished (stopped after epoch "
-                             f"{self.resume_epoch()}); finish it with `mmlab train --resume --out {self.root}`, or "
-                             f"analyse the epoch it reached with --checkpoint last")
+            epoch = self.resume_epoch()
+            reached = f"stopped after epoch {epoch}" if epoch else "no epoch finished"
+            other = ", or analyse the epoch it reached with --checkpoint last" if epoch else ""
+            raise MmlabError(f"{self.metrics}: missing, the run is unfinished ({reached}); finish the run with "
+                             f"`mmlab train --resume --out {self.root}`{other}")
 
     def restart_advice(self) -> str:
         return (f"to train it again from epoch 1: rm -rf {self.root / 'checkpoints'} {self.metrics_jsonl} "
