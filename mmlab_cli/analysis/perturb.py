@@ -34,7 +34,6 @@ from mmlab_cli.analysis.landscape import filter_normalized
 from mmlab_cli.analysis.lossfn import Advance, LossParams, generator, losses_at
 
 
-
 def _stderr(values: np.ndarray) -> float | None:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
 
