@@ -7,7 +7,6 @@ import functools
 import math
 import os
 import threading
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -150,8 +149,3 @@ def parse_numbers(text: str, flag: str, kind=float) -> list:
 
 
 FIGURE_FORMAT_HELP = "Figure files: png, plus pdf and/or svg for vector figures (e.g. png,pdf)."
-
-
-def comparison_dir(run_dirs: list[Path], analysis: str, out: Path | None) -> Path:
-    """The one home of a comparison of several runs: `out`, else <the runs' common folder>/compare/<analysis>."""
-    return out or Path(os.path.commonpath([Path(r).resolve() for r in run_dirs])) / "compare" / analysis

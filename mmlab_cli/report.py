@@ -23,6 +23,7 @@ import yaml
 from mmlab_cli.config import FIELDS, RUN_LOCATION
 from mmlab_cli.data.format import atomic_write_text
 from mmlab_cli.engine import ANALYSES, check_checkpoint
+from mmlab_cli.engine.runpaths import COMPARE, RunPaths, run_dirs
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.registry import label_keys
 from mmlab_cli.results import (FLAG, TABLES, Table, TableSpec, group_label, hashable, key_defaults, resolve,
@@ -52,13 +53,9 @@ def find_runs(root: str | Path) -> pd.DataFrame:
     if not root.is_dir():
         raise MmlabError(f"{root}: no such directory; pass the folder that holds your run directories")
     rows = []
-    for metrics_path in sorted(root.rglob("metrics.json")):
-        config_path = metrics_path.parent / "config.yaml"
-        if not config_path.is_file():
-            continue
-        config = yaml.safe_load(config_path.read_text()) or {}
-        metrics = _read_json(metrics_path, "mmlab train --resume --out RUN_DIR")
-        row = {**config, **metrics, "run": str(metrics_path.parent.relative_to(root))}
+    for paths in run_dirs(root):
+        metrics = _read_json(paths.metrics, "mmlab train --resume --out RUN_DIR")
+        row = {**paths.recorded(), **metrics, "run": str(paths.root.relative_to(root))}
         rows.append({k: hashable(v) for k, v in row.items()})
     if not rows:
         raise MmlabError(f"{root}: no finished runs found (a run directory holds config.yaml and metrics.json)")
@@ -247,7 +244,7 @@ def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], do
             pngs = [f for f in listed if any(fnmatch(f, pattern) for pattern in table.spec.plots)]
             if pngs:
                 caption = ", ".join(map(str, key))
-                folder = Path(run) / ANALYSES[checkpoint]
+                folder = RunPaths(run).analyses(checkpoint)
                 table.plots += [(f"{caption}: {f} ({run})", (folder / f).as_posix()) for f in pngs]
                 break
 
@@ -295,7 +292,7 @@ def comparison_figures(root: Path) -> list[tuple[str, str]]:
     """(caption, path) of every PNG a comparison under `root` lists in its JSON (`mmlab <analysis> RUN RUN ...`
     writes them into <runs>/compare/<analysis>/)."""
     found = []
-    for doc_path in sorted(root.rglob("compare/*/*.json")):
+    for doc_path in sorted(root.rglob(f"{COMPARE}/*/*.json")):
         doc = _read_json(doc_path, f"mmlab {doc_path.parent.name} RUN_DIR RUN_DIR ...") or {}
         folder = doc_path.parent.relative_to(root)
         found += [(f"{folder}: {f}", f"{folder}/{f}") for f in doc.get("files", []) if f.endswith(".png")]
@@ -325,7 +322,8 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
             runs[k] = defaults[k]
     files = dict.fromkeys(spec.file for spec in TABLES if spec.file != "metrics.json")
     commands = {spec.file: spec.command for spec in TABLES}
-    docs = {f: [_read_json(root / run / ANALYSES[checkpoint] / f, commands[f]) for run in runs["run"]] for f in files}
+    docs = {f: [_read_json(RunPaths(root / run).analyses(checkpoint) / f, commands[f]) for run in runs["run"]]
+            for f in files}
     check_groupable(runs, group_by, docs, asked=bool(asked))
     if "data" in group_by:
         runs["data"] = runs["data"].map(data_labels(runs["data"]))

@@ -7,7 +7,9 @@ checks every dataset and existing run directory before anything runs and gives e
 `slurm_executor`) and returns one `Outcome` per job. A finished run is skipped, an interrupted one
 resumed; a run directory holding a run with other settings is an error. A run that another live process
 trains (a second sweep into the same out, `mmlab train`) is waited for, then skipped or resumed. Pool workers
-die with the sweep's process (even on kill -9), so none goes on training as an orphan.
+die with the sweep's process (even on kill -9), so none goes on training as an orphan. A run's state is its
+RunPaths' (engine/runpaths.py); its analyses are the library entries (mmlab_cli/analysis/entries.py) called with
+the sweep file's arguments, in the worker that trained it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
-import json
 import os
 import re
 import signal
@@ -26,11 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
-from mmlab_cli.config import FIELDS, RUN_LOCATION, TrainConfig, config_from_yaml, read_yaml_mapping, resolve_config
-from mmlab_cli.data.format import read_json_object
+from mmlab_cli.config import FIELDS, RUN_LOCATION, TrainConfig, read_yaml_mapping, resolve_config
 from mmlab_cli.errors import MmlabError, TrainingDiverged
 
-ANALYSES = ("flatness", "robustness", "geometry")  # the `mmlab` commands a sweep may run on each run, in order
 SWEEP_KEYS = ("recipe", "data", "out", "grid", "seeds", "overrides", "analyses", "report", "slurm")
 SET_BY_SWEEP = ("out", "seed")  # run settings the sweep itself decides: not in grid or overrides
 STATUSES = ("finished", "skipped", "resumed", "diverged", "failed")
@@ -118,6 +117,8 @@ def load_sweep(path: str | Path, *, out: str | None = None, seeds: list[int] | N
     if seeds is not None and (not isinstance(seeds, list) or not seeds or
                               not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise MmlabError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    from mmlab_cli.analysis.entries import ANALYSES  # the analyses a sweep may run on each run, in order
+
     analyses = _mapping(raw.get("analyses"), "analyses", path)
     for name, args in analyses.items():
         if name not in ANALYSES:
@@ -202,9 +203,9 @@ def _differences(job: Job, dataset) -> list[str]:
     from mmlab_cli.engine.fit import recorded_config
 
     paths = RunPaths(job.config.out)
-    stored, wanted = config_from_yaml(paths.config), recorded_config(job.config, dataset)
+    stored, wanted = paths.load_config(), recorded_config(job.config, dataset)
     diff = [k for k in FIELDS if k not in RUN_LOCATION and getattr(stored, k) != getattr(wanted, k)]
-    trained_on = (read_json_object(paths.env) or {}).get("dataset_sha256")
+    trained_on = paths.trained_on()
     same_data = (trained_on == dataset.fingerprint) if trained_on else Path(stored.data) == Path(wanted.data).resolve()
     return diff + ([] if same_data else ["data"])
 
@@ -221,7 +222,7 @@ def run_state(job: Job, dataset) -> str:
     if diff:
         raise MmlabError(f"{paths.config}: {paths.root} holds a run with other settings ({', '.join(diff)}); "
                          f"move it away or give the sweep another out")
-    return "finished" if paths.finished() else "diverged" if _diverged(paths) else "interrupted"
+    return paths.state()
 
 
 def plan(jobs: list[Job]) -> dict[str, str]:
@@ -240,14 +241,6 @@ def plan(jobs: list[Job]) -> dict[str, str]:
             except MmlabError as e:
                 raise MmlabError(f"{job.recipe} ({job.name}): {e}") from None
     return states
-
-
-def _diverged(paths) -> bool:
-    """The run stopped on a divergence (its metrics.jsonl ends with the `diverged` record fit writes)."""
-    try:
-        return bool(json.loads(paths.metrics_jsonl.read_text().splitlines()[-1]).get("diverged"))
-    except (OSError, ValueError, IndexError, AttributeError):
-        return False
 
 
 def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) -> Outcome:
@@ -313,39 +306,31 @@ def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
         metrics = train(job.config, resume=state == "interrupted")
         status = "resumed" if state == "interrupted" else "finished"
         detail = headline(metrics)
+    from mmlab_cli.analysis.entries import call
+
     for name, calls in analyses.items():
         for args in calls:
-            code = run_command([name, job.config.out, *args, "--device", job.config.device])
-            if code:
-                return Outcome(job.name, "failed", f"{detail}; `mmlab {name}` exited with {code} (see {job.log})")
+            try:  # the library entry, with the arguments `mmlab <name>` would take
+                call(name, [job.config.out], args, device=job.config.device)
+            except MmlabError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return Outcome(job.name, "failed", f"{detail}; `mmlab {name}`: {e} (see {job.log})")
     return Outcome(job.name, status, detail)
 
 
-def run_command(args: list[str]) -> int:
-    """Run an `mmlab` subcommand in this process; its exit code (its one-line error is on stderr)."""
-    from mmlab_cli.main import app
-
-    try:
-        code = app(args, standalone_mode=False)
-    except SystemExit as e:  # click's own usage errors
-        code = e.code
-    return code if isinstance(code, int) else 0
-
-
-def check_commands(sweep: Sweep) -> None:
-    """Parse every analysis's and the report's arguments now, so a typo stops the sweep before any run."""
+def check_analyses(sweep: Sweep) -> None:
+    """Parse and check every analysis's arguments now, so a typo or a bad value stops the sweep before any run
+    (the report's arguments are the `mmlab sweep` command's to check)."""
     import typer
 
-    from mmlab_cli.main import app
+    from mmlab_cli.analysis.entries import settings_from_args
 
-    group = typer.main.get_command(app)
-    steps = [(name, ["RUN", *args]) for name, calls in sweep.analyses.items() for args in calls]
-    steps += [("report", ["OUT", *args]) for args in sweep.report or []]
-    for name, args in steps:
-        try:
-            group.get_command(None, name).make_context(name, list(args))
-        except typer.TyperException as e:  # click's usage errors, as typer ships them
-            raise MmlabError(f"{sweep.path}: `mmlab {name} {' '.join(args[1:])}`: {e}") from None
+    for name, calls in sweep.analyses.items():
+        for args in calls:
+            try:
+                settings_from_args(name, args)
+            except (typer.TyperException, MmlabError) as e:  # click's usage errors, as typer ships them
+                raise MmlabError(f"{sweep.path}: `mmlab {name} {' '.join(args)}`: {e}") from None
 
 
 SLURM_GENERIC = ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "nodes", "tasks_per_node", "name")

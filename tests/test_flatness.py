@@ -12,7 +12,8 @@ from torch import nn
 from torch.func import functional_call
 
 from mmlab_cli.analysis.common import Subset, load_subset
-from mmlab_cli.analysis.flatness import FlatnessSettings, cell, convergence, flatness, scalar_rows
+from mmlab_cli.analysis.flatness import FlatnessSettings, flatness
+from mmlab_cli.analysis.flatness_output import cell, convergence, scalar_rows
 from mmlab_cli.analysis.hessian import (HessianVectorProduct, hutchinson_trace, lambda_star, lanczos, slq_density,
                                         spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import directions, landscape

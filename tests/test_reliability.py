@@ -406,7 +406,11 @@ def test_a_result_is_not_reused_on_another_preparation_of_the_data(trained, tmp_
     manifest["preprocessing"]["note"] = "other parameters"
     (data / "manifest.json").write_text(json.dumps(manifest))
     _point_at(run, data)
-    result = runner.invoke(app, args)
+    _one_line_error(runner.invoke(app, args), 2, "not the dataset", "trained on")  # the run's env.json says so
+    assert json.loads((run / f"{analysis}.json").read_text()) == first
+    env = json.loads((run / "env.json").read_text())  # a run from before env.json recorded its preparation:
+    (run / "env.json").write_text(json.dumps({k: v for k, v in env.items() if k != "dataset_sha256"}))
+    result = runner.invoke(app, args)  # analysed, and its result keyed by the data: not reused
     assert result.exit_code == 0 and "(reused" not in result.stderr, result.output
     assert json.loads((run / f"{analysis}.json").read_text())["dataset_sha256"] != first["dataset_sha256"]
 

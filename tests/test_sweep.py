@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import snapshot
 from mmlab_cli import sweep as sw
+from mmlab_cli.commands.sweep import check_arguments, report_arguments, run_report
 from mmlab_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,8 @@ def test_an_analysis_or_the_report_may_run_several_times(tmp_path, tiny_syntheti
     assert sweep.analyses == {"flatness": [["--checkpoint", "best"], ["--checkpoint", "last", "--samples", "8"]],
                               "geometry": [["--samples", "8"]]}
     assert sweep.report == [["--checkpoint", "best"], ["--checkpoint", "last"]]
-    sw.check_commands(sweep)
+    sw.check_analyses(sweep)
+    assert [report_arguments(path, args)["checkpoint"] for args in sweep.report] == ["best", "last"]
     assert sw.load_sweep(_sweep(tmp_path, data=str(tiny_synthetic), report=True)).report == [[]]
 
 
@@ -171,7 +173,7 @@ def test_a_run_with_other_settings_is_an_error_not_replaced(grid):
 
 
 def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence(grid, tmp_path, monkeypatch):
-    from mmlab_cli.engine import fit
+    from mmlab_cli.engine import fit, runpaths
 
     path, jobs = grid
     done, cut, bad, new = (jobs[f"tiny/{n}/seed0"] for n in ("epochs=1,gamma=0.5", "epochs=3,gamma=0.5",
@@ -183,14 +185,14 @@ def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence
     class Killed(Exception):
         pass
 
-    write = fit.atomic_write_text
+    write = runpaths.atomic_write_text  # RunPaths writes metrics.jsonl
 
     def write_then_die(target, text):  # the process dies right after epoch 1 is saved
         write(target, text)
         if Path(target).name == "metrics.jsonl":
             raise Killed
 
-    monkeypatch.setattr(fit, "atomic_write_text", write_then_die)
+    monkeypatch.setattr(runpaths, "atomic_write_text", write_then_die)
     with pytest.raises(Killed):
         fit.train(replace(cut.config))
     monkeypatch.undo()
@@ -224,7 +226,7 @@ def test_submitit_local_executor_runs_training_analyses_and_report(tmp_path, tin
     assert [(o.name, o.status) for o in outcomes] == [("tiny/seed1", "finished")], outcomes
     run = Path(jobs[0].config.out)
     assert json.loads((run / "geometry.json").read_text())["samples"] == 40
-    assert sw.run_command(["report", str(sweep.out)]) == 0 and (sweep.out / "report.md").is_file()
+    assert run_report(sweep.out, []) == 0 and (sweep.out / "report.md").is_file()
 
 
 def test_slurm_submission_script_has_the_partition_time_gpus_and_python_command(tmp_path, tiny_synthetic,
@@ -268,7 +270,7 @@ def test_slurm_settings_and_a_machine_without_slurm_are_one_line_errors(tmp_path
 def test_every_shipped_sweep_file_expands_and_its_commands_parse(path):
     sweep = sw.load_sweep(path)
     jobs = sw.expand(sweep)
-    sw.check_commands(sweep)
+    check_arguments(sweep)
     assert jobs and len({j.name for j in jobs}) == len(jobs)
     assert path.read_text().startswith("#") and "mmlab sweep" in path.read_text()  # the exact command
 

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from mmlab_cli.analysis.corruptions import BOUNDED
+from mmlab_cli.analysis.settings import DEFAULT_PRESET
 
 NOT_ATTACKED = {"text_tokens": "text tokens are discrete and not attacked (as in the DML paper's Food101 table)"}
 MADRY_STEP = 2.5  # alpha = 2.5 eps / T (Madry et al. 2018)
@@ -46,7 +47,6 @@ PRESETS = {
     "table11": {**{k: Preset(5, eps=0.1, step_size=0.001, random_start=False) for k in _PIXELS},
                 **{k: Preset(10, eps=0.005, step_size=0.001, random_start=False) for k in _UNBOUNDED}},
 }
-DEFAULT_PRESET = "madry"
 
 
 @dataclass(frozen=True)

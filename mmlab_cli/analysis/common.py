@@ -19,7 +19,7 @@ from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import check_writable, read_json_object, sha256_file
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.checkpoint import find_checkpoint
-from mmlab_cli.engine.rundir import Run, load_run
+from mmlab_cli.engine.rundir import Run, RunPaths, load_run
 from mmlab_cli.methods.registry import method_label
 
 
@@ -59,7 +59,11 @@ def mean_loss(model: torch.nn.Module, subset: Subset) -> float:
 
 def open_runs(run_dirs, checkpoint: str, device: torch.device, outputs=()) -> list[Run]:
     """Load every run and check that every run directory and other output folder can be written, so a
-    bad input is one line before any expensive computation, not after the first runs' results."""
+    bad input is one line before any expensive computation, not after the first runs' results. A run an
+    analysis must not read (diverged, unfinished unless at the last checkpoint) is one line too
+    (RunPaths.check_analysable)."""
+    for r in run_dirs:
+        RunPaths(r).check_analysable(checkpoint)
     runs = [load_run(r, checkpoint, device) for r in run_dirs]
     for folder in [*(r.paths.root for r in runs), *outputs]:
         check_writable(folder)

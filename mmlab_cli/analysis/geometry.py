@@ -3,7 +3,8 @@ DAGR paper's Appendix C): each modality's encoder embeds a split, the embeddings
 and per modality, per modality pair and for the fusion map the metrics of
 `mmlab_cli.analysis.geometry_metrics` are measured. `geometry` is the plain function (notebooks);
 `analyse_run` adds the run's identity and writes geometry.{json,md}, CSV tables, embeddings.npz
-and PNGs into the run directory.
+and PNGs into the run directory; geometry_run.py's `analyse_geometry(run_dirs, settings, options)` is
+`mmlab geometry` as a library function.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from mmlab_cli import figures
 from mmlab_cli.analysis import geometry_metrics as gm
 from mmlab_cli.analysis.ati import measure_ati, work as ati_work
 from mmlab_cli.analysis.common import reusable_result, run_identity, subset_indices
+from mmlab_cli.analysis.settings import GeometrySettings
 from mmlab_cli.console import console, progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text
@@ -43,38 +45,6 @@ CAVEATS = {
     "unknown": "{dataset}'s manifest does not say whether its pairs are sample-level or class-level (prepared "
                "before mmlab recorded it; `mmlab prepare ... --force` records it): drift, cosine gap, KS and "
                "Recall@K may measure class-level alignment only"}
-
-
-@dataclass
-class GeometrySettings:
-    split: str = "test"
-    samples: int | None = None  # None: the whole split
-    batch_size: int = 256
-    seed: int = 0  # subset, negative pairs, ATI directions, t-SNE
-    exact_ot_max: int = 5000  # exact W2 up to this many points per modality, Sinkhorn beyond
-    sinkhorn_reg: float = 0.02  # entropic regulariser; costs on the unit sphere lie in [0, 4]
-    negatives: int = 10  # random mismatched pairs per sample for the cosine distributions
-    recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
-    tau: float = 0.01  # ATI perturbation norm relative to ||v||
-    ati_samples: int = 256  # seeded rows of the ATI check, each costing ~d forward passes per network; 0: all
-    tsne_samples: int = 1000  # points per modality in the t-SNE plot; 0: no plot
-    perplexity: float = 30.0
-
-    def check(self) -> "GeometrySettings":
-        if self.samples is not None and self.samples < 2:
-            raise MmlabError(f"--samples {self.samples}: the metrics need at least 2 samples")
-        for name in ("batch_size", "exact_ot_max", "negatives"):
-            if getattr(self, name) < 1:
-                raise MmlabError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.sinkhorn_reg <= 0 or self.tau <= 0 or self.perplexity <= 0:
-            raise MmlabError("--sinkhorn-reg, --tau and --perplexity must be > 0")
-        if not self.recall_k or any(k < 1 for k in self.recall_k):
-            raise MmlabError(f"--recall-k {self.recall_k}: give positive integers, e.g. 1,5,10")
-        if self.ati_samples < 0:
-            raise MmlabError("--ati-samples must be >= 0 (0: every embedded row)")
-        if self.tsne_samples < 0:
-            raise MmlabError("--tsne-samples must be >= 0 (0: no t-SNE plot)")
-        return self
 
 
 @dataclass

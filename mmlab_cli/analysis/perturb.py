@@ -33,9 +33,6 @@ from mmlab_cli.analysis.common import Subset
 from mmlab_cli.analysis.landscape import filter_normalized
 from mmlab_cli.analysis.lossfn import Advance, LossParams, block_of, generator, losses_at
 
-NORMALIZATIONS = ("filter", "none")
-FGAP_NORMALIZATIONS = ("block", "filter", "none")
-
 
 def _stderr(values: np.ndarray) -> float | None:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,10 @@ import torch.nn.functional as F
 
 from mmlab_cli import figures
 from mmlab_cli.analysis import robustness_plots as plots
-from mmlab_cli.analysis.attacks import DEFAULT_PRESET, NOT_ATTACKED, PRESETS, PGDSettings, pgd, pgd_settings
+from mmlab_cli.analysis.attacks import NOT_ATTACKED, PGDSettings, pgd, pgd_settings
 from mmlab_cli.analysis.common import Subset, load_subset, reusable_result, run_identity
 from mmlab_cli.analysis.corruptions import CORRUPTIONS
+from mmlab_cli.analysis.settings import RobustnessSettings
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text
@@ -39,50 +39,7 @@ from mmlab_cli.models.fusion import LateFusion
 from mmlab_cli.tables import to_markdown
 
 SCHEMA = "mmlab.robustness/2"  # 2: PGD presets (/1 files were all Table 11 without a preset name)
-DEFAULT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
-
-@dataclass
-class RobustnessSettings:
-    attack: str = "pgd"  # pgd | none
-    modalities: list[str] | None = None  # None: every modality of the model
-    preset: str = DEFAULT_PRESET  # what eps, steps, step_size and random_start left None are (attacks.PRESETS)
-    eps: float | None = None  # absolute, in the input's units
-    eps_relative: float | None = None  # times the attacked input's std over the subset (give eps or this)
-    steps: int | None = None
-    step_size: float | None = None
-    random_start: bool | None = None
-    eps_factors: list[float] | None = None  # eps sweep as multiples of each modality's eps; None: no sweep
-    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
-    levels: list[float] = field(default_factory=lambda: list(DEFAULT_LEVELS))
-    split: str = "test"
-    samples: int | None = None  # None: the whole split
-    batch_size: int = 256
-    seed: int = 0
-
-    def check(self) -> "RobustnessSettings":
-        if self.attack not in ("pgd", "none"):
-            raise MmlabError(f"--attack {self.attack}: choose pgd or none")
-        if self.preset not in PRESETS:
-            raise MmlabError(f"--pgd-preset {self.preset}: choose {' or '.join(PRESETS)}")
-        if self.eps is not None and self.eps_relative is not None:
-            raise MmlabError("--eps and --pgd-eps-relative: give one of them (an absolute or a relative radius)")
-        for flag, value in {"--eps": self.eps, "--pgd-eps-relative": self.eps_relative, "--steps": self.steps,
-                            "--step-size": self.step_size}.items():
-            if value is not None and value < 0:
-                raise MmlabError(f"{flag} {value}: must be >= 0")
-        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
-        if unknown:
-            raise MmlabError(f"--corruption {unknown[0]}: unknown; choose from {', '.join(CORRUPTIONS)}, all or none")
-        levels = self.levels
-        if not levels or any(not 0 <= s <= 1 for s in levels) or len(set(levels)) != len(levels):
-            raise MmlabError(f"--severity {self.levels}: levels must be distinct values in [0, 1]")
-        if self.eps_factors is not None and any(f < 0 for f in self.eps_factors):
-            raise MmlabError(f"--eps-factors {self.eps_factors}: factors must be >= 0")
-        if self.batch_size < 1 or (self.samples is not None and self.samples < 1):
-            raise MmlabError("--batch-size and --samples must be >= 1")
-        self.levels = sorted(self.levels)
-        return self
 
 
 def _generator(device: torch.device, seed: int, *names: str) -> torch.Generator:
@@ -241,7 +198,7 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
                     "values": [v if np.isfinite(v) else None for v in values],  # null = infinite SNR (no noise)
                     "acc": acc, "loss": loss, "auc": relative_robustness(s.levels, acc)}
     return {"schema": SCHEMA, "dataset": dataset.name, "split": s.split, "samples": subset.size,
-            "classes": len(dataset.classes), "modalities": kinds, "settings": {**asdict(s), "modalities": modalities},
+            "classes": len(dataset.classes), "modalities": kinds, "settings": {**s.recorded(), "modalities": modalities},
             "device": str(device), "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start,
             "clean": {"acc": clean["acc"], "loss": clean["loss"]}, "pgd": result_pgd, "corruptions": result_curves,
             "skipped": skipped}
@@ -254,7 +211,7 @@ def analyse_run(run: Run, settings: RobustnessSettings, device: torch.device, ch
     out = run.paths.analyses(checkpoint)
     out.mkdir(exist_ok=True)
     identity = run_identity(run, checkpoint)
-    wanted = {**asdict(settings.check()),
+    wanted = {**settings.check().recorded(),
               "modalities": list(run.model.modalities) if settings.modalities is None else settings.modalities}
     old = None if force else reusable_result(out / "robustness.json", SCHEMA, wanted, identity)
     if old is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import Counter
 from pathlib import Path
@@ -51,17 +52,14 @@ def sweep(
     spec = sw.load_sweep(sweep_file, out=out, seeds=None if seeds is None else parse_numbers(seeds, "--seeds", int),
                          sets={**sets, **({"threads": threads} if threads else {})}, grid=parse_grid(grid))
     job_list = sw.expand(spec)
-    sw.check_commands(spec)
+    check_arguments(spec)
     states = sw.plan(job_list)
-    runner = "local"
-    if executor == "slurm":
-        runner = sw.slurm_executor(spec.out / ".submitit", spec.slurm)
+    runner = sw.slurm_executor(spec.out / ".submitit", spec.slurm) if executor == "slurm" else "local"
     threads = threads or (spec.slurm.get("cpus_per_task", 1) if executor == "slurm" else 1)  # never from --jobs
     if dry_run:
-        typer.echo(json.dumps({"out": str(spec.out), "threads": threads, "jobs": [
+        return typer.echo(json.dumps({"out": str(spec.out), "threads": threads, "jobs": [
             {"name": j.name, "recipe": j.recipe, "state": states[j.name], "config": j.config.to_dict()}
             for j in job_list]}, indent=1))
-        return
     counts = ", ".join(f"{n} {s}" for s, n in Counter(states.values()).items())
     at_once = f"{jobs} at a time" if executor == "local" else "a Slurm array"
     console.print(f"{len(job_list)} runs in {spec.out} ({counts}); {executor}: {at_once}, {threads} thread(s) per run")
@@ -74,7 +72,7 @@ def sweep(
                       f"[{COLOURS[outcome.status]}]{outcome.status}[/]{note}")
 
     outcomes = sw.run(job_list, states, spec.analyses, runner, jobs, threads, on_done)
-    report_failed = any(sw.run_command(["report", str(spec.out), *args]) != 0 for args in spec.report or [])
+    report_failed = any(run_report(spec.out, args) != 0 for args in spec.report or [])
     statuses = [o.status for o in outcomes]
     console.print(f"sweep {spec.out}: " + ", ".join(f"{statuses.count(s)} {s}" for s in sw.STATUSES)
                   + ("; the report failed" if report_failed else ""))
@@ -84,3 +82,36 @@ def sweep(
     if "diverged" in statuses:
         raise typer.Exit(3)
 
+
+def check_arguments(spec) -> None:
+    """Parse and check every analysis's and the report's arguments now, so a typo stops the sweep before any
+    run (sweep.py checks the analyses'; the report's are this command's sibling's)."""
+    from mmlab_cli import sweep as sw
+
+    sw.check_analyses(spec)
+    for args in spec.report or []:
+        report_arguments(spec.path, args)
+
+
+def report_arguments(path: Path, args: list[str]) -> dict:
+    """The `mmlab report OUT <args>` parameters of a sweep file's report entry; a usage error is one line."""
+    from mmlab_cli.commands.report import report
+    from mmlab_cli.errors import MmlabError
+    from mmlab_cli.options import parse_args
+
+    try:
+        return parse_args(list(inspect.signature(report, eval_str=True).parameters.values()), "report",
+                          ["OUT", *args])
+    except typer.TyperException as e:  # click's usage errors, as typer ships them
+        raise MmlabError(f"{path}: `mmlab report {' '.join(args)}`: {e}") from None
+
+
+def run_report(out: Path, args: list[str]) -> int:
+    """`mmlab report OUT <args>` in this process: its exit code (its one-line error is on stderr)."""
+    from mmlab_cli.commands.report import report
+
+    try:
+        report(**{**report_arguments(out, args), "runs_dir": Path(out)})
+    except typer.Exit as e:
+        return e.exit_code
+    return 0

@@ -1,6 +1,6 @@
 """`mmlab train`: its flags are generated from `TrainConfig` (mmlab_cli/config.py, the one declaration of
-every training option); recipe, flags and `key=value` overrides merge in `resolve_config`, then
-`mmlab_cli.engine.fit.train` runs."""
+every training option; mmlab_cli/options.py generates them); recipe, flags and `key=value` overrides merge
+in `resolve_config`, then `mmlab_cli.engine.fit.train` runs."""
 
 from __future__ import annotations
 
@@ -14,28 +14,11 @@ import typer
 
 from mmlab_cli.config import RUN_LOCATION, TrainConfig
 from mmlab_cli.console import cli_errors, console
-
-METAVARS = {"int": "INT", "float": "FLOAT", "str": "TEXT"}
-
-
-def _flag(f: dataclasses.Field) -> inspect.Parameter:
-    """The Typer option of one TrainConfig field. Every value arrives as text (None = not given) and is
-    converted and validated by config.resolve_config, the path recipes and key=value overrides take too."""
-    name, meta = f.name.replace("_", "-"), f.metadata
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    shown = ",".join(map(str, default)) if isinstance(default, list) else default
-    if f.type == "bool":
-        opt = typer.Option(None, f"--{name}/--no-{name}", show_default=False,
-                           help=f"{meta['help']} [default: {'on' if default else 'off'}]")
-        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[bool])
-    metavar = "|".join(meta["choices"]) or meta["metavar"] or METAVARS.get(f.type, "TEXT")
-    default_text = f" [default: {shown}]" if shown not in ("", {}) else ""
-    opt = typer.Option(None, f"--{name}", help=meta["help"] + default_text, metavar=metavar, show_default=False)
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[str])
+from mmlab_cli.options import flags, with_signature
 
 
 def train(recipe: Optional[Path], overrides: Optional[list[str]], resume: bool, print_config: bool,
-          **flags) -> None:
+          **given_flags) -> None:
     """Train a late-fusion classifier (or a unimodal one) on a prepared dataset into a run directory.
 
     Options come from a recipe (--recipe), then key=value arguments and flags (both override the recipe;
@@ -44,7 +27,7 @@ def train(recipe: Optional[Path], overrides: Optional[list[str]], resume: bool, 
     from mmlab_cli.config import config_to_yaml, parse_overrides, resolve_config
     from mmlab_cli.errors import MmlabError
 
-    given = {k: v for k, v in flags.items() if v is not None}
+    given = {k: v for k, v in given_flags.items() if v is not None}
     extra = parse_overrides(overrides or [])
     both = sorted(set(given) & set(extra))
     if both:
@@ -70,7 +53,7 @@ def train(recipe: Optional[Path], overrides: Optional[list[str]], resume: bool, 
     typer.echo(json.dumps({"out": cfg.out, **tested}))
 
 
-train.__signature__ = inspect.Signature([
+train = with_signature(train, [
     inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
         None, help="Recipe YAML (recipes/<dataset>/<name>.yaml); flags and key=value override it.",
         metavar="YAML")),
@@ -78,7 +61,7 @@ train.__signature__ = inspect.Signature([
                       default=typer.Argument(None, help="key=value overrides of any option below, e.g. epochs=8 "
                                              "modalities=[image,audio] (values are read as YAML).",
                                              metavar="[KEY=VALUE]...", show_default=False)),
-    *(_flag(f) for f in dataclasses.fields(TrainConfig)),
+    *flags(TrainConfig, as_text=True),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--resume", help="Continue the run in --out from its last checkpoint, wherever the directory now "
         "lies, with its saved config (only --device, and --data naming the same preparation, may be given too); "
@@ -86,7 +69,6 @@ train.__signature__ = inspect.Signature([
     inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--print-config", help="Print the resolved config as YAML and exit without training.")),
 ])
-train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}
 train = cli_errors(train)
 
 

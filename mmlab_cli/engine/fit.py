@@ -24,7 +24,7 @@ from rich.progress import TextColumn
 from mmlab_cli.config import TrainConfig, config_to_yaml
 from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_json_object, strict_json
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.data.pseudo_labels import pairing_labels
@@ -130,18 +130,12 @@ def _prepare_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, w
     if paths.config.exists() and not resume:
         raise MmlabError(f"{paths.config}: {paths.root} already holds a run; pass --resume to continue it "
                          f"or choose another --out")
-    trained_on = (read_json_object(paths.env) or {}).get("dataset_sha256") if resume else None
-    if trained_on and trained_on != dataset.fingerprint:
-        raise MmlabError(f"{dataset.root / 'manifest.json'}: not the dataset {paths.root} was trained on (its "
-                         f"manifest changed); resume with --data pointing at that preparation, or start a new run")
+    if resume:
+        paths.check_dataset(dataset, "resume with --data pointing at that preparation, or start a new run")
     world.barrier()  # every process has checked before rank 0 writes
     if world.main:
         atomic_write_text(paths.config, config_to_yaml(cfg))
     return paths
-
-
-def _jsonl(records: list[dict]) -> str:
-    return "".join(strict_json(r, indent=None) + "\n" for r in records)
 
 
 def _resume_point(paths: RunPaths, say) -> tuple[dict, dict] | None:
@@ -174,10 +168,9 @@ def _resume_point(paths: RunPaths, say) -> tuple[dict, dict] | None:
 
 def _stop_diverged(paths: RunPaths, state: dict, epoch: int, step: int, lr: float, world: World):
     """Record the divergence in metrics.jsonl and stop with exit code 3; the checkpoints stay as they were."""
-    record = {"epoch": epoch, "diverged": True, "step": step,
-              "reason": "non-finite training loss or weights; nothing of this epoch was saved"}
     if world.main:
-        atomic_write_text(paths.metrics_jsonl, _jsonl(state["history"] + [record]))
+        paths.record_divergence(state["history"], epoch, step,
+                                "non-finite training loss or weights; nothing of this epoch was saved")
     kept = (f"{paths.last} keeps epoch {state['epoch']}" if state["epoch"] else "no epoch had finished")
     raise TrainingDiverged(f"{paths.root}: training diverged in epoch {epoch} (non-finite loss or weights by step "
                            f"{step}); {kept}; lower --lr (the rate was {lr:g} in this epoch) or set "
@@ -351,7 +344,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                     state["best_val_acc"], state["best_epoch"] = val[scoring.select], epoch + 1
                     save_checkpoint(paths.best, model, state)
                 save_checkpoint(paths.last, model, state)
-                atomic_write_text(paths.metrics_jsonl, _jsonl(state["history"]))
+                paths.write_history(state["history"])
             elif val[scoring.select] > state["best_val_acc"]:
                 state["best_val_acc"], state["best_epoch"] = val[scoring.select], epoch + 1
 

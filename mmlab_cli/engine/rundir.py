@@ -2,14 +2,17 @@
 
     config.yaml            the resolved TrainConfig
     env.json               versions, device, seed, git commit
-    metrics.jsonl          one line per finished epoch
+    metrics.jsonl          one line per finished epoch (then a `diverged` record if training diverged)
     metrics.json           best-val epoch, val and test accuracy (fused and per modality); present = finished
     checkpoints/last/      model.safetensors + state.pt, after every epoch
     checkpoints/best/      the same, for the best validation accuracy (contrastive: mean R@1) so far
     pseudo_labels.json     with --pseudo-labels: the k-means pseudo-labels DML re-pairs within, and their settings
 
-`load_run` turns a run directory back into a `Run` (model, dataset, config, paths) for notebooks and
-analyses (docs/api.md).
+`RunPaths` (engine/runpaths.py, torch-free so the report can ask it) is the one home of a run's state: its
+files, `state()` (new / interrupted / diverged / finished), the epoch a resume continues after, the recorded
+config, the preparation it was trained on and whether an analysis may read it; `comparison_dir` is where the
+analyses of several runs meet. `load_run` turns a run directory back into a `Run` (model, dataset, config,
+paths) for notebooks and analyses (docs/api.md).
 A run directory is self-contained: its own location is where it is now, never the `out` recorded in
 config.yaml, so a moved or copied run loads and resumes where it lies.
 """
@@ -23,45 +26,15 @@ from pathlib import Path
 
 import torch
 
-from mmlab_cli.config import TrainConfig, config_from_yaml
+from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import read_json_object
-from mmlab_cli.engine import ANALYSES
 from mmlab_cli.engine.checkpoint import find_checkpoint, non_finite_weights, read_weights
+from mmlab_cli.engine.runpaths import RunPaths
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.contrastive import make_contrastive
 from mmlab_cli.methods.registry import UNIT_SPHERE
 from mmlab_cli.models.fusion import LateFusion
-
-
-class RunPaths:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.config = self.root / "config.yaml"
-        self.env = self.root / "env.json"
-        self.metrics_jsonl = self.root / "metrics.jsonl"
-        self.metrics = self.root / "metrics.json"
-        self.last = self.root / "checkpoints" / "last"
-        self.best = self.root / "checkpoints" / "best"
-
-    def analyses(self, checkpoint: str = "best") -> Path:
-        """Where the analyses of a checkpoint write their files: the run directory for the best checkpoint,
-        RUN/analyses-last/ for the last one (so a run can hold both: flatness at a fixed epoch and at the best)."""
-        return self.root / ANALYSES[checkpoint]
-
-    def load_config(self) -> TrainConfig:
-        """config.yaml with `out` re-based on where the run directory is now."""
-        cfg = config_from_yaml(self.config)
-        cfg.out = str(self.root)
-        return cfg
-
-    def finished(self) -> bool:
-        """metrics.json is present and readable (a corrupt one means the run must be finished again)."""
-        return read_json_object(self.metrics) is not None
-
-    def restart_advice(self) -> str:
-        return (f"to train it again from epoch 1: rm -rf {self.root / 'checkpoints'} {self.metrics_jsonl} "
-                f"{self.metrics} && mmlab train --resume --out {self.root}")
 
 
 @dataclass
@@ -113,7 +86,8 @@ def environment(device: torch.device, seed: int) -> dict:
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:
     """A `Run` (model in eval mode with the chosen checkpoint's weights, dataset, config, paths) of a run
-    directory. A missing, unreadable or non-finite (diverged) checkpoint is a one-line MmlabError."""
+    directory. A missing, unreadable or non-finite (diverged) checkpoint, or a dataset folder that now holds
+    another preparation than the run was trained on, is a one-line MmlabError."""
     paths = RunPaths(run_dir)
     if not paths.config.is_file():
         raise MmlabError(f"{paths.config}: missing; {run_dir} is not a run directory (make one with `mmlab train`)")
@@ -124,6 +98,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
                f"finish the run with `mmlab train --resume --out {run_dir}`")
         raise MmlabError(f"{paths.root / 'checkpoints' / checkpoint}: no checkpoint; {fix}")
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
+    paths.check_dataset(dataset, "prepare that dataset again as the run's config.yaml records it, or train a new "
+                                 "run on this preparation")
     dev = resolve_device(str(device))
     weights = read_weights(ckpt, dev)
     bad = non_finite_weights(weights)
