@@ -2,8 +2,10 @@
 divergence, corrupt checkpoints and results, locks, and the one-line errors for bad input. Every
 error's suggested fix is followed where it can be."""
 
+import contextlib
 import json
 import os
+import queue
 import random
 import shutil
 import signal
@@ -285,21 +287,86 @@ def test_unreadable_metrics_json_is_finished_again_not_called_finished(uninterru
     _same_run(run, uninterrupted)
 
 
+HOLD_LOCK = """
+import sys, time
+from mmlab_cli.engine.lock import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
 def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(trained, tmp_path):
     run = _copy(trained, tmp_path)
     (run / "metrics.json").unlink()
-    sleeper = subprocess.Popen(["sleep", "60"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], env=_env(), stdout=subprocess.PIPE,
+                              text=True)
     try:
-        (run / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        assert holder.stdout.readline().strip() == "held"
         result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
-        _one_line_error(result, 2, f"process {sleeper.pid}", "is training")
+        _one_line_error(result, 2, f"process {holder.pid}", "is training")
         assert not (run / "metrics.json").exists()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])  # the holder is dead now
+        holder.kill()  # kill -9: the kernel releases its lock; the .lock file stays behind
+        holder.wait()
+    assert (run / ".lock").exists()
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "metrics.json").is_file() and not (run / ".lock").exists()
+
+
+def _race_for_the_lock(folders, start, done, wins):
+    import mmlab_cli.engine.lock as lock
+
+    read = lock.read_json_object
+
+    def slow_read(path):  # a busy machine: a process is preempted right after it reads the lock file
+        value = read(path)
+        time.sleep(0.01)
+        return value
+
+    lock.read_json_object = slow_read
+    for i, folder in enumerate(folders):
+        start.wait()
+        try:
+            with lock.run_lock(folder):
+                wins.put(i)
+                done.wait()  # hold it until every contender has tried
+        except Exception:  # noqa: BLE001 - the one-line "is training" error of a loser
+            done.wait()
+
+
+def test_synchronised_resumes_of_a_killed_run_never_both_take_its_lock(tmp_path):
+    """Each try: a stale .lock (its process killed) and 6 processes released at once by a barrier, every one
+    trying to take it while the winner holds on: exactly one wins, every time (a check-then-write lock let two
+    win in about half the tries)."""
+    import multiprocessing
+
+    tries, contenders = 30, 6
+    folders = [tmp_path / f"run{i}" for i in range(tries)]
+    for folder in folders:
+        folder.mkdir()
+        (folder / ".lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    ctx = multiprocessing.get_context("spawn")
+    start, done, wins = ctx.Barrier(contenders), ctx.Barrier(contenders), ctx.Queue()
+    procs = [ctx.Process(target=_race_for_the_lock, args=(folders, start, done, wins)) for _ in range(contenders)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert all(proc.exitcode == 0 for proc in procs)
+    won = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            won.append(wins.get(timeout=1))
+    assert sorted(won) == list(range(tries)), "a try with two holders (or none)"
+    assert not any((folder / ".lock").exists() for folder in folders)
 
 
 def test_resume_refuses_a_dataset_that_changed(tiny_synthetic, trained, tmp_path):
