@@ -80,6 +80,9 @@ class TrainConfig:
     step_size: int = option(30, "StepLR period in epochs.", metavar="INT")
     gamma: float = option(0.1, "StepLR factor.", metavar="FLOAT")
     clip_grad_norm: float = option(0.0, "Clip the gradient norm to this (0: off).", metavar="FLOAT")
+    diverge_factor: float = option(1e4, "Stop as diverged (exit 3, the last good checkpoint kept) when a training "
+                                   "loss exceeds this multiple of the run's first step's loss (0: only a "
+                                   "non-finite loss stops).", metavar="FLOAT")
     scheme: str = option("joint", "joint: end to end; dgl: disentangled gradient learning (Wei et al. 2025): "
                          "fused loss on detached embeddings trains the head, unimodal losses the encoders.",
                          ("joint", "dgl"))
@@ -247,7 +250,7 @@ def validate(cfg: TrainConfig, source: str) -> TrainConfig:
             raise MmlabError(f"{source}: '{key}' must be > 0, got {getattr(cfg, key)}")
     for key in ("weight_decay", "momentum", "clip_grad_norm", "dgl_alpha", "control_weight", "dagr_lambda",
                 "dagr_delta", "sam", "swa_start", "swa_lr", "threads", "balance_alpha", "balance_end", "relearn_times",
-                "pseudo_umap"):
+                "pseudo_umap", "diverge_factor"):
         if getattr(cfg, key) < 0:
             raise MmlabError(f"{source}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     for key in ("encoder_lr", "encoder_weight_decay"):

@@ -8,6 +8,7 @@ class MmlabError(Exception):
 
 
 class TrainingDiverged(MmlabError):
-    """Training produced a non-finite loss or weights; the last good checkpoint is kept. Exit code 3."""
+    """Training produced a non-finite loss or weights, or an exploding loss (--diverge-factor); the last good
+    checkpoint is kept. Exit code 3."""
 
     exit_code = 3

@@ -130,15 +130,55 @@ def test_kill_9_anywhere_then_resume_from_another_directory(tiny_synthetic, unin
         code = subprocess.run([sys.executable, "-c", CRASHING_TRAIN, name, str(k), *flags], cwd=start,
                               env=_env(), capture_output=True).returncode
     run = start / "runs/r"
-    if code != 0:
-        assert code == -signal.SIGKILL and not (run / "metrics.json").exists()
+    assert code in (0, -signal.SIGKILL)
+    finished = (run / "metrics.json").is_file()  # a timed kill may land after the run finished: then
+    before = _tree(run) if finished else None  # the resume has nothing to do and must change nothing
+    assert finished or code != 0
 
     resumed = subprocess.run(_cli("--resume", "--out", "../start/runs/r"), cwd=elsewhere, env=_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    if finished:
+        assert "already finished" in resumed.stderr and _tree(run) == before
     assert list(elsewhere.iterdir()) == [], "the resume trained somewhere else"
     _same_run(run, uninterrupted)
-    assert not (run / ".lock").exists()
+    assert finished or not (run / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def sequences(tmp_path_factory):
+    """Two small sequence modalities, so that the run's encoders are transformers: their dropout draws from
+    torch's global RNG at every training step (the CNNs of the other resume tests never do)."""
+    import numpy as np
+
+    from mmlab_cli.data.format import write_dataset
+
+    root, rng = tmp_path_factory.mktemp("seq") / "data", np.random.default_rng(0)
+    arrays, labels = {}, {}
+    for split, n in (("train", 48), ("val", 16), ("test", 16)):
+        labels[split] = np.arange(n) % 3
+        arrays[split] = {m: np.concatenate([np.ones((n, 6, 1)), rng.normal(labels[split][:, None, None], 1.0,
+                                                                            (n, 6, 4))], 2).astype(np.float32)
+                         for m in ("a", "b")}
+    write_dataset(root, dataset="seq", classes=["x", "y", "z"], kinds={"a": "sequence", "b": "sequence"},
+                  arrays=arrays, labels=labels, preprocessing={}, sources={})
+    return root
+
+
+@pytest.mark.slow
+def test_a_resumed_dropout_model_is_the_uninterrupted_run(sequences, tmp_path):
+    """kill -9 mid checkpoint swap of epoch 2, resume: bit-identical to the uninterrupted run, which needs torch's
+    global RNG (the dropout masks' source) restored from the checkpoint, not re-seeded."""
+    flags = _flags(sequences, epochs=3, modalities="a,b", encoder="transformer", **{"batch-size": 8, "lr": 0.01})
+    full = tmp_path / "full"
+    assert runner.invoke(app, ["train", *flags, "--out", str(full)]).exit_code == 0
+    run = tmp_path / "killed"
+    code = subprocess.run([sys.executable, "-c", CRASHING_TRAIN, "rename", "4", *flags, "--out", run], env=_env(),
+                          capture_output=True).returncode
+    assert code == -signal.SIGKILL
+    resumed = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+    assert resumed.exit_code == 0 and "resuming" in resumed.stderr, resumed.output
+    _same_run(run, full)
 
 
 @pytest.mark.slow
@@ -177,6 +217,42 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tiny_sy
     assert (run / "checkpoints/last/model.safetensors").read_bytes() == \
         (tmp_path / "one/checkpoints/last/model.safetensors").read_bytes()
     assert "keeps epoch 1" in err
+
+
+def test_a_finite_loss_explosion_is_divergence(tiny_synthetic, tmp_path):
+    """--lr 1e6 with the synthetic Adam recipe: the loss explodes to ~1e19, finite, at chance accuracy. Exit 3,
+    one line naming --diverge-factor, no metrics.json; with --diverge-factor 0 only a non-finite loss stops it."""
+    args = ["train", "--recipe", str(ROOT / "recipes/synthetic/sml.yaml"), "--data", str(tiny_synthetic),
+            "--epochs", "2", "--lr", "1e6", "--device", "cpu"]
+    run = tmp_path / "exploded"
+    err = _one_line_error(runner.invoke(app, [*args, "--out", str(run)]), 3, "diverged in epoch 1", "--diverge-factor")
+    assert "first step's" in err and not (run / "metrics.json").exists()
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["diverged"] and "--diverge-factor" in record["reason"]
+    off = runner.invoke(app, [*args, "--diverge-factor", "0", "--out", str(tmp_path / "off")])
+    assert off.exit_code == 0, off.output
+    assert json.loads((tmp_path / "off/metrics.jsonl").read_text().splitlines()[0])["train_loss"] > 1e6
+
+
+def test_a_non_finite_loss_stops_training_at_its_step(tiny_synthetic, tmp_path, monkeypatch):
+    """The loss turns NaN at step 3 of epoch 1 (of 11): training stops right there (the per-step check on a CPU),
+    not after the epoch's other 8 updates, and metrics.jsonl names step 3."""
+    import mmlab_cli.engine.fit as fit
+    from conftest import tiny_config
+    from mmlab_cli.engine.step import TrainStep
+
+    calls, real = [], TrainStep.__call__
+
+    def nan_at_step_3(self, inputs, y):
+        calls.append(1)
+        out = real(self, inputs, y)
+        return {**out, "loss": out["loss"] * float("nan")} if len(calls) == 3 else out
+
+    monkeypatch.setattr(TrainStep, "__call__", nan_at_step_3)
+    with pytest.raises(fit.TrainingDiverged, match="by step 3"):
+        fit.train(tiny_config(tiny_synthetic, tmp_path / "run"))
+    assert len(calls) == 3
+    assert json.loads((tmp_path / "run/metrics.jsonl").read_text())["step"] == 3
 
 
 @pytest.mark.parametrize("where, value", [("flag", "nan"), ("flag", "inf"), ("recipe", ".nan"), ("recipe", ".inf"),
