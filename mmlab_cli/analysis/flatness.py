@@ -34,7 +34,7 @@ from mmlab_cli.analysis.perturb import FGAP_NORMALIZATIONS, NORMALIZATIONS, fgap
 from mmlab_cli.analysis.stability import over, stability
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.data.format import atomic_file, atomic_write_json, atomic_write_text
 from mmlab_cli.engine.checkpoint import find_checkpoint, load_state
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
@@ -532,9 +532,8 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 # ---------------------------------------------------------------- several runs

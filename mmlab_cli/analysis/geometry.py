@@ -9,7 +9,6 @@ and PNGs into the run directory.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from mmlab_cli.analysis.ati import measure_ati, work as ati_work
 from mmlab_cli.analysis.common import reusable_result, run_identity, subset_indices
 from mmlab_cli.console import console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.data.format import atomic_file, atomic_write_json, atomic_write_text
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
@@ -210,11 +209,9 @@ def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, chec
 
 def save_embeddings(path: Path, emb: Embeddings) -> None:
     """embeddings.npz: indices, labels and emb_<modality> (raw encoder outputs, float32), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, indices=emb.indices, labels=emb.labels,
                  **{f"emb_{m}": z.cpu().numpy() for m, z in emb.raw.items()})
-    os.replace(tmp, path)
 
 
 def tables(result: dict) -> dict[str, pd.DataFrame]:
