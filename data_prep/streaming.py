@@ -45,8 +45,9 @@ from rich.text import Text
 
 from mmlab_cli.console import progress
 from mmlab_cli.data.format import (SPLITS, ModalitySpec, array_path, atomic_file, atomic_write_json,
-                                   atomic_write_text, check_same_preparation, existing_dataset, mean_std,
-                                   partial_array_path, preallocate, save_array, stratified_split, write_manifest)
+                                   atomic_write_text, check_same_preparation, check_writable, existing_dataset,
+                                   mean_std, partial_array_path, preallocate, save_array, stratified_split,
+                                   write_manifest)
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.threads import available_cpus
 
@@ -161,6 +162,7 @@ def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip
     identity = {"preprocessing": preprocessing, "sources": sources, "fingerprint": fp}
     if done := finished(out, identity, force):
         return *done, False
+    check_writable(out)
     if not force and (out / PROGRESS).is_file():
         check_same_preparation(out / PROGRESS, _progress_identity(out), identity, "a half-done dataset")
     (out / "manifest.json").unlink(missing_ok=True)  # from here on the directory is not a valid dataset

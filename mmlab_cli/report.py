@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from mmlab_cli.config import FIELDS, RUN_LOCATION, method_name
-from mmlab_cli.data.format import atomic_write_text
+from mmlab_cli.data.format import atomic_write_text, check_writable
 from mmlab_cli.engine import ANALYSES
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.tables import mean_std, to_latex, to_markdown
@@ -528,6 +528,7 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
+    check_writable(root)  # a read-only folder: one line now, not a traceback after the tables are built
     tables, group_by = build_tables(root, group_by, claims, checkpoint)
     name = "report" if checkpoint == "best" else f"report-{checkpoint}"
     for table in tables:

@@ -509,6 +509,58 @@ def test_bad_run_directories_are_one_line(tiny_synthetic, trained, tmp_path):
                                         "--out", str(tmp_path / "m")]), 2, "names no modality")
 
 
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """`folder` as a read-only bind mount (root ignores permission bits, not a read-only mount); skipped where
+    mounting is not allowed."""
+    mounted = subprocess.run(["sh", "-c", f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro "
+                                          f"'{folder}'"], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+        pytest.skip(f"cannot make a read-only bind mount here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("command", ["resume", *ANALYSES])
+def test_a_config_that_no_longer_fits_the_checkpoint_is_one_line(trained, tmp_path, command):
+    """embed_dim edited in config.yaml after training: was torch's `size mismatch for probes.audio.weight`
+    traceback; now one line naming config.yaml, the checkpoint and the fix."""
+    run = _copy(trained, tmp_path)
+    (run / "metrics.json").unlink()
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("embed_dim: 16", "embed_dim: 32"))
+    args = ["train", "--resume", "--out", str(run)] if command == "resume" else \
+        [command, str(run), "--device", "cpu", *ANALYSES[command]]
+    before = (run / "metrics.jsonl").read_bytes()
+    err = _one_line_error(runner.invoke(app, args), 2, f"{config}: does not describe the model saved in",
+                          "size mismatch", "restore the config.yaml")
+    assert "checkpoints" in err and (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_prepare_into_a_file_or_a_read_only_folder_is_one_line(tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    small = ["--train-size", "20", "--test-size", "10", "--classes", "2"]
+    for out in (file, file / "sub"):
+        _one_line_error(runner.invoke(app, ["prepare", "synthetic", *small, "--out", str(out)]), 2,
+                        f"{out}: cannot write here")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with _read_only(locked):
+        _one_line_error(runner.invoke(app, ["prepare", "synthetic", *small, "--out", str(locked / "d")]), 2,
+                        f"{locked / 'd'}: cannot write here", "Read-only")
+
+
+def test_report_in_a_read_only_folder_is_one_line(trained, tmp_path):
+    runs = tmp_path / "runs"
+    _copy(trained, runs)
+    with _read_only(runs):
+        _one_line_error(runner.invoke(app, ["report", str(runs)]), 2, f"{runs}: cannot write here", "Read-only")
+
+
 def test_analyses_check_their_output_folder_before_computing(trained, tmp_path):
     run = _copy(trained, tmp_path)
     other = _copy(trained, tmp_path / "b")

@@ -276,6 +276,7 @@ def write_dataset(root: str | Path, *, dataset: str, classes: list[str], kinds: 
                   pairing: str | None = None) -> dict:
     """Write a whole in-memory dataset: arrays[split][modality], labels[split]."""
     root = Path(root)
+    check_writable(root)
     stale = root / "manifest.json"
     if stale.exists():
         stale.unlink()  # the directory is being rebuilt: invalid until the new manifest lands

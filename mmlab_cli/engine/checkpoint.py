@@ -75,6 +75,20 @@ def load_weights(path: str | Path, model: torch.nn.Module, device: torch.device 
     model.load_state_dict(read_weights(path, device))
 
 
+def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path,
+              config: str | Path) -> None:
+    """Load a checkpoint's `weights` (read from `source`) into `model`, built from the run's `config`. Weights
+    that do not fit (config.yaml edited since training: embed_dim, encoder, fusion...) are a one-line error
+    naming the config, the checkpoint and the first mismatch, not torch's page of them."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:240]
+        raise MmlabError(f"{config}: does not describe the model saved in {source} ({detail}); restore the "
+                         f"config.yaml this run was trained with") from None
+
+
 def load_state(path: str | Path) -> dict:
     file = Path(path) / "state.pt"
     try:

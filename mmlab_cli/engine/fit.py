@@ -28,7 +28,7 @@ from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_jso
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.data.pseudo_labels import pairing_labels
-from mmlab_cli.engine.checkpoint import (find_checkpoint, load_state, load_weights, non_finite_weights,
+from mmlab_cli.engine.checkpoint import (find_checkpoint, load_into, load_state, load_weights, non_finite_weights,
                                         read_weights, save_checkpoint)
 from mmlab_cli.engine.distributed import World, init_world, shutdown
 from mmlab_cli.engine.evaluate import Scorer, scorer
@@ -299,7 +299,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
         if state["best_epoch"] and find_checkpoint(paths.best) is None:
             raise MmlabError(f"{paths.best}: missing, but the run chose epoch {state['best_epoch']} as its best; "
                              f"{paths.restart_advice()}")
-        model.load_state_dict(weights)
+        load_into(model, weights, paths.root / "checkpoints", paths.config)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
