@@ -528,8 +528,8 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
-    check_writable(root)  # a read-only folder: one line now, not a traceback after the tables are built
     tables, group_by = build_tables(root, group_by, claims, checkpoint)
+    check_writable(root)  # a read-only folder: one line, not a traceback from the first figure or table written
     name = "report" if checkpoint == "best" else f"report-{checkpoint}"
     for table in tables:
         if table.curves:
