@@ -243,6 +243,60 @@ def check_noise(noise: str | None, snr_db: float | None) -> str | None:
     return noise or ("white" if snr_db is not None else None)
 
 
+def _parameters(official: bool, pca_keep: float, noise: str | None, snr_db: float | None, speaker_split: bool,
+                test_fraction: float, val_fraction: float, seed: int) -> dict:
+    """Every preprocessing parameter, as the manifest records it (and as a re-run compares it)."""
+    return {"mnist_split": "official train / t10k" if official else "stratified split of t10k",
+            "test_fraction": None if official else test_fraction, "val_fraction": val_fraction, "seed": seed,
+            "pca_keep": pca_keep, "pca_fit": "sklearn PCA on train images / 255, reconstruction clipped to [0, 1]",
+            "sample_rate": SAMPLE_RATE, "duration_s": DURATION_S, "fit_length": "zero-pad or cut at the end",
+            "noise": noise, "snr_db": snr_db if noise else None,
+            "noise_added": "to the zero-padded 1 s window, scaled to P_window / P_noise = 10^(snr_db / 10) "
+                           "per recording, seeded by seed and file name" if noise else None,
+            "n_fft": N_FFT, "hop_length": HOP, "window": "hann", "center": True,
+            "log_eps": LOG_EPS, "spectrogram": "log(|STFT| + 1e-7)", "speaker_split": speaker_split,
+            "pairing": "same digit; " + ("one held-out speaker for test, one for val, the rest train"
+                                         if speaker_split else "takes 0-4 with test, 5-9 with val, 10-49 with train")
+                       + "; seeded, balanced reuse"}
+
+
+def _mnist_splits(files: dict, test_fraction: float, val_fraction: float, seed: int) -> tuple[dict, dict, dict]:
+    """Images, labels and MNIST row indices of train / val / test: the official split when the train IDX files
+    are there, else a stratified split of t10k; val is a stratified share of train either way."""
+    test_x, test_y = read_mnist(*files["test"])
+    if "train" in files:
+        trainval_x, trainval_y = read_mnist(*files["train"])
+        trainval_rows, test_rows = np.arange(len(trainval_y)), np.arange(len(test_y))
+    else:
+        trainval_rows, test_rows = stratified_split(test_y, test_fraction, seed)
+        trainval_x, trainval_y = test_x[trainval_rows], test_y[trainval_rows]
+        test_x, test_y = test_x[test_rows], test_y[test_rows]
+    train, val = stratified_split(trainval_y, val_fraction, seed)
+    images = {"train": trainval_x[train], "val": trainval_x[val], "test": test_x}
+    labels = {"train": trainval_y[train], "val": trainval_y[val], "test": test_y}
+    rows = {"train": trainval_rows[train], "val": trainval_rows[val], "test": test_rows}
+    return images, labels, rows
+
+
+def _take_pools(names, digits, speakers, takes, usable, held: dict | None, fsdd_dir) -> tuple[np.ndarray, dict]:
+    """The split each recording may pair in (by held-out speaker or by take number) and each split's usable
+    recordings; a digit without a usable take in some split is one line naming the FSDD folder."""
+    if held:
+        split_of = np.array([split for name in speakers for split in SPLITS if name in held[split]])
+        rule = "of the held-out speakers: " + ", ".join(f"{s} {'+'.join(held[s])}" for s in SPLITS)
+    else:
+        split_of = take_splits(takes)
+        rule = "takes 0-4 test, 5-9 val, 10-49 train"
+    pools = {split: usable & (split_of == split) for split in SPLITS}
+    for split, pool in pools.items():
+        if missing := sorted(set(range(10)) - set(digits[pool].tolist())):
+            unusable = names[~usable & (split_of == split) & np.isin(digits, missing)]
+            left_out = f" ({', '.join(unusable)} unreadable)" if len(unusable) else ""
+            raise MmlabError(f"{fsdd_dir}: no usable {split} take ({rule}) of digit(s) {missing}{left_out}; "
+                             f"every digit needs a readable take in each split ({FSDD_LAYOUT})")
+    return split_of, pools
+
+
 def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path, *, pca_keep: float = 0.25,
                     noise: str | None = None, snr_db: float | None = None, speaker_split: bool = False,
                     test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
@@ -260,18 +314,7 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
     noise = check_noise(noise, snr_db)
     files, wavs = mnist_files(mnist_dir), recordings(fsdd_dir)
     official = "train" in files
-    params = {"mnist_split": "official train / t10k" if official else "stratified split of t10k",
-              "test_fraction": None if official else test_fraction, "val_fraction": val_fraction, "seed": seed,
-              "pca_keep": pca_keep, "pca_fit": "sklearn PCA on train images / 255, reconstruction clipped to [0, 1]",
-              "sample_rate": SAMPLE_RATE, "duration_s": DURATION_S, "fit_length": "zero-pad or cut at the end",
-              "noise": noise, "snr_db": snr_db if noise else None,
-              "noise_added": "to the zero-padded 1 s window, scaled to P_window / P_noise = 10^(snr_db / 10) "
-                             "per recording, seeded by seed and file name" if noise else None,
-              "n_fft": N_FFT, "hop_length": HOP, "window": "hann", "center": True,
-              "log_eps": LOG_EPS, "spectrogram": "log(|STFT| + 1e-7)", "speaker_split": speaker_split,
-              "pairing": "same digit; " + ("one held-out speaker for test, one for val, the rest train"
-                                           if speaker_split else "takes 0-4 with test, 5-9 with val, 10-49 with train")
-                         + "; seeded, balanced reuse"}
+    params = _parameters(official, pca_keep, noise, snr_db, speaker_split, test_fraction, val_fraction, seed)
     held = speaker_splits(np.array([m[2] for p in wavs if (m := TAKE_NAME.match(p.name))]), seed) \
         if speaker_split else None  # from the file names, before any file is read
     sources = _sources(files, wavs)
@@ -280,37 +323,12 @@ def prepare_avmnist(mnist_dir: str | Path, fsdd_dir: str | Path, out: str | Path
         return *done, False
     started = time.time()
 
-    test_x, test_y = read_mnist(*files["test"])
-    if official:
-        trainval_x, trainval_y = read_mnist(*files["train"])
-        trainval_rows, test_rows = np.arange(len(trainval_y)), np.arange(len(test_y))
-    else:
-        trainval_rows, test_rows = stratified_split(test_y, test_fraction, seed)
-        trainval_x, trainval_y = test_x[trainval_rows], test_y[trainval_rows]
-        test_x, test_y = test_x[test_rows], test_y[test_rows]
-    train, val = stratified_split(trainval_y, val_fraction, seed)
-
+    images_by_split, labels, rows = _mnist_splits(files, test_fraction, val_fraction, seed)
     names, digits, speakers, takes, specs, usable, scanned, failed = load_takes(wavs, noise, snr_db, seed)
-    if held:
-        split_of = np.array([split for name in speakers for split in SPLITS if name in held[split]])
-        rule = "of the held-out speakers: " + ", ".join(f"{s} {'+'.join(held[s])}" for s in SPLITS)
-    else:
-        split_of = take_splits(takes)
-        rule = "takes 0-4 test, 5-9 val, 10-49 train"
-    pools = {split: usable & (split_of == split) for split in SPLITS}
-    for split, pool in pools.items():
-        if missing := sorted(set(range(10)) - set(digits[pool].tolist())):
-            unusable = names[~usable & (split_of == split) & np.isin(digits, missing)]
-            left_out = f" ({', '.join(unusable)} unreadable)" if len(unusable) else ""
-            raise MmlabError(f"{fsdd_dir}: no usable {split} take ({rule}) of digit(s) {missing}{left_out}; "
-                             f"every digit needs a readable take in each split ({FSDD_LAYOUT})")
+    split_of, pools = _take_pools(names, digits, speakers, takes, usable, held, fsdd_dir)
     rng = np.random.default_rng([seed, 0])
-    labels = {"train": trainval_y[train], "val": trainval_y[val], "test": test_y}
     chosen = {s: pair(y, digits, pools[s], rng) for s, y in labels.items()}
-
-    images, k, energy = degrade_images(trainval_x[train], {"train": trainval_x[train], "val": trainval_x[val],
-                                                           "test": test_x}, pca_keep)
-    rows = {"train": trainval_rows[train], "val": trainval_rows[val], "test": test_rows}
+    images, k, energy = degrade_images(images_by_split["train"], images_by_split, pca_keep)
     # mnist_index and fsdd_take get no kind, so write_dataset stores them without making them modalities.
     arrays = {s: {"image": images[s], "audio": specs[chosen[s]][:, None],
                   "mnist_index": rows[s], "fsdd_take": names[chosen[s]]} for s in labels}

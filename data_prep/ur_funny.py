@@ -93,6 +93,37 @@ def _feature_dim(sdk: dict, path: Path) -> int:
     raise MmlabError(f"{path}: no segment with punchline features; expected {LAYOUT}")
 
 
+def _read_fold(fold: str, ids: list, release: dict, files: dict, src: Path, context: bool, max_length: int,
+               problems: list, replaced: dict) -> tuple[dict, np.ndarray]:
+    """One official fold's padded sequences per modality and its labels; an unusable segment is appended to
+    `problems` (and left out), non-finite feature values are set to 0 and counted per modality in `replaced`."""
+    sdks, labels_sdk = release["sdks"], release["labels"]
+    # preallocated, filled row by row: one copy of the fold in memory (UR-FUNNY V2 is about 1.5 GB at L = 50)
+    rows = {m: np.zeros((len(ids), max_length, 1 + d), np.float32) for m, d in release["widths"].items()}
+    ys = []
+    for sid in ids:
+        lacking = [files[k] for k, sdk in (*sdks.items(), ("labels", labels_sdk)) if sid not in sdk]
+        if lacking:
+            problems.append(Problem(str(lacking[0]), f"segment {sid!r} of fold {fold} is not in it", str(sid)))
+            continue
+        try:
+            steps, y = segment_steps(sid, sdks, release["dims"], release["embeddings"], context), int(labels_sdk[sid])
+            if y not in (0, 1):
+                raise ValueError(f"label {labels_sdk[sid]!r} is not 0 or 1")
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            problems.append(Problem(str(src), f"segment {sid!r} of fold {fold}: unusable in the release "
+                                              f"({type(e).__name__}: {e})", str(sid)))
+            continue
+        for m, s in steps.items():
+            bad = ~np.isfinite(s)
+            replaced[m] += int(bad.sum())
+            rows[m][len(ys)] = pack_sequence(np.where(bad, 0.0, s), max_length)
+        ys.append(y)
+    if not ys:
+        raise MmlabError(f"{files['folds']}: no usable segment in fold {fold} ({len(problems)} left out)")
+    return {m: r[:len(ys)] for m, r in rows.items()}, np.asarray(ys, dtype=np.int64)
+
+
 def prepare_ur_funny(src: str | Path, out: str | Path, *, max_length: int = 50, context: bool = True,
                      force: bool = False) -> tuple[dict, dict, bool]:
     """Prepare the official UR-FUNNY release at `src` into `out`; returns (manifest, report, built)."""
@@ -121,33 +152,11 @@ def prepare_ur_funny(src: str | Path, out: str | Path, *, max_length: int = 50, 
     embeddings = np.asarray(load_pickle(files["embeddings"]), dtype=np.float32)
 
     widths = {"text": embeddings.shape[1], **dims}
+    release = {"sdks": sdks, "labels": labels_sdk, "dims": dims, "embeddings": embeddings, "widths": widths}
     arrays, labels, problems, replaced = {}, {}, [], dict.fromkeys(widths, 0)
     for fold, split in FOLDS.items():
-        # preallocated, filled row by row: one copy of the fold in memory (UR-FUNNY V2 is about 1.5 GB at L = 50)
-        rows = {m: np.zeros((len(folds[fold]), max_length, 1 + d), np.float32) for m, d in widths.items()}
-        ys = []
-        for sid in folds[fold]:
-            lacking = [files[k] for k, sdk in (*sdks.items(), ("labels", labels_sdk)) if sid not in sdk]
-            if lacking:
-                problems.append(Problem(str(lacking[0]), f"segment {sid!r} of fold {fold} is not in it", str(sid)))
-                continue
-            try:
-                steps, y = segment_steps(sid, sdks, dims, embeddings, context), int(labels_sdk[sid])
-                if y not in (0, 1):
-                    raise ValueError(f"label {labels_sdk[sid]!r} is not 0 or 1")
-            except (KeyError, IndexError, ValueError, TypeError) as e:
-                problems.append(Problem(str(src), f"segment {sid!r} of fold {fold}: unusable in the release "
-                                                  f"({type(e).__name__}: {e})", str(sid)))
-                continue
-            for m, s in steps.items():
-                bad = ~np.isfinite(s)
-                replaced[m] += int(bad.sum())
-                rows[m][len(ys)] = pack_sequence(np.where(bad, 0.0, s), max_length)
-            ys.append(y)
-        if not ys:
-            raise MmlabError(f"{files['folds']}: no usable segment in fold {fold} ({len(problems)} left out)")
-        arrays[split] = {m: r[:len(ys)] for m, r in rows.items()}
-        labels[split] = np.asarray(ys, dtype=np.int64)
+        arrays[split], labels[split] = _read_fold(fold, folds[fold], release, files, src, context, max_length,
+                                                  problems, replaced)
     split_of = np.concatenate([np.full(len(labels[s]), s, dtype=object) for s in SPLITS])
     report = write_report(out, "ur-funny", split_of, np.full(len(split_of), DONE), problems, [], time.time() - started)
     manifest = write_dataset(out, dataset="ur-funny", classes=CLASSES, kinds=dict.fromkeys(replaced, "sequence"),

@@ -5,16 +5,22 @@ pool or a Slurm cluster (submitit), then optionally analysed and reported (docs/
 checks every dataset and existing run directory before anything runs and gives each job's state, and
 `run(jobs, states, analyses, executor)` runs them (a local spawn pool, or a submitit executor from
 `slurm_executor`) and returns one `Outcome` per job. A finished run is skipped, an interrupted one
-resumed; a run directory holding a run with other settings is an error.
+resumed; a run directory holding a run with other settings is an error. A run that another live process
+trains (a second sweep into the same out, `mmlab train`) is waited for, then skipped or resumed. Pool workers
+die with the sweep's process (even on kill -9), so none goes on training as an orphan.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import os
 import re
+import signal
+import sys
+import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -203,24 +209,36 @@ def _differences(job: Job, dataset) -> list[str]:
     return diff + ([] if same_data else ["data"])
 
 
-def plan(jobs: list[Job]) -> dict[str, str]:
-    """{job name: 'new' | 'finished' | 'interrupted' | 'diverged'}, after checking every job's dataset and
-    every existing run directory; a run directory holding a run with other settings is an error, found
-    before any run starts."""
+def run_state(job: Job, dataset) -> str:
+    """'new' | 'finished' | 'interrupted' | 'diverged': what the job's run directory holds now; a run
+    directory holding a run with other settings is an error naming them."""
     from mmlab_cli.engine.rundir import RunPaths
+
+    paths = RunPaths(job.config.out)
+    if not paths.config.is_file():
+        return "new"
+    diff = _differences(job, dataset)
+    if diff:
+        raise MmlabError(f"{paths.config}: {paths.root} holds a run with other settings ({', '.join(diff)}); "
+                         f"move it away or give the sweep another out")
+    return "finished" if paths.finished() else "diverged" if _diverged(paths) else "interrupted"
+
+
+def plan(jobs: list[Job]) -> dict[str, str]:
+    """{job name: run_state}, after checking every job's dataset and existing run directory, and every job
+    that will train as `train` checks it before writing anything (engine.fit.preflight): a bad job is an
+    error, found before any run starts."""
+    from mmlab_cli.engine.fit import preflight
 
     states, cache = {}, {}
     for job in jobs:
         dataset = _dataset(job.config, cache)
-        paths = RunPaths(job.config.out)
-        if not paths.config.is_file():
-            states[job.name] = "new"
-            continue
-        diff = _differences(job, dataset)
-        if diff:
-            raise MmlabError(f"{paths.config}: {paths.root} holds a run with other settings ({', '.join(diff)}); "
-                             f"move it away or give the sweep another out")
-        states[job.name] = "finished" if paths.finished() else "diverged" if _diverged(paths) else "interrupted"
+        states[job.name] = run_state(job, dataset)
+        if states[job.name] in ("new", "interrupted"):
+            try:
+                preflight(job.config, dataset)
+            except MmlabError as e:
+                raise MmlabError(f"{job.recipe} ({job.name}): {e}") from None
     return states
 
 
@@ -234,12 +252,13 @@ def _diverged(paths) -> bool:
 
 def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) -> Outcome:
     """Train (new), resume (interrupted) or keep (finished) one run, then run its analyses; everything it
-    prints goes to RUN/sweep.log. Runs in a worker process (pool or Slurm job)."""
+    prints goes to RUN/sweep.log. `threads` is OMP_NUM_THREADS here: the default of a run whose config sets
+    none, and of its analyses. Runs in a worker process (pool or Slurm job)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts: BLAS and mmlab's --threads default read it
     job.log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
-            return _execute(job, state, analyses)
+            return _execute(job, state, analyses) if state == "finished" else _execute_when_free(job, analyses)
         except TrainingDiverged as e:
             return Outcome(job.name, "diverged", str(e))
         except MmlabError as e:
@@ -247,6 +266,41 @@ def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) 
         except Exception as e:  # noqa: BLE001 - one run's crash must not stop the sweep; the log has the trace
             traceback.print_exc()
             return Outcome(job.name, "failed", f"{type(e).__name__}: {e} (traceback in {job.log})")
+
+
+WAIT_SECONDS = 2.0  # between looks at the lock of a run another process trains
+
+
+def _execute_when_free(job: Job, analyses: dict[str, list[str]]) -> Outcome:
+    """_execute once no other live process holds the run's lock, in the state the run is in then (the plan's
+    may be old: another sweep into the same out may have trained it meanwhile, a Slurm job starts late). A run
+    another process trains is waited for ("running elsewhere"), then skipped if it finished, resumed if not."""
+    from mmlab_cli.engine.lock import lock_holder
+
+    while True:
+        holder = lock_holder(job.config.out)
+        if holder:
+            note = f"{job.name}: running elsewhere ({holder}); waiting for it to end"
+            print(note, flush=True)
+            print(note, file=sys.__stderr__, flush=True)  # the sweep's own terminal: a wait is never silent
+        while holder:
+            time.sleep(WAIT_SECONDS)
+            holder = lock_holder(job.config.out)
+        state = run_state(job, _dataset(job.config, {}))
+        if state == "diverged":
+            return _diverged_before(job)
+        try:
+            return _execute(job, state, analyses)
+        except TrainingDiverged:
+            raise
+        except MmlabError:
+            if not lock_holder(job.config.out):  # not another process taking the run just before this one
+                raise
+
+
+def _diverged_before(job: Job) -> Outcome:
+    return Outcome(job.name, "diverged", f"diverged before (see {job.config.out}/metrics.jsonl); not trained "
+                                         f"again: remove the run directory to retry it")
 
 
 def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
@@ -330,9 +384,7 @@ def run(jobs: list[Job], states: dict[str, str], analyses: dict, executor="local
     process. `on_done(outcome)` is called as each job ends."""
     outcomes = {j.name: Outcome(j.name, "skipped", "already finished") for j in jobs
                 if states[j.name] == "finished" and not analyses}
-    outcomes.update({j.name: Outcome(j.name, "diverged", f"diverged before (see {j.config.out}/metrics.jsonl); "
-                                     f"not trained again: remove the run directory to retry it")
-                     for j in jobs if states[j.name] == "diverged"})
+    outcomes.update({j.name: _diverged_before(j) for j in jobs if states[j.name] == "diverged"})
     todo = [j for j in jobs if j.name not in outcomes]
     for outcome in outcomes.values():
         on_done(outcome)
@@ -348,11 +400,36 @@ def run(jobs: list[Job], states: dict[str, str], analyses: dict, executor="local
 
 
 def _pool(jobs: list[Job], states: dict[str, str], analyses: dict, workers: int, threads: int):
-    """(job, future) pairs as the futures complete."""
+    """(job, future) pairs as the futures complete. The workers die with this process (_die_with)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(execute, job, states[job.name], analyses, threads): job for job in jobs}
+    me = os.getpid()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with,
+                             initargs=(me,)) as pool:
+        futures = {pool.submit(_pooled, me, job, states[job.name], analyses, threads): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], future
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int) -> None:
+    """Pool initializer: the kernel sends this worker SIGKILL when the sweep's process dies, even by kill -9,
+    instead of leaving an orphan that trains the queued runs on (Linux: prctl PR_SET_PDEATHSIG; elsewhere only
+    `_pooled`'s check between runs). Exits now if the parent died before the prctl."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _exit_if_orphaned(parent)
+
+
+def _pooled(parent: int, *args) -> Outcome:
+    """execute(*args) in a pool worker, unless the sweep's process is gone."""
+    _exit_if_orphaned(parent)
+    return execute(*args)
+
+
+def _exit_if_orphaned(parent: int) -> None:
+    if os.getppid() != parent:
+        os._exit(1)

@@ -4,9 +4,10 @@ torch and numpy's BLAS start one thread per CPU they can see. On a Slurm node wh
 that is every core of the node, and on a machine where other jobs run, threads that wait for each other
 on busy cores make small models many times slower (docs/training.md, "CPU threads"). The number used is
 `--threads N` if given, else OMP_NUM_THREADS if set (so `OMP_NUM_THREADS=1 mmlab ...` keeps working),
-else the CPUs this process may use: its affinity mask, capped by SLURM_CPUS_PER_TASK. A sweep that runs
-several jobs at once gives each `threads_per_job(jobs)`. The count changes floating-point sums, so a run
-records it in env.json. Inter-op threads are left alone: mmlab runs no parallel graphs (torch.jit.fork).
+else the CPUs this process may use: its affinity mask, capped by SLURM_CPUS_PER_TASK. The count changes
+floating-point sums, so a run records it in env.json and a resume continues with it
+(mmlab_cli.engine.fit.run_threads), and a sweep gives every run a fixed count (1 unless set) that does not
+depend on how many runs go at once. Inter-op threads are left alone: mmlab runs no parallel graphs (torch.jit.fork).
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ def available_cpus() -> int:
 def default_threads() -> int:
     """OMP_NUM_THREADS when set, else available_cpus()."""
     return _positive("OMP_NUM_THREADS") or available_cpus()
-
-
-def threads_per_job(jobs: int) -> int:
-    """Threads for each of `jobs` processes sharing this process's CPUs (at least 1): pass it as --threads."""
-    return max(1, available_cpus() // max(jobs, 1))
 
 
 @contextlib.contextmanager

@@ -1,10 +1,14 @@
 """`mmlab sweep`: expansion (names, product, precedence), up-front checks, the local process pool (skip, resume,
-divergence), submitit's local executor with analyses and report, and the generated Slurm submission."""
+divergence, --jobs never changing numbers, workers dying with a killed sweep, two sweeps into one out),
+submitit's local executor with analyses and report, and the generated Slurm submission."""
 
 import json
 import os
+import signal
 import stat
+import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,6 +99,30 @@ def test_expand_names_product_and_precedence(tmp_path):
 def test_a_bad_sweep_is_one_line_exit_2_before_any_run(tmp_path, tiny_synthetic, values, needles):
     path = _sweep(tmp_path, data=str(tiny_synthetic), **values)
     _one_line_error(runner.invoke(app, ["sweep", str(path), "--jobs", "2"]), str(path), *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("values, needles", [
+    ({"overrides": {"encoder": "nosuchenc"}}, ["tiny/seed0", "unknown encoder 'nosuchenc'"]),
+    ({"overrides": {"encoder_lr": {"depth": 0.01}}}, ["tiny/seed0", "encoder_lr", "no modality 'depth'"]),
+    ({"grid": {"modalities": [["image", "audio"], ["image"]]}, "overrides": {"balance": "ogm-ge"}},
+     ["tiny/modalities=image/seed0", "balance ogm-ge", "train on two or more modalities"]),
+])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_what_train_would_reject_stops_the_sweep_and_its_dry_run_before_any_run(tmp_path, tiny_synthetic, values,
+                                                                               needles, dry_run):
+    """The dataset-dependent checks of `train` (encoder names, encoder_lr modalities, a balancing method on one
+    modality) run on every job first, so no run trains before a later one fails; train itself refuses the same
+    job with the same words before writing anything (one function, engine.fit.preflight, makes both checks)."""
+    from mmlab_cli.engine.fit import train
+
+    path = _sweep(tmp_path, data=str(tiny_synthetic), seeds=[0], **values)
+    result = runner.invoke(app, ["sweep", str(path), "--jobs", "2", *(["--dry-run"] if dry_run else [])])
+    _one_line_error(result, str(tmp_path / "tiny.yaml"), *needles)
+    assert not (tmp_path / "runs").exists()
+    bad = next(j for j in sw.expand(sw.load_sweep(path)) if j.name == needles[0])
+    with pytest.raises(sw.MmlabError, match=needles[-1]):
+        train(bad.config)
     assert not (tmp_path / "runs").exists()
 
 
@@ -243,3 +271,122 @@ def test_every_shipped_sweep_file_expands_and_its_commands_parse(path):
     sw.check_commands(sweep)
     assert jobs and len({j.name for j in jobs}) == len(jobs)
     assert path.read_text().startswith("#") and "mmlab sweep" in path.read_text()  # the exact command
+
+
+def test_jobs_changes_how_many_runs_go_at_once_never_their_numbers(tmp_path, tiny_synthetic, monkeypatch):
+    """Every run gets 1 thread (unless set) however many go at once, so --jobs 1 and --jobs 2 give bit-identical
+    runs; before, the threads were the CPUs divided among the jobs (here 2 CPUs: 2 threads, then 1 each), and the
+    thread count changes float sums."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    path = _sweep(tmp_path, data=str(tiny_synthetic), seeds=[0, 1], overrides={"epochs": 1})
+    for jobs in (1, 2):
+        result = runner.invoke(app, ["sweep", str(path), "--jobs", str(jobs), "--out", str(tmp_path / f"jobs{jobs}")])
+        assert result.exit_code == 0, result.output
+    for name in ("tiny/seed0", "tiny/seed1"):
+        one, two = tmp_path / "jobs1" / name, tmp_path / "jobs2" / name
+        assert _metrics(one) == _metrics(two) and _history(one) == _history(two)
+        assert (one / "checkpoints/best/model.safetensors").read_bytes() == \
+            (two / "checkpoints/best/model.safetensors").read_bytes()
+        assert [json.loads((run / "env.json").read_text())["threads"] for run in (one, two)] == [1, 1]
+
+
+def test_threads_is_every_runs_own_setting_and_the_default_is_one(tmp_path, tiny_synthetic):
+    """--threads N is `threads: N` in every run's config (what the run records and a resume compares with);
+    without it a run keeps its own setting (0: the sweep's 1 for a new run, the recorded count on a resume)."""
+    path = _sweep(tmp_path, data=str(tiny_synthetic), seeds=[0, 1])
+    for args, default, per_run in (([], 1, 0), (["--threads", "3"], 3, 3), (["--jobs", "2"], 1, 0)):
+        result = runner.invoke(app, ["sweep", str(path), "--dry-run", *args])
+        assert result.exit_code == 0, result.output
+        plan = json.loads(result.stdout)
+        assert plan["threads"] == default and {j["config"]["threads"] for j in plan["jobs"]} == {per_run}, args
+    _one_line_error(runner.invoke(app, ["sweep", str(path), "--threads", "2", "--set", "threads=2"]),
+                    "--threads and --set threads")
+
+
+def _sweep_process(path: Path, *args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mmlab_cli", "sweep", str(path), *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, **kwargs)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux: /proc/PID/task/TID/children)."""
+    found, todo = set(), [pid]
+    while todo:
+        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                new = {int(c) for c in children.read_text().split()} - found
+            except OSError:  # the thread or process is gone
+                continue
+            found |= new
+            todo += new
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's reaper may be slow to collect it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
+def test_a_sweep_killed_with_kill_9_leaves_no_worker_and_its_rerun_finishes_every_run(tmp_path, tiny_synthetic):
+    """kill -9 of the sweep's process while two pool workers train: within seconds no process it started is
+    left (before, the orphaned workers trained the queued runs on and never exited, and the re-run reported
+    the runs they held "failed"); the re-run resumes the runs they were training and finishes every run."""
+    path = _sweep(tmp_path, data=str(tiny_synthetic), seeds=[0, 1, 2], overrides={"epochs": 3})
+    runs = tmp_path / "runs" / "tiny"
+    proc = _sweep_process(path, "--jobs", "2", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+
+    def training():  # runs a worker holds, past writing their config
+        return {f"tiny/{run.parent.name}" for run in runs.glob("*/.lock") if (run.parent / "config.yaml").is_file()}
+
+    try:
+        deadline = time.time() + 240
+        while len(training()) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        workers = _descendants(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2, "the sweep did not get two runs training"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        deadline = time.time() + 10
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if _alive(pid)], "processes of the killed sweep live on"
+    finally:  # on failure, no orphan is left to train on
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+    interrupted = {name for name in training() if not (runs.parent / name / "metrics.json").exists()}
+    assert len(interrupted) >= 2
+
+    result = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    statuses = json.loads(result.stdout.splitlines()[-1])["runs"]
+    assert set(statuses) == {f"tiny/seed{s}" for s in range(3)}
+    assert all(statuses[name] == "resumed" for name in interrupted), statuses
+    assert all(status != "failed" for status in statuses.values()), statuses
+    assert all((runs / f"seed{s}" / "metrics.json").is_file() and not (runs / f"seed{s}" / ".lock").exists()
+               for s in range(3))
+
+
+@pytest.mark.slow
+def test_two_sweeps_into_one_out_both_finish_every_run_each_run_trained_once(tmp_path, tiny_synthetic):
+    """Started together, both plan every run as new; a run the other sweep trains is waited for ("running
+    elsewhere") and then skipped, so both exit 0 and each run is trained by exactly one of them (before, the
+    second reported the runs the first held "failed" and both exited 1)."""
+    path = _sweep(tmp_path, data=str(tiny_synthetic), seeds=[0, 1, 2], overrides={"epochs": 2})
+    procs = [_sweep_process(path, "--jobs", "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    ends = [proc.communicate(timeout=400) for proc in procs]
+    statuses = []
+    for proc, (out, err) in zip(procs, ends):
+        assert proc.returncode == 0, err
+        statuses.append(json.loads(out.splitlines()[-1])["runs"])
+    for s in range(3):
+        name = f"tiny/seed{s}"
+        assert sorted(runs[name] for runs in statuses) == ["finished", "skipped"], statuses
+        assert (tmp_path / "runs" / name / "metrics.json").is_file()
+        assert not (tmp_path / "runs" / name / ".lock").exists()

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from mmlab_cli.config import resolve_config
 from mmlab_cli.engine.fit import train
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.main import app
-from mmlab_cli.threads import available_cpus, default_threads, threads_per_job, use_threads
+from mmlab_cli.threads import available_cpus, default_threads, use_threads
 
 
 @pytest.fixture
@@ -37,12 +39,6 @@ def test_available_cpus_is_the_affinity_capped_by_slurm(eight_cpus, monkeypatch)
 def test_omp_num_threads_is_the_default_when_set(eight_cpus, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert default_threads() == 2 and available_cpus() == 8
-
-
-def test_threads_per_job_shares_the_cpus(eight_cpus, monkeypatch):
-    assert [threads_per_job(j) for j in (1, 2, 3, 8, 20)] == [8, 4, 2, 1, 1]
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
-    assert [threads_per_job(j) for j in (1, 2, 3)] == [4, 2, 1]
 
 
 def test_use_threads_sets_torch_and_blas_then_restores(monkeypatch):
@@ -89,3 +85,48 @@ def test_analysis_commands_take_threads_and_record_them(run, command, flags, mon
     res = CliRunner().invoke(app, [command, str(run), *flags, "--device", "cpu", "--threads", "2", "--force"])
     assert res.exit_code == 0, res.output
     assert json.loads((run / f"{command}.json").read_text())["threads"] == 2
+
+
+def _numbers(run: Path) -> tuple:
+    timing = ("seconds", "train_seconds", "wall_seconds_this_process")
+    history = [{k: v for k, v in json.loads(line).items() if k not in timing}
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k not in timing}, history
+
+
+def test_a_resume_continues_with_the_thread_count_the_run_recorded(tiny_synthetic, tmp_path, monkeypatch):
+    """A run started by the default under OMP_NUM_THREADS=2 (as a sweep worker starts one) and killed after epoch
+    1 resumes under OMP_NUM_THREADS=1 with its 2 threads, ending as the uninterrupted run (the default alone would
+    have given 1 thread and other float sums); --threads 1 on the resume is obeyed, with a warning."""
+    from mmlab_cli.engine import fit
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    train(tiny_config(tiny_synthetic, tmp_path / "uninterrupted", threads=0))
+
+    class Killed(Exception):
+        pass
+
+    write = fit.atomic_write_text
+
+    def write_then_die(target, text):  # the process dies right after epoch 1 is saved
+        write(target, text)
+        if Path(target).name == "metrics.jsonl":
+            raise Killed
+
+    cut = tmp_path / "cut"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit, "atomic_write_text", write_then_die)
+        with pytest.raises(Killed):
+            train(tiny_config(tiny_synthetic, cut, threads=0))
+    shutil.copytree(cut, tmp_path / "other")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res = CliRunner().invoke(app, ["train", "--resume", "--out", str(cut)])
+    assert res.exit_code == 0, res.output
+    assert "thread" not in res.stderr
+    assert json.loads((cut / "env.json").read_text())["threads"] == 2
+    assert _numbers(cut) == _numbers(tmp_path / "uninterrupted")
+
+    res = CliRunner().invoke(app, ["train", "--resume", "--out", str(tmp_path / "other"), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "was trained with 2 CPU thread(s) and continues with 1" in " ".join(res.stderr.split())
+    assert json.loads((tmp_path / "other" / "env.json").read_text())["threads"] == 1

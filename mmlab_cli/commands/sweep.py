@@ -32,9 +32,11 @@ def sweep(
                                    "(repeatable): --set device=cuda --set data=data/avmnist."),
     grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2,... replaces (or adds) that grid axis "
                                    "(repeatable): --grid pairing=sml,dml."),
-    jobs: int = typer.Option(1, "--jobs", min=1, help="Runs at a time on the local process pool."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads per run (default: the cores divided "
-                                          "among --jobs; on Slurm, cpus_per_task)."),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Runs at a time on the local process pool: parallelism only "
+                             "(a run's thread count, and so its numbers, never depend on it)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads of every run, like --set threads=N "
+                                          "(default: the run's own threads setting, else 1, on Slurm cpus_per_task; "
+                                          "an interrupted run resumes with the count it was trained with)."),
     executor: str = typer.Option("local", help="local (a process pool on this machine) | slurm (submitit; "
                                  "settings from the file's slurm: block; needs the cluster extra)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan as JSON; run nothing."),
@@ -46,12 +48,14 @@ def sweep(
 
     from mmlab_cli import sweep as sw
     from mmlab_cli.errors import MmlabError
-    from mmlab_cli.threads import threads_per_job
 
     if executor not in ("local", "slurm"):
         raise MmlabError(f"--executor {executor}: choose local or slurm")
+    sets = _pairs(set_, "--set")
+    if threads and "threads" in sets:
+        raise MmlabError("--threads and --set threads=... both given; give one")
     spec = sw.load_sweep(sweep_file, out=out, seeds=None if seeds is None else parse_numbers(seeds, "--seeds", int),
-                         sets=_pairs(set_, "--set"),
+                         sets={**sets, **({"threads": threads} if threads else {})},
                          grid={k: v.split(",") for k, v in _pairs(grid, "--grid").items()})
     job_list = sw.expand(spec)
     sw.check_commands(spec)
@@ -59,7 +63,7 @@ def sweep(
     runner = "local"
     if executor == "slurm":
         runner = sw.slurm_executor(spec.out / ".submitit", spec.slurm)
-    threads = threads or (spec.slurm.get("cpus_per_task", 1) if executor == "slurm" else threads_per_job(jobs))
+    threads = threads or (spec.slurm.get("cpus_per_task", 1) if executor == "slurm" else 1)  # never from --jobs
     if dry_run:
         typer.echo(json.dumps({"out": str(spec.out), "threads": threads, "jobs": [
             {"name": j.name, "recipe": j.recipe, "state": states[j.name], "config": j.config.to_dict()}

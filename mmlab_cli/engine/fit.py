@@ -40,9 +40,9 @@ from mmlab_cli.methods.augment import BatchAugment
 from mmlab_cli.methods.base import Loop, Method
 from mmlab_cli.methods.contrastive import check_run
 from mmlab_cli.methods.objective import Objective
-from mmlab_cli.methods.registry import build_methods
+from mmlab_cli.methods.registry import build_methods, check_methods
 from mmlab_cli.models.pretrained import init_pretrained
-from mmlab_cli.threads import use_threads
+from mmlab_cli.threads import default_threads, use_threads
 from mmlab_cli.tracking import check_loggers, open_loggers
 
 METHOD_KEYS = ("objective", "pseudo_labels", "scheme", "regularizer", "balance", "sam", "swa_start",
@@ -246,6 +246,35 @@ def recorded_config(cfg: TrainConfig, dataset: PreparedDataset) -> TrainConfig:
                                pretrained={m: str(Path(p).resolve()) for m, p in cfg.pretrained.items()})
 
 
+def preflight(cfg: TrainConfig, dataset: PreparedDataset) -> None:
+    """Every check `train` makes before it writes anything, as one-line errors: the loggers, every split
+    readable with every class in train, the objective's and pseudo-labels' needs, and the model, optimizer
+    groups and methods this config builds on this dataset (an unknown encoder or one that cannot read a
+    modality, an encoder_lr for a modality not trained, a balancing method on one modality). The model is
+    built on the meta device: names and shapes only, no memory, no initialisation. `mmlab sweep` runs it on
+    every job before any job starts (and in --dry-run)."""
+    check_loggers(cfg.logger)
+    dataset.check_splits()  # a truncated test array is found now, not after the last epoch
+    dataset.require_every_class("train")
+    check_run(cfg, dataset)  # contrastive: two modalities; pseudo-labels that can be made
+    with torch.device("meta"):
+        model = build_model(cfg, dataset)
+    build_optimizer(cfg, model)
+    check_methods(cfg, model.modalities)
+
+
+def run_threads(cfg: TrainConfig, resume: bool, say=console.print) -> int:
+    """The CPU threads a run trains with. The count changes float sums, so a resume continues with the count
+    its env.json records unless `threads` names another (then it says so: the numbers will differ from an
+    uninterrupted run's); a new run takes `threads`, else the default policy (mmlab_cli.threads)."""
+    recorded = (read_json_object(RunPaths(cfg.out).env) or {}).get("threads") if resume else None
+    recorded = recorded if type(recorded) is int and recorded > 0 else 0  # absent or not a count: none
+    if cfg.threads and recorded and cfg.threads != recorded:
+        say(f"[yellow]{cfg.out} was trained with {recorded} CPU thread(s) and continues with {cfg.threads}: its "
+            f"numbers will differ from an uninterrupted run's (give --threads {recorded}, or none, to keep them)")
+    return cfg.threads or recorded or default_threads()
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train one run into cfg.out and return its final metrics (also written to metrics.json).
 
@@ -255,15 +284,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise MmlabError("no dataset: pass --data DIR (a directory made by `mmlab prepare`) or set `data:` in the recipe")
     if not cfg.out:
         raise MmlabError("no run directory: pass --out RUN_DIR")
-    check_loggers(cfg.logger)
     dataset = PreparedDataset(cfg.data, cfg.modalities or None)
-    dataset.check_splits()  # a truncated test array is found now, not after the last epoch
-    dataset.require_every_class("train")
-    check_run(cfg, dataset)  # contrastive: two modalities; pseudo-labels that can be made
+    preflight(cfg, dataset)
     cfg = recorded_config(cfg, dataset)
     world, device = init_world(cfg.device)
+    threads = run_threads(cfg, resume, console.print if world.main else lambda *a: None)
     try:
-        with run_lock(cfg.out) if world.main else contextlib.nullcontext(), use_threads(cfg.threads):
+        with run_lock(cfg.out) if world.main else contextlib.nullcontext(), use_threads(threads):
             return _train(cfg, dataset, resume, world, device)
     finally:
         shutdown(world)

@@ -41,6 +41,14 @@ def _acquire(lock: Path) -> int:
         os.close(fd)
 
 
+def lock_holder(root: str | Path) -> str | None:
+    """'process PID on HOST' when a process of this host other than this one holds RUN/.lock and lives, else
+    None: free, stale, or held from another host, whose process cannot be checked (run_lock refuses that one)."""
+    holder = _holder(Path(root) / LOCK_NAME)
+    live = holder.get("host") == socket.gethostname() and _alive(holder)
+    return f"process {holder['pid']} on {holder['host']}" if live else None
+
+
 @contextlib.contextmanager
 def run_lock(root: str | Path):
     """Hold RUN/.lock while the block runs (creating RUN if needed); a live holder is a one-line error."""

@@ -39,11 +39,16 @@ BALANCES = {  # --balance NAME
 }
 
 
+def check_methods(cfg, modalities: list[str]) -> None:
+    """What a config's methods need of the run's modalities (one-line errors, before anything is built)."""
+    if cfg.balance in BALANCES and len(modalities) < 2:
+        raise MmlabError(f"balance {cfg.balance}: balances modalities against each other; this run has one "
+                         f"({modalities[0]}): drop --balance or train on two or more modalities")
+
+
 def build_methods(cfg, model, world) -> list:
     """The methods a config turns on, in hook order."""
-    if cfg.balance in BALANCES and len(model.modalities) < 2:
-        raise MmlabError(f"balance {cfg.balance}: balances modalities against each other; this run has one "
-                         f"({model.modalities[0]}): drop --balance or train on two or more modalities")
+    check_methods(cfg, model.modalities)
     chosen = [REGULARIZERS.get(cfg.regularizer), BALANCES.get(cfg.balance)]
     modules = [*METHODS.values(), *filter(None, chosen)]
     built = (importlib.import_module(module).build(cfg, model, world) for module in modules)
