@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mmlab_cli.data.format import atomic_write_json
+from mmlab_cli.engine.lock import lock_holder
 from mmlab_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,13 +386,14 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(trained, tmp_path):
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert lock_holder(run) == f"process {holder.pid} on {socket.gethostname()}"  # what a sweep waits on
         result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
         _one_line_error(result, 2, f"process {holder.pid}", "is training")
         assert not (run / "metrics.json").exists()
     finally:
         holder.kill()  # kill -9: the kernel releases its lock; the .lock file stays behind
         holder.wait()
-    assert (run / ".lock").exists()
+    assert (run / ".lock").exists() and lock_holder(run) is None
     result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "metrics.json").is_file() and not (run / ".lock").exists()

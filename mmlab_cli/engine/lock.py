@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 from mmlab_cli.data.format import check_writable, read_json_object
@@ -19,19 +20,33 @@ from mmlab_cli.errors import MmlabError
 LOCK_NAME = ".lock"
 
 
+def _holder(lock: Path) -> str:
+    holder = read_json_object(lock) or {}
+    return f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+
+
+def _flock(fd: int, mode: int, tries: int = 1) -> bool:
+    """Take `mode` on `fd` without waiting, trying `tries` times 50 ms apart; whether it was taken."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+    return False
+
+
 def _acquire(lock: Path) -> int:
-    """An open descriptor of `lock` holding its flock, or a one-line error naming the live holder. The file
-    is removed by its holder when it is done, so a lock taken on a file already unlinked is retried on the
-    file now at that path (else two processes could each hold a lock on a different file)."""
+    """An open descriptor of `lock` holding its flock, or a one-line error naming the live holder. A few tries:
+    `lock_holder`'s probe holds a shared lock for an instant. The file is removed by its holder when it is
+    done, so a lock taken on a file already unlinked is retried on the file now at that path (else two
+    processes could each hold a lock on a different file)."""
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(fd, fcntl.LOCK_EX, tries=5):
             os.close(fd)
-            holder = read_json_object(lock) or {}
-            who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
-            raise MmlabError(f"{lock}: {who} is training {lock.parent}; wait for it to end") from None
+            raise MmlabError(f"{lock}: {_holder(lock)} is training {lock.parent}; wait for it to end")
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -42,11 +57,19 @@ def _acquire(lock: Path) -> int:
 
 
 def lock_holder(root: str | Path) -> str | None:
-    """'process PID on HOST' when a process of this host other than this one holds RUN/.lock and lives, else
-    None: free, stale, or held from another host, whose process cannot be checked (run_lock refuses that one)."""
-    holder = _holder(Path(root) / LOCK_NAME)
-    live = holder.get("host") == socket.gethostname() and _alive(holder)
-    return f"process {holder['pid']} on {holder['host']}" if live else None
+    """'process PID on HOST' while another process holds RUN/.lock, else None (free, or left by a process that
+    is gone). A probe that never waits: a shared lock taken and dropped at once."""
+    lock = Path(root) / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _flock(fd, fcntl.LOCK_SH):
+            return None
+        return None if (read_json_object(lock) or {}).get("pid") == os.getpid() else _holder(lock)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
