@@ -46,25 +46,33 @@ def _numeric(path: Path, a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _entry(path: Path, data, key: str) -> np.ndarray:
+    """One array of an .npz; an object array (which only unpickling could read, never done) is a one-line error."""
+    try:
+        return data[key]
+    except ValueError as e:
+        raise MmlabError(f"{path}: '{key}' cannot be read as numbers ({e}); save it as a numeric array") from None
+
+
 def read_modality(path: Path) -> tuple[np.ndarray, str]:
     """(array, kind) of one split's modality file: a .npy as is ("features"), a .npz packed into
     [N, T, 1 + D] with the mask in channel 0 ("sequence")."""
     data = _load(path)
     if path.suffix == ".npy":
-        if _numeric(path, data).ndim < 2:
+        if _numeric(path, data).ndim < 2 or 0 in data.shape[1:]:
             raise MmlabError(f"{path}: shape {data.shape}; features are [N, ...] with at least one value per row")
         return data.astype(np.float32), "features"
     with data:
         if "x" not in data or not ({"lengths", "mask"} & set(data.files)):
             raise MmlabError(f"{path}: holds {', '.join(data.files) or 'nothing'}; a sequence file holds x [N, T, D] "
                              f"and lengths [N] or mask [N, T]")
-        x = _numeric(path, data["x"])
-        if x.ndim != 3:
-            raise MmlabError(f"{path}: x has shape {x.shape}; a sequence is x [N, T, D]")
+        x = _numeric(path, _entry(path, data, "x"))
+        if x.ndim != 3 or 0 in x.shape[1:]:
+            raise MmlabError(f"{path}: x has shape {x.shape}; a sequence is x [N, T, D] with T, D > 0")
         if "mask" in data:
-            mask = data["mask"].astype(bool)
+            mask = _entry(path, data, "mask").astype(bool)
         else:
-            lengths = data["lengths"]
+            lengths = _entry(path, data, "lengths")
             if lengths.shape != (len(x),) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > x.shape[1]:
                 raise MmlabError(f"{path}: lengths must be [N] = [{len(x)}] integers in 0..{x.shape[1]}")
             mask = np.arange(x.shape[1]) < lengths[:, None]
@@ -79,6 +87,8 @@ def read_labels(path: Path) -> np.ndarray:
     y = _load(path)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.min(initial=0) < 0:
         raise MmlabError(f"{path}: labels must be a 1-D array of class indices 0, 1, ... (got {y.dtype} {y.shape})")
+    if not len(y):
+        raise MmlabError(f"{path}: no rows; every split needs samples of every class")
     return y.astype(np.int64)
 
 

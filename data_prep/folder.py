@@ -52,6 +52,9 @@ def scan(src: Path) -> tuple[list[str], list[tuple[str, str, int, dict[str, str]
     for split, root in roots.items():
         for label, name in enumerate(classes):
             for path in sorted((root / name).glob("*")) if (root / name).is_dir() else []:
+                if path.is_symlink() and not path.exists():
+                    problems.append(Problem(str(path), "a broken symlink or a symlink loop: nothing to read"))
+                    continue
                 if path.name.startswith(".") or not path.is_file():
                     continue
                 key = (split, name, path.stem)
@@ -66,6 +69,10 @@ def scan(src: Path) -> tuple[list[str], list[tuple[str, str, int, dict[str, str]
     roles = [r for r in ROLES if any(r in files for _, files in found.values())]
     if not roles:
         raise MmlabError(f"{src}: no file of a known type; expected {LAYOUT}")
+    empty = [name for label, name in enumerate(classes) if not any(lab == label for lab, _ in found.values())]
+    if empty:
+        raise MmlabError(f"{class_root / empty[0]}: an empty class folder (no file of a known type); add its "
+                         f"samples or remove the folder")
     samples = []
     for key, (label, files) in found.items():
         lacking = [r for r in roles if r not in files]

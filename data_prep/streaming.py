@@ -44,9 +44,10 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from mmlab_cli.console import progress
-from mmlab_cli.data.format import (SPLITS, ModalitySpec, array_path, atomic_write_json, atomic_write_text,
-                                   check_same_preparation, existing_dataset, mean_std, partial_array_path,
-                                   save_array, stratified_split, write_manifest)
+from mmlab_cli.data.format import (SPLITS, ModalitySpec, array_path, atomic_file, atomic_write_json,
+                                   atomic_write_text, check_same_preparation, check_writable, existing_dataset,
+                                   mean_std, partial_array_path, preallocate, save_array, stratified_split,
+                                   write_manifest)
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.threads import available_cpus
 
@@ -161,6 +162,7 @@ def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip
     identity = {"preprocessing": preprocessing, "sources": sources, "fingerprint": fp}
     if done := finished(out, identity, force):
         return *done, False
+    check_writable(out)
     if not force and (out / PROGRESS).is_file():
         check_same_preparation(out / PROGRESS, _progress_identity(out), identity, "a half-done dataset")
     (out / "manifest.json").unlink(missing_ok=True)  # from here on the directory is not a valid dataset
@@ -244,11 +246,9 @@ class _Run:
             return z["status"].copy(), z["sums"].copy(), failures
 
     def _save_progress(self) -> None:
-        tmp = self.out / f".{PROGRESS}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_file(self.out / PROGRESS) as tmp, open(tmp, "wb") as f:
             np.savez(f, identity=np.array(self.identity), status=self.status, sums=self.sums,
                      failures=np.array(json.dumps({i: p.to_json() for i, p in self.failures.items()})))
-        os.replace(tmp, self.out / PROGRESS)
 
     # ----- the pool loop
     def execute(self, dataset: str) -> None:
@@ -420,7 +420,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 # ----- .npy files written row by row without memory mapping
 def _create_or_reuse(path: Path, shape: tuple[int, ...], dtype: str, keep: bool) -> tuple[Path, int, int, bool]:
-    """An .npy file of `shape` (sparse until written): (path, data offset, bytes per row, reused).
+    """An .npy file of `shape` (its blocks reserved): (path, data offset, bytes per row, reused).
     An existing file with the same header is kept when `keep`, so an interrupted run resumes."""
     if keep and path.is_file():
         try:
@@ -431,11 +431,15 @@ def _create_or_reuse(path: Path, shape: tuple[int, ...], dtype: str, keep: bool)
         except (ValueError, OSError):
             pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                 "fortran_order": False, "shape": tuple(shape)})
-        offset = f.tell()
-        f.truncate(offset + shape[0] * _row_bytes(shape, dtype))
+    try:
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                     "fortran_order": False, "shape": tuple(shape)})
+            offset = f.tell()
+            preallocate(f, offset + shape[0] * _row_bytes(shape, dtype), path)  # a full disk: now, one line
+    except (OSError, MmlabError):
+        path.unlink(missing_ok=True)
+        raise
     return path, offset, _row_bytes(shape, dtype), False
 
 

@@ -74,6 +74,9 @@ class CoreOptions:
     gamma: float = option(0.1, "StepLR factor.", metavar="FLOAT", above=0)
     clip_grad_norm: float = option(0.0, "Clip the gradient norm to this (0: off).", metavar="FLOAT",
                                   at_least=0)
+    diverge_factor: float = option(1e4, "Stop as diverged (exit 3, the last good checkpoint kept) when a training "
+                                   "loss exceeds this multiple of the run's first step's loss (0: only a "
+                                   "non-finite loss stops).", metavar="FLOAT", at_least=0)
     label_smoothing: float = option(0.0, "Label smoothing of the training loss.", metavar="FLOAT")
     augment: list[str] = option([], f"Training augmentations, comma-separated: {', '.join(AUGMENTS)} "
                                 f"(jitter, crop, flip: images/frames; specaugment: spectrograms).", metavar="NAMES")

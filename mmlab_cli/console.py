@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mmlab_cli.errors import MmlabError
+from mmlab_cli.errors import NO_SPACE, MmlabError, disk_full
 
 console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line in logs
 if not console.is_terminal:  # logs and pipes: wide enough that the paper tables are not squeezed
@@ -111,13 +111,18 @@ class LogProgress(Progress):
 
 
 def cli_errors(fn):
-    """Turn an MmlabError into `error: <message>` on stderr and its exit code: 2 for bad input, 3 for a
-    diverged training run (MMLAB_DEBUG=1 re-raises)."""
+    """Turn an MmlabError into `error: <message>` on stderr and its exit code: 2 for bad input (a full disk
+    included), 3 for a diverged training run (MMLAB_DEBUG=1 re-raises)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:  # a full disk met by a writer that does not know its size (a figure, a log)
+                if e.errno not in NO_SPACE:
+                    raise
+                raise disk_full(e.filename or "a file being written") from None
         except MmlabError as e:
             if os.environ.get("MMLAB_DEBUG"):
                 raise

@@ -14,6 +14,8 @@ from pathlib import Path
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from mmlab_cli.data.format import atomic_file
+
 WIDTH = {1: 3.4, 2: 7.0}  # inches: one column / the full text width of a two-column paper
 DPI = 150
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
@@ -87,8 +89,7 @@ def save(fig: Figure, path: Path) -> list[Path]:
     written = []
     for fmt in ("png", *_formats.get()):
         target = Path(path).with_suffix(f".{fmt}")
-        tmp = target.with_name(f".{target.name}.tmp")
-        fig.savefig(tmp, format=fmt, dpi=DPI)
-        tmp.replace(target)
+        with atomic_file(target) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=DPI)
         written.append(target)
     return written

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from mmlab_cli.config import FIELDS, RUN_LOCATION
-from mmlab_cli.data.format import atomic_write_text
-from mmlab_cli.engine import ANALYSES, check_checkpoint
+from mmlab_cli.data.format import atomic_write_text, check_writable
+from mmlab_cli.engine import check_checkpoint
 from mmlab_cli.engine.runpaths import COMPARE, RunPaths, run_dirs
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.registry import label_keys
@@ -377,6 +376,7 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
     tables, group_by = build_tables(root, group_by, claims, checkpoint)
+    check_writable(root)  # a read-only folder: one line, not a traceback from the first figure or table written
     name = "report" if checkpoint == "best" else f"report-{checkpoint}"
     for table in tables:
         if table.curves:

@@ -53,14 +53,22 @@ class CsvLogger:
 @LOGGERS.register("tensorboard")
 class TensorBoardLogger:
     """Event files in RUN/tb/ from torch's SummaryWriter, the epoch as the step and `train/loss`, `val/acc_audio`,
-    `lr`... as tags. A resumed run purges the steps after its history (`purge_step`): each epoch shows once."""
+    `lr`... as tags. A resumed run rewrites them from its history: the old event files (which may hold an epoch
+    logged after the last checkpoint) are deleted and the kept epochs logged again, so every (tag, step) is in
+    the files once, for every reader (a purge marker only hides duplicates from TensorBoard itself)."""
+
+    EVENTS = "events.out.tfevents.*"
 
     @staticmethod
     def requires():
         return require("torch.utils.tensorboard", "tracking", "--logger tensorboard")
 
     def __init__(self, directory: Path, history: list[dict]):
-        self.writer = self.requires().SummaryWriter(str(directory), purge_step=len(history) + 1)
+        for old in directory.glob(self.EVENTS):
+            old.unlink()
+        self.writer = self.requires().SummaryWriter(str(directory))
+        for record in history:
+            self.log(record)
 
     def log(self, record: dict) -> None:
         for key, value in record.items():

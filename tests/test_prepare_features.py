@@ -70,6 +70,16 @@ def test_val_is_carved_from_train_stratified_and_seeded(tmp_path):
      "11 rows but"),
     (lambda s: (s / "test" / "text.npz").unlink(), "test/text.npz", "missing"),
     (lambda s: (s / "train" / "labels.npy").write_bytes(b"junk"), "train/labels.npy", "not a readable numpy"),
+    (lambda s: np.savez(s / "train" / "text.npz", x=np.array([np.zeros((7, 4))] * 40, dtype=object),
+                        lengths=np.full(40, 3)), "train/text.npz", "'x' cannot be read as numbers"),
+    (lambda s: [np.save(s / "train" / f, np.zeros((0, *shape), dtype)) for f, shape, dtype in
+                (("labels.npy", (), np.int64), ("audio.npy", (5,), np.float32))] and
+     np.savez(s / "train" / "text.npz", x=np.zeros((0, 7, 4)), lengths=np.zeros(0, int)), "train/labels.npy",
+     "no rows"),
+    (lambda s: [np.save(s / split / "audio.npy", np.zeros((n, 8, 0), np.float32)) for split, n in
+                (("train", 40), ("test", 12))], "train/audio.npy", "at least one value per row"),
+    (lambda s: np.savez(s / "train" / "text.npz", x=np.zeros((40, 7, 0)), lengths=np.full(40, 3)),
+     "train/text.npz", "T, D > 0"),
 ])
 def test_bad_sources_are_one_line_naming_the_file(tmp_path, damage, named, says):
     src = _source(tmp_path / "src")

@@ -80,3 +80,22 @@ def test_videos_become_frames_and_given_splits_are_kept(tmp_path):
         "test/a/v0", "test/a/v1", "test/b/v0", "test/b/v1"]
     frames = np.load(tmp_path / "out" / "test" / "visual.npy")[0].astype(float).mean(axis=(1, 2, 3))
     assert frames[0] < frames[1] < frames[2]  # t = 0.5, 1.5, 2.5 s of a brightening ramp
+
+
+def test_an_empty_class_folder_is_an_error_and_a_symlink_loop_is_reported(tmp_path):
+    """An empty class folder was accepted silently (a class no split could hold); a file that is a symlink loop
+    (or a broken link) was skipped without a word: now one line, exit 2, and a prepare_report.json entry."""
+    src = _tree(tmp_path / "src")
+    (src / "maybe").mkdir()
+    result = CliRunner().invoke(app, ["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"),
+                                      "--size", "8", "--workers", "1"])
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and "\n" not in err and f"{src / 'maybe'}: an empty class folder" in err, err
+    (src / "maybe").rmdir()
+    (src / "no" / "s9.wav").symlink_to(src / "no" / "s9.wav")  # a link to itself
+    result = CliRunner().invoke(app, ["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"),
+                                      "--size", "8", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    reasons = {p["path"]: p["reason"] for p in report["left_out"]}
+    assert "symlink loop" in reasons[str(src / "no" / "s9.wav")] and report["prepared"] == 12

@@ -2,8 +2,10 @@
 divergence, corrupt checkpoints and results, locks, and the one-line errors for bad input. Every
 error's suggested fix is followed where it can be."""
 
+import contextlib
 import json
 import os
+import queue
 import random
 import shutil
 import signal
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mmlab_cli.data.format import atomic_write_json
+from mmlab_cli.engine.lock import lock_holder
 from mmlab_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,15 +131,55 @@ def test_kill_9_anywhere_then_resume_from_another_directory(tiny_synthetic, unin
         code = subprocess.run([sys.executable, "-c", CRASHING_TRAIN, name, str(k), *flags], cwd=start,
                               env=_env(), capture_output=True).returncode
     run = start / "runs/r"
-    if code != 0:
-        assert code == -signal.SIGKILL and not (run / "metrics.json").exists()
+    assert code in (0, -signal.SIGKILL)
+    finished = (run / "metrics.json").is_file()  # a timed kill may land after the run finished: then
+    before = _tree(run) if finished else None  # the resume has nothing to do and must change nothing
+    assert finished or code != 0
 
     resumed = subprocess.run(_cli("--resume", "--out", "../start/runs/r"), cwd=elsewhere, env=_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    if finished:
+        assert "already finished" in resumed.stderr and _tree(run) == before
     assert list(elsewhere.iterdir()) == [], "the resume trained somewhere else"
     _same_run(run, uninterrupted)
-    assert not (run / ".lock").exists()
+    assert finished or not (run / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def sequences(tmp_path_factory):
+    """Two small sequence modalities, so that the run's encoders are transformers: their dropout draws from
+    torch's global RNG at every training step (the CNNs of the other resume tests never do)."""
+    import numpy as np
+
+    from mmlab_cli.data.format import write_dataset
+
+    root, rng = tmp_path_factory.mktemp("seq") / "data", np.random.default_rng(0)
+    arrays, labels = {}, {}
+    for split, n in (("train", 48), ("val", 16), ("test", 16)):
+        labels[split] = np.arange(n) % 3
+        arrays[split] = {m: np.concatenate([np.ones((n, 6, 1)), rng.normal(labels[split][:, None, None], 1.0,
+                                                                            (n, 6, 4))], 2).astype(np.float32)
+                         for m in ("a", "b")}
+    write_dataset(root, dataset="seq", classes=["x", "y", "z"], kinds={"a": "sequence", "b": "sequence"},
+                  arrays=arrays, labels=labels, preprocessing={}, sources={})
+    return root
+
+
+@pytest.mark.slow
+def test_a_resumed_dropout_model_is_the_uninterrupted_run(sequences, tmp_path):
+    """kill -9 mid checkpoint swap of epoch 2, resume: bit-identical to the uninterrupted run, which needs torch's
+    global RNG (the dropout masks' source) restored from the checkpoint, not re-seeded."""
+    flags = _flags(sequences, epochs=3, modalities="a,b", encoder="transformer", **{"batch-size": 8, "lr": 0.01})
+    full = tmp_path / "full"
+    assert runner.invoke(app, ["train", *flags, "--out", str(full)]).exit_code == 0
+    run = tmp_path / "killed"
+    code = subprocess.run([sys.executable, "-c", CRASHING_TRAIN, "rename", "4", *flags, "--out", run], env=_env(),
+                          capture_output=True).returncode
+    assert code == -signal.SIGKILL
+    resumed = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+    assert resumed.exit_code == 0 and "resuming" in resumed.stderr, resumed.output
+    _same_run(run, full)
 
 
 @pytest.mark.slow
@@ -175,6 +218,42 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tiny_sy
     assert (run / "checkpoints/last/model.safetensors").read_bytes() == \
         (tmp_path / "one/checkpoints/last/model.safetensors").read_bytes()
     assert "keeps epoch 1" in err
+
+
+def test_a_finite_loss_explosion_is_divergence(tiny_synthetic, tmp_path):
+    """--lr 1e6 with the synthetic Adam recipe: the loss explodes to ~1e19, finite, at chance accuracy. Exit 3,
+    one line naming --diverge-factor, no metrics.json; with --diverge-factor 0 only a non-finite loss stops it."""
+    args = ["train", "--recipe", str(ROOT / "recipes/synthetic/sml.yaml"), "--data", str(tiny_synthetic),
+            "--epochs", "2", "--lr", "1e6", "--device", "cpu"]
+    run = tmp_path / "exploded"
+    err = _one_line_error(runner.invoke(app, [*args, "--out", str(run)]), 3, "diverged in epoch 1", "--diverge-factor")
+    assert "first step's" in err and not (run / "metrics.json").exists()
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["diverged"] and "--diverge-factor" in record["reason"]
+    off = runner.invoke(app, [*args, "--diverge-factor", "0", "--out", str(tmp_path / "off")])
+    assert off.exit_code == 0, off.output
+    assert json.loads((tmp_path / "off/metrics.jsonl").read_text().splitlines()[0])["train_loss"] > 1e6
+
+
+def test_a_non_finite_loss_stops_training_at_its_step(tiny_synthetic, tmp_path, monkeypatch):
+    """The loss turns NaN at step 3 of epoch 1 (of 11): training stops right there (the per-step check on a CPU),
+    not after the epoch's other 8 updates, and metrics.jsonl names step 3."""
+    import mmlab_cli.engine.fit as fit
+    from conftest import tiny_config
+    from mmlab_cli.engine.step import TrainStep
+
+    calls, real = [], TrainStep.__call__
+
+    def nan_at_step_3(self, inputs, y):
+        calls.append(1)
+        out = real(self, inputs, y)
+        return {**out, "loss": out["loss"] * float("nan")} if len(calls) == 3 else out
+
+    monkeypatch.setattr(TrainStep, "__call__", nan_at_step_3)
+    with pytest.raises(fit.TrainingDiverged, match="by step 3"):
+        fit.train(tiny_config(tiny_synthetic, tmp_path / "run"))
+    assert len(calls) == 3
+    assert json.loads((tmp_path / "run/metrics.jsonl").read_text())["step"] == 3
 
 
 @pytest.mark.parametrize("where, value", [("flag", "nan"), ("flag", "inf"), ("recipe", ".nan"), ("recipe", ".inf"),
@@ -285,21 +364,87 @@ def test_unreadable_metrics_json_is_finished_again_not_called_finished(uninterru
     _same_run(run, uninterrupted)
 
 
+HOLD_LOCK = """
+import sys, time
+from mmlab_cli.engine.lock import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
 def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(trained, tmp_path):
     run = _copy(trained, tmp_path)
     (run / "metrics.json").unlink()
-    sleeper = subprocess.Popen(["sleep", "60"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], env=_env(), stdout=subprocess.PIPE,
+                              text=True)
     try:
-        (run / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        assert holder.stdout.readline().strip() == "held"
+        assert lock_holder(run) == f"process {holder.pid} on {socket.gethostname()}"  # what a sweep waits on
         result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
-        _one_line_error(result, 2, f"process {sleeper.pid}", "is training")
+        _one_line_error(result, 2, f"process {holder.pid}", "is training")
         assert not (run / "metrics.json").exists()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])  # the holder is dead now
+        holder.kill()  # kill -9: the kernel releases its lock; the .lock file stays behind
+        holder.wait()
+    assert (run / ".lock").exists() and lock_holder(run) is None
+    result = runner.invoke(app, ["train", "--resume", "--out", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "metrics.json").is_file() and not (run / ".lock").exists()
+
+
+def _race_for_the_lock(folders, start, done, wins):
+    import mmlab_cli.engine.lock as lock
+
+    read = lock.read_json_object
+
+    def slow_read(path):  # a busy machine: a process is preempted right after it reads the lock file
+        value = read(path)
+        time.sleep(0.01)
+        return value
+
+    lock.read_json_object = slow_read
+    for i, folder in enumerate(folders):
+        start.wait()
+        try:
+            with lock.run_lock(folder):
+                wins.put(i)
+                done.wait()  # hold it until every contender has tried
+        except Exception:  # noqa: BLE001 - the one-line "is training" error of a loser
+            done.wait()
+
+
+def test_synchronised_resumes_of_a_killed_run_never_both_take_its_lock(tmp_path):
+    """Each try: a stale .lock (its process killed) and 6 processes released at once by a barrier, every one
+    trying to take it while the winner holds on: exactly one wins, every time (a check-then-write lock let two
+    win in about half the tries)."""
+    import multiprocessing
+
+    tries, contenders = 30, 6
+    folders = [tmp_path / f"run{i}" for i in range(tries)]
+    for folder in folders:
+        folder.mkdir()
+        (folder / ".lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    ctx = multiprocessing.get_context("spawn")
+    start, done, wins = ctx.Barrier(contenders), ctx.Barrier(contenders), ctx.Queue()
+    procs = [ctx.Process(target=_race_for_the_lock, args=(folders, start, done, wins)) for _ in range(contenders)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert all(proc.exitcode == 0 for proc in procs)
+    won = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            won.append(wins.get(timeout=1))
+    assert sorted(won) == list(range(tries)), "a try with two holders (or none)"
+    assert not any((folder / ".lock").exists() for folder in folders)
 
 
 def test_resume_refuses_a_dataset_that_changed(tiny_synthetic, trained, tmp_path):
@@ -364,6 +509,58 @@ def test_bad_run_directories_are_one_line(tiny_synthetic, trained, tmp_path):
     _one_line_error(runner.invoke(app, ["train", "--resume", "--out", str(run)]), 2, "config.yaml: not valid YAML")
     _one_line_error(runner.invoke(app, ["train", *_flags(tiny_synthetic, epochs=1), "--modalities", ",",
                                         "--out", str(tmp_path / "m")]), 2, "names no modality")
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """`folder` as a read-only bind mount (root ignores permission bits, not a read-only mount); skipped where
+    mounting is not allowed."""
+    mounted = subprocess.run(["sh", "-c", f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro "
+                                          f"'{folder}'"], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+        pytest.skip(f"cannot make a read-only bind mount here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("command", ["resume", *ANALYSES])
+def test_a_config_that_no_longer_fits_the_checkpoint_is_one_line(trained, tmp_path, command):
+    """embed_dim edited in config.yaml after training: was torch's `size mismatch for probes.audio.weight`
+    traceback; now one line naming config.yaml, the checkpoint and the fix."""
+    run = _copy(trained, tmp_path)
+    (run / "metrics.json").unlink()
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("embed_dim: 16", "embed_dim: 32"))
+    args = ["train", "--resume", "--out", str(run)] if command == "resume" else \
+        [command, str(run), "--device", "cpu", *ANALYSES[command]]
+    before = (run / "metrics.jsonl").read_bytes()
+    err = _one_line_error(runner.invoke(app, args), 2, f"{config}: does not describe the model saved in",
+                          "size mismatch", "restore the config.yaml")
+    assert "checkpoints" in err and (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_prepare_into_a_file_or_a_read_only_folder_is_one_line(tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    small = ["--train-size", "20", "--test-size", "10", "--classes", "2"]
+    for out in (file, file / "sub"):
+        _one_line_error(runner.invoke(app, ["prepare", "synthetic", *small, "--out", str(out)]), 2,
+                        f"{out}: cannot write here")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with _read_only(locked):
+        _one_line_error(runner.invoke(app, ["prepare", "synthetic", *small, "--out", str(locked / "d")]), 2,
+                        f"{locked / 'd'}: cannot write here", "Read-only")
+
+
+def test_report_in_a_read_only_folder_is_one_line(trained, tmp_path):
+    runs = tmp_path / "runs"
+    _copy(trained, runs)
+    with _read_only(runs):
+        _one_line_error(runner.invoke(app, ["report", str(runs)]), 2, f"{runs}: cannot write here", "Read-only")
 
 
 def test_analyses_check_their_output_folder_before_computing(trained, tmp_path):

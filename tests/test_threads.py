@@ -98,7 +98,7 @@ def test_a_resume_continues_with_the_thread_count_the_run_recorded(tiny_syntheti
     """A run started by the default under OMP_NUM_THREADS=2 (as a sweep worker starts one) and killed after epoch
     1 resumes under OMP_NUM_THREADS=1 with its 2 threads, ending as the uninterrupted run (the default alone would
     have given 1 thread and other float sums); --threads 1 on the resume is obeyed, with a warning."""
-    from mmlab_cli.engine import fit
+    from mmlab_cli.engine import runpaths
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     train(tiny_config(tiny_synthetic, tmp_path / "uninterrupted", threads=0))
@@ -106,7 +106,7 @@ def test_a_resume_continues_with_the_thread_count_the_run_recorded(tiny_syntheti
     class Killed(Exception):
         pass
 
-    write = fit.atomic_write_text
+    write = runpaths.atomic_write_text  # RunPaths writes metrics.jsonl
 
     def write_then_die(target, text):  # the process dies right after epoch 1 is saved
         write(target, text)
@@ -115,7 +115,7 @@ def test_a_resume_continues_with_the_thread_count_the_run_recorded(tiny_syntheti
 
     cut = tmp_path / "cut"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit, "atomic_write_text", write_then_die)
+        mp.setattr(runpaths, "atomic_write_text", write_then_die)
         with pytest.raises(Killed):
             train(tiny_config(tiny_synthetic, cut, threads=0))
     shutil.copytree(cut, tmp_path / "other")

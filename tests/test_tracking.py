@@ -79,8 +79,20 @@ def test_tensorboard_scalars_are_the_metrics_jsonl_epochs_once(resumed_run):
     assert set(tags) <= set(events.Tags()["scalars"])
     for tag, key in tags.items():
         scalars = events.Scalars(tag)
-        assert [s.step for s in scalars] == [1, 2, 3], tag  # the epoch logged before the kill is purged
+        assert [s.step for s in scalars] == [1, 2, 3], tag  # the epoch logged before the kill is gone
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in history], rel=1e-6), tag
+
+
+def test_tensorboard_event_files_hold_each_tag_and_epoch_once(resumed_run):
+    """Read raw, as any reader of the event files would (no TensorBoard purge logic): after the resume every
+    (tag, step) is written once, and the steps are the history's epochs."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'mmlab[tracking]')")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    seen = [(v.tag, event.step) for path in sorted((resumed_run / "tb").glob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(path)).Load() if event.HasField("summary") for v in event.summary.value]
+    assert seen and len(seen) == len(set(seen)), [k for k in seen if seen.count(k) > 1][:5]
+    assert {step for _, step in seen} == {1, 2, 3}
 
 
 def test_unknown_logger_is_a_one_line_error():

@@ -25,7 +25,7 @@ import torch
 
 from mmlab_cli.analysis.common import Subset, load_subset
 from mmlab_cli.analysis.corruptions import CONTINUOUS
-from mmlab_cli.analysis.hessian import (HessianVectorProduct, lambda_star, pyhessian, pyhessian_spectrum, slq_density,
+from mmlab_cli.analysis.hessian import (HessianVectorProduct, lambda_star, pyhessian_spectrum, slq_density,
                                         spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import landscape
 from mmlab_cli.analysis.lossfn import LossParams, loss_params, losses_at

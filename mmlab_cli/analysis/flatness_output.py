@@ -13,7 +13,7 @@ from mmlab_cli import figures
 from mmlab_cli.analysis import flatness_plots as plots
 from mmlab_cli.analysis.flatness import HEADLINE, UNCONVERGED, solves, summary
 from mmlab_cli.console import console
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.data.format import atomic_file, atomic_write_json, atomic_write_text
 from mmlab_cli.tables import to_markdown
 
 
@@ -192,9 +192,8 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 # ---------------------------------------------------------------- several runs

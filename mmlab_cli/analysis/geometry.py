@@ -10,7 +10,6 @@ and PNGs into the run directory; geometry_run.py's `analyse_geometry(run_dirs, s
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from mmlab_cli.analysis.common import reusable_result, run_identity, subset_indi
 from mmlab_cli.analysis.settings import GeometrySettings
 from mmlab_cli.console import console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.data.format import atomic_file, atomic_write_json, atomic_write_text
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.rundir import Run
 from mmlab_cli.errors import MmlabError
@@ -180,11 +179,9 @@ def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, chec
 
 def save_embeddings(path: Path, emb: Embeddings) -> None:
     """embeddings.npz: indices, labels and emb_<modality> (raw encoder outputs, float32), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, indices=emb.indices, labels=emb.labels,
                  **{f"emb_{m}": z.cpu().numpy() for m, z in emb.raw.items()})
-    os.replace(tmp, path)
 
 
 def tables(result: dict) -> dict[str, pd.DataFrame]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from torch import nn
 
 from mmlab_cli.analysis.common import Subset
 from mmlab_cli.analysis.lossfn import Advance, LossParams, generator, losses_at
+from mmlab_cli.data.format import atomic_file
 
 NORMALIZATION = {"normalization": "filter", "ignore": "biasbn"}
 
@@ -62,10 +62,8 @@ def directions(lp: LossParams, dims: int, seed: int, cache_dir: Path | None = No
     gen = generator(seed, "landscape")
     dirs = torch.stack([filter_normalized(lp, gen) for _ in range(dims)])
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"directions": dirs.cpu().contiguous()}, str(tmp), metadata={"key": text})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({"directions": dirs.cpu().contiguous()}, str(tmp), metadata={"key": text})
     return dirs, path
 
 

@@ -20,6 +20,7 @@ features through the loader, pairing, imputation, corruptions and attacks (`pack
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmlab_cli.errors import MmlabError
+from mmlab_cli.errors import NO_SPACE, MmlabError, disk_full
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -68,13 +69,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, needed: int | None = None):
+    """A temporary name beside `path` for the block to write; renamed to `path` when the block ends, removed
+    when it fails, so no `.tmp` file outlives an error. A full disk becomes one line naming `path` and the
+    bytes `needed` (when the caller knows them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise disk_full(path, needed) from None
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    data = text.encode()
+    with atomic_file(path, len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def _finite(obj, where: str, replaced: dict):
@@ -139,8 +156,28 @@ def open_array_for_writing(path: str | Path, shape: tuple[int, ...], dtype) -> t
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_array_path(path)
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+        with open(tmp, "r+b") as f:
+            preallocate(f, os.fstat(f.fileno()).st_size, path)
+    except (OSError, MmlabError) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise disk_full(path, size) from None
+        raise
     return arr, tmp
+
+
+def preallocate(file, size: int, path: str | Path) -> None:
+    """Reserve the blocks of the first `size` bytes of the open `file` now, so that a full disk is this one-line
+    error (naming `path` and the size) rather than a SIGBUS when a memory-mapped write meets a sparse page later."""
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise disk_full(path, size) from None
+        raise
 
 
 def commit_array(arr: np.memmap, tmp: Path, path: str | Path) -> None:
@@ -239,6 +276,7 @@ def write_dataset(root: str | Path, *, dataset: str, classes: list[str], kinds: 
                   pairing: str | None = None) -> dict:
     """Write a whole in-memory dataset: arrays[split][modality], labels[split]."""
     root = Path(root)
+    check_writable(root)
     stale = root / "manifest.json"
     if stale.exists():
         stale.unlink()  # the directory is being rebuilt: invalid until the new manifest lands

@@ -24,11 +24,11 @@ from rich.progress import TextColumn
 from mmlab_cli.config import TrainConfig, config_to_yaml
 from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_json_object
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.data.pseudo_labels import pairing_labels
-from mmlab_cli.engine.checkpoint import (find_checkpoint, load_state, load_weights, non_finite_weights,
+from mmlab_cli.engine.checkpoint import (find_checkpoint, load_into, load_state, load_weights, non_finite_weights,
                                         read_weights, save_checkpoint)
 from mmlab_cli.engine.distributed import World, init_world, shutdown
 from mmlab_cli.engine.evaluate import Scorer, scorer
@@ -71,19 +71,43 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
 
 
 class Diverged(Exception):
-    """Raised inside an epoch at the first check that finds a non-finite training loss."""
+    """Raised inside an epoch at the first check that finds a non-finite or exploded training loss."""
 
-    def __init__(self, step: int):
-        super().__init__(f"non-finite training loss by step {step}")
-        self.step = step
+    def __init__(self, step: int, why: str = "non-finite loss or weights"):
+        super().__init__(f"{why} by step {step}")
+        self.step, self.why = step, why
 
 
-def _check_finite(total: torch.Tensor, world: World, step: int) -> None:
-    """Raise Diverged if the running sum of training losses (on any process) is not finite. One device
-    sync (and one all-reduce under torchrun) per call: on a GPU it is called every CHECK_EVERY steps."""
-    bad = world.sum((~torch.isfinite(total)).double().reshape(1))
-    if bad.item():
+class LossLimit:
+    """A finite loss explosion counts as divergence: a training loss above `factor` times the magnitude of
+    the run's first step's loss (`first`, kept in the checkpoint so a resumed run keeps its reference).
+    factor 0: off."""
+
+    def __init__(self, factor: float, first: float | None = None):
+        self.factor, self.first = factor, first
+
+    def exceeded(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether `loss` (one step's) is above the limit, as a 0-d tensor on its device (no sync, except the
+        one that reads the very first loss)."""
+        if not self.factor:
+            return torch.zeros((), dtype=torch.bool, device=loss.device)
+        if self.first is None:
+            self.first = abs(float(loss.detach()))
+        return loss.detach().abs() > self.factor * self.first
+
+    def why(self) -> str:
+        return f"training loss above {self.factor:g} x the first step's {self.first:.4g} (--diverge-factor)"
+
+
+def _check(total: torch.Tensor, exploded: torch.Tensor, world: World, step: int, limit: LossLimit) -> None:
+    """Raise Diverged if the running sum of training losses (on any process) is not finite, or a checked step's
+    loss exceeded `limit`. One device sync (and one all-reduce under torchrun) per call: on a GPU it is called
+    every CHECK_EVERY steps."""
+    bad = world.sum(torch.stack([~torch.isfinite(total), exploded]).double())
+    if bad[0].item():
         raise Diverged(step)
+    if bad[1].item():
+        raise Diverged(step, limit.why())
 
 
 CHECK_EVERY = {"cpu": 1, "cuda": 50}  # steps between divergence checks (a check syncs the device)
@@ -91,12 +115,13 @@ CHECK_EVERY = {"cpu": 1, "cuda": 50}  # steps between divergence checks (a check
 
 def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None, task=None, *,
                     step: TrainStep | None = None, augment: BatchAugment | None = None, epoch: int = 0,
-                    world: World = World()) -> dict:
+                    world: World = World(), limit: LossLimit = LossLimit(0.0)) -> dict:
     """One pass of optimisation steps; returns the mean fused CE and accuracy over the (global) epoch,
     plus the means of the methods' `stats` (DAGR's terms, Pareto's alpha*). Without `step`: plain joint
     training on the fused loss (+ the probes' loss on detached embeddings). A non-finite training loss
     raises Diverged (checked every CHECK_EVERY steps and at the end of the epoch). An objective without
-    fused logits (contrastive) reports no accuracy; its loss is its task loss."""
+    fused logits (contrastive) reports no accuracy; its loss is its task loss. A checked step's loss above
+    `limit` raises Diverged too."""
     step = step or TrainStep(Objective(model), model, opt, scaler, device, precision)
     model.train()
     stats = {k: name for method in step.methods for k, name in method.stats.items()}
@@ -113,11 +138,11 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
         correct = (out["logits"].argmax(1) == y).sum().double() if "logits" in out else sums.new_zeros(())
         sums += torch.stack([*means, correct, sums.new_tensor(float(n))])
         total += out["loss"].detach().double()
-        if (i + 1) % every == 0:
-            _check_finite(total, world, i + 1)
+        if (i + 1) % every == 0 or i == 0:
+            _check(total, limit.exceeded(out["loss"]), world, i + 1, limit)
         if bar is not None:  # reading the loss syncs the device: only every 10 steps
             bar.update(task, advance=1, **({"loss": out["ce"].item()} if i % 10 == 0 else {}))
-    _check_finite(total, world, len(loader))
+    _check(total, limit.exceeded(out["loss"]), world, len(loader), limit)
     sums = world.sum(sums).tolist()
     n = max(sums[-1], 1)
     return {"loss": sums[0] / n, **({"acc": 100.0 * sums[-2] / n} if "logits" in out else {}),
@@ -166,15 +191,15 @@ def _resume_point(paths: RunPaths, say) -> tuple[dict, dict] | None:
                      f"where it stopped; {paths.restart_advice()}")
 
 
-def _stop_diverged(paths: RunPaths, state: dict, epoch: int, step: int, lr: float, world: World):
+def _stop_diverged(paths: RunPaths, state: dict, epoch: int, diverged: Diverged, lr: float, world: World):
     """Record the divergence in metrics.jsonl and stop with exit code 3; the checkpoints stay as they were."""
     if world.main:
-        paths.record_divergence(state["history"], epoch, step,
-                                "non-finite training loss or weights; nothing of this epoch was saved")
+        paths.record_divergence(state["history"], epoch, diverged.step,
+                                f"{diverged.why}; nothing of this epoch was saved")
     kept = (f"{paths.last} keeps epoch {state['epoch']}" if state["epoch"] else "no epoch had finished")
-    raise TrainingDiverged(f"{paths.root}: training diverged in epoch {epoch} (non-finite loss or weights by step "
-                           f"{step}); {kept}; lower --lr (the rate was {lr:g} in this epoch) or set "
-                           f"--clip-grad-norm, and start a new run with another --out")
+    raise TrainingDiverged(f"{paths.root}: training diverged in epoch {epoch} ({diverged}); {kept}; lower --lr "
+                           f"(the rate was {lr:g} in this epoch) or set --clip-grad-norm, and start a new run with "
+                           f"another --out")
 
 
 def _finish(methods: list[Method], loop: Loop, paths: RunPaths, state: dict, scoring: Scorer) -> None:
@@ -188,6 +213,19 @@ def _finish(methods: list[Method], loop: Loop, paths: RunPaths, state: dict, sco
                  final_val={f"val_{k}": v for k, v in val.items()})
     if loop.world.main:
         save_checkpoint(paths.best, model, state)
+
+
+def rng_state(device: torch.device) -> dict:
+    """torch's global generators, which dropout draws from: the CPU one, and the device's on CUDA."""
+    return {"torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    """Put back what `rng_state` saved, so a resumed run draws the dropout masks the uninterrupted one would."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def recorded_config(cfg: TrainConfig, dataset: PreparedDataset) -> TrainConfig:
@@ -278,11 +316,11 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
         if state["best_epoch"] and find_checkpoint(paths.best) is None:
             raise MmlabError(f"{paths.best}: missing, but the run chose epoch {state['best_epoch']} as its best; "
                              f"{paths.restart_advice()}")
-        model.load_state_dict(weights)
+        load_into(model, weights, paths.root / "checkpoints", paths.config)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng(state, device)
         for method in methods:
             if method.state_dict() is not None:
                 method.load_state_dict(state[method.name])
@@ -290,6 +328,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     else:
         init_pretrained(model, cfg.pretrained)
     step = build_step(cfg, model, opt, scaler, device, world, methods)
+    limit = LossLimit(cfg.diverge_factor, state.get("first_loss"))
     scoring = scorer(cfg.objective, dataset, device, cfg.precision)  # best_val_acc holds val[scoring.select]
     labels = pairing_labels(cfg, dataset, paths.root, world)
     train_split, val_split = dataset.split("train"), dataset.split("val")
@@ -316,11 +355,11 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                     if bar else None)
             try:
                 train_stats = train_one_epoch(model, loader, opt, scaler, device, cfg.precision, bar, task,
-                                              step=step, augment=augment, epoch=epoch, world=world)
+                                              step=step, augment=augment, epoch=epoch, world=world, limit=limit)
                 if non_finite_weights(model.state_dict()):
                     raise Diverged(len(loader))
             except Diverged as d:
-                _stop_diverged(paths, state, epoch + 1, d.step, opt.param_groups[0]["lr"], world)
+                _stop_diverged(paths, state, epoch + 1, d, opt.param_groups[0]["lr"], world)
             lr = opt.param_groups[0]["lr"]
             for method in methods:
                 method.end_epoch(loop, epoch)
@@ -337,7 +376,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             log(record)  # before the checkpoint: a resume replaces what a kill in between left logged
             state["epoch"] = epoch + 1
             state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                         torch_rng=torch.get_rng_state(),
+                         **rng_state(device), first_loss=limit.first,
                          **{m.name: kept for m in methods if (kept := m.state_dict()) is not None})
             if world.main:
                 if val[scoring.select] > state["best_val_acc"]:

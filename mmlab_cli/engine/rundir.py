@@ -29,7 +29,7 @@ import torch
 from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import read_json_object
-from mmlab_cli.engine.checkpoint import find_checkpoint, non_finite_weights, read_weights
+from mmlab_cli.engine.checkpoint import find_checkpoint, load_into, non_finite_weights, read_weights
 from mmlab_cli.engine.runpaths import RunPaths
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.contrastive import make_contrastive
@@ -107,6 +107,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
         raise MmlabError(f"{ckpt / 'model.safetensors'}: non-finite weights in {bad[0]} (and {len(bad) - 1} more "
                          f"tensors): the run diverged; train it again with a lower --lr or --clip-grad-norm")
     model = build_model(cfg, dataset).to(dev)
-    model.load_state_dict(weights)
+    load_into(model, weights, ckpt / "model.safetensors", paths.config)
     model.eval()
     return Run(model, dataset, cfg, paths)
