@@ -14,7 +14,8 @@ import yaml
 from scipy import stats
 from typer.testing import CliRunner
 
-from mmlab_cli.claims import BOOTSTRAP_RESAMPLES, load_claims
+from mmlab_cli.claims import load_claims
+from mmlab_cli.claims_stats import BOOTSTRAP_RESAMPLES
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.main import app
 from mmlab_cli.report import write_report
@@ -32,6 +33,9 @@ GROUPS = {"image": (["image"], "sml", IMAGE), "audio": (["audio"], "sml", AUDIO)
           "sml": (["image", "audio"], "sml", SML), "dml": (["image", "audio"], "dml", DML)}
 
 CLAIMS = """\
+test: t  # the paired t-test and no correction: every p below is scipy's on the same numbers
+correction: none
+exploratory_correction: none
 sides:
   SML: {pairing: sml, n_modalities: 2, regularizer: none}
   DML: {pairing: dml, n_modalities: 2, regularizer: none}
@@ -44,7 +48,7 @@ claims:
   - {id: lmax-uni, text: "λ_max: DML < best unimodal", metric: flatness.json:lambda_max, a: DML,
      b: best unimodal, direction: "<"}
   - {id: lmax-dominant, text: "λ_max: DML < dominant unimodal", metric: flatness.json:lambda_max, a: DML,
-     b: {best_of: {n_modalities: 1}, by: test_acc, pick: highest}, direction: "<"}
+     b: {best_of: {n_modalities: 1}, by: val_acc, pick: highest}, direction: "<"}
   - {id: absent, text: "λ_max: j present < j absent", a: DML, b: DML, direction: "<",
      metric: {a: flatness.json:lambda_max, b: "flatness.json:absent_lambda_max.*"}}
   - {id: boot, text: DML > SML, metric: test_acc, a: DML, b: SML, direction: ">", test: bootstrap}
@@ -59,11 +63,13 @@ claims:
 """
 
 
-def _run(root: Path, name: str, config: dict, acc: float, flatness: dict | None) -> None:
+def _run(root: Path, name: str, config: dict, acc: float, flatness: dict | None, val: float | None = None) -> None:
+    """A run directory; its validation accuracy is the test accuracy - 1 unless `val` says otherwise."""
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"data": "/data/avmnist", **config}))
-    (run / "metrics.json").write_text(json.dumps({"dataset": "avmnist", **config, "test_acc": acc}))
+    (run / "metrics.json").write_text(json.dumps({"dataset": "avmnist", **config, "test_acc": acc,
+                                                  "val_acc": acc - 1 if val is None else val}))
     if flatness is not None:
         (run / "flatness.json").write_text(json.dumps({"split": "train", **flatness}))
 
@@ -112,7 +118,7 @@ def test_paired_welch_and_verdicts_equal_scipy(report):
     assert row["difference"] == pytest.approx(np.mean(DML - SML)) and row["n"] == "4"
     side = stats.ttest_1samp(DML, 0).confidence_interval(0.95)
     assert (row["a_mean"], row["a_ci_low"], row["a_ci_high"]) == pytest.approx((DML.mean(), side.low, side.high))
-    assert row["a"] == "DML (image+audio)" and row["b"] == "SML (image+audio)" and row["test"] == "paired"
+    assert row["a"] == "DML (image+audio)" and row["b"] == "SML (image+audio)" and row["test"] == "t"
     assert row["verdict"] == "holds"
     assert rows["sml-dml"]["verdict"] == "does not hold"  # the same numbers, the opposite claim
     # the same sides selected by modalities in another order (and lr 1e-3, the default, which YAML reads as
@@ -122,7 +128,7 @@ def test_paired_welch_and_verdicts_equal_scipy(report):
     noisy = stats.ttest_rel(LMAX["dml"], LMAX["sml"])
     assert noisy.pvalue > 0.05
     assert rows["lmax-dml-sml"]["p"] == pytest.approx(noisy.pvalue, rel=1e-12)
-    assert rows["lmax-dml-sml"]["verdict"] == "inconclusive (n=4)"
+    assert rows["lmax-dml-sml"]["verdict"].startswith("inconclusive (n=4; MDE ")
 
     welch = stats.ttest_ind(SML, IMAGE, equal_var=False)
     ci = welch.confidence_interval(0.95)
@@ -132,17 +138,18 @@ def test_paired_welch_and_verdicts_equal_scipy(report):
     assert row["b"] == "image only" and row["n"] == "4/4" and row["verdict"] == "holds"
 
     # the markdown row shows the same numbers, rounded to the interval's two significant digits
-    line = next(s for s in text.splitlines() if "| DML > SML " in s and "| paired " in s)
+    line = next(s for s in text.splitlines() if "| DML > SML " in s and "| t " in s)
     assert f"{DML.mean():.1f} ± {(side.high - side.low) / 2:.1f}" in line and "holds" in line
 
 
 def test_best_of_side_picks_by_mean(report):
-    _, _, rows = report
-    # "DML < best unimodal": by default the opponent hardest to beat, the unimodal group with the lowest lambda_max
-    assert rows["lmax-uni"]["b"] == "audio only"
-    assert rows["lmax-uni"]["b_mean"] == pytest.approx(np.mean(LMAX["audio"]))
-    assert rows["lmax-uni"]["verdict"] == "does not hold"  # DML's lambda_max is higher on every seed
-    # picked by test accuracy (the paper's dominant modality): image only, whose seed 3 lacks flatness.json
+    _, text, rows = report
+    # "DML < best unimodal" on lambda_max: no validation counterpart and no `by`, so no group is chosen on the
+    # tested values themselves (the lowest lambda_max, audio only, would be)
+    assert rows["lmax-uni"]["b"] == "-" and rows["lmax-uni"]["verdict"] == "inconclusive (n=0)"
+    assert "`lmax-uni`: side B (best of n_modalities=1): 2 groups have flatness.json:lambda_max, which has no " \
+           "validation counterpart" in text
+    # picked by validation accuracy (the paper's dominant modality): image only, whose seed 3 lacks flatness.json
     row = rows["lmax-dominant"]
     assert row["b"] == "image only" and row["n"] == "3"
     expected = stats.ttest_rel(LMAX["dml"][:3], LMAX["image"][:3])
@@ -179,7 +186,7 @@ def test_bootstrap_equals_scipy(report):
     assert (row["difference_ci_low"], row["difference_ci_high"]) == pytest.approx(
         tuple(noisy.confidence_interval), rel=1e-12)
     assert noisy.confidence_interval.low < 0 < noisy.confidence_interval.high
-    assert 0.05 < row["p"] <= 1 and row["verdict"] == "inconclusive (n=4/4)"
+    assert 0.05 < row["p"] <= 1 and row["verdict"].startswith("inconclusive (n=4/4; MDE ")
 
 
 def test_missing_values_single_seed_and_ambiguous_sides_are_lines(report):
@@ -208,7 +215,12 @@ def test_paper_claims_file_on_runs_without_its_newer_metrics(runs_dir, report):
     assert "no run of either side has flatness.json:block_lambda_max.encoder:*" in text
     assert "no run of either side has robustness.json:pgd.*.drop_rate" in text
     rows = _rows(runs_dir)  # the sides as the paper means them, on the hand-built runs
-    assert (rows["t1-dml-sml"]["verdict"], rows["t1-sml-unimodal"]["b"]) == ("holds", "image only")
+    # DML beats SML on all 4 seeds, but an exact sign-flip of 4 pairs cannot fall below p = 2/16: the paper's
+    # effect (sesoi 1.39) needs the sign-flip's floor of 6 seeds at this sd of the differences
+    assert rows["t1-dml-sml"]["decided_by"] == "signflip" and rows["t1-dml-sml"]["p"] == pytest.approx(2 / 16)
+    assert rows["t1-dml-sml"]["verdict"].startswith("inconclusive (n=4; MDE ")
+    assert rows["t1-dml-sml"]["verdict"].endswith("; 6 seeds for 1.39)")
+    assert rows["t1-sml-unimodal"]["b"] == "image only"
     assert rows["t4-lmax-dml"]["b"] == "image only" and rows["t4-lmax-dml"]["n"] == "3"  # the dominant modality
 
 
@@ -222,7 +234,7 @@ def test_paper_claims_file_on_runs_without_its_newer_metrics(runs_dir, report):
     ({"id": "x", "text": "t", "metric": "test_acc", "a": "DML", "b": {"pairing": "sml"}, "direction": ">"},
      "claim 'x': side 'DML' is not defined under `sides:`"),
     ({"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"},
-      "direction": ">", "test": "mann-whitney"}, "claim 'x': test: mann-whitney; choose one of paired, welch"),
+      "direction": ">", "test": "mann-whitney"}, "claim 'x': test: mann-whitney; choose one of auto, t, paired, signflip, welch"),
     ({"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"},
       "b": {"best_of": {"n_modalities": 1}, "by": "test_acc"}, "direction": ">"}, "claim 'x': `by` needs `pick"),
     ({"text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"}, "direction": ">"},
