@@ -100,6 +100,7 @@ class Claims:
     claims: tuple[Claim, ...]
     correction: str = "holm"  # over the primary claims' rows (a key of claims_stats.CORRECTIONS)
     exploratory_correction: str = "bh"  # over the exploratory rows
+    test: str = "auto"  # the file's test: the claims' that name none
 
 
 # ---------------------------------------------------------------- reading the claims file
@@ -229,7 +230,7 @@ def load_claims(path: str | Path, correction: str | None = None) -> Claims:
     twice = next((i for i in ids if ids.count(i) > 1), None)
     if twice:
         raise MmlabError(f"{path}: claim '{twice}': the id is used twice; give every claim its own id")
-    return Claims(path, alpha, parsed, *corrections)
+    return Claims(path, alpha, parsed, *corrections, test)
 
 
 # ---------------------------------------------------------------- testing them on runs
@@ -538,7 +539,10 @@ def _decide(numbers: pd.DataFrame, claims: Claims) -> None:
 def _header(claims: Claims, numbers: pd.DataFrame) -> str:
     """Which test decides, the correction of each family, and the power model: what a reader needs before the
     verdicts."""
-    tests = sorted({TESTS[c.test] for c in claims.claims})
+    others = {}
+    for c in claims.claims:
+        if TESTS[c.test] != TESTS[claims.test]:
+            others.setdefault(TESTS[c.test], []).append(f"`{c.id}`")
     decides = {"auto": f"the exact paired sign-flip test below {claims_stats.AUTO_T_FROM} pairs and the paired "
                        f"t-test from {claims_stats.AUTO_T_FROM} on (`test: auto`)",
                "t": "the paired t-test (`test: t`)", "signflip": "the paired sign-flip test (`test: signflip`)",
@@ -549,7 +553,8 @@ def _header(claims: Claims, numbers: pd.DataFrame) -> str:
                                                ("exploratory", claims.exploratory_correction))]
     level = f"{100 * (1 - claims.alpha):g} %"
     floor = claims_stats.signflip_floor(claims.alpha)
-    return (f"Decided by {' or '.join(decides[t] for t in tests)}; p adj: {' and '.join(families)}, and the "
+    named = "".join(f"; {', '.join(ids)}: {decides[t]}" for t, ids in others.items())
+    return (f"Decided by {decides[TESTS[claims.test]]}{named}. p adj: {' and '.join(families)}, and the "
             f"verdict compares p adj with α = {claims.alpha:g}. **holds** / **does not hold**: p adj < α with the "
             f"claimed / the other sign; **no effect ≥ sesoi**: the two one-sided tests against ±sesoi (the same "
             f"test, adjusted the same way) have p adj < α; else **inconclusive**, with MDE, the smallest |A − B| a "
