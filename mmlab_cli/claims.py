@@ -322,11 +322,13 @@ class _Evaluation:
             self.note(capture, f"side {name} ({_where_text(side)}) is {labels[0]}, the only group with "
                                f"{metric.file}:{metric.at(capture)}", self.choices)
             return groups[0]
-        if not groups or by is None:
-            self.note(capture, f"no run of side {name} ({_where_text(side)}) has {metric.file}:{metric.at(capture)}"
-                      if not groups else f"side {name} ({_where_text(side)}): {len(groups)} groups have {metric}, "
-                      f"which has no validation counterpart, and choosing on the tested values biases the test; "
-                      f"name what chooses with `by: METRIC, pick: highest|lowest` (e.g. by: val_acc)")
+        if not groups:
+            self.note(capture, f"no run of side {name} ({_where_text(side)}) has {metric.file}:{metric.at(capture)}")
+            return None
+        if by is None:
+            self.note(capture, f"side {name} ({_where_text(side)}): {len(groups)} groups have {metric}, which has no "
+                               f"validation counterpart, and choosing on the tested values biases the test; name "
+                               f"what chooses with `by: METRIC, pick: highest|lowest` (e.g. by: val_acc)")
             return None
         means = [self.mean(by, g, capture) for g in groups]
         if all(np.isnan(means)):
@@ -417,7 +419,11 @@ class _Evaluation:
         ratios; `status` names a row that is not tested (too few values, a saturated metric, a value <= 0 on log
         scale)."""
         claim = self.claim
-        out = {"status": "", "decided_by": "-", "difference": x.mean() - y.mean() if len(x) and len(y) else np.nan,
+        if claim.scale == "log" and len(x) and len(y) and min(x.min(), y.min()) > 0:
+            untested = float(np.exp(np.log(x).mean() - np.log(y).mean()))  # the geometric-mean ratio
+        else:
+            untested = x.mean() - y.mean() if len(x) and len(y) and claim.scale == "linear" else np.nan
+        out = {"status": "", "decided_by": "-", "difference": untested,
                **dict.fromkeys(("difference_ci_low", "difference_ci_high", "p", "p_t", "p_signflip"), np.nan),
                "signflip_draws": 0, **dict.fromkeys(("p_tost", "mde", "seeds_needed"), np.nan)}
         if min(len(x), len(y)) < 2:
@@ -558,7 +564,7 @@ def _header(claims: Claims, numbers: pd.DataFrame) -> str:
             f"verdict compares p adj with α = {claims.alpha:g}. **holds** / **does not hold**: p adj < α with the "
             f"claimed / the other sign; **no effect ≥ sesoi**: the two one-sided tests against ±sesoi (the same "
             f"test, adjusted the same way) have p adj < α; else **inconclusive**, with MDE, the smallest |A − B| a "
-            f"two-sided paired t-test at the uncorrected α detects with {claims_stats.POWER:.0%} power at the row's "
+            f"two-sided paired t-test at the uncorrected α detects with {100 * claims_stats.POWER:g} % power at the row's "
             f"n on the observed sd of the differences (statsmodels TTestPower; Welch rows: TTestIndPower on the "
             f"pooled sd), and the seeds that detect the sesoi by that model: a t-test model, so optimistic for a "
             f"sign-flip row, whose p cannot fall below α under {floor} pairs (its seeds are at least {floor}); "
@@ -613,8 +619,13 @@ def claims_table(claims: Claims, runs: pd.DataFrame, docs: dict[str, list], grou
     summary = ", ".join(f"{k} {v}{' ≥ sesoi' if v == 'no effect' else ''}" for v, k in counts)
     cells = _cells(numbers, within, f"{100 * (1 - claims.alpha):g} %")
     numeric = [c for c in cells.columns if "CI" in c] + ["p", "p adj", "n"]
-    spec = TableSpec("claims", f"Claims of {claims.path.name} and their verdicts ({summary})", str(claims.path), "",
-                     ())
+    short = {"auto": f"sign-flip test below {claims_stats.AUTO_T_FROM} seeds, paired t from "
+                     f"{claims_stats.AUTO_T_FROM}", "t": "paired t-test", "signflip": "sign-flip test",
+             "welch": "Welch's t-test", "bootstrap": "bootstrap"}[TESTS[claims.test]]
+    title = (f"Claims of {claims.path.name} and their verdicts: {summary} ({short}; p adjusted by "
+             f"{CORRECTION_NAMES[claims.correction]} over the primary claims, "
+             f"{CORRECTION_NAMES[claims.exploratory_correction]} over the exploratory ones)")
+    spec = TableSpec("claims", title, str(claims.path), "", ())
     lines = [_header(claims, numbers), "", *(["Sides chosen:", *(f"- {c}" for c in choices), ""] if choices else []),
              *(f"- {n}" for n in notes)]
     return Table(spec, numbers, cells, pd.DataFrame(False, index=cells.index, columns=cells.columns), numeric,

@@ -241,7 +241,8 @@ def test_paper_claims_file_on_runs_without_its_newer_metrics(runs_dir, report):
     ({"id": "x", "text": "t", "metric": "test_acc", "a": "DML", "b": {"pairing": "sml"}, "direction": ">"},
      "claim 'x': side 'DML' is not defined under `sides:`"),
     ({"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"},
-      "direction": ">", "test": "mann-whitney"}, "claim 'x': test: mann-whitney; choose one of auto, t, paired, signflip, welch"),
+      "direction": ">", "test": "mann-whitney"},
+     "claim 'x': test: mann-whitney; choose one of auto, t, paired, signflip, welch"),
     ({"id": "x", "text": "t", "metric": "test_acc", "a": {"pairing": "dml"},
       "b": {"best_of": {"n_modalities": 1}, "by": "test_acc"}, "direction": ">"}, "claim 'x': `by` needs `pick"),
     ({"text": "t", "metric": "test_acc", "a": {"pairing": "dml"}, "b": {"pairing": "sml"}, "direction": ">"},
@@ -285,6 +286,11 @@ def test_command_line_writes_markdown_csv_and_latex(runs_dir, report):
     md = (runs_dir / "report.md").read_text()
     assert "## Claims of claims.yaml and their verdicts" in md and "| verdict" in md
     assert (runs_dir / "report_claims.csv").is_file()
+    assert "p adj: no correction over the" in md  # the file's correction: none
+    result = CliRunner().invoke(app, ["report", str(runs_dir), "--claims", str(claims), "--correction", "holm"])
+    assert result.exit_code == 0 and "p adj: Holm over the 0 tested rows of the primary claims" in result.stdout
+    result = CliRunner().invoke(app, ["report", str(runs_dir), "--claims", str(claims), "--correction", "bonf"])
+    assert result.exit_code == 2 and "--correction bonf: choose one of holm, bh, none" in result.stderr
     latex = (runs_dir / "report.tex").read_text()
     claims_tex = latex[latex.index(r"\caption{Claims of"):]
     assert r"\label{tab:claims}" in claims_tex and r"$\lambda_{\max}$: DML $<$ SML" in claims_tex
@@ -379,9 +385,11 @@ def test_verdicts_use_the_adjusted_p_of_their_family(runs_dir, tmp_path):
            f"{len(tested)} tested rows of the exploratory claims" in table.note
     assert "Decided by the paired t-test (`test: t`)" in table.note
     counts = {v: sum(r["verdict"].startswith(v) for r in rows.values()) for v in VERDICTS}
-    assert table.spec.title.endswith(f"({counts['holds']} holds, {counts['does not hold']} does not hold, "
-                                     f"{counts['no effect']} no effect ≥ sesoi, {counts['inconclusive']} "
-                                     f"inconclusive, {counts['not testable']} not testable)")
+    assert table.spec.title == (f"Claims of claims.yaml and their verdicts: {counts['holds']} holds, "
+                                f"{counts['does not hold']} does not hold, {counts['no effect']} no effect ≥ sesoi, "
+                                f"{counts['inconclusive']} inconclusive, {counts['not testable']} not testable "
+                                f"(paired t-test; p adjusted by Holm over the primary claims, Benjamini-Hochberg "
+                                f"over the exploratory ones)")
     # --correction replaces the file's correction of the primary claims
     _, bh = _claims_rows(runs_dir, claims, tmp_path, correction="bh")
     assert bh["lmax-dominant"]["correction"] == "bh" and bh["lmax-dominant"]["p_adjusted"] == pytest.approx(
@@ -479,8 +487,8 @@ def test_saturated_metric_is_not_testable(tmp_path):
                 {"split": "test", "clean": {"acc": clean}, "pgd": pgd}))
     claims = {"claims": [{"id": id_, "text": "DML < SML", "cite": "x", "metric": f"robustness.json:{path}",
                           "a": {"pairing": "dml"}, "b": {"pairing": "sml"}, "direction": direction}
-                         for id_, path, direction in (("drop", "pgd.*.drop_rate", "<"),
-                                                      ("acc", "pgd.*.perturbed_acc", ">"), ("clean", "clean.acc", ">"))]}
+                         for id_, path, direction in (("drop", "pgd.*.drop_rate", "<"), ("clean", "clean.acc", ">"),
+                                                      ("acc", "pgd.*.perturbed_acc", ">"))]}
     table, rows = _claims_rows(root, claims, tmp_path)
     for m in ("image", "audio"):
         assert rows[f"drop[{m}]"]["verdict"] == "not testable (saturated at 100)"
