@@ -295,6 +295,7 @@ def test_command_line_writes_markdown_csv_and_latex(runs_dir, report):
     claims_tex = latex[latex.index(r"\caption{Claims of"):]
     assert r"\label{tab:claims}" in claims_tex and r"$\lambda_{\max}$: DML $<$ SML" in claims_tex
     assert "DML + DAGR $>$ DML" in claims_tex and claims_tex.count("$") % 2 == 0
+    assert r"no effect $\geq$ sesoi" in claims_tex and "≥" not in claims_tex  # pdflatex has no ≥ or × glyph
     if shutil.which("pdflatex"):
         (runs_dir / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n"
                                           "\\begin{document}\n" + latex + "\\end{document}\n")
