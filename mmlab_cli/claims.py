@@ -44,7 +44,7 @@ BOUNDS = (("metrics.json:*acc*", (0.0, 100.0)), ("metrics.json:*recall@*", (0.0,
           ("robustness.json:corruptions.*.auc", (0.0, 100.0)))
 # where each file's numbers come from: metrics.json's test values are the best-validation checkpoint's whatever
 # the report's --checkpoint; the analysis files are read from the chosen checkpoint's folder (engine.ANALYSES)
-CHECKPOINT_LABELS = {"best": "best-val", "last": "last"}
+CHECKPOINT_LABELS = {c: "best-val" if c == "best" else c for c in ANALYSES}  # best: the best validation score
 
 
 @dataclass(frozen=True)
