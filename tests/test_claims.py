@@ -1,6 +1,9 @@
 """Claims with verdicts on hand-built run directories (tiny metrics.json and flatness.json, no training): every
 p-value and interval against scipy on the same numbers, verdicts as constructed, the best-of side, notes for
-missing values, the claims file checks and `mmlab report --claims`."""
+missing values, the claims file checks and `mmlab report --claims`; then the review-proof verdicts with known
+answers: Holm and BH against statsmodels, TOST against statsmodels' paired TOST, the sign-flip p by hand and
+against scipy's permutation test, t-test power, constant differences, saturated metrics, a best-of side chosen
+on validation, checkpoints and missing seeds per row, the log scale."""
 
 import itertools
 import json
