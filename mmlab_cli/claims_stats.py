@@ -135,7 +135,12 @@ def power(sd: float, n: tuple[int, int], paired: bool, alpha: float, margin: flo
     mde = solve(effect_size=None, **{nobs: n[0]}) * sd
     if not margin:
         return mde, np.nan
-    needed = solve(effect_size=abs(margin) / sd, **{nobs: None})
+    size = abs(margin) / sd
+    needed = solve(effect_size=size, **{nobs: None})
+    if not np.isfinite(needed) and size > 1:  # no root: the noncentral t loses precision far out; power grows
+        # with the effect, so the fewest seeds that detect 8 sd detect it too
+        needed = next((k for k in range(2, 100) if _quiet(model.power, effect_size=min(size, 8.0), alpha=alpha,
+                                                          **extra, **{nobs: k}) >= POWER), np.nan)
     return mde, float(max(math.ceil(needed), floor)) if np.isfinite(needed) else np.nan
 
 

@@ -456,6 +456,10 @@ def test_power_mde_and_seeds_for_the_sesoi_equal_statsmodels(runs_dir, tmp_path)
     assert row["mde"] == pytest.approx(mde, rel=1e-6) and row["seeds_needed"] == needed
     assert row["verdict"] == f"inconclusive (n=4; MDE {mde:.3g}; {needed} seeds for 0.5)"
     assert claims_stats.signflip_floor(0.05) == 6 and 2 / 2 ** 6 < 0.05 < 2 / 2 ** 5
+    # a sesoi of 26 sd: statsmodels' root finder gives up (the noncentral t loses precision), yet 3 pairs detect
+    # it by the t model (power at 8 sd and 3 pairs: 0.9999; 2 pairs: NaN) and the sign-flip needs its 6
+    huge = [claims_stats.power(0.004, (3, 3), True, 0.05, 0.105, signflip)[1] for signflip in (False, True)]
+    assert huge == [3.0, 6.0] and TTestPower().power(8.0, 3, 0.05) > 0.8
 
 
 def test_constant_difference_is_an_exact_signflip_p_never_zero(tmp_path):
