@@ -1,21 +1,29 @@
 """Claims with verdicts: a YAML file of comparisons ("DML > SML on test_acc", "λ_max with modality j present <
 with j absent") tested over the seeds of the runs `mmlab report` reads. A claim names a metric (the report's
 path syntax, prefixed by the file: `flatness.json:lambda_max`), two sides (the runs of one group, selected by
-config keys, or the best of several groups) and a direction; its verdict is `holds` (significant in the claimed
-direction), `does not hold` (significant the other way) or `inconclusive (n=k)`. docs/report.md, "Claims"."""
+config keys, or the best of several groups chosen on another statistic than the tested one) and a direction.
+Its verdict comes from the multiplicity-adjusted p of its family (primary claims: Holm; exploratory: BH):
+`holds`, `does not hold` (significant the other way), `no effect ≥ sesoi` (two one-sided tests against the
+claim's smallest effect of interest), `inconclusive` (with the effect its seeds could detect and the seeds the
+sesoi needs) or `not testable` (every value at the metric's bound). The statistics are in claims_stats.py;
+docs/report.md, "Claims"."""
 
 from __future__ import annotations
 
-import functools
+import math
 import warnings
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mmlab_cli import claims_stats
+from mmlab_cli.claims_stats import BOOTSTRAP_MIN, CORRECTIONS, PAIRED, TESTS
 from mmlab_cli.config import FIELDS, read_yaml_mapping
+from mmlab_cli.engine import ANALYSES
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.registry import method_label
 from mmlab_cli.results import TABLES, Table, TableSpec, group_label, hashable, key_defaults, resolve, within_keys
@@ -24,62 +32,19 @@ from mmlab_cli.tables import decimals, mean_std
 FILES = {spec.file: spec.command for spec in TABLES}  # the files a metric may read, and what writes each
 DERIVED = {"n_modalities": lambda runs: runs["modalities"].astype(str).str.count(r"\+") + 1}  # selector keys
 SELECT_KEYS = (*FIELDS, "dataset", "method", *DERIVED)  # what a side may select runs by
-FILE_KEYS = ("alpha", "test", "sides", "claims")
-CLAIM_KEYS = ("id", "text", "cite", "metric", "a", "b", "direction", "test")
+FILE_KEYS = ("alpha", "test", "correction", "exploratory_correction", "sides", "claims")
+CLAIM_KEYS = ("id", "text", "cite", "metric", "a", "b", "direction", "test", "primary", "sesoi", "scale", "bounds")
 PICKS = ("highest", "lowest")
-BOOTSTRAP_RESAMPLES = 9999
-BOOTSTRAP_MIN = 10  # fewer values per side: the percentile interval under-covers (noted in the table)
-
-
-@dataclass(frozen=True)
-class Difference:
-    mean: float  # mean of A minus mean of B (mean of the paired differences)
-    low: float  # confidence interval of that difference
-    high: float
-    p: float  # two-sided
-
-
-def _quiet(test):
-    """scipy warns of precision loss when a sample has no spread; the result (p = 0 for a constant non-zero
-    paired difference, NaN for none) is what the verdict rules expect, so the warning is not shown."""
-    @functools.wraps(test)
-    def run(a: np.ndarray, b: np.ndarray, level: float) -> Difference:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return test(a, b, level)
-    return run
-
-
-@_quiet
-def paired(a, b, level):
-    """Paired t-test on the per-seed differences (scipy.stats.ttest_rel)."""
-    r = stats.ttest_rel(a, b)
-    ci = r.confidence_interval(level)
-    return Difference(float(np.mean(a - b)), float(ci.low), float(ci.high), float(r.pvalue))
-
-
-@_quiet
-def welch(a, b, level):
-    """Welch's t-test, unequal variances (scipy.stats.ttest_ind, equal_var=False)."""
-    r = stats.ttest_ind(a, b, equal_var=False)
-    ci = r.confidence_interval(level)
-    return Difference(float(a.mean() - b.mean()), float(ci.low), float(ci.high), float(r.pvalue))
-
-
-@_quiet
-def bootstrap(a, b, level):
-    """Percentile bootstrap of the difference of means, each side resampled on its own (scipy.stats.bootstrap,
-    seeded); p is twice the smaller share of resampled differences on either side of 0."""
-    r = stats.bootstrap((a, b), lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis), confidence_level=level,
-                        n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
-                        random_state=np.random.default_rng(0))  # `rng=` only from scipy 1.15
-    d = r.bootstrap_distribution
-    p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
-    ci = r.confidence_interval
-    return Difference(float(a.mean() - b.mean()), float(ci.low), float(ci.high), p)
-
-
-TESTS = {"paired": paired, "welch": welch, "bootstrap": bootstrap}  # paired matches seeds; the others do not
+SCALES = ("linear", "log")
+# the values a metric cannot pass, by its path (first match): a metric at one of them in every run of both sides
+# is not testable. Accuracies, recalls and AUCs are stored in percent; a drop rate is 100 % when PGD leaves no
+# correct prediction (it has no lower bound: an attack may raise the accuracy)
+BOUNDS = (("metrics.json:*acc*", (0.0, 100.0)), ("metrics.json:*recall@*", (0.0, 100.0)),
+          ("robustness.json:*acc*", (0.0, 100.0)), ("robustness.json:*.drop_rate", (None, 100.0)),
+          ("robustness.json:corruptions.*.auc", (0.0, 100.0)))
+# where each file's numbers come from: metrics.json's test values are the best-validation checkpoint's whatever
+# the report's --checkpoint; the analysis files are read from the chosen checkpoint's folder (engine.ANALYSES)
+CHECKPOINT_LABELS = {c: "best-val" if c == "best" else c for c in ANALYSES}  # best: the best validation score
 
 
 @dataclass(frozen=True)
@@ -104,7 +69,8 @@ class Side:
     where: tuple[tuple[str, object], ...]  # (config key, wanted value)
     best_of: bool = False  # the where-clause may match several groups: the best one by mean is the side
     pick: str | None = None  # highest | lowest; None: the group that makes the claim hardest to hold
-    by: Metric | None = None  # the metric whose mean picks the group (None: the claim's metric)
+    by: Metric | None = None  # the metric whose mean picks the group (None: the validation counterpart of the
+    # claim's test_* metric, val_*; the claim's own metric only where one group has it: never the tested values)
 
 
 @dataclass(frozen=True)
@@ -115,7 +81,16 @@ class Claim:
     metrics: tuple[Metric, Metric]  # A's and B's: equal unless one run holds both numbers
     sides: tuple[Side, Side]
     direction: str  # '>': A is larger; '<': A is smaller
-    test: str
+    test: str  # a key of claims_stats.TESTS
+    primary: bool = False  # in the primary family (Holm by default); else exploratory (BH by default)
+    sesoi: float = 0.0  # the smallest effect of interest: a difference, or a ratio on log scale (0: none)
+    scale: str = "linear"  # log: tested on the paired log ratio, reported as a geometric-mean ratio
+    bounds: tuple[float | None, float | None] | None = None  # the metric's bounds (None: BOUNDS by path)
+
+    @property
+    def margin(self) -> float:
+        """The sesoi on the tested scale: |difference|, or |log ratio| on log scale (0.71 and 1/0.71 alike)."""
+        return abs(math.log(self.sesoi)) if self.scale == "log" and self.sesoi else abs(self.sesoi)
 
 
 @dataclass(frozen=True)
@@ -123,6 +98,9 @@ class Claims:
     path: Path
     alpha: float
     claims: tuple[Claim, ...]
+    correction: str = "holm"  # over the primary claims' rows (a key of claims_stats.CORRECTIONS)
+    exploratory_correction: str = "bh"  # over the exploratory rows
+    test: str = "auto"  # the file's test: the claims' that name none
 
 
 # ---------------------------------------------------------------- reading the claims file
@@ -163,6 +141,10 @@ def _side(value, sides: dict, bad) -> Side:
         bad(f"pick: {options['pick']}; choose highest or lowest")
     if "by" in options and "pick" not in options:
         bad("`by` needs `pick: highest|lowest` (which end of it is best)")
+    if "by" in options and _metric(options["by"], bad).file == "metrics.json" and \
+            str(options["by"]).startswith("test_"):
+        bad(f"by: {options['by']} chooses the side on the test split, which the claims are tested on; choose it on "
+            f"the validation split (by: val_{options['by'][5:]})")
     return Side(tuple((k, where[k]) for k in where), "best_of" in options, options.get("pick"),
                 _metric(options["by"], bad) if "by" in options else None)
 
@@ -197,22 +179,47 @@ def _claim(raw, i: int, sides: dict, test: str, path: Path) -> Claim:
         bad("A's and B's metric have different numbers of `*`; their matched parts pair the values")
     if any(s.by and s.by.path.count("*") not in (0, *stars) for s in sides_):
         bad("a side's `by` metric has a `*` the claim's metric does not have")
+    return Claim(str(raw["id"]), str(raw["text"]), str(raw.get("cite", "")), metrics, sides_, raw["direction"],
+                 **_claim_options(raw, test, bad))
+
+
+def _claim_options(raw: dict, test: str, bad) -> dict:
+    """A claim's test, family, sesoi, scale and bounds, checked."""
     if raw.get("test", test) not in TESTS:
         bad(f"test: {raw.get('test')}; choose one of {', '.join(TESTS)}")
-    return Claim(str(raw["id"]), str(raw["text"]), str(raw.get("cite", "")), metrics, sides_, raw["direction"],
-                 raw.get("test", test))
+    scale, sesoi, bounds = raw.get("scale", "linear"), raw.get("sesoi"), raw.get("bounds")
+    if scale not in SCALES:
+        bad(f"scale: {scale}; choose linear or log (positive, heavy-tailed metrics such as λ_max)")
+    if not isinstance(raw.get("primary", False), bool):
+        bad(f"primary: {raw['primary']!r}; write true (a primary claim) or false (exploratory, the default)")
+    if sesoi is not None and (isinstance(sesoi, bool) or not isinstance(sesoi, (int, float)) or sesoi == 0
+                              or (scale == "log" and (sesoi <= 0 or sesoi == 1))):
+        bad(f"sesoi: {sesoi!r}; write the smallest effect that matters: a difference in the metric's units, or "
+            f"on scale: log a ratio other than 1 (e.g. 0.71)")
+    if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
+            b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in bounds)):
+        bad(f"bounds: {bounds!r}; write [low, high] (a number or null each), e.g. [0, 100] for a percentage")
+    return {"test": raw.get("test", test), "primary": raw.get("primary", False), "sesoi": float(sesoi or 0.0),
+            "scale": scale, "bounds": tuple(bounds) if bounds is not None else None}
 
 
-def load_claims(path: str | Path) -> Claims:
-    """The claims of a YAML file, every claim checked (keys, metric file, sides, direction, test): a problem is
-    one line naming the file, the claim and the fix, before any run is read."""
+def load_claims(path: str | Path, correction: str | None = None) -> Claims:
+    """The claims of a YAML file, every claim checked (keys, metric file, sides, direction, test, sesoi): a
+    problem is one line naming the file, the claim and the fix, before any run is read. `correction` (the
+    command line's --correction) replaces the file's correction of the primary claims."""
     path = Path(path)
     raw = read_yaml_mapping(path, "claims file", FILE_KEYS, "recipes/claims/")
-    alpha, test, sides = raw.get("alpha", 0.05), raw.get("test", "paired"), raw.get("sides") or {}
+    alpha, test, sides = raw.get("alpha", 0.05), raw.get("test", "auto"), raw.get("sides") or {}
     if not isinstance(alpha, float) or not 0 < alpha < 1:
         raise MmlabError(f"{path}: alpha: {alpha!r}; write a significance level between 0 and 1, e.g. 0.05")
     if test not in TESTS:
         raise MmlabError(f"{path}: test: {test!r}; choose one of {', '.join(TESTS)}")
+    if correction is not None and correction not in CORRECTIONS:
+        raise MmlabError(f"--correction {correction}: choose one of {', '.join(CORRECTIONS)}")
+    corrections = (correction or raw.get("correction", "holm"), raw.get("exploratory_correction", "bh"))
+    for key, value in zip(("correction", "exploratory_correction"), corrections):
+        if value not in CORRECTIONS:
+            raise MmlabError(f"{path}: {key}: {value!r}; choose one of {', '.join(CORRECTIONS)}")
     if not isinstance(sides, dict):
         raise MmlabError(f"{path}: sides: a mapping of side name to {{config key: value}}")
     claims = raw.get("claims")
@@ -223,7 +230,7 @@ def load_claims(path: str | Path) -> Claims:
     twice = next((i for i in ids if ids.count(i) > 1), None)
     if twice:
         raise MmlabError(f"{path}: claim '{twice}': the id is used twice; give every claim its own id")
-    return Claims(path, alpha, parsed)
+    return Claims(path, alpha, parsed, *corrections, test)
 
 
 # ---------------------------------------------------------------- testing them on runs
@@ -260,28 +267,78 @@ def _selected(runs: pd.DataFrame, side: Side, group_by: tuple[str, ...], default
 class Chosen:
     label: str
     values: pd.Series  # by seed
+    seeds: frozenset  # the seeds of the group's runs, with the value or without
 
 
 class _Evaluation:
     """One claim on the runs of one block (one dataset, or one preparation of it)."""
 
     def __init__(self, claim: Claim, block: pd.DataFrame, docs: dict[str, list], group_by, where: str,
-                 defaults: dict):
-        self.claim, self.docs, self.group_by, self.where = claim, docs, group_by, where
+                 defaults: dict, checkpoint: str = "best"):
+        self.claim, self.docs, self.group_by, self.where, self.checkpoint = claim, docs, group_by, where, checkpoint
         self.groups = [[g for _, g in _selected(block, side, group_by, defaults).groupby(
             list(group_by), dropna=False, sort=True)] for side in claim.sides]  # each side's candidate groups
+        self.paired = TESTS[claim.test] in PAIRED
         self.notes: list[str] = []
+        self.choices: list[str] = []  # which group each best_of side is, and on what statistic
 
     def value(self, metric: Metric, i: int, capture: tuple[str, ...]) -> float | None:
         found = metric.values(self.docs[metric.file][i])
         return found.get(capture if "*" in metric.path else ())
 
-    def note(self, capture: tuple[str, ...], text: str) -> None:
+    def mean(self, metric: Metric, group: pd.DataFrame, capture: tuple[str, ...]) -> float:
+        found = [v for i in group.index if (v := self.value(metric, i, capture)) is not None]
+        return float(np.mean(found)) if found else np.nan
+
+    def note(self, capture: tuple[str, ...], text: str, into: list | None = None) -> None:
         part = f" [{', '.join(capture)}]" if capture else ""
-        self.notes.append(f"`{self.claim.id}`{part}{self.where}: {text}")
+        (self.notes if into is None else into).append(f"`{self.claim.id}`{part}{self.where}: {text}")
+
+    def statistic(self, s: int) -> Metric | None:
+        """What best_of side `s` is chosen on: its `by`, else the validation counterpart (val_*) of a test_*
+        metric of metrics.json; None: there is none (never the tested values themselves)."""
+        side, metric = self.claim.sides[s], self.claim.metrics[s]
+        if side.by:
+            return side.by
+        if metric.file == "metrics.json" and metric.path.startswith("test_"):
+            return Metric("metrics.json", "val_" + metric.path[len("test_"):])
+        return None
+
+    def pick(self, s: int, capture: tuple[str, ...]) -> pd.DataFrame | None:
+        """The group of best_of side `s` among those with the claim's value (per row with a `*`): the best one by
+        the mean of statistic(s) (by default the opponent hardest to beat), or the only one with the value; a
+        line under the table says which group and why."""
+        side, metric, name = self.claim.sides[s], self.claim.metrics[s], "AB"[s]
+        groups = [g for g in self.groups[s] if not np.isnan(self.mean(metric, g, capture))]
+        labels = [group_label(g.iloc[0], self.group_by) for g in groups]
+        by = self.statistic(s)
+        if len(groups) == 1:
+            self.note(capture, f"side {name} ({_where_text(side)}) is {labels[0]}, the only group with "
+                               f"{metric.file}:{metric.at(capture)}", self.choices)
+            return groups[0]
+        if not groups:
+            self.note(capture, f"no run of side {name} ({_where_text(side)}) has {metric.file}:{metric.at(capture)}")
+            return None
+        if by is None:
+            self.note(capture, f"side {name} ({_where_text(side)}): {len(groups)} groups have {metric}, which has no "
+                               f"validation counterpart, and choosing on the tested values biases the test; name "
+                               f"what chooses with `by: METRIC, pick: highest|lowest` (e.g. by: val_acc)")
+            return None
+        means = [self.mean(by, g, capture) for g in groups]
+        if all(np.isnan(means)):
+            self.note(capture, f"no run of side {name} ({_where_text(side)}) has {by.file}:{by.at(capture)} to "
+                               f"choose the group by")
+            return None
+        larger = (s == 0) == (self.claim.direction == ">")  # the side the claim says is larger
+        pick = side.pick or ("lowest" if larger else "highest")  # by default the opponent hardest to beat
+        k = int(np.nanargmax(means) if pick == "highest" else np.nanargmin(means))
+        listed = ", ".join(f"{label} {m:.4g}" for label, m in zip(labels, means) if not np.isnan(m))
+        self.note(capture, f"side {name} ({_where_text(side)}) is {labels[k]}, the {pick} mean "
+                           f"{by.file}:{by.at(capture)} ({listed})", self.choices)
+        return groups[k]
 
     def choose(self, s: int, capture: tuple[str, ...]) -> Chosen | None:
-        """Side `s`'s group (the best one of a best_of side) and its values, or None with a note saying why."""
+        """Side `s`'s group (the chosen one of a best_of side) and its values, or None with a note saying why."""
         side, metric, name = self.claim.sides[s], self.claim.metrics[s], "AB"[s]
         groups = self.groups[s]
         if not groups:
@@ -292,17 +349,9 @@ class _Evaluation:
             self.note(capture, f"side {name} ({_where_text(side)}) matches {len(groups)} groups ({labels}); add a "
                                f"key that tells them apart, or make it a best_of side")
             return None
-        if side.best_of:
-            by = side.by or metric
-            means = [np.mean([v for i in g.index if (v := self.value(by, i, capture)) is not None] or [np.nan])
-                     for g in groups]
-            if all(np.isnan(means)):
-                self.note(capture, f"no run of side {name} ({_where_text(side)}) has {by.file}:{by.at(capture)}")
-                return None
-            larger = (s == 0) == (self.claim.direction == ">")  # the side the claim says is larger
-            pick = side.pick or ("lowest" if larger else "highest")  # by default the opponent hardest to beat
-            groups = [groups[int(np.nanargmax(means) if pick == "highest" else np.nanargmin(means))]]
-        group = groups[0]
+        group = self.pick(s, capture) if side.best_of else groups[0]
+        if group is None:
+            return None
         label = group_label(group.iloc[0], self.group_by)
         found = {i: v for i in group.index if (v := self.value(metric, i, capture)) is not None}
         lacking = [group.at[i, "run"] for i in group.index if i not in found]
@@ -313,11 +362,11 @@ class _Evaluation:
         seeds = group["seed"] if "seed" in group else pd.Series(group.index, index=group.index)
         by_seed = pd.Series(list(found.values()), index=[seeds[i] for i in found], dtype=float).sort_index(
             kind="stable")  # in seed order, so no result depends on how the run directories are named
-        if TESTS[self.claim.test] is paired and by_seed.index.duplicated().any():
+        if self.paired and by_seed.index.duplicated().any():
             self.note(capture, f"side {name} ({label}) has two runs of one seed; a paired test needs one run per "
                                f"seed (put them in different groups with --group-by)")
             return None
-        return Chosen(label, by_seed)
+        return Chosen(label, by_seed, frozenset(seeds))
 
     def rows(self, alpha: float) -> list[dict]:
         """One row per matched part of a `*` in the metric (one row without), with the test's numbers."""
@@ -331,8 +380,10 @@ class _Evaluation:
         return [self.row(capture, alpha, [self.choose(s, capture) for s in (0, 1)]) for capture in captures]
 
     def row(self, capture: tuple[str, ...], alpha: float, chosen: list[Chosen | None]) -> dict:
+        """The row of one capture: each side's values and interval, where they come from, the test's numbers."""
+        claim = self.claim
         a, b = (c.values if c else pd.Series(dtype=float) for c in chosen)
-        if TESTS[self.claim.test] is paired and len(a) and len(b):
+        if self.paired and len(a) and len(b):
             unpaired = sorted(set(a.index) ^ set(b.index))
             if unpaired:
                 self.note(capture, f"seed(s) {', '.join(map(str, unpaired))} have a value on one side only, so "
@@ -340,28 +391,74 @@ class _Evaluation:
             common = a.index.intersection(b.index)
             a, b = a[common], b[common]
         x, y = a.to_numpy(), b.to_numpy()
-        diff = TESTS[self.claim.test](x, y, 1 - alpha) if min(len(x), len(y)) >= 2 else None
-        if diff and TESTS[self.claim.test] is bootstrap and min(len(x), len(y)) < BOOTSTRAP_MIN:
-            self.note(capture, f"a bootstrap of fewer than {BOOTSTRAP_MIN} seeds per side has too narrow an "
-                               f"interval (too few distinct resamples); with few seeds use the paired or welch test")
-        n = str(len(x)) if TESTS[self.claim.test] is paired else f"{len(x)}/{len(y)}"
-        significant = diff is not None and diff.p < alpha
-        verdict = ("holds" if (diff.mean > 0) == (self.claim.direction == ">") else "does not hold") \
-            if significant else f"inconclusive (n={n})"
-        row = {"id": self.claim.id, "text": self.claim.text, "cite": self.claim.cite,
-               "capture": ", ".join(capture)}
-        two_metrics = self.claim.metrics[0] != self.claim.metrics[1]  # e.g. two values of each run
+        row = {"id": claim.id, "text": claim.text, "cite": claim.cite, "capture": ", ".join(capture),
+               "family": "primary" if claim.primary else "exploratory"}
+        two_metrics = claim.metrics[0] != claim.metrics[1]  # e.g. two values of each run
         for s, (values, c) in enumerate(zip((x, y), chosen)):
             mean, low, high = _interval(values, 1 - alpha)
-            label = c.label + (f": {self.claim.metrics[s].at(capture)}" if two_metrics else "") if c else "-"
-            row.update({f"{'ab'[s]}": label, f"{'ab'[s]}_metric": str(self.claim.metrics[s]),
+            label = c.label + (f": {claim.metrics[s].at(capture)}" if two_metrics else "") if c else "-"
+            file = claim.metrics[s].file  # metrics.json: the best-validation checkpoint's, whatever --checkpoint
+            row.update({f"{'ab'[s]}": label, f"{'ab'[s]}_metric": str(claim.metrics[s]),
+                        f"{'ab'[s]}_checkpoint": CHECKPOINT_LABELS["best" if file == "metrics.json" else
+                                                                   self.checkpoint],
                         f"{'ab'[s]}_mean": mean, f"{'ab'[s]}_ci_low": low, f"{'ab'[s]}_ci_high": high,
                         f"{'ab'[s]}_n": len(values)})
-        mean = diff.mean if diff else row["a_mean"] - row["b_mean"]
-        return {**row, "direction": self.claim.direction, "test": self.claim.test, "alpha": alpha,
-                "difference": mean, "difference_ci_low": diff.low if diff else np.nan,
-                "difference_ci_high": diff.high if diff else np.nan, "p": diff.p if diff else np.nan, "n": n,
-                "verdict": verdict}
+        n = str(min(len(x), len(y))) if self.paired else f"{len(x)}/{len(y)}"  # paired: the pairs
+        return {**row, "direction": claim.direction, "test": claim.test, "scale": claim.scale,
+                "sesoi": claim.sesoi or np.nan, "alpha": alpha, "n": n, "missing_seeds": _missing(chosen, self.paired),
+                **self.outcome(capture, x, y, alpha)}
+
+    def outcome(self, capture: tuple[str, ...], x: np.ndarray, y: np.ndarray, alpha: float) -> dict:
+        """The test's numbers (claims_stats.compare), on the log scale for `scale: log` and reported back as
+        ratios; `status` names a row that is not tested (too few values, a saturated metric, a value <= 0 on log
+        scale)."""
+        claim = self.claim
+        if claim.scale == "log" and len(x) and len(y) and min(x.min(), y.min()) > 0:
+            untested = float(np.exp(np.log(x).mean() - np.log(y).mean()))  # the geometric-mean ratio
+        else:
+            untested = x.mean() - y.mean() if len(x) and len(y) and claim.scale == "linear" else np.nan
+        out = {"status": "", "decided_by": "-", "difference": untested,
+               **dict.fromkeys(("difference_ci_low", "difference_ci_high", "p", "p_t", "p_signflip"), np.nan),
+               "signflip_draws": 0, **dict.fromkeys(("p_tost", "mde", "seeds_needed"), np.nan)}
+        if min(len(x), len(y)) < 2:
+            return out
+        bound = _saturation(claim, capture, np.concatenate([x, y]))
+        if bound is not None:
+            return {**out, "status": f"not testable (saturated at {bound:g})"}
+        if claim.scale == "log":
+            if min(x.min(), y.min()) <= 0:
+                self.note(capture, "scale: log needs values above 0; test this metric on the linear scale")
+                return {**out, "status": "not testable (a value ≤ 0 on log scale)"}
+            x, y = np.log(x), np.log(y)
+        r = claims_stats.compare(x, y, claim.test, alpha, claim.margin)
+        if r.test == "bootstrap" and min(len(x), len(y)) < BOOTSTRAP_MIN:
+            self.note(capture, f"a bootstrap of fewer than {BOOTSTRAP_MIN} seeds per side has too narrow an "
+                               f"interval (too few distinct resamples); with few seeds use a paired test or welch")
+        if TESTS[claim.test] == "t" and r.test == "signflip":
+            self.note(capture, "the paired differences are all equal: no t (its p would be 0); the exact "
+                               "sign-flip p decides")
+        back = np.exp if claim.scale == "log" else float  # a geometric-mean ratio and its interval
+        return {**out, "decided_by": r.test, "difference": back(r.mean), "difference_ci_low": back(r.low),
+                "difference_ci_high": back(r.high), "p": r.p, "p_t": r.p_t, "p_signflip": r.p_signflip,
+                "signflip_draws": r.signflip_draws, "p_tost": r.p_tost, "mde": back(r.mde),
+                "seeds_needed": r.seeds_needed}
+
+
+def _missing(chosen: list[Chosen | None], paired: bool) -> str:
+    """The seeds each side lacks a value for: of both groups' seeds when paired, of its own group's otherwise."""
+    if not all(chosen):
+        return ""
+    every = chosen[0].seeds | chosen[1].seeds
+    lacking = [(name, sorted((every if paired else c.seeds) - set(c.values.index), key=str))
+               for name, c in zip("AB", chosen)]
+    return "; ".join(f"{name}: {', '.join(map(str, seeds))}" for name, seeds in lacking if seeds)
+
+
+def _saturation(claim: Claim, capture: tuple[str, ...], values: np.ndarray) -> float | None:
+    """The bound every value sits at (claim.bounds, else BOUNDS by A's metric path), or None."""
+    at = f"{claim.metrics[0].file}:{claim.metrics[0].at(capture)}"
+    bounds = claim.bounds or next((b for pattern, b in BOUNDS if fnmatch(at, pattern)), (None, None))
+    return next((float(b) for b in bounds if b is not None and np.allclose(values, b, rtol=0, atol=1e-9)), None)
 
 
 def _where_text(side: Side) -> str:
@@ -389,49 +486,141 @@ def _ci_cell(mean: float, low: float, high: float) -> str:
     return "-" if np.isnan(mean) else mean_std(mean, (high - low) / 2, ".4g")
 
 
-def _difference_cell(mean: float, low: float, high: float) -> str:
+def _difference_cell(mean: float, low: float, high: float, scale: str) -> str:
+    """'A - B [low, high]' rounded to the interval's two significant digits; on log scale the geometric-mean
+    ratio A / B as '×ratio [low, high]'."""
     if np.isnan(mean):
         return "-"
+    mark = "×" if scale == "log" else ""
     if np.isnan(low):
-        return f"{mean:.4g}"
+        return f"{mark}{mean:.4g}"
     places = decimals((high - low) / 2)
     f = f".{places}f" if places is not None else ".4g"
-    return f"{mean:{f}} [{low:{f}}, {high:{f}}]"
+    return f"{mark}{mean:{f}} [{low:{f}}, {high:{f}}]"
 
 
-def claims_table(claims: Claims, runs: pd.DataFrame, docs: dict[str, list], group_by: tuple[str, ...]) -> Table:
-    """Every claim tested on the runs of each block of runs that the report compares methods within (a dataset,
-    or one preparation of it): a Table beside the report's, rendered and written like them."""
-    within = within_keys(group_by)
-    blocks = list(runs.groupby(within, dropna=False, sort=True)) if within else [((), runs)]
-    rows, notes, defaults = [], [], key_defaults()
-    for claim in claims.claims:
-        for key, block in blocks:
-            key = key if isinstance(key, tuple) else (key,)
-            where = f" ({', '.join(map(str, key))})" if len(blocks) > 1 else ""
-            evaluation = _Evaluation(claim, block, docs, group_by, where, defaults)
-            rows += [{**dict(zip(within, key)), **row} for row in evaluation.rows(claims.alpha)]
-            notes += evaluation.notes
-    numbers = pd.DataFrame(rows)
+def _effect(value: float, scale: str) -> str:
+    return f"×{value:.3g}" if scale == "log" else f"{value:.3g}"
+
+
+def _verdict(row: dict) -> str:
+    """holds / does not hold from the adjusted p, no effect ≥ sesoi from the adjusted TOST p, else inconclusive
+    with the minimum detectable effect and the seeds the sesoi needs; a row not tested says why."""
+    if row["status"]:
+        return row["status"]
+    alpha = row["alpha"]
+    if row["p_adjusted"] < alpha:
+        up = row["difference"] > (1.0 if row["scale"] == "log" else 0.0)
+        return "holds" if up == (row["direction"] == ">") else "does not hold"
+    if row["p_tost_adjusted"] < alpha:
+        return f"no effect ≥ {_effect(row['sesoi'], row['scale'])}"
+    parts = [f"n={row['n']}"]
+    if np.isfinite(row["mde"]):
+        parts.append(f"MDE {_effect(row['mde'], row['scale'])}")
+    if np.isfinite(row["seeds_needed"]):
+        parts.append(f"{row['seeds_needed']:.0f} seeds for {_effect(row['sesoi'], row['scale'])}")
+    return f"inconclusive ({'; '.join(parts)})"
+
+
+VERDICTS = ("holds", "does not hold", "no effect", "inconclusive", "not testable")  # the summary's order
+CORRECTION_NAMES = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no correction"}
+
+
+def _decide(numbers: pd.DataFrame, claims: Claims) -> None:
+    """p adj and TOST p adj within each family (primary claims, exploratory ones), then every row's verdict."""
+    for family, correction in (("primary", claims.correction), ("exploratory", claims.exploratory_correction)):
+        rows = numbers["family"] == family
+        numbers.loc[rows, "correction"] = correction
+        for p in ("p", "p_tost"):
+            numbers.loc[rows, f"{p}_adjusted"] = claims_stats.adjust(numbers.loc[rows, p], correction, claims.alpha)
+    numbers["verdict"] = [_verdict(row) for row in numbers.to_dict("records")]
+
+
+def _header(claims: Claims, numbers: pd.DataFrame) -> str:
+    """Which test decides, the correction of each family, and the power model: what a reader needs before the
+    verdicts."""
+    others = {}
+    for c in claims.claims:
+        if TESTS[c.test] != TESTS[claims.test]:
+            others.setdefault(TESTS[c.test], []).append(f"`{c.id}`")
+    decides = {"auto": f"the exact paired sign-flip test below {claims_stats.AUTO_T_FROM} pairs and the paired "
+                       f"t-test from {claims_stats.AUTO_T_FROM} on (`test: auto`)",
+               "t": "the paired t-test (`test: t`)", "signflip": "the paired sign-flip test (`test: signflip`)",
+               "welch": "Welch's t-test (`test: welch`)", "bootstrap": "the percentile bootstrap (`test: bootstrap`)"}
+    tested = numbers["p"].notna()
+    families = [f"{CORRECTION_NAMES[c]} over the {int((tested & (numbers['family'] == f)).sum())} tested rows of "
+                f"the {f} claims" for f, c in (("primary", claims.correction),
+                                               ("exploratory", claims.exploratory_correction))]
     level = f"{100 * (1 - claims.alpha):g} %"
+    floor = claims_stats.signflip_floor(claims.alpha)
+    named = "".join(f"; {', '.join(ids)}: {decides[t]}" for t, ids in others.items())
+    return (f"Decided by {decides[TESTS[claims.test]]}{named}. p adj: {' and '.join(families)}, and the "
+            f"verdict compares p adj with α = {claims.alpha:g}. **holds** / **does not hold**: p adj < α with the "
+            f"claimed / the other sign; **no effect ≥ sesoi**: the two one-sided tests against ±sesoi (the same "
+            f"test, adjusted the same way) have p adj < α; else **inconclusive**, with MDE, the smallest |A − B| a "
+            f"two-sided paired t-test at the uncorrected α detects with {100 * claims_stats.POWER:g} % power at the row's "
+            f"n on the observed sd of the differences (statsmodels TTestPower; Welch rows: TTestIndPower on the "
+            f"pooled sd), and the seeds that detect the sesoi by that model: a t-test model, so optimistic for a "
+            f"sign-flip row, whose p cannot fall below α under {floor} pairs (its seeds are at least {floor}); "
+            f"**not testable (saturated at X)**: every value of both sides at the metric's bound X. A and B: mean ± "
+            f"half-width of the {level} t-interval over the seeds the test used; A − B: the mean paired difference "
+            f"and its {level} t-interval (`scale: log`: the geometric-mean ratio A / B, ×); checkpoint: where each "
+            f"side's numbers come from (metrics.json is always the best-validation checkpoint's).")
+
+
+def _cells(numbers: pd.DataFrame, within: list[str], level: str) -> pd.DataFrame:
     cells = numbers[within].copy()
     cells["claim"] = [t + (f" [{c}]" if c else "") for t, c in zip(numbers["text"], numbers["capture"])]
+    cells["family"] = numbers["family"]
     cells["source"] = numbers["cite"]
     for side in "ab":
         cells[side.upper()] = numbers[side]
         cells[f"{side.upper()} ± {level} CI"] = [_ci_cell(*v) for v in numbers[[
             f"{side}_mean", f"{side}_ci_low", f"{side}_ci_high"]].itertuples(index=False)]
-    cells[f"A - B [{level} CI]"] = [_difference_cell(*v) for v in numbers[[
-        "difference", "difference_ci_low", "difference_ci_high"]].itertuples(index=False)]
-    cells["test"] = numbers["test"]
-    cells["p"] = [f"{p:.2g}" if np.isfinite(p) else "-" for p in numbers["p"]]
+    cells[f"A - B or A / B [{level} CI]"] = [_difference_cell(*v) for v in numbers[[
+        "difference", "difference_ci_low", "difference_ci_high", "scale"]].itertuples(index=False)]
+    cells["test"] = [t if t != "signflip" or draws <= 2 ** claims_stats.SIGNFLIP_EXACT else f"signflip ({draws} draws)"
+                     for t, draws in zip(numbers["decided_by"], numbers["signflip_draws"])]
+    for name, column in (("p", "p"), ("p adj", "p_adjusted")):
+        cells[name] = [f"{p:.2g}" if np.isfinite(p) else "-" for p in numbers[column]]
     cells["n"] = numbers["n"]
     cells["verdict"] = numbers["verdict"]
-    numeric = [c for c in cells.columns if "CI" in c] + ["p", "n"]
-    rules = (f"A and B: mean ± half-width of its {level} t-interval over the seeds the test used; A - B: the "
-             f"difference of the means with the test's {level} CI. **holds**: p < {claims.alpha:g} and the "
-             f"difference has the claimed sign; **does not hold**: p < {claims.alpha:g}, the other sign; else "
-             f"**inconclusive** at n seeds (n: pairs for the paired test, n_A/n_B for the others).")
-    spec = TableSpec("claims", f"Claims of {claims.path.name} and their verdicts", str(claims.path), "", ())
+    cells["checkpoint"] = [a if a == b else f"A {a}, B {b}" for a, b in zip(numbers["a_checkpoint"],
+                                                                          numbers["b_checkpoint"])]
+    cells["missing seeds"] = numbers["missing_seeds"].replace("", "-")
+    return cells
+
+
+def claims_table(claims: Claims, runs: pd.DataFrame, docs: dict[str, list], group_by: tuple[str, ...],
+                 checkpoint: str = "best") -> Table:
+    """Every claim tested on the runs of each block of runs that the report compares methods within (a dataset,
+    or one preparation of it), primary claims first: a Table beside the report's, rendered and written like
+    them. `checkpoint`: the one the analysis files were read from (engine.ANALYSES)."""
+    within = within_keys(group_by)
+    blocks = list(runs.groupby(within, dropna=False, sort=True)) if within else [((), runs)]
+    rows, notes, choices, defaults = [], [], [], key_defaults()
+    for claim in sorted(claims.claims, key=lambda c: not c.primary):
+        for key, block in blocks:
+            key = key if isinstance(key, tuple) else (key,)
+            where = f" ({', '.join(map(str, key))})" if len(blocks) > 1 else ""
+            evaluation = _Evaluation(claim, block, docs, group_by, where, defaults, checkpoint)
+            rows += [{**dict(zip(within, key)), **row} for row in evaluation.rows(claims.alpha)]
+            notes += evaluation.notes
+            choices += evaluation.choices
+    numbers = pd.DataFrame(rows)
+    _decide(numbers, claims)
+    counts = [(v, int(numbers["verdict"].str.startswith(v).sum())) for v in VERDICTS]
+    summary = ", ".join(f"{k} {v}{' ≥ sesoi' if v == 'no effect' else ''}" for v, k in counts)
+    cells = _cells(numbers, within, f"{100 * (1 - claims.alpha):g} %")
+    numeric = [c for c in cells.columns if "CI" in c] + ["p", "p adj", "n"]
+    short = {"auto": f"sign-flip test below {claims_stats.AUTO_T_FROM} seeds, paired t from "
+                     f"{claims_stats.AUTO_T_FROM}", "t": "paired t-test", "signflip": "sign-flip test",
+             "welch": "Welch's t-test", "bootstrap": "bootstrap"}[TESTS[claims.test]]
+    title = (f"Claims of {claims.path.name} and their verdicts: {summary} ({short}; p adjusted by "
+             f"{CORRECTION_NAMES[claims.correction]} over the primary claims, "
+             f"{CORRECTION_NAMES[claims.exploratory_correction]} over the exploratory ones)")
+    spec = TableSpec("claims", title, str(claims.path), "", ())
+    lines = [_header(claims, numbers), "", *(["Sides chosen:", *(f"- {c}" for c in choices), ""] if choices else []),
+             *(f"- {n}" for n in notes)]
     return Table(spec, numbers, cells, pd.DataFrame(False, index=cells.index, columns=cells.columns), numeric,
-                 "\n".join([rules, "", *(f"- {n}" for n in notes)]))
+                 "\n".join(lines))

@@ -299,16 +299,18 @@ def comparison_figures(root: Path) -> list[tuple[str, str]]:
 
 
 def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
-                 claims: str | Path | None = None, checkpoint: str = "best") -> tuple[list[Table], tuple[str, ...]]:
+                 claims: str | Path | None = None, checkpoint: str = "best",
+                 correction: str | None = None) -> tuple[list[Table], tuple[str, ...]]:
     """Every table of TABLES for the runs under `root` (group_by None: the default grouping), then the verdicts
-    of a claims file (mmlab_cli/claims.py), which is checked before any run is read. The analyses are read from
-    the `checkpoint`'s folder (mmlab_cli.engine.ANALYSES); accuracy is always the best checkpoint's."""
+    of a claims file (mmlab_cli/claims.py; `correction` replaces the file's correction of its primary claims),
+    which is checked before any run is read. The analyses are read from the `checkpoint`'s folder
+    (mmlab_cli.engine.ANALYSES); accuracy is always the best checkpoint's."""
     check_checkpoint(checkpoint)
     stated = None
     if claims:  # scipy is imported only when claims are asked for
         from mmlab_cli.claims import claims_table, load_claims
 
-        stated = load_claims(claims)
+        stated = load_claims(claims, correction)
     root = Path(root)
     runs = find_runs(root)
     asked = group_by
@@ -338,7 +340,7 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
                                                     f"F_gap at different radii: {', '.join(mixed)}."]))
         tables.append(table)
     if stated:
-        tables.append(claims_table(stated, runs, docs, group_by))
+        tables.append(claims_table(stated, runs, docs, group_by, checkpoint))
     return tables, group_by
 
 
@@ -367,15 +369,16 @@ def render(tables: list[Table], fmt: str) -> str:
 
 
 def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt: str = "md",
-                 claims: str | Path | None = None, checkpoint: str = "best") -> tuple[list[Table], str, list[Path]]:
+                 claims: str | Path | None = None, checkpoint: str = "best",
+                 correction: str | None = None) -> tuple[list[Table], str, list[Path]]:
     """Write report.md (per-run and comparison figures embedded) and report_<table>.csv into `root` (and
     report.tex for latex), with the claims table when given a claims file; returns the tables, the report
     rendered in `fmt`, and the paths written. With checkpoint 'last' the analyses of the last checkpoints are
-    reported, into report-last.md, report-last_<table>.csv and report-last.tex."""
+    reported, into report-last.md, report-last_<table>.csv and report-last.tex. `correction`: build_tables."""
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
-    tables, group_by = build_tables(root, group_by, claims, checkpoint)
+    tables, group_by = build_tables(root, group_by, claims, checkpoint, correction)
     check_writable(root)  # a read-only folder: one line, not a traceback from the first figure or table written
     name = "report" if checkpoint == "best" else f"report-{checkpoint}"
     for table in tables:

@@ -14,7 +14,7 @@ LATEX_TOKENS = {"λ_max": r"$\lambda_{\max}$", "λ1/λ5": r"$\lambda_1/\lambda_5
                 "Δ_LPF": r"$\Delta_{\mathrm{LPF}}$", "F_gap": r"$F_{\mathrm{gap}}$", "W2²": r"$W_2^2$",
                 "Tr Σ": r"$\mathrm{Tr}\,\Sigma$", "‖φ‖": r"$\|\phi\|$", "Δ_error": r"$\Delta_{\mathrm{error}}$",
                 "ε_rel": r"$\epsilon_{\mathrm{rel}}$", "±": r"$\pm$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
-                "†": r"\dag{}",
+                "†": r"\dag{}", "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$",
                 "|": r"$|$", "<": r"$<$", ">": r"$>$", "%": r"\%", "&": r"\&", "_": r"\_", "#": r"\#", "$": r"\$",
                 "{": r"\{", "}": r"\}",
                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
