@@ -17,12 +17,14 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 # Two tiers. `make test` (CI) runs every test; `make check` runs the fast tier, pytest -m "not slow", in under a
 # minute on 2 cores. Slow: the tests marked so in their file and those named here by file and function (every
-# parametrisation): over about 0.6 s of CPU each (measured one by one on 2 cores: subprocesses and their imports,
-# gloo process groups, real datasets, figures, cross-checks against other libraries), or the users of a module
-# fixture that is. A test that takes longer joins this list; tests/test_e2e_fast.py keeps one tiny train ->
-# kill -9 / resume -> analyses -> report path in the fast tier.
+# parametrisation): over about 0.6 s of CPU each (measured one by one: subprocesses and their imports, gloo
+# process groups, real datasets, figures, cross-checks against other libraries), the users of a module fixture
+# that is, and the users of ffmpeg, sox, espeak-ng or pdflatex (seconds each where installed, as in CI). A test
+# that takes longer joins this list; tests/test_e2e_fast.py keeps one tiny train -> kill -9 / resume ->
+# analyses -> report path in the fast tier.
 SLOW = {
     "test_balance.py": ("test_balance_two_gloo_processes_match_one",),
+    "test_claims.py": ("test_command_line_writes_markdown_csv_and_latex",),
     "test_cli.py": ("test_report_prints_accuracy_table",),
     "test_contrastive.py": ("test_a_resumed_contrastive_run_is_bit_identical",),
     "test_distributed.py": ("test_two_gloo_processes_match_one_process",),
@@ -54,7 +56,19 @@ SLOW = {
                                 "test_speaker_split_holds_out_whole_speakers",
                                 "test_noise_is_added_to_the_padded_window_at_the_requested_snr",
                                 "test_noise_hides_the_zero_padding_floor"),
-    "test_prepare_folder.py": ("test_files_matched_by_stem_and_bad_files_reported",),
+    "test_prepare_crema_d.py": ("test_shapes_and_classes_as_documented", "test_labels_parsed_from_names",
+                                "test_frames_in_time_order_and_padded_by_repetition",
+                                "test_audio_is_the_ogm_stft_recipe", "test_truncated_and_missing_files_are_reported",
+                                "test_rerun_skips_and_force_rebuilds",
+                                "test_other_parameters_are_refused_and_leave_the_dataset_untouched",
+                                "test_split_file_speaker_disjoint_and_label_order",
+                                "test_interrupted_run_resumes_where_it_stopped",
+                                "test_a_dying_worker_costs_only_its_clip"),
+    "test_prepare_folder.py": ("test_files_matched_by_stem_and_bad_files_reported",
+                               "test_videos_become_frames_and_given_splits_are_kept"),
+    "test_prepare_kinetics.py": ("test_kaldi_fbank_shapes_labels_and_report",
+                                 "test_audio_comes_from_the_video_track_and_frames_are_ordered",
+                                 "test_mel128_from_a_list_file"),
     "test_prepare_ur_funny.py": ("test_three_sequence_modalities_train_and_every_analysis_runs",),
     "test_progress.py": ("test_training_log_shows_steps_and_one_line_per_epoch",),
     "test_reliability.py": ("test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint",
@@ -68,7 +82,7 @@ SLOW = {
                             "test_a_kill_while_writing_outputs_leaves_no_result_claimed",
                             "test_the_advice_of_run_errors_works_when_followed"),
     "test_report.py": ("test_sample_level_metrics_on_class_level_pairs_are_flagged", "test_grouping_rules",
-                       "test_command_line_and_no_torch"),
+                       "test_command_line_and_no_torch", "test_latex_compiles"),
     "test_robustness.py": ("test_clean_accuracy_eps_zero_and_loss_increase",
                            "test_cli_writes_files_compares_and_reuses"),
     "test_sweep.py": ("test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence",
@@ -85,6 +99,7 @@ SLOW = {
 
 
 def pytest_collection_modifyitems(items):
+    """Marks the tests SLOW names slow (deselected by `make check`'s -m "not slow")."""
     for item in items:
         if item.originalname in SLOW.get(item.path.name, ()):
             item.add_marker(pytest.mark.slow)
