@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv first.
+# Entry points for a fresh machine: `make demo`, `make check` (the fast tier of the tests) and `make test` (every
+# test, what CI runs). Each builds .venv first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ GALLERY_RUNS := runs/gallery
 GALLERY_FLATNESS := --samples 32 --density --density-steps 30 --max-steps 20 --trace-probes 10 --lpf-draws 20 \
 	--fgap-directions 10 --fgap-relative --fgap-radii 0:0.3:0.05 --grid 11
 
-.PHONY: demo gallery test venv clean
+.PHONY: demo gallery check test venv clean
 
 include recipes/reproduce.mk
 
@@ -50,6 +51,10 @@ gallery: venv
 	$(BIN)/mmlab geometry $(GALLERY_RUNS)/sml $(GALLERY_RUNS)/dml --samples 500 --tsne-samples 300 --device $(DEVICE)
 	$(BIN)/mmlab report $(GALLERY_RUNS) > /dev/null
 	$(BIN)/python docs/gallery.py $(GALLERY_RUNS)
+
+# the fast tier: every test but those marked slow (tests/conftest.py), one end-to-end path included; < 1 min
+check: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -n 2 -m "not slow"
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2

@@ -1,5 +1,6 @@
 """Checks shared by tests: which stored rows a batch was built from (every fed tensor row is looked up, byte for
-byte, among the rows of the split as the loader scales them), the bound on DML self-pairs, a real PNG."""
+byte, among the rows of the split as the loader scales them), the bound on DML self-pairs, a real PNG, and a
+`mmlab train` that kills itself with SIGKILL at a chosen step of a write."""
 
 from pathlib import Path
 
@@ -47,3 +48,22 @@ def png_image(path: Path) -> np.ndarray:
     assert img.ndim == 3 and min(img.shape[:2]) > 50, f"{path}: {img.shape}"
     assert len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 2, f"{path}: blank"
     return img
+
+
+# Runs `mmlab train` with a fault: the process SIGKILLs itself just before the n-th call of os.<name>
+# (os.rename: the checkpoint swaps; os.replace: every atomic file write), so a kill lands exactly
+# between two steps of a write, which a timed kill would almost never hit.
+CRASHING_TRAIN = """
+import os, signal, sys
+name, n = sys.argv[1], int(sys.argv[2])
+real, calls = getattr(os, name), [0]
+def crash(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(os, name, crash)
+sys.argv = ["mmlab", "train", *sys.argv[3:]]
+from mmlab_cli.main import main
+main()
+"""

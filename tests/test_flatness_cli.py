@@ -27,9 +27,9 @@ SMALL = ["--samples", "16", "--batch-size", "8", "--top-k", "5", "--trace-probes
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_synthetic, tmp_path_factory):
+def runs(tiny_synthetic, shared_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("flat_runs")
-    train(tiny_config(tiny_synthetic, root / "sml", epochs=3))
+    shared_run("sml", root / "sml")
     train(tiny_config(tiny_synthetic, root / "audio", modalities=["audio"], epochs=2))
     return root / "sml", root / "audio"
 

@@ -27,11 +27,11 @@ SETTINGS = dict(samples=60, tsne_samples=30, batch_size=32)
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_synthetic, tmp_path_factory):
+def runs(tiny_synthetic, shared_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("geometry_runs")
     train(tiny_config(tiny_synthetic, root / "two", epochs=1))
     train(tiny_config(tiny_synthetic, root / "three", modalities=["image", "audio", "depth"], fusion="sum", epochs=1))
-    train(tiny_config(tiny_synthetic, root / "uni", modalities=["audio"], epochs=1))
+    shared_run("audio", root / "uni")
     return root
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from checks import CRASHING_TRAIN
 from mmlab_cli.data.format import atomic_write_json
 from mmlab_cli.engine.lock import lock_holder
 from mmlab_cli.main import app
@@ -74,25 +75,6 @@ def _one_line_error(result, code=2, *needles):
     for needle in needles:
         assert needle in err, err
     return err
-
-
-# Runs `mmlab train` with a fault: the process SIGKILLs itself just before the n-th call of os.<name>
-# (os.rename: the checkpoint swaps; os.replace: every atomic file write), so a kill lands exactly
-# between two steps of a write, which a timed kill would almost never hit.
-CRASHING_TRAIN = """
-import os, signal, sys
-name, n = sys.argv[1], int(sys.argv[2])
-real, calls = getattr(os, name), [0]
-def crash(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-setattr(os, name, crash)
-sys.argv = ["mmlab", "train", *sys.argv[3:]]
-from mmlab_cli.main import main
-main()
-"""
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from checks import png_image
-from conftest import tiny_config
 from mmlab_cli.analysis.common import subset_indices
 from mmlab_cli.analysis.attacks import pgd, pgd_settings
 from mmlab_cli.analysis.robustness import RobustnessSettings, relative_robustness, robustness
@@ -18,7 +17,6 @@ from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import write_dataset
 from mmlab_cli.data.loader import BatchLoader, to_tensor
 from mmlab_cli.engine.evaluate import evaluate
-from mmlab_cli.engine.fit import train
 from mmlab_cli.engine.rundir import load_run
 from mmlab_cli.main import app
 from mmlab_cli.models.fusion import LateFusion
@@ -28,10 +26,10 @@ FEW = dict(corruptions=[], attack="pgd")
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_synthetic, tmp_path_factory):
+def runs(shared_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    train(tiny_config(tiny_synthetic, root / "sml", epochs=3))
-    train(tiny_config(tiny_synthetic, root / "audio_only", modalities=["audio"], epochs=1))
+    shared_run("sml", root / "sml")
+    shared_run("audio", root / "audio_only")
     return root
 
 
