@@ -13,11 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlab_cli.errors import MmlabError
-
-
-def unit(z: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm, in float64."""
-    return F.normalize(z.double(), dim=1)
+from mmlab_cli.models.embeddings import recall_at_k, unit  # noqa: F401 (recall_at_k: one of these metrics)
 
 
 def covariance(z: torch.Tensor) -> torch.Tensor:
@@ -140,28 +136,6 @@ def separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float | None]:
         return {"cosine_pos": None, "cosine_neg": None, "cosine_gap": None, "cosine_ks": None}
     mp, mn = float(np.mean(pos)), float(np.mean(neg))
     return {"cosine_pos": mp, "cosine_neg": mn, "cosine_gap": mp - mn, "cosine_ks": float(ks_2samp(pos, neg).statistic)}
-
-
-def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024,
-                labels: torch.Tensor | None = None) -> dict[int, float]:
-    """Cross-modal retrieval by cosine: the fraction of queries i whose partner gallery[i] is among the top k;
-    with `labels` (one per row of both), a class-level hit: any gallery item of the query's class.
-
-    The rank of the partner (of the most similar item of the class) is the number of gallery items strictly
-    more similar (ties count for the partner)."""
-    q, g = unit(query), unit(gallery)
-    ranks = []
-    for s in range(0, len(q), chunk):
-        sim = q[s:s + chunk] @ g.T
-        rows = torch.arange(len(sim), device=sim.device)
-        if labels is None:
-            target = sim[rows, rows + s]
-        else:
-            same = labels[s:s + chunk, None].to(sim.device) == labels[None, :].to(sim.device)
-            target = sim.masked_fill(~same, float("-inf")).max(1).values
-        ranks.append((sim > target[:, None]).sum(1))
-    rank = torch.cat(ranks)
-    return {k: float((rank < k).double().mean()) for k in ks}
 
 
 def ati_check(fuse, embeddings: dict[str, torch.Tensor], modality: str, tau_scale: float = 0.01,

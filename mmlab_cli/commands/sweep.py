@@ -72,7 +72,14 @@ def sweep(
                       f"[{COLOURS[outcome.status]}]{outcome.status}[/]{note}")
 
     outcomes = sw.run(job_list, states, spec.analyses, runner, jobs, threads, on_done)
-    report_failed = any(run_report(spec.out, args) != 0 for args in spec.report or [])
+    _summarise(spec, outcomes, report_failed=any(run_report(spec.out, args) != 0 for args in spec.report or []))
+
+
+def _summarise(spec, outcomes: list, report_failed: bool) -> None:
+    """The closing line and the JSON of every run's status; exit 1 if a run (or the report) failed, 3 if one
+    diverged."""
+    from mmlab_cli import sweep as sw
+
     statuses = [o.status for o in outcomes]
     console.print(f"sweep {spec.out}: " + ", ".join(f"{statuses.count(s)} {s}" for s in sw.STATUSES)
                   + ("; the report failed" if report_failed else ""))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
@@ -11,19 +10,13 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from mmlab_cli.analysis.geometry_metrics import recall_at_k
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.methods.contrastive import info_nce
+from mmlab_cli.models.embeddings import recall_at_k
 from mmlab_cli.models.fusion import FusionOutput, LateFusion
+from mmlab_cli.models.precision import autocast
 
 RECALL_KS = (1, 5, 10)
-
-
-def autocast(device: str | torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA; plain fp32 elsewhere."""
-    if torch.device(device).type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _outputs(model: LateFusion, loader, device, precision: str) -> Iterator[tuple[FusionOutput, torch.Tensor]]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from mmlab_cli.config import TrainConfig
 from mmlab_cli.engine.distributed import World
-from mmlab_cli.engine.evaluate import autocast
+from mmlab_cli.models.precision import autocast
 from mmlab_cli.methods.base import Method
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.methods.registry import build_methods

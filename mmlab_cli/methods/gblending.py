@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlab_cli.data.loader import BatchLoader
-from mmlab_cli.engine.evaluate import autocast
+from mmlab_cli.models.precision import autocast
 from mmlab_cli.methods.base import Loop, Method, balancing
 
 MIN_OVERFIT_SQ = 1e-8
