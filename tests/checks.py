@@ -1,10 +1,12 @@
 """Checks shared by tests: which stored rows a batch was built from (every fed tensor row is looked up, byte for
-byte, among the rows of the split as the loader scales them), the bound on DML self-pairs, a real PNG, and a
-`mmlab train` that kills itself with SIGKILL at a chosen step of a write."""
+byte, among the rows of the split as the loader scales them), the bound on DML self-pairs, a real PNG, a
+`mmlab train` that kills itself with SIGKILL at a chosen step of a write, and a training killed (in-process)
+right after its first epoch was saved."""
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from mmlab_cli.data.loader import to_tensor
@@ -67,3 +69,24 @@ sys.argv = ["mmlab", "train", *sys.argv[3:]]
 from mmlab_cli.main import main
 main()
 """
+
+
+class Killed(Exception):
+    """The death of a training process, simulated in-process."""
+
+
+def train_killed_after_first_epoch(train, cfg) -> None:
+    """`train(cfg)` dying right after epoch 1 is saved: metrics.jsonl, written last by RunPaths, is the moment."""
+    from mmlab_cli.engine import runpaths
+
+    write = runpaths.atomic_write_text
+
+    def write_then_die(target, text):
+        write(target, text)
+        if Path(target).name == "metrics.jsonl":
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runpaths, "atomic_write_text", write_then_die)
+        with pytest.raises(Killed):
+            train(cfg)

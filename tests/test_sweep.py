@@ -16,6 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from checks import train_killed_after_first_epoch
 from conftest import snapshot
 from mmlab_cli import sweep as sw
 from mmlab_cli.commands.sweep import check_arguments, report_arguments, run_report
@@ -173,7 +174,7 @@ def test_a_run_with_other_settings_is_an_error_not_replaced(grid):
 
 
 def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence(grid, tmp_path, monkeypatch):
-    from mmlab_cli.engine import fit, runpaths
+    from mmlab_cli.engine import fit
 
     path, jobs = grid
     done, cut, bad, new = (jobs[f"tiny/{n}/seed0"] for n in ("epochs=1,gamma=0.5", "epochs=3,gamma=0.5",
@@ -182,20 +183,7 @@ def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence
     finished = snapshot(Path(done.config.out))
     fit.train(replace(cut.config, out=str(tmp_path / "uninterrupted")))
 
-    class Killed(Exception):
-        pass
-
-    write = runpaths.atomic_write_text  # RunPaths writes metrics.jsonl
-
-    def write_then_die(target, text):  # the process dies right after epoch 1 is saved
-        write(target, text)
-        if Path(target).name == "metrics.jsonl":
-            raise Killed
-
-    monkeypatch.setattr(runpaths, "atomic_write_text", write_then_die)
-    with pytest.raises(Killed):
-        fit.train(replace(cut.config))
-    monkeypatch.undo()
+    train_killed_after_first_epoch(fit.train, replace(cut.config))
     assert len(_history(Path(cut.config.out))) == 1 and not (Path(cut.config.out) / "metrics.json").exists()
 
     result = runner.invoke(app, ["sweep", str(path), "--jobs", "2", "--threads", "1"])

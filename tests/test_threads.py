@@ -10,6 +10,7 @@ import torch
 from threadpoolctl import threadpool_info
 from typer.testing import CliRunner
 
+from checks import train_killed_after_first_epoch
 from conftest import tiny_config
 from mmlab_cli.config import resolve_config
 from mmlab_cli.engine.fit import train
@@ -98,26 +99,10 @@ def test_a_resume_continues_with_the_thread_count_the_run_recorded(tiny_syntheti
     """A run started by the default under OMP_NUM_THREADS=2 (as a sweep worker starts one) and killed after epoch
     1 resumes under OMP_NUM_THREADS=1 with its 2 threads, ending as the uninterrupted run (the default alone would
     have given 1 thread and other float sums); --threads 1 on the resume is obeyed, with a warning."""
-    from mmlab_cli.engine import runpaths
-
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     train(tiny_config(tiny_synthetic, tmp_path / "uninterrupted", threads=0))
-
-    class Killed(Exception):
-        pass
-
-    write = runpaths.atomic_write_text  # RunPaths writes metrics.jsonl
-
-    def write_then_die(target, text):  # the process dies right after epoch 1 is saved
-        write(target, text)
-        if Path(target).name == "metrics.jsonl":
-            raise Killed
-
     cut = tmp_path / "cut"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runpaths, "atomic_write_text", write_then_die)
-        with pytest.raises(Killed):
-            train(tiny_config(tiny_synthetic, cut, threads=0))
+    train_killed_after_first_epoch(train, tiny_config(tiny_synthetic, cut, threads=0))
     shutil.copytree(cut, tmp_path / "other")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     res = CliRunner().invoke(app, ["train", "--resume", "--out", str(cut)])
