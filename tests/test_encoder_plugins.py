@@ -140,3 +140,14 @@ def test_plugins_doc_trains_resumes_and_analyses_a_plugin_encoder(tmp_path, monk
     assert "resuming" in results[2].output  # the resume rebuilt the plug-in model and loaded its checkpoint
     for analysis in ("flatness.json", "robustness.json", "geometry.json"):
         assert (tmp_path / "runs" / "mine" / analysis).is_file(), analysis
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc, title", [(DOCS.parent / "README.md", "Your own data and model"),
+                                        (DOCS / "training.md", "Your own data and model: a walkthrough")])
+def test_your_own_data_and_model_walkthrough_runs_to_a_report(tmp_path, monkeypatch, doc, title):
+    monkeypatch.chdir(tmp_path)
+    run_doc_section(doc, title, tmp_path)
+    config = (next((tmp_path / "runs").rglob("config.yaml"))).read_text()
+    assert f"{tmp_path / 'my_net.py'}:build" in config  # the plug-in, by its absolute path
+    assert (tmp_path / "runs" / "mine" / "report.md").is_file()
