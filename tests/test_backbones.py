@@ -97,6 +97,9 @@ def test_a_hugging_face_vision_model_from_a_directory(tmp_path):
         torch.testing.assert_close(backbone(x), backbone.proj(hidden))
     with pytest.raises(MmlabError, match=r"cannot read a features modality \(it reads image, spectrogram\)"):
         LateFusion({"x": ModalitySpec((400,), "float32", "features")}, 3, encoder=f"hf:{path}", dim=8)
+    with pytest.raises(MmlabError, match=r"reads 32x32 images \(image_size in its config.json\), this modality is "
+                                         r"16x16"):
+        _model(f"hf:{path}", ModalitySpec((1, 16, 16), "float32", "image"))
     with pytest.raises(MmlabError, match=r"config.json: missing; encoder hf:DIR takes a local transformers model"):
         _model(f"hf:{tmp_path / 'nothing'}")
 

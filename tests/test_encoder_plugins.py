@@ -151,3 +151,13 @@ def test_your_own_data_and_model_walkthrough_runs_to_a_report(tmp_path, monkeypa
     config = (next((tmp_path / "runs").rglob("config.yaml"))).read_text()
     assert f"{tmp_path / 'my_net.py'}:build" in config  # the plug-in, by its absolute path
     assert (tmp_path / "runs" / "mine" / "report.md").is_file()
+
+
+def test_the_preflight_train_and_sweep_share_names_the_mismatch(tiny_synthetic, tmp_path):
+    from mmlab_cli.data.dataset import PreparedDataset
+    from mmlab_cli.engine.fit import preflight
+
+    cfg = tiny_config(tiny_synthetic, tmp_path / "run", encoder={"image": "tiny_cnn", "audio": "bert"})
+    with pytest.raises(MmlabError, match=r"^encoder 'bert' cannot read a spectrogram modality \(it reads text_tokens\)"):
+        preflight(cfg, PreparedDataset(tiny_synthetic, ["image", "audio"]))
+    assert not (tmp_path / "run").exists()

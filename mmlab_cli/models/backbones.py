@@ -127,6 +127,11 @@ class HFBackbone(Backbone):
                                  f"spectrograms, this modality is {list(spec.shape)}")
         elif "image" in kinds:
             channels = _channels(spec, f"hf:{path}", channels)
+            size = getattr(config, "image_size", None)
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+            if size[0] and tuple(spec.shape[1:]) != size:
+                raise MmlabError(f"encoder 'hf:{path}': the model reads {size[0]}x{size[1]} images (image_size in "
+                                 f"its config.json), this modality is {spec.shape[1]}x{spec.shape[2]}")
         super().__init__(net, config.hidden_size, dim, channels, f"hf:{path}")
         self.path, self.reads = path, kinds
 
