@@ -49,12 +49,19 @@ class CoreOptions:
     fusion: str = option("concat", "The network fusing the embeddings before the linear classifier "
                          "(docs/training.md).", tuple(FUSIONS))
     encoder: str | dict[str, str] = option("small_cnn", "small_cnn | tiny_cnn | strided_cnn | pooled_cnn | resnet18 | "
-                                           "mlp | transformer (sequences) | bert, or one per modality: image=resnet18,"
-                                           "text=bert (text_tokens modalities always use bert).", metavar="NAME")
+                                           "mlp | transformer (sequences) | bert, a pretrained backbone "
+                                           "torchvision:NAME | timm:NAME | hf:DIR, or a plug-in pkg.module:factory | "
+                                           "file.py:factory (docs/plugins.md); or one per modality: image=resnet18,"
+                                           "text=bert (one name for all: text_tokens modalities use bert).",
+                                           metavar="NAME")
     text_encoder: str = option("", "Local transformers model directory (BERT family) for text modalities: "
                                "config.json, and weights to start from if present.", metavar="DIR")
-    pretrained: dict[str, str] = option({}, "Per-modality ResNet18 initial weights, a local torchvision state "
-                                        "dict: image=resnet18-imagenet.pth.", metavar="MODALITY=FILE")
+    pretrained: dict[str, str] = option({}, "Per-modality initial weights of a resnet18, torchvision:NAME or "
+                                        "timm:NAME encoder, a local state dict (.pth, .safetensors): "
+                                        "image=resnet18-imagenet.pth.", metavar="MODALITY=FILE")
+    freeze: dict[str, str] = option({}, "Per-modality encoder parameters kept fixed: all | none | until:LAYER "
+                                    "(those before LAYER, a parameter-name prefix): image=until:layer3.",
+                                    metavar="MODALITY=HOW")
     embed_dim: int = option(128, "Embedding size d of every modality.", metavar="INT", at_least=1)
     epochs: int = option(70, "Training epochs.", metavar="INT", at_least=1)
     batch_size: int = option(64, "Global batch size (split over the processes of a distributed run).",
@@ -252,6 +259,9 @@ def _core_problems(cfg: TrainConfig) -> list[str]:
         bad = {m: v for m, v in getattr(cfg, key).items() if v < 0 or (key == "encoder_lr" and v == 0)}
         if bad:
             problems.append(f"'{key}' has {bad}; learning rates must be > 0, weight decays >= 0")
+    bad = {m: v for m, v in cfg.freeze.items() if v not in ("all", "none") and not re.fullmatch(r"until:\S+", v)}
+    if bad:
+        problems.append(f"'freeze' has {bad}; give all, none or until:LAYER per modality")
     if not 0 <= cfg.label_smoothing < 1:
         problems.append(f"'label_smoothing' must be in [0, 1), got {cfg.label_smoothing}")
     problems.append(fusion_problem(cfg.fusion, len(cfg.modalities) or None, cfg.embed_dim))  # []: the dataset's

@@ -90,3 +90,49 @@ def train_killed_after_first_epoch(train, cfg) -> None:
         mp.setattr(runpaths, "atomic_write_text", write_then_die)
         with pytest.raises(Killed):
             train(cfg)
+
+
+def run_doc_section(doc: Path, title: str, where: Path) -> list:
+    """Run a walkthrough section of a doc as written, in `where`: each ```python block whose first line is
+    `# NAME.py` is written to that file, each ```bash block runs line by line (`\\` continuations joined,
+    `#` comments dropped): `mmlab ...` in this process through Typer's CliRunner, anything else with bash (the
+    venv's bin first on PATH). Returns the CliRunner results; a failing line fails the test with its output."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from mmlab_cli.main import app
+
+    lines, fenced, body, level = doc.read_text().splitlines(), False, [], 0
+    for line in lines:  # the section: from its heading to the next heading of its level or above, outside code
+        fenced ^= line.startswith("```")
+        heading = re.match(r"(#+) (.*)", line) if not fenced else None
+        if heading and level and len(heading.group(1)) <= level:
+            break
+        if heading and heading.group(2) == title:
+            level = len(heading.group(1))
+        elif level:
+            body.append(line)
+    assert level, f"{doc.name}: no section '{title}'"
+    results = []
+    for lang, code in re.findall(r"^```(python|bash)\n(.*?)^```$", "\n".join(body) + "\n", flags=re.S | re.M):
+        if lang == "python":
+            name = code.splitlines()[0].removeprefix("# ").strip()
+            assert name.endswith(".py"), f"{doc.name} '{title}': a python block starts with '# NAME.py'"
+            (where / name).write_text(code)
+            continue
+        for line in code.replace("\\\n", " ").splitlines():
+            line = line.split(" # ")[0].strip()
+            if line.startswith("mmlab "):
+                result = CliRunner().invoke(app, shlex.split(line)[1:], catch_exceptions=False)
+                assert result.exit_code == 0, f"{line}\n{result.output}"
+                results.append(result)
+            elif line:
+                env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+                done = subprocess.run(["bash", "-c", line], cwd=where, env=env, capture_output=True, text=True)
+                assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
+    return results

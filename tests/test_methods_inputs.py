@@ -144,7 +144,7 @@ def test_resnet18_initialised_from_a_local_torchvision_state_dict(tmp_path):
     assert torch.equal(image.bn1.running_var, reference["bn1.running_var"])
     assert torch.allclose(audio.conv1.weight, reference["conv1.weight"].sum(1, keepdim=True))  # 1-channel stem
     assert image.fc.out_features == 8
-    with pytest.raises(Exception, match="resnet18 encoder"):
+    with pytest.raises(Exception, match="need a resnet18, torchvision:NAME or timm:NAME encoder"):
         init_pretrained(LateFusion(specs, 5, encoder="tiny_cnn", dim=8), {"image": str(tmp_path / "resnet18.pth")})
 
 
@@ -210,5 +210,5 @@ def test_text_encoder_weights_come_from_the_directory(text_data):
     assert fresh.encoders["text"](x).shape == (4, 8)
     with pytest.raises(Exception, match="--text-encoder"):
         LateFusion(specs, 3, encoder="tiny_cnn", dim=8)
-    with pytest.raises(Exception, match="reads text tokens"):
+    with pytest.raises(Exception, match="encoder .bert. cannot read an image modality .it reads text_tokens."):
         LateFusion(specs, 3, encoder={"image": "bert", "text": "bert"}, dim=8, text_encoder=str(text_data / "bert"))

@@ -41,6 +41,7 @@ from mmlab_cli.methods.base import Loop, Method
 from mmlab_cli.methods.contrastive import check_run
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.methods.registry import build_methods, check_methods, label_keys
+from mmlab_cli.models.encoders import recorded_encoder
 from mmlab_cli.models.pretrained import init_pretrained
 from mmlab_cli.threads import default_threads, use_threads
 from mmlab_cli.tracking import check_loggers, open_loggers
@@ -229,9 +230,12 @@ def restore_rng(state: dict, device: torch.device) -> None:
 
 
 def recorded_config(cfg: TrainConfig, dataset: PreparedDataset) -> TrainConfig:
-    """`cfg` as a run's config.yaml records it: its modalities named, and the dataset, text encoder and
-    pretrained weights as absolute paths (they lie outside the run), so load_run works from any directory."""
-    return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), modalities=dataset.modalities,
+    """`cfg` as a run's config.yaml records it: its modalities named, and the dataset, text encoder, pretrained
+    weights and encoders read from files (plug-in files, hf: directories) as absolute paths (they lie outside the
+    run), so load_run works from any directory."""
+    encoder = ({m: recorded_encoder(n) for m, n in cfg.encoder.items()} if isinstance(cfg.encoder, dict)
+               else recorded_encoder(cfg.encoder))
+    return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), modalities=dataset.modalities, encoder=encoder,
                                text_encoder=str(Path(cfg.text_encoder).resolve()) if cfg.text_encoder else "",
                                pretrained={m: str(Path(p).resolve()) for m, p in cfg.pretrained.items()})
 
@@ -239,8 +243,9 @@ def recorded_config(cfg: TrainConfig, dataset: PreparedDataset) -> TrainConfig:
 def preflight(cfg: TrainConfig, dataset: PreparedDataset) -> None:
     """Every check `train` makes before it writes anything, as one-line errors: the loggers, every split
     readable with every class in train, the objective's and pseudo-labels' needs, and the model, optimizer
-    groups and methods this config builds on this dataset (an unknown encoder or one that cannot read a
-    modality, an encoder_lr for a modality not trained, a balancing method on one modality). The model is
+    groups and methods this config builds on this dataset (an unknown encoder, a plug-in that cannot be imported,
+    an encoder that does not read its modality's kind, a freeze layer the encoder lacks, an encoder_lr for a
+    modality not trained, a balancing method on one modality). The model is
     built on the meta device: names and shapes only, no memory, no initialisation. `mmlab sweep` runs it on
     every job before any job starts (and in --dry-run)."""
     check_loggers(cfg.logger)

@@ -35,6 +35,7 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.contrastive import make_contrastive
 from mmlab_cli.methods.registry import UNIT_SPHERE
 from mmlab_cli.models.fusion import LateFusion
+from mmlab_cli.models.pretrained import freeze
 
 
 @dataclass
@@ -58,9 +59,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, dataset: PreparedDataset) -> LateFusion:
-    """The run's model; a contrastive run's has a learned temperature and a frozen fusion head."""
+    """The run's model, its `freeze` parameters fixed; a contrastive run's has a learned temperature and a frozen
+    fusion head."""
     model = LateFusion(dataset.specs, len(dataset.classes), encoder=cfg.encoder, dim=cfg.embed_dim, fusion=cfg.fusion,
                        text_encoder=cfg.text_encoder, unit_sphere=cfg.regularizer == UNIT_SPHERE)
+    freeze(model, cfg.freeze)
     return make_contrastive(model) if cfg.objective == "contrastive" else model
 
 

@@ -36,8 +36,8 @@ class LateFusion(nn.Module):
         if problem:
             raise MmlabError(problem)
         self.modalities = list(specs)
-        names = encoder if isinstance(encoder, dict) else {m: encoder for m in specs}
-        names = {**{m: "bert" for m, s in specs.items() if s.kind == "text_tokens"}, **names}
+        text = {m: "bert" for m, s in specs.items() if s.kind == "text_tokens"}  # one name for all: text gets bert
+        names = {**text, **encoder} if isinstance(encoder, dict) else {m: encoder for m in specs} | text
         missing = [m for m in specs if m not in names]
         if missing:
             raise MmlabError(f"encoder: no entry for modality '{missing[0]}' in {names}; name one per modality")

@@ -1,14 +1,19 @@
-"""Initialise encoders from local weight files, once, at the start of a run.
+"""Initialise encoders from local weight files, once, at the start of a run, and freeze what a run keeps fixed.
 
-- `pretrained: {modality: FILE}` for resnet18 encoders: a torchvision ResNet18 state dict (ImageNet
-  weights, `.pth` or `.safetensors`). Every layer but the classifier `fc` (ours projects to the embedding
-  size) is copied; a 1-channel stem gets the RGB filters summed over the input channels (timm's
-  `adapt_input_conv`), so a grey image replicated to RGB would give the same activations.
-- text encoders load the weights of their --text-encoder directory when it has some.
+- `pretrained: {modality: FILE}`: a state dict (`.pth`/`.pt` saved with `torch.save(model.state_dict())`, or
+  `.safetensors`) for a resnet18, `torchvision:NAME` or `timm:NAME` encoder. Every layer but the classifier
+  (ours projects to the embedding size) is copied. For resnet18 a 1-channel stem gets the RGB filters summed
+  over the input channels (timm's `adapt_input_conv`), so a grey image replicated to RGB would give the same
+  activations; the other backbones repeat a 1-channel input instead (mmlab_cli/models/backbones.py).
+- text encoders and `hf:DIR` encoders load the weights of their directory when it has some.
+- `freeze: {modality: all | none | until:LAYER}`: the encoder's network (without the projection a pretrained
+  backbone gains) keeps its parameters fixed, all of them or those registered before LAYER (a parameter-name
+  prefix such as `layer3` or `encoder.layer.1`). BatchNorm statistics still follow the data in training mode.
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -16,8 +21,8 @@ from torch import nn
 
 from mmlab_cli.console import console
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.models.backbones import Backbone
 from mmlab_cli.models.fusion import LateFusion
-from mmlab_cli.models.text import TextEncoder
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -28,8 +33,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # a pickled model, or not a torch file
+        raise MmlabError(f"{path}: not a state dict of tensors ({type(e).__name__}); save one with "
+                         f"torch.save(model.state_dict(), FILE), or convert it to .safetensors") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MmlabError(f"{path}: not a state dict of tensors; save one with torch.save(model.state_dict(), FILE)")
+    return state
 
 
 def load_resnet(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -49,8 +61,8 @@ def load_resnet(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
 
 
 def _backbone(encoder: nn.Module) -> nn.Module:
-    """The torchvision network inside Standardize (+ FramePool) wrappers."""
-    net = encoder[-1]
+    """The network inside Standardize (+ FramePool) wrappers."""
+    net = encoder[-1] if isinstance(encoder, nn.Sequential) else encoder
     return getattr(net, "frame_encoder", net)
 
 
@@ -60,14 +72,39 @@ def init_pretrained(model: LateFusion, pretrained: dict[str, str]) -> None:
         raise MmlabError(f"pretrained: no modality '{unknown[0]}' in this run ({', '.join(model.modalities)})")
     for m, path in pretrained.items():
         net = _backbone(model.encoders[m])
-        if not hasattr(net, "conv1") or not hasattr(net, "layer4"):
-            raise MmlabError(f"pretrained: {m} weights ({path}) need the resnet18 encoder for '{m}'")
-        load_resnet(net, read_state_dict(path), path)
-        console.print(f"{m}: ResNet18 initialised from {path}")
+        if hasattr(net, "load_state"):
+            net.load_state(read_state_dict(path), path)
+        elif hasattr(net, "conv1") and hasattr(net, "layer4"):
+            load_resnet(net, read_state_dict(path), path)
+        else:
+            raise MmlabError(f"pretrained: {m} weights ({path}) need a resnet18, torchvision:NAME or timm:NAME "
+                             f"encoder for '{m}'")
+        console.print(f"{m}: {getattr(net, 'name', 'ResNet18')} initialised from {path}")
     for m, encoder in model.encoders.items():
-        if isinstance(encoder, TextEncoder):
-            if encoder.has_weights():
-                encoder.load_pretrained()
-                console.print(f"{m}: text encoder initialised from {encoder.path}")
+        net = _backbone(encoder)
+        if hasattr(net, "has_weights"):
+            if net.has_weights():
+                net.load_pretrained()
+                console.print(f"{m}: encoder initialised from {net.path}")
             else:
-                console.print(f"[yellow]{m}: {encoder.path} has no weights; text encoder randomly initialised")
+                console.print(f"[yellow]{m}: {net.path} has no weights; encoder randomly initialised")
+
+
+def freeze(model: LateFusion, frozen: dict[str, str]) -> None:
+    """Fix the parameters `frozen` names per modality (all | none | until:LAYER), before the optimizer is built."""
+    unknown = [m for m in frozen if m not in model.encoders]
+    if unknown:
+        raise MmlabError(f"freeze: no modality '{unknown[0]}' in this run ({', '.join(model.modalities)})")
+    for m, how in frozen.items():
+        net = _backbone(model.encoders[m])
+        net = net.net if isinstance(net, Backbone) else getattr(net, "backbone", net)
+        names = [n for n, _ in net.named_parameters()]
+        stop = {"all": len(names), "none": 0}.get(how)
+        if stop is None:
+            layer = how.removeprefix("until:")
+            stop = next((i for i, n in enumerate(names) if n == layer or n.startswith(layer + ".")), None)
+            if stop is None:
+                raise MmlabError(f"freeze: {m}'s encoder has no layer '{layer}'; its top-level layers: "
+                                 f"{', '.join(n for n, _ in net.named_children())}")
+        for _, p in zip(range(stop), net.parameters()):
+            p.requires_grad_(False)
