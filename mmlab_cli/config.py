@@ -33,7 +33,8 @@ class CoreOptions:
     """The options of every run; the training methods' own options (mmlab_cli/methods/registry.py) join them
     after `clip_grad_norm` in TrainConfig."""
     data: str = option("", "Prepared dataset directory (from `mmlab prepare`).", metavar="DIR")
-    out: str = option("", "Run directory to create (or to continue with --resume).", metavar="DIR")
+    out: str = option("", "Run directory to create (or to continue with --resume); default: "
+                      "runs/<recipe stem, else dataset name>/<method>/version_N, the next N.", metavar="DIR")
     modalities: list[str] = option([], "Comma-separated modalities, e.g. image,audio; one name = unimodal; "
                                    "default: every modality of the dataset.", metavar="NAMES")
     pairing: str = option("sml", "sml: fixed pairs; dml: re-pair each non-anchor modality with a random "
@@ -63,15 +64,26 @@ class CoreOptions:
                        "--encoder-lr.", metavar="FLOAT", above=0)
     encoder_lr: dict[str, float] = option({}, "Per-modality encoder learning rates: text=0.001,image=0.01.",
                                           metavar="MODALITY=FLOAT")
-    optimizer: str = option("sgd", "Optimizer (SGD uses --momentum).", ("sgd", "adam"))
+    optimizer: str = option("sgd", "Optimizer (SGD uses --momentum); adamw: decoupled weight decay, none on "
+                            "biases and norm weights (every parameter of one dimension).", ("sgd", "adam", "adamw"))
     momentum: float = option(0.9, "SGD momentum.", metavar="FLOAT", at_least=0)
     weight_decay: float = option(1e-4, "Weight decay.", metavar="FLOAT", at_least=0)
     encoder_weight_decay: dict[str, float] = option({}, "Per-modality encoder weight decay: text=0.001.",
                                                     metavar="MODALITY=FLOAT")
-    scheduler: str = option("step", "step: multiply the rate by --gamma every --step-size epochs; none: "
-                            "constant.", ("step", "none"))
+    scheduler: str = option("step", "The rate per epoch after --warmup-epochs: step: multiply it by --gamma every "
+                            "--step-size epochs; cosine: anneal it to 0 by the last epoch; constant (none: its "
+                            "older name, still read).", ("step", "cosine", "constant", "none"),
+                            flag="--scheduler --schedule")
+    warmup_epochs: int = option(0, "Epochs whose rate rises linearly to --lr (epoch e of W at lr (e+1)/W) before "
+                                "the --scheduler schedule starts.", metavar="INT", at_least=0)
     step_size: int = option(30, "StepLR period in epochs.", metavar="INT", at_least=1)
     gamma: float = option(0.1, "StepLR factor.", metavar="FLOAT", above=0)
+    early_stop: str = option("", "Stop when the validation metric (val_acc, val_loss, val_acc_<modality>; "
+                             "contrastive: val_retrieval_r1) has not improved for PATIENCE epochs, e.g. "
+                             "val_acc:5 (metrics.json records where).", metavar="METRIC:PATIENCE")
+    keep_top_k: int = option(0, "Also keep the K checkpoints of the best validation scores (the metric "
+                             "checkpoints/best selects by) in checkpoints/top/<epoch>/ (0: off).", metavar="INT",
+                             at_least=0)
     clip_grad_norm: float = option(0.0, "Clip the gradient norm to this (0: off).", metavar="FLOAT",
                                   at_least=0)
     diverge_factor: float = option(1e4, "Stop as diverged (exit 3, the last good checkpoint kept) when a training "
@@ -245,6 +257,15 @@ def _option_problems(cfg: TrainConfig) -> list[str]:
     return [p for p in problems if p]
 
 
+def early_stop_rule(text: str) -> tuple[str, int]:
+    """`val_acc:5` -> ('val_acc', 5): the validation metric early stopping watches and its patience in epochs;
+    ValueError when `text` is not METRIC:PATIENCE with a val_ metric and a patience >= 1."""
+    metric, sep, patience = text.rpartition(":")
+    if not sep or not metric.startswith("val_") or not patience.isdigit() or int(patience) < 1:
+        raise ValueError(text)
+    return metric, int(patience)
+
+
 def _core_problems(cfg: TrainConfig) -> list[str]:
     """The core options together: per-modality rates, fusion, names in lists, pseudo-labels."""
     problems = []
@@ -259,6 +280,12 @@ def _core_problems(cfg: TrainConfig) -> list[str]:
         unknown = [a for a in getattr(cfg, key) if a not in known]
         if unknown:
             problems.append(f"'{key}' has unknown '{unknown[0]}'; choose from {', '.join(known)}")
+    if cfg.early_stop:
+        try:
+            early_stop_rule(cfg.early_stop)
+        except ValueError:
+            problems.append(f"'early_stop' is {cfg.early_stop!r}; give METRIC:PATIENCE with a validation metric "
+                            f"and a patience >= 1 epoch, e.g. val_acc:5 or val_loss:3")
     if len(set(cfg.modalities)) != len(cfg.modalities):
         problems.append(f"modalities {cfg.modalities} name one modality twice")
     return [p for p in [*problems, _pseudo_label_problem(cfg)] if p]

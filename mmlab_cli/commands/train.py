@@ -36,6 +36,9 @@ def train(recipe: Optional[Path], overrides: Optional[list[str]], resume: bool, 
     cfg = _resumed_config(recipe, given) if resume else resolve_config(recipe, given)
     if cfg is None:  # a finished run
         return
+    if not cfg.out and cfg.data and not resume:
+        cfg.out = str(default_out(cfg, recipe))
+        console.print(f"run directory: {cfg.out}")
     if print_config:
         typer.echo(config_to_yaml(cfg), nl=False)
         return
@@ -70,6 +73,19 @@ train = with_signature(train, [
         False, "--print-config", help="Print the resolved config as YAML and exit without training.")),
 ])
 train = cli_errors(train)
+
+
+def default_out(cfg, recipe: Optional[Path]) -> Path:
+    """runs/<recipe stem, else the dataset's name>/<method label as a path part>/version_N (the next N)."""
+    import re
+
+    from mmlab_cli.data.dataset import PreparedDataset
+    from mmlab_cli.engine.runpaths import next_version
+    from mmlab_cli.methods.registry import method_label
+
+    dataset = PreparedDataset(cfg.data, cfg.modalities or None)
+    method = re.sub(r"[^a-z0-9]+", "-", method_label(cfg, dataset.modalities).lower()).strip("-")
+    return next_version(Path("runs") / (recipe.stem if recipe else dataset.name) / method)
 
 
 def _resumed_config(recipe: Optional[Path], given: dict):
