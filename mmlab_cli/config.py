@@ -11,6 +11,7 @@ them. `key=value` text (train's arguments, sweep's --set and --grid) is read by 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -204,6 +205,12 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
 
 
+def did_you_mean(key: str, keys) -> str:
+    """' (did you mean 'epochs'?)' for the known key closest to a mistyped one (difflib), '' when none is close."""
+    close = difflib.get_close_matches(key, list(keys), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def read_yaml_mapping(path: str | Path, what: str, keys, examples: str) -> dict:
     """The mapping a YAML file (a recipe, a sweep file) holds, every key one of `keys`; a missing or unreadable
     file, another shape or an unknown key is one line naming the file."""
@@ -218,7 +225,8 @@ def read_yaml_mapping(path: str | Path, what: str, keys, examples: str) -> dict:
         raise MmlabError(f"{path}: a {what} is a mapping of key: value")
     unknown = [k for k in raw if k not in keys]
     if unknown:
-        raise MmlabError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(keys)}")
+        raise MmlabError(f"{path}: unknown key '{unknown[0]}'{did_you_mean(str(unknown[0]), keys)}; valid keys: "
+                         f"{', '.join(keys)}")
     return raw
 
 
@@ -291,13 +299,16 @@ def _core_problems(cfg: TrainConfig) -> list[str]:
     return [p for p in [*problems, _pseudo_label_problem(cfg)] if p]
 
 
-def validate(cfg: TrainConfig, source: str) -> TrainConfig:
-    """The config, or one line naming `source`, the key and the fix: each option's own rules, then the core
-    options together, then every training method's checks (mmlab_cli/methods/registry.py)."""
+def validate(cfg: TrainConfig, source: str, where: dict[str, str] | None = None) -> TrainConfig:
+    """The config, or one line naming where the value at fault came from, the key and the fix: each option's
+    own rules, then the core options together, then every training method's checks
+    (mmlab_cli/methods/registry.py). `where`: {key: the source of its value} (a flag, a key=value argument, a
+    recipe file); the first key a problem names is looked up there, `source` when absent."""
     for problems in (_option_problems, _core_problems, method_problems):
         found = problems(cfg)
         if found:
-            raise MmlabError(f"{source}: {found[0]}")
+            named = [k for k in re.findall(r"'(\w+)'", found[0]) if k in FIELDS]
+            raise MmlabError(f"{(where or {}).get(named[0] if named else '', source)}: {found[0]}")
     return cfg
 
 
@@ -338,8 +349,8 @@ def parse_override(item: str, source: str = "command line") -> tuple[str, object
     key, sep, text = item.partition("=")
     key = key.strip().replace("-", "_")
     if not sep or key not in FIELDS:
-        raise MmlabError(f"{source}: {item!r} is not key=value with a training option as key; valid keys: "
-                         f"{', '.join(FIELDS)}")
+        raise MmlabError(f"{source}: {item!r} is not key=value with a training option as key"
+                         f"{did_you_mean(key, FIELDS)}; valid keys: {', '.join(FIELDS)}")
     try:
         return key, read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -369,17 +380,21 @@ def parse_grid(items: list[str], source: str = "--grid") -> dict[str, list]:
     return axes
 
 
-def resolve_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
-    """Defaults, then the recipe's values, then every override that is not None."""
+def resolve_config(recipe: str | Path | None, overrides: dict, sources: dict[str, str] | None = None) -> TrainConfig:
+    """Defaults, then the recipe's values, then every override that is not None. `sources`: where each override
+    came from as an error names it (`--lr`, `lr=-1`; default: "command line"); a bad value is blamed on its own
+    source, a recipe's on the recipe file."""
     source = str(recipe) if recipe else "command line"
     from_recipe = load_recipe(recipe) if recipe else {}
-    from_flags = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
-    for layer, where in ((from_recipe, source), (from_flags, "command line")):
+    where = {**{k: source for k in from_recipe},
+             **{k: (sources or {}).get(k, "command line") for k, v in overrides.items() if v is not None}}
+    from_flags = {k: coerce(k, v, where[k]) for k, v in overrides.items() if v is not None}
+    for layer, blame in ((from_recipe, source), (from_flags, where.get("modalities"))):
         if layer.get("modalities") == []:  # `--modalities ,` must not silently mean "all of them"
-            raise MmlabError(f"{where}: 'modalities' names no modality; give e.g. image,audio, or leave it out "
+            raise MmlabError(f"{blame}: 'modalities' names no modality; give e.g. image,audio, or leave it out "
                              f"for every modality of the dataset")
     values = {**from_recipe, **from_flags, **_dagr_mode([from_recipe, from_flags], source)}
-    return validate(TrainConfig(**values), source)
+    return validate(TrainConfig(**values), source, where)
 
 
 def config_from_yaml(path: str | Path) -> TrainConfig:
