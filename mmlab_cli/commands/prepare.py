@@ -329,6 +329,9 @@ def features(
     val_fraction: float = typer.Option(0.1, min=0.01, max=0.5, help="Fraction of train carved as val when SRC has "
                                        "no val/ (seeded, stratified)."),
     seed: int = SEED,
+    pairing: Optional[str] = typer.Option(None, metavar="sample-level|class-level", help="What row i of two "
+                                          "modalities shares: one sample seen twice (sample-level) or only a class "
+                                          "(class-level); recorded in the manifest, where geometry reads it."),
     force: bool = FORCE,
 ) -> None:
     """Your own precomputed features (MultiBench style): arrays per split and modality.
@@ -349,7 +352,8 @@ def features(
     """
     from data_prep.features import prepare_features
 
-    manifest, built = prepare_features(src, out, name=name, val_fraction=val_fraction, seed=seed, force=force)
+    manifest, built = prepare_features(src, out, name=name, val_fraction=val_fraction, seed=seed, pairing=pairing,
+                                       force=force)
     _summary(manifest, out, built)
 
 
