@@ -244,7 +244,7 @@ def stopped_after(history: list[dict], metric: str, patience: int) -> int | None
     return len(values) if len(values) - 1 - best >= patience else None
 
 
-def keep_top(paths: RunPaths, model: torch.nn.Module, state: dict, k: int, key: str) -> list[int]:
+def keep_top(paths: RunPaths, model: torch.nn.Module, state: dict, k: int, key: str) -> None:
     """checkpoints/top/<epoch>/: the checkpoints of the `k` best epochs by `key` so far (the first of equals);
     the epoch just finished is saved if it is one, and those no longer among them are removed. Called before
     checkpoints/last is saved, so a resume (which repeats the epoch after `last`) repairs a kill in between."""
@@ -255,7 +255,6 @@ def keep_top(paths: RunPaths, model: torch.nn.Module, state: dict, k: int, key: 
     for old in paths.top.iterdir() if paths.top.is_dir() else []:
         if old.name.isdigit() and int(old.name) not in keep:
             shutil.rmtree(old)
-    return keep
 
 
 def _stop_diverged(paths: RunPaths, state: dict, epoch: int, diverged: Diverged, lr: float, world: World):
@@ -277,7 +276,8 @@ def _stopping(cfg: TrainConfig, paths: RunPaths, state: dict, stop_rule: tuple[s
         out["early_stop"] = {"metric": metric, "patience": patience,
                              "stopped_after_epoch": state["epoch"] if state["epoch"] < cfg.epochs else None}
     if cfg.keep_top_k:
-        out["top_k_epochs"] = sorted(int(d.name) for d in paths.top.iterdir() if d.name.isdigit())
+        out["top_k_epochs"] = sorted(int(d.name) for d in (paths.top.iterdir() if paths.top.is_dir() else [])
+                                     if d.name.isdigit())
     return out
 
 
