@@ -26,8 +26,8 @@ import numpy as np
 
 from mmlab_cli.config import read_yaml_mapping
 from mmlab_cli.console import console
-from mmlab_cli.data.format import (PAIRINGS, SPLITS, check_writable, existing_dataset, pack_sequence, sha256_file,
-                                   stratified_split, write_dataset)
+from mmlab_cli.data.format import (PAIRINGS, SEQUENCE_FORMAT, SPLITS, check_writable, existing_dataset,
+                                   pack_sequence, sha256_file, stratified_split, write_dataset)
 from mmlab_cli.errors import MmlabError
 
 LAYOUT = ("SRC/{train,test}/labels.npy and SRC/{split}/{modality}.npy (features) or .npz (x [N, T, D] with "
@@ -55,10 +55,6 @@ def _entry(path: Path, data, key: str) -> np.ndarray:
         raise MmlabError(f"{path}: '{key}' cannot be read as numbers ({e}); save it as a numeric array") from None
 
 
-SEQUENCE_HINT = ("a sequence is an .npz holding x [N, T, D] and lengths [N] (or mask [N, T]): "
-                 "np.savez(path, x=x, lengths=lengths)")
-
-
 def read_modality(path: Path, say=console.print) -> tuple[np.ndarray, str]:
     """(array, kind) of one split's modality file: a .npy as is ("features"), a .npz packed into
     [N, T, 1 + D] with the mask in channel 0 ("sequence"). A 3-D .npy looks like sequences saved as features:
@@ -69,7 +65,7 @@ def read_modality(path: Path, say=console.print) -> tuple[np.ndarray, str]:
             raise MmlabError(f"{path}: shape {data.shape}; features are [N, ...] with at least one value per row")
         if data.ndim == 3:
             say(f"[yellow]{path}: [N, T, D] = {list(data.shape)} read as fixed-size features (kind features: an "
-                f"MLP reads all T x D values); if its rows are sequences, {SEQUENCE_HINT}")
+                f"MLP reads all T x D values); if its rows are sequences: {SEQUENCE_FORMAT}")
         return data.astype(np.float32), "features"
     with data:
         if "x" not in data or not ({"lengths", "mask"} & set(data.files)):
@@ -201,7 +197,8 @@ def prepare_features(src: str | Path, out: str | Path, *, name: str = "", val_fr
                **{str(p.resolve()): sha256_file(p) for p in sorted(set(named)) if p.is_file()}}
     carved = "val" not in source.labels
     params = {"val": f"seeded stratified {val_fraction:g} of train" if carved else "given",
-              "val_fraction": val_fraction if carved else None, "seed": seed, **({"pairing": pairing} if pairing else {})}
+              "val_fraction": val_fraction if carved else None, "seed": seed,
+              **({"pairing": pairing} if pairing else {})}
     identity = {"preprocessing": params, "sources": sources}
     if manifest := existing_dataset(out, identity, force):
         return manifest, False

@@ -133,6 +133,14 @@ def test_sequences_saved_as_npy_are_told_the_npz_format(tmp_path):
     said = " ".join(result.stderr.split())
     assert "text.npy: [N, T, D] = [40, 7, 4] read as fixed-size features" in said
     assert "an .npz holding x [N, T, D] and lengths [N]" in said and "audio.npy" not in said
+    # and where a sequence is expected: the transformer encoder on that features modality
+    from mmlab_cli.config import TrainConfig
+    from mmlab_cli.engine.fit import preflight
+    from mmlab_cli.errors import MmlabError
+
+    with pytest.raises(MmlabError, match=r"cannot read a features modality.*an \.npz holding x \[N, T, D\]"):
+        preflight(TrainConfig(data=str(tmp_path / "out"), encoder={"audio": "mlp", "text": "transformer"}),
+                  PreparedDataset(tmp_path / "out"))
     assert PreparedDataset(tmp_path / "out").specs["text"].kind == "features"
 
 

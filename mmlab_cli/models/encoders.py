@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmlab_cli.data.format import ModalitySpec
+from mmlab_cli.data.format import SEQUENCE_FORMAT, ModalitySpec
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.registry import Registry
 
@@ -146,7 +146,8 @@ def create_encoder(name: str, spec: ModalitySpec, dim: int, text_encoder: str = 
     if spec.kind == "sequence" or name == "transformer":
         if spec.kind != "sequence" or name not in SEQUENCE_ENCODERS:
             raise MmlabError(f"encoder '{name}' cannot read a {spec.kind} modality; a sequence modality takes "
-                             f"{' or '.join(SEQUENCE_ENCODERS)}, and transformer reads sequences only")
+                             f"{' or '.join(SEQUENCE_ENCODERS)}, and transformer reads sequences only"
+                             + ("" if spec.kind == "sequence" else f" ({SEQUENCE_FORMAT})"))
         length, channels = spec.shape
         body = (ENCODERS["transformer"](length, channels - 1, dim) if name == "transformer"
                 else ENCODERS["mlp"](length * channels, dim))
