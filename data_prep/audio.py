@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -119,19 +119,25 @@ def check_wav_complete(path: str | Path) -> None:
 
 @dataclass(frozen=True)
 class AudioRecipe:
-    """A named waveform -> spectrogram recipe: the input rate it expects and the exact output shape."""
+    """A named waveform -> spectrogram recipe: the input rate it expects, the clip length it tiles or pads to,
+    and the exact output shape. `sized(seconds, sample_rate)`: the same recipe for other clips (`prepare folder
+    --seconds --sample-rate`); its STFT/fbank settings stay, the number of frames follows the length."""
 
     name: str
     sample_rate: int
+    seconds: float
     shape: tuple[int, ...]
     summary: str
     compute: Callable[[np.ndarray], np.ndarray]  # mono float32 wave at sample_rate -> float32 `shape`
 
+    def sized(self, seconds: float, sample_rate: int) -> "AudioRecipe":
+        return RECIPES[self.name](seconds, sample_rate)
 
-def ogm_stft(wave: np.ndarray) -> np.ndarray:
-    """The OGM-GE / DML (B.1) CREMA-D recipe on a 22,050 Hz wave: 3 s tiled or cut, clipped to
-    [-1, 1], log(|STFT| + 1e-7) with n_fft 512, hop 353 -> [1, 257, 188]."""
-    x = np.clip(tile_or_cut(wave, 3 * 22050), -1.0, 1.0)
+
+def ogm_stft(wave: np.ndarray, length: int = 3 * 22050) -> np.ndarray:
+    """The OGM-GE / DML (B.1) CREMA-D recipe on a 22,050 Hz wave: 3 s (`length` samples) tiled or cut, clipped
+    to [-1, 1], log(|STFT| + 1e-7) with n_fft 512, hop 353 -> [1, 257, 188]."""
+    x = np.clip(tile_or_cut(wave, length), -1.0, 1.0)
     return log_spectrogram(x, n_fft=512, hop_length=353)[None]
 
 
@@ -139,40 +145,64 @@ AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet fbank statistics used by A
 FBANK_FRAMES = 1024
 
 
-def kaldi_fbank(wave: np.ndarray) -> np.ndarray:
+def kaldi_fbank(wave: np.ndarray, frames: int = FBANK_FRAMES, sample_rate: int = 16000) -> np.ndarray:
     """The AST recipe on a 16 kHz wave: Kaldi fbank (128 mel bins, 25 ms Hanning window, 10 ms shift,
-    no dither), zero-padded or cut to 1024 frames, then (x - mean) / (2 std) -> [1, 1024, 128]."""
+    no dither), zero-padded or cut to 1024 `frames`, then (x - mean) / (2 std) -> [1, 1024, 128]."""
     import torch
     import torchaudio.compliance.kaldi as kaldi
 
     x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None]
-    fbank = kaldi.fbank(x - x.mean(), htk_compat=True, sample_frequency=16000, use_energy=False,
+    fbank = kaldi.fbank(x - x.mean(), htk_compat=True, sample_frequency=sample_rate, use_energy=False,
                         window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
-    fbank = torch.nn.functional.pad(fbank, (0, 0, 0, max(FBANK_FRAMES - len(fbank), 0)))[:FBANK_FRAMES]
+    fbank = torch.nn.functional.pad(fbank, (0, 0, 0, max(frames - len(fbank), 0)))[:frames]
     return ((fbank - AST_MEAN) / (2 * AST_STD)).numpy()[None]
 
 
-@lru_cache(maxsize=1)
-def _mel128_transform():
+@lru_cache(maxsize=4)
+def _mel128_transform(sample_rate: int = 16000):
     import torchaudio.transforms as T
 
-    return T.MelSpectrogram(sample_rate=16000, n_fft=2048, hop_length=1250, n_mels=128, power=2.0)
+    return T.MelSpectrogram(sample_rate=sample_rate, n_fft=2048, hop_length=1250, n_mels=128, power=2.0)
 
 
-def mel128(wave: np.ndarray) -> np.ndarray:
-    """The DML (B.1) Kinetics-Sounds recipe on a 16 kHz wave: 10 s tiled or cut, clipped to [-1, 1],
-    log(mel power + 1e-7) with n_fft 2048, hop 1250, 128 mel bins, first 128 frames -> [1, 128, 128]."""
+def mel128(wave: np.ndarray, length: int = 10 * 16000, sample_rate: int = 16000) -> np.ndarray:
+    """The DML (B.1) Kinetics-Sounds recipe on a 16 kHz wave: 10 s (`length` samples) tiled or cut, clipped to
+    [-1, 1], log(mel power + 1e-7) with n_fft 2048, hop 1250, 128 mel bins, first length // 1250 (128) frames
+    -> [1, 128, 128]."""
     import torch
 
-    x = torch.from_numpy(np.clip(tile_or_cut(wave, 10 * 16000), -1.0, 1.0).astype(np.float32))
-    mel = _mel128_transform()(x)[:, :128]
+    x = torch.from_numpy(np.clip(tile_or_cut(wave, length), -1.0, 1.0).astype(np.float32))
+    mel = _mel128_transform(sample_rate)(x)[:, :length // 1250]
     return torch.log(mel + 1e-7).numpy()[None]
 
 
-AUDIO_RECIPES = {r.name: r for r in (
-    AudioRecipe("ogm-stft", 22050, (1, 257, 188), "3 s at 22,050 Hz, log|STFT| n_fft 512 hop 353 (OGM-GE, DML B.1)",
-                ogm_stft),
-    AudioRecipe("kaldi-fbank", 16000, (1, 1024, 128), "Kaldi fbank 128 mel x 1024 frames of 10 ms, AST mean/std",
-                kaldi_fbank),
-    AudioRecipe("mel128", 16000, (1, 128, 128), "10 s at 16 kHz, log mel 128 bins x 128 frames (DML B.1)", mel128),
-)}
+def _rate(seconds: float, sample_rate: int) -> str:
+    """'3 s at 22,050 Hz', '10 s at 16 kHz'."""
+    rate = f"{sample_rate // 1000} kHz" if sample_rate % 1000 == 0 else f"{sample_rate:,} Hz"
+    return f"{seconds:g} s at {rate}"
+
+
+def _ogm_recipe(seconds: float = 3.0, sample_rate: int = 22050) -> AudioRecipe:
+    n = round(seconds * sample_rate)
+    return AudioRecipe("ogm-stft", sample_rate, seconds, (1, 257, 1 + n // 353),
+                       f"{_rate(seconds, sample_rate)}, log|STFT| n_fft 512 hop 353 (OGM-GE, DML B.1)",
+                       partial(ogm_stft, length=n))
+
+
+def _fbank_recipe(seconds: float = 10.24, sample_rate: int = 16000) -> AudioRecipe:
+    frames = round(seconds * 100)
+    return AudioRecipe("kaldi-fbank", sample_rate, seconds, (1, frames, 128),
+                       f"Kaldi fbank 128 mel x {frames} frames of 10 ms"
+                       f"{'' if sample_rate == 16000 else ' at ' + _rate(seconds, sample_rate)}, AST mean/std",
+                       partial(kaldi_fbank, frames=frames, sample_rate=sample_rate))
+
+
+def _mel_recipe(seconds: float = 10.0, sample_rate: int = 16000) -> AudioRecipe:
+    n = round(seconds * sample_rate)
+    return AudioRecipe("mel128", sample_rate, seconds, (1, 128, n // 1250),
+                       f"{_rate(seconds, sample_rate)}, log mel 128 bins x {n // 1250} frames (DML B.1)",
+                       partial(mel128, length=n, sample_rate=sample_rate))
+
+
+RECIPES = {"ogm-stft": _ogm_recipe, "kaldi-fbank": _fbank_recipe, "mel128": _mel_recipe}
+AUDIO_RECIPES = {name: make() for name, make in RECIPES.items()}  # as the benchmarks define them

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from mmlab_cli.config import read_yaml_mapping
-from mmlab_cli.data.format import (SPLITS, check_writable, existing_dataset, pack_sequence, sha256_file,
-                                   stratified_split, write_dataset)
+from mmlab_cli.console import console
+from mmlab_cli.data.format import (PAIRINGS, SEQUENCE_FORMAT, SPLITS, check_writable, existing_dataset,
+                                   pack_sequence, sha256_file, stratified_split, write_dataset)
 from mmlab_cli.errors import MmlabError
 
 LAYOUT = ("SRC/{train,test}/labels.npy and SRC/{split}/{modality}.npy (features) or .npz (x [N, T, D] with "
@@ -54,13 +55,17 @@ def _entry(path: Path, data, key: str) -> np.ndarray:
         raise MmlabError(f"{path}: '{key}' cannot be read as numbers ({e}); save it as a numeric array") from None
 
 
-def read_modality(path: Path) -> tuple[np.ndarray, str]:
+def read_modality(path: Path, say=console.print) -> tuple[np.ndarray, str]:
     """(array, kind) of one split's modality file: a .npy as is ("features"), a .npz packed into
-    [N, T, 1 + D] with the mask in channel 0 ("sequence")."""
+    [N, T, 1 + D] with the mask in channel 0 ("sequence"). A 3-D .npy looks like sequences saved as features:
+    `say` names the sequence format (it is still read as fixed-size features, which it may be)."""
     data = _load(path)
     if path.suffix == ".npy":
         if _numeric(path, data).ndim < 2 or 0 in data.shape[1:]:
             raise MmlabError(f"{path}: shape {data.shape}; features are [N, ...] with at least one value per row")
+        if data.ndim == 3:
+            say(f"[yellow]{path}: [N, T, D] = {list(data.shape)} read as fixed-size features (kind features: an "
+                f"MLP reads all T x D values); if its rows are sequences: {SEQUENCE_FORMAT}")
         return data.astype(np.float32), "features"
     with data:
         if "x" not in data or not ({"lengths", "mask"} & set(data.files)):
@@ -177,10 +182,13 @@ def yaml_source(path: Path) -> Source:
 
 
 def prepare_features(src: str | Path, out: str | Path, *, name: str = "", val_fraction: float = 0.1, seed: int = 0,
-                     force: bool = False) -> tuple[dict, bool]:
+                     pairing: str | None = None, force: bool = False) -> tuple[dict, bool]:
     """Check and write the features that `src` (a directory, or a YAML file naming the files) holds into
-    `out`; returns (manifest, built)."""
+    `out`; returns (manifest, built). `pairing` (one of PAIRINGS): what row i of two modalities shares, recorded
+    in the manifest (geometry's sample-level metrics are caveated without it)."""
     src, out = Path(src), Path(out)
+    if pairing is not None and pairing not in PAIRINGS:
+        raise MmlabError(f"--pairing {pairing!r}: choose {' or '.join(PAIRINGS)}")
     source = yaml_source(src) if src.suffix in (".yaml", ".yml") else directory_source(src)
     if not source.files["train"]:
         raise MmlabError(f"{source.described_by}: no modality for train; expected {LAYOUT}")
@@ -189,7 +197,8 @@ def prepare_features(src: str | Path, out: str | Path, *, name: str = "", val_fr
                **{str(p.resolve()): sha256_file(p) for p in sorted(set(named)) if p.is_file()}}
     carved = "val" not in source.labels
     params = {"val": f"seeded stratified {val_fraction:g} of train" if carved else "given",
-              "val_fraction": val_fraction if carved else None, "seed": seed}
+              "val_fraction": val_fraction if carved else None, "seed": seed,
+              **({"pairing": pairing} if pairing else {})}
     identity = {"preprocessing": params, "sources": sources}
     if manifest := existing_dataset(out, identity, force):
         return manifest, False
@@ -214,5 +223,5 @@ def prepare_features(src: str | Path, out: str | Path, *, name: str = "", val_fr
     require_classes(labels, classes, where)
     manifest = write_dataset(out, dataset=name or src.resolve().stem, classes=classes, kinds=kinds,
                              arrays=arrays, labels={s: labels[s] for s in SPLITS}, preprocessing=params,
-                             sources=sources)
+                             sources=sources, pairing=pairing)
     return manifest, True

@@ -149,9 +149,11 @@ def fingerprint(*, dataset: str, classes: list[str], clips: list[Clip], outputs:
 
 def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip], outputs: dict[str, ModalitySpec],
           process: Callable[[Clip], dict[str, np.ndarray]], preprocessing: dict, sources: dict[str, str],
-          problems: list[Problem] = (), workers: int | None = None, force: bool = False) -> tuple[dict, dict, bool]:
+          problems: list[Problem] = (), workers: int | None = None, force: bool = False,
+          report_extra: dict | None = None) -> tuple[dict, dict, bool]:
     """Prepare `clips` into `out`; returns (manifest, report, built). `outputs` gives each modality's
-    sample shape, dtype and kind; `problems` are files already rejected while scanning the source."""
+    sample shape, dtype and kind; `problems` are files already rejected while scanning the source;
+    `report_extra`: what else prepare_report.json says (a preparer's own counts)."""
     out = Path(out)
     problems = list(problems)
     if not clips:
@@ -169,7 +171,7 @@ def build(out: str | Path, *, dataset: str, classes: list[str], clips: list[Clip
     started = time.time()
     run = _Run(out, clips, outputs, process, json.dumps(identity), force, workers or available_cpus())
     run.execute(dataset)
-    report = run.finish(dataset, problems, time.time() - started)
+    report = run.finish(dataset, problems, time.time() - started, report_extra)
     # every row holds the modalities of one clip (one video, one page): its pairs are the recorded ones
     manifest = write_manifest(out, dataset=dataset, classes=classes, modalities=run.specs(), labels=run.labels(),
                               preprocessing=preprocessing, sources=sources, pairing="sample-level",
@@ -197,7 +199,7 @@ def _progress_identity(out: Path) -> dict | None:
 
 
 def write_report(out: Path, dataset: str, split_of: np.ndarray, status: np.ndarray, scanned: list[Problem],
-                 failed: list[Problem], seconds: float) -> dict:
+                 failed: list[Problem], seconds: float, extra: dict | None = None) -> dict:
     """Write prepare_report.json, the same for every dataset; returns it. `split_of` and `status` (TODO,
     DONE, FAILED) are per clip; `scanned` are the files rejected before processing, `failed` while."""
     report = {
@@ -210,6 +212,7 @@ def write_report(out: Path, dataset: str, split_of: np.ndarray, status: np.ndarr
                           "failed": int(((split_of == s) & (status == FAILED)).sum())} for s in SPLITS},
         "seconds": round(seconds, 2),
         "left_out": [p.to_json() for p in [*scanned, *failed]],
+        **(extra or {}),
     }
     atomic_write_json(out / REPORT, report)
     return report
@@ -336,7 +339,7 @@ class _Run:
         self.failures[i] = Problem(path, reason, self.clips[i].id)
 
     # ----- the final commit
-    def finish(self, dataset: str, problems: list[Problem], seconds: float) -> dict:
+    def finish(self, dataset: str, problems: list[Problem], seconds: float, extra: dict | None = None) -> dict:
         """Move the arrays into place, write labels and clip ids, and the report; returns the report."""
         for split in SPLITS:
             idx = self._prepared(split)
@@ -347,7 +350,7 @@ class _Run:
             save_array(array_path(self.out, split, "labels"), self.label_of[idx])
             atomic_write_text(self.out / split / "clips.txt", "".join(f"{self.clips[i].id}\n" for i in idx))
         report = write_report(self.out, dataset, self.split_of, self.status, problems,
-                              [self.failures[i] for i in sorted(self.failures)], seconds)
+                              [self.failures[i] for i in sorted(self.failures)], seconds, extra)
         (self.out / PROGRESS).unlink(missing_ok=True)
         return report
 

@@ -11,6 +11,7 @@ them. `key=value` text (train's arguments, sweep's --set and --grid) is read by 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -33,7 +34,8 @@ class CoreOptions:
     """The options of every run; the training methods' own options (mmlab_cli/methods/registry.py) join them
     after `clip_grad_norm` in TrainConfig."""
     data: str = option("", "Prepared dataset directory (from `mmlab prepare`).", metavar="DIR")
-    out: str = option("", "Run directory to create (or to continue with --resume).", metavar="DIR")
+    out: str = option("", "Run directory to create (or to continue with --resume); default: "
+                      "runs/<recipe stem, else dataset name>/<method>/version_N, the next N.", metavar="DIR")
     modalities: list[str] = option([], "Comma-separated modalities, e.g. image,audio; one name = unimodal; "
                                    "default: every modality of the dataset.", metavar="NAMES")
     pairing: str = option("sml", "sml: fixed pairs; dml: re-pair each non-anchor modality with a random "
@@ -70,15 +72,26 @@ class CoreOptions:
                        "--encoder-lr.", metavar="FLOAT", above=0)
     encoder_lr: dict[str, float] = option({}, "Per-modality encoder learning rates: text=0.001,image=0.01.",
                                           metavar="MODALITY=FLOAT")
-    optimizer: str = option("sgd", "Optimizer (SGD uses --momentum).", ("sgd", "adam"))
+    optimizer: str = option("sgd", "Optimizer (SGD uses --momentum); adamw: decoupled weight decay, none on "
+                            "biases and norm weights (every parameter of one dimension).", ("sgd", "adam", "adamw"))
     momentum: float = option(0.9, "SGD momentum.", metavar="FLOAT", at_least=0)
     weight_decay: float = option(1e-4, "Weight decay.", metavar="FLOAT", at_least=0)
     encoder_weight_decay: dict[str, float] = option({}, "Per-modality encoder weight decay: text=0.001.",
                                                     metavar="MODALITY=FLOAT")
-    scheduler: str = option("step", "step: multiply the rate by --gamma every --step-size epochs; none: "
-                            "constant.", ("step", "none"))
+    scheduler: str = option("step", "The rate per epoch after --warmup-epochs: step: multiply it by --gamma every "
+                            "--step-size epochs; cosine: anneal it to 0 by the last epoch; constant (none: its "
+                            "older name, still read).", ("step", "cosine", "constant", "none"),
+                            flag="--scheduler --schedule")
+    warmup_epochs: int = option(0, "Epochs whose rate rises linearly to --lr (epoch e of W at lr (e+1)/W) before "
+                                "the --scheduler schedule starts.", metavar="INT", at_least=0)
     step_size: int = option(30, "StepLR period in epochs.", metavar="INT", at_least=1)
     gamma: float = option(0.1, "StepLR factor.", metavar="FLOAT", above=0)
+    early_stop: str = option("", "Stop when the validation metric (val_acc, val_loss, val_acc_<modality>; "
+                             "contrastive: val_retrieval_r1) has not improved for PATIENCE epochs, e.g. "
+                             "val_acc:5 (metrics.json records where).", metavar="METRIC:PATIENCE")
+    keep_top_k: int = option(0, "Also keep the K checkpoints of the best validation scores (the metric "
+                             "checkpoints/best selects by) in checkpoints/top/<epoch>/ (0: off).", metavar="INT",
+                             at_least=0)
     clip_grad_norm: float = option(0.0, "Clip the gradient norm to this (0: off).", metavar="FLOAT",
                                   at_least=0)
     diverge_factor: float = option(1e4, "Stop as diverged (exit 3, the last good checkpoint kept) when a training "
@@ -199,6 +212,12 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
 
 
+def did_you_mean(key: str, keys) -> str:
+    """' (did you mean 'epochs'?)' for the known key closest to a mistyped one (difflib), '' when none is close."""
+    close = difflib.get_close_matches(key, list(keys), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def read_yaml_mapping(path: str | Path, what: str, keys, examples: str) -> dict:
     """The mapping a YAML file (a recipe, a sweep file) holds, every key one of `keys`; a missing or unreadable
     file, another shape or an unknown key is one line naming the file."""
@@ -213,7 +232,8 @@ def read_yaml_mapping(path: str | Path, what: str, keys, examples: str) -> dict:
         raise MmlabError(f"{path}: a {what} is a mapping of key: value")
     unknown = [k for k in raw if k not in keys]
     if unknown:
-        raise MmlabError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(keys)}")
+        raise MmlabError(f"{path}: unknown key '{unknown[0]}'{did_you_mean(str(unknown[0]), keys)}; valid keys: "
+                         f"{', '.join(keys)}")
     return raw
 
 
@@ -252,6 +272,15 @@ def _option_problems(cfg: TrainConfig) -> list[str]:
     return [p for p in problems if p]
 
 
+def early_stop_rule(text: str) -> tuple[str, int]:
+    """`val_acc:5` -> ('val_acc', 5): the validation metric early stopping watches and its patience in epochs;
+    ValueError when `text` is not METRIC:PATIENCE with a val_ metric and a patience >= 1."""
+    metric, sep, patience = text.rpartition(":")
+    if not sep or not metric.startswith("val_") or not patience.isdigit() or int(patience) < 1:
+        raise ValueError(text)
+    return metric, int(patience)
+
+
 def _core_problems(cfg: TrainConfig) -> list[str]:
     """The core options together: per-modality rates, fusion, names in lists, pseudo-labels."""
     problems = []
@@ -269,18 +298,27 @@ def _core_problems(cfg: TrainConfig) -> list[str]:
         unknown = [a for a in getattr(cfg, key) if a not in known]
         if unknown:
             problems.append(f"'{key}' has unknown '{unknown[0]}'; choose from {', '.join(known)}")
+    if cfg.early_stop:
+        try:
+            early_stop_rule(cfg.early_stop)
+        except ValueError:
+            problems.append(f"'early_stop' is {cfg.early_stop!r}; give METRIC:PATIENCE with a validation metric "
+                            f"and a patience >= 1 epoch, e.g. val_acc:5 or val_loss:3")
     if len(set(cfg.modalities)) != len(cfg.modalities):
         problems.append(f"modalities {cfg.modalities} name one modality twice")
     return [p for p in [*problems, _pseudo_label_problem(cfg)] if p]
 
 
-def validate(cfg: TrainConfig, source: str) -> TrainConfig:
-    """The config, or one line naming `source`, the key and the fix: each option's own rules, then the core
-    options together, then every training method's checks (mmlab_cli/methods/registry.py)."""
+def validate(cfg: TrainConfig, source: str, where: dict[str, str] | None = None) -> TrainConfig:
+    """The config, or one line naming where the value at fault came from, the key and the fix: each option's
+    own rules, then the core options together, then every training method's checks
+    (mmlab_cli/methods/registry.py). `where`: {key: the source of its value} (a flag, a key=value argument, a
+    recipe file); the first key a problem names is looked up there, `source` when absent."""
     for problems in (_option_problems, _core_problems, method_problems):
         found = problems(cfg)
         if found:
-            raise MmlabError(f"{source}: {found[0]}")
+            named = [k for k in re.findall(r"'(\w+)'", found[0]) if k in FIELDS]
+            raise MmlabError(f"{(where or {}).get(named[0] if named else '', source)}: {found[0]}")
     return cfg
 
 
@@ -321,8 +359,8 @@ def parse_override(item: str, source: str = "command line") -> tuple[str, object
     key, sep, text = item.partition("=")
     key = key.strip().replace("-", "_")
     if not sep or key not in FIELDS:
-        raise MmlabError(f"{source}: {item!r} is not key=value with a training option as key; valid keys: "
-                         f"{', '.join(FIELDS)}")
+        raise MmlabError(f"{source}: {item!r} is not key=value with a training option as key"
+                         f"{did_you_mean(key, FIELDS)}; valid keys: {', '.join(FIELDS)}")
     try:
         return key, read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -352,17 +390,21 @@ def parse_grid(items: list[str], source: str = "--grid") -> dict[str, list]:
     return axes
 
 
-def resolve_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
-    """Defaults, then the recipe's values, then every override that is not None."""
+def resolve_config(recipe: str | Path | None, overrides: dict, sources: dict[str, str] | None = None) -> TrainConfig:
+    """Defaults, then the recipe's values, then every override that is not None. `sources`: where each override
+    came from as an error names it (`--lr`, `lr=-1`; default: "command line"); a bad value is blamed on its own
+    source, a recipe's on the recipe file."""
     source = str(recipe) if recipe else "command line"
     from_recipe = load_recipe(recipe) if recipe else {}
-    from_flags = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
-    for layer, where in ((from_recipe, source), (from_flags, "command line")):
+    where = {**{k: source for k in from_recipe},
+             **{k: (sources or {}).get(k, "command line") for k, v in overrides.items() if v is not None}}
+    from_flags = {k: coerce(k, v, where[k]) for k, v in overrides.items() if v is not None}
+    for layer, blame in ((from_recipe, source), (from_flags, where.get("modalities"))):
         if layer.get("modalities") == []:  # `--modalities ,` must not silently mean "all of them"
-            raise MmlabError(f"{where}: 'modalities' names no modality; give e.g. image,audio, or leave it out "
+            raise MmlabError(f"{blame}: 'modalities' names no modality; give e.g. image,audio, or leave it out "
                              f"for every modality of the dataset")
     values = {**from_recipe, **from_flags, **_dagr_mode([from_recipe, from_flags], source)}
-    return validate(TrainConfig(**values), source)
+    return validate(TrainConfig(**values), source, where)
 
 
 def config_from_yaml(path: str | Path) -> TrainConfig:

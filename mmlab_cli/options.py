@@ -30,7 +30,8 @@ def option(default, help: str, choices: tuple = (), metavar: str = "", *, flag: 
            shown: str | None = None, kind: str = "", at_least: float | None = None, above: float | None = None):
     """A dataclass field with what `--help` says about it: the one declaration of an option (its flag, help,
     default and choices are generated from it). `flag`: the flag's declaration when it is not --<field-name>
-    (e.g. '--metric', '--fgap-relative/--fgap-absolute'); `parse(text)`: the value of the flag's text (the
+    (e.g. '--metric', '--fgap-relative/--fgap-absolute', or
+    several names: '--scheduler --schedule'); `parse(text)`: the value of the flag's text (the
     flag then takes text); `shown`: the default as the help shows it; `kind`: the field's type as text
     ("list[float]", ...), from the default when it is a plain value; `at_least` (>=) and `above` (>): bounds the
     config's validation checks. Lists and dicts get a fresh copy of `default` per instance."""
@@ -74,7 +75,7 @@ def flag(f: dataclasses.Field, as_text: bool = True) -> inspect.Parameter:
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[bool])
     typed = TYPES.get(base) if not as_text and meta["parse"] is None else None
     metavar = "|".join(meta["choices"]) or meta["metavar"] or METAVARS.get(base, "TEXT")
-    opt = typer.Option(None, decl, help=meta["help"] + _default_text(f), metavar=metavar, show_default=False)
+    opt = typer.Option(None, *decl.split(), help=meta["help"] + _default_text(f), metavar=metavar, show_default=False)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                              annotation=Optional[typed or str])
 

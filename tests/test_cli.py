@@ -88,7 +88,7 @@ def test_bad_input_is_one_line_exit_2_naming_the_file(tiny_synthetic, tmp_path, 
         args[-1] = "image,video"
     elif case == "bad_pairing":
         args += ["--pairing", "random"]
-        named = "command line"
+        named = "--pairing: "  # blamed on the flag that gave it
     _one_line_error(runner.invoke(app, args), expect, str(named))
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -119,3 +119,45 @@ def test_a_yaml_file_can_name_the_files(tmp_path):
     err = result.stderr.strip()
     assert result.exit_code == 2 and "\n" not in err and f"{flat / 'test_text.npz'}: missing (named by {yaml} as " \
         f"test.text)" in err
+
+
+def test_sequences_saved_as_npy_are_told_the_npz_format(tmp_path):
+    """A 3-D .npy is read as features, as before, and the prepare names the sequence format; 2-D ones say nothing."""
+    src = _source(tmp_path / "src")
+    for split in ("train", "test"):
+        x = np.load(src / split / "text.npz")["x"]
+        (src / split / "text.npz").unlink()
+        np.save(src / split / "text.npy", x)
+    result = _prepare("--src", src, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert "text.npy: [N, T, D] = [40, 7, 4] read as fixed-size features" in said
+    assert "an .npz holding x [N, T, D] and lengths [N]" in said and "audio.npy" not in said
+    # and where a sequence is expected: the transformer encoder on that features modality
+    from mmlab_cli.config import TrainConfig
+    from mmlab_cli.engine.fit import preflight
+    from mmlab_cli.errors import MmlabError
+
+    with pytest.raises(MmlabError, match=r"cannot read a features modality.*an \.npz holding x \[N, T, D\]"):
+        preflight(TrainConfig(data=str(tmp_path / "out"), encoder={"audio": "mlp", "text": "transformer"}),
+                  PreparedDataset(tmp_path / "out"))
+    assert PreparedDataset(tmp_path / "out").specs["text"].kind == "features"
+
+
+def test_pairing_is_recorded_and_the_geometry_note_advice_works(tmp_path):
+    """Without --pairing the manifest says nothing and geometry's note tells the features user to give it; given
+    (with --force, as the note says), the manifest records it and no caveat remains."""
+    from mmlab_cli.analysis.geometry import pairing_caveat
+
+    src, out = _source(tmp_path / "src"), tmp_path / "out"
+    assert _prepare("--src", src, "--out", out).exit_code == 0
+    data = PreparedDataset(out)
+    note = pairing_caveat(data.name, data.pairing, {"a|b": {"drift": 0.0}})["note"]
+    assert "`mmlab prepare features ... --pairing sample-level`" in note
+    assert _prepare("--src", src, "--out", out, "--pairing", "sample-level").exit_code != 0  # prepared otherwise
+    result = _prepare("--src", src, "--out", out, "--pairing", "sample-level", "--force")
+    assert result.exit_code == 0, result.output
+    data = PreparedDataset(out)
+    assert data.pairing == "sample-level" and pairing_caveat(data.name, data.pairing, {"a|b": {"drift": 0.0}}) is None
+    bad = _prepare("--src", src, "--out", tmp_path / "other", "--pairing", "row-level")
+    assert bad.exit_code == 2 and "choose sample-level or class-level" in bad.stderr

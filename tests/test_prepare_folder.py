@@ -35,7 +35,8 @@ def test_files_matched_by_stem_and_bad_files_reported(tmp_path):
     (src / "no" / "s3.png").unlink()  # no image partner
     (src / "no" / "notes.txt").write_text("x")  # another file type
     result = CliRunner().invoke(app, ["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"),
-                                      "--size", "8", "--workers", "1", "--audio-recipe", "mel128"])
+                                      "--size", "8", "--workers", "1", "--audio-recipe", "mel128",
+                                      "--seconds", "10", "--sample-rate", "16000"])  # the benchmark's recipe
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
     reasons = {p["path"]: p["reason"] for p in report["left_out"]}
@@ -99,3 +100,42 @@ def test_an_empty_class_folder_is_an_error_and_a_symlink_loop_is_reported(tmp_pa
     report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
     reasons = {p["path"]: p["reason"] for p in report["left_out"]}
     assert "symlink loop" in reasons[str(src / "no" / "s9.wav")] and report["prepared"] == 12
+
+
+def test_audio_length_and_rate_from_the_files_or_the_flags_with_resampling_and_mixdown_reported(tmp_path):
+    """Most files 16 kHz mono of 1 s: the default clip is 1 s at 16 kHz (not ogm-stft's 3 s at 22,050 Hz); an
+    8 kHz stereo file is resampled and mixed down, each counted in prepare_report.json, the choice recorded in the
+    manifest; --seconds / --sample-rate override the choice. Every row is the sized recipe of its file."""
+    from data_prep.folder import prepare_folder
+
+    src = tmp_path / "src"
+    for c, name in enumerate(("a", "b")):
+        (src / name).mkdir(parents=True)
+        for i in range(5):
+            rate, seconds, channels = (8000, 0.5, 2) if (c, i) == (0, 0) else (16000, 1.0 + 0.5 * (i == 4), 1)
+            t = np.arange(int(rate * seconds)) / rate
+            wave = np.sin(2 * np.pi * (200 + 100 * c + 20 * i) * t)[:, None] * np.linspace(0.2, 0.4, channels)
+            sf.write(src / name / f"s{i}.wav", wave.astype(np.float32), rate)
+    manifest, report, _ = prepare_folder(src, tmp_path / "out", workers=1)
+    assert report["audio"] == {"recipe": "ogm-stft", "seconds": 1.0, "sample_rate": 16000,
+                               "chosen": {"seconds": "the median length of the files",
+                                          "sample_rate": "the most common rate of the files"},
+                               "resampled": {"8000": 1}, "mixed_to_mono": 1, "shorter": 1, "longer": 2}
+    assert json.loads((tmp_path / "out" / "prepare_report.json").read_text())["audio"] == report["audio"]
+    recorded = manifest["preprocessing"]["audio"]
+    assert (recorded["seconds"], recorded["sample_rate"]) == (1.0, 16000) and "1 s at 16 kHz" in recorded["summary"]
+    recipe = AUDIO_RECIPES["ogm-stft"].sized(1.0, 16000)
+    assert manifest["modalities"]["audio"]["shape"] == list(recipe.shape) == [1, 257, 1 + 16000 // 353]
+    data = PreparedDataset(tmp_path / "out")
+    for split in ("train", "val", "test"):
+        for row, clip in enumerate((tmp_path / "out" / split / "clips.txt").read_text().split()):
+            stereo, sr = sf.read(src / f"{clip}.wav", dtype="float32", always_2d=True)
+            expected = recipe.compute(resample(stereo.mean(axis=1), sr, 16000))
+            np.testing.assert_allclose(data.split(split).arrays["audio"][row], expected, atol=1e-4)
+
+    manifest, report, _ = prepare_folder(src, tmp_path / "flags", seconds=0.5, sample_rate=8000, workers=1,
+                                         audio_recipe="kaldi-fbank")
+    assert (report["audio"]["seconds"], report["audio"]["sample_rate"], report["audio"]["resampled"]) == \
+        (0.5, 8000, {"16000": 9})
+    assert report["audio"]["chosen"] == {"seconds": "--seconds", "sample_rate": "--sample-rate"}
+    assert manifest["modalities"]["audio"]["shape"] == [1, 50, 128]

@@ -47,6 +47,32 @@ def test_typo_is_one_line_naming_key_and_file(tmp_path):
     assert "unknown key 'dagr_temprature'" in err and str(bad) in err
 
 
+def test_typos_get_a_did_you_mean(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("epoch: 2\n")
+    assert "unknown key 'epoch' (did you mean 'epochs'?)" in _train("--recipe", bad).stderr
+    assert "'epoch=3' is not key=value with a training option as key (did you mean 'epochs'?)" in \
+        _train("epoch=3").stderr
+    assert "did you mean" not in _train("zzzz=3").stderr  # nothing close: no guess
+
+
+@pytest.mark.parametrize("args, blamed", [(["--lr", "-1"], "--lr: 'lr' must be > 0"),
+                                          (["lr=-1"], "lr=-1: 'lr' must be > 0"),
+                                          (["--epochs", "two"], "--epochs: 'epochs' must be int"),
+                                          (["epochs=2.5"], "epochs=2.5: 'epochs' must be int"),
+                                          (["--pairing", "sml", "pseudo_labels=kmeans:4"],
+                                           "pseudo_labels=kmeans:4: 'pseudo_labels' only changes DML"),
+                                          ([], "RECIPE: 'swa_start' 5 is after the last epoch 3")])
+def test_an_error_names_where_the_value_came_from(tmp_path, args, blamed):
+    """A value given as a flag or as key=value is blamed on that argument, not on the recipe; the recipe's own
+    values on the recipe file."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 3\nlr: 0.1\nswa_start: 5\n")
+    if args:
+        args = [*args, "swa_start=1"]
+    err = _train("--recipe", recipe, *args, "--print-config").stderr.strip()
+    assert err.startswith("error: " + blamed.replace("RECIPE", str(recipe))) and "\n" not in err, err
+
 @pytest.mark.parametrize("text, key", [("encoder_lr: 0.1\n", "encoder_lr"),  # a mapping is expected
                                        ("augment: [jitter, blur]\n", "augment"),
                                        ("scheme: dlg\n", "scheme"),

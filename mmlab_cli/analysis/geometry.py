@@ -41,9 +41,10 @@ CAVEATS = {
     "class-level": "{dataset} pairs are class-level (row i pairs two samples that share only their class): drift, "
                    "cosine gap, KS and Recall@K measure class-level alignment only, and Recall@K is capped since "
                    "a sample's partner is one of many same-class candidates",
-    "unknown": "{dataset}'s manifest does not say whether its pairs are sample-level or class-level (prepared "
-               "before mmlab recorded it; `mmlab prepare ... --force` records it): drift, cosine gap, KS and "
-               "Recall@K may measure class-level alignment only"}
+    "unknown": "{dataset}'s manifest does not say whether its pairs are sample-level or class-level (your own "
+               "features: `mmlab prepare features ... --pairing sample-level` or `class-level` records it; a "
+               "dataset of mmlab's other preparers, made before they recorded it: their `--force` does): drift, "
+               "cosine gap, KS and Recall@K may measure class-level alignment only"}
 
 
 @dataclass

@@ -169,6 +169,12 @@ def _prepare(fn, out: Path, **kwargs) -> None:
         raise typer.Exit(130) from None
     _summary(manifest, out, built)
     _left_out(report, out)
+    if "audio" in report:  # prepare folder: what the audio became
+        a = report["audio"]
+        resampled = ", ".join(f"{n} from {r} Hz" for r, n in a["resampled"].items()) or "none"
+        console.print(f"audio: {a['seconds']:g} s at {a['sample_rate']} Hz ({a['chosen']['seconds']}; "
+                      f"{a['chosen']['sample_rate']}); resampled: {resampled}; mixed down to mono: "
+                      f"{a['mixed_to_mono']}; shorter (tiled or padded): {a['shorter']}; longer (cut): {a['longer']}")
 
 
 def _left_out(report: dict, out: Path, shown: int = 10) -> None:
@@ -329,6 +335,9 @@ def features(
     val_fraction: float = typer.Option(0.1, min=0.01, max=0.5, help="Fraction of train carved as val when SRC has "
                                        "no val/ (seeded, stratified)."),
     seed: int = SEED,
+    pairing: Optional[str] = typer.Option(None, metavar="sample-level|class-level", help="What row i of two "
+                                          "modalities shares: one sample seen twice (sample-level) or only a class "
+                                          "(class-level); recorded in the manifest, where geometry reads it."),
     force: bool = FORCE,
 ) -> None:
     """Your own precomputed features (MultiBench style): arrays per split and modality.
@@ -349,7 +358,8 @@ def features(
     """
     from data_prep.features import prepare_features
 
-    manifest, built = prepare_features(src, out, name=name, val_fraction=val_fraction, seed=seed, force=force)
+    manifest, built = prepare_features(src, out, name=name, val_fraction=val_fraction, seed=seed, pairing=pairing,
+                                       force=force)
     _summary(manifest, out, built)
 
 
@@ -363,6 +373,10 @@ def folder(
                                      "mel128 (see crema-d and kinetics-sounds)."),
     frames: int = FRAMES,
     size: int = typer.Option(224, min=8, help="Image and frame side S: shorter side resized to S, center crop."),
+    seconds: Optional[float] = typer.Option(None, help="Audio clip length: shorter clips tiled (kaldi-fbank: "
+                                            "padded), longer ones cut [default: the files' median length]."),
+    sample_rate: Optional[int] = typer.Option(None, help="Audio rate every .wav is resampled to before its "
+                                              "spectrogram [default: the files' most common rate]."),
     seed: int = SEED,
     workers: Optional[int] = WORKERS,
     force: bool = FORCE,
@@ -375,15 +389,17 @@ def folder(
       or SRC/{train,test}/<class>/<stem>.<ext>
 
     One modality per file type found: .wav -> audio [1, F, T] float32
-    (--audio-recipe); .png .jpg .jpeg .bmp .webp -> image [3, S, S] uint8;
+    (--audio-recipe at --sample-rate, --seconds long; resampled and stereo
+    files counted in prepare_report.json); .png .jpg .jpeg .bmp .webp ->
+    image [3, S, S] uint8;
     .mp4 .avi .mkv .mov .flv .webm -> visual [K, 3, S, S] uint8 (1 fps frames).
     A sample lacking a file type, a corrupt or truncated file: listed in
     prepare_report.json and left out. Val: 10 % of train, stratified.
     """
     from data_prep.folder import prepare_folder
 
-    _prepare(prepare_folder, out, src=src, name=name, audio_recipe=audio_recipe, frames=frames, size=size, seed=seed,
-             workers=workers, force=force)
+    _prepare(prepare_folder, out, src=src, name=name, audio_recipe=audio_recipe, frames=frames, size=size,
+             seconds=seconds, sample_rate=sample_rate, seed=seed, workers=workers, force=force)
 
 
 @app.command("ur-funny")

@@ -24,7 +24,7 @@ def train(recipe: Optional[Path], overrides: Optional[list[str]], resume: bool, 
     Options come from a recipe (--recipe), then key=value arguments and flags (both override the recipe;
     e.g. `mmlab train --recipe recipes/synthetic/sml.yaml epochs=1 --out runs/x`).
     Multi-GPU / multi-node: `torchrun --nproc_per_node N -m mmlab_cli train ...` (batch-size is the global batch)."""
-    from mmlab_cli.config import config_to_yaml, parse_overrides, resolve_config
+    from mmlab_cli.config import config_to_yaml, parse_override, parse_overrides, resolve_config
     from mmlab_cli.errors import MmlabError
 
     given = {k: v for k, v in given_flags.items() if v is not None}
@@ -32,10 +32,15 @@ def train(recipe: Optional[Path], overrides: Optional[list[str]], resume: bool, 
     both = sorted(set(given) & set(extra))
     if both:
         raise MmlabError(f"command line: '{both[0]}' given both as a flag and as key=value; give it once")
+    # where each value came from, as an error about it says: its flag, or its key=value argument
+    sources = {**{k: f"--{k.replace('_', '-')}" for k in given}, **{parse_override(i)[0]: i for i in overrides or []}}
     given.update(extra)
-    cfg = _resumed_config(recipe, given) if resume else resolve_config(recipe, given)
+    cfg = _resumed_config(recipe, given, sources) if resume else resolve_config(recipe, given, sources)
     if cfg is None:  # a finished run
         return
+    if not cfg.out and cfg.data and not resume:
+        cfg.out = str(default_out(cfg, recipe))
+        console.print(f"run directory: {cfg.out}")
     if print_config:
         typer.echo(config_to_yaml(cfg), nl=False)
         return
@@ -72,7 +77,20 @@ train = with_signature(train, [
 train = cli_errors(train)
 
 
-def _resumed_config(recipe: Optional[Path], given: dict):
+def default_out(cfg, recipe: Optional[Path]) -> Path:
+    """runs/<recipe stem, else the dataset's name>/<method label as a path part>/version_N (the next N)."""
+    import re
+
+    from mmlab_cli.data.dataset import PreparedDataset
+    from mmlab_cli.engine.runpaths import next_version
+    from mmlab_cli.methods.registry import method_label
+
+    dataset = PreparedDataset(cfg.data, cfg.modalities or None)
+    method = re.sub(r"[^a-z0-9]+", "-", method_label(cfg, dataset.modalities).lower()).strip("-")
+    return next_version(Path("runs") / (recipe.stem if recipe else dataset.name) / method)
+
+
+def _resumed_config(recipe: Optional[Path], given: dict, sources: dict[str, str]):
     """The config a --resume continues with: the run's config.yaml, re-based on --out; None when the run
     has finished. A flag that would change the run is a one-line error, not silently ignored."""
     from mmlab_cli.config import coerce, validate
@@ -95,5 +113,5 @@ def _resumed_config(recipe: Optional[Path], given: dict):
     if paths.metrics.exists():
         console.print(f"[yellow]{paths.metrics}: unreadable; finishing the run again from its checkpoints")
     # where it runs now (--device, --threads), and --data: the same preparation elsewhere (fit checks its manifest)
-    moved = {k: coerce(k, v, "command line") for k, v in given.items() if k != "out"}
-    return validate(dataclasses.replace(paths.load_config(), **moved), "command line")
+    moved = {k: coerce(k, v, sources.get(k, "command line")) for k, v in given.items() if k != "out"}
+    return validate(dataclasses.replace(paths.load_config(), **moved), str(paths.config), sources)

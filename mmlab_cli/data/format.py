@@ -40,6 +40,9 @@ KINDS = ("image", "spectrogram", "frames", "text_tokens", "features", "sequence"
 # only by their class (AVMNIST, synthetic), so no metric can find the one true partner of a sample.
 PAIRINGS = ("sample-level", "class-level")
 UNKNOWN_PAIRING = "unknown"  # a manifest written before the key existed
+# How a user's sequences reach mmlab (`prepare features`), for every message where a sequence is expected
+SEQUENCE_FORMAT = ("sequences are prepared from an .npz holding x [N, T, D] and lengths [N] (or mask [N, T]): "
+                   "np.savez(path, x=x, lengths=lengths), then `mmlab prepare features`")
 
 
 @dataclass(frozen=True)

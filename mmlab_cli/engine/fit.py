@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from rich.progress import TextColumn
 
-from mmlab_cli.config import TrainConfig, config_to_yaml
+from mmlab_cli.config import TrainConfig, config_to_yaml, early_stop_rule
 from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_json_object
@@ -47,9 +49,18 @@ from mmlab_cli.threads import default_threads, use_threads
 from mmlab_cli.tracking import check_loggers, open_loggers
 
 
+def _decay_split(group: dict) -> list[dict]:
+    """AdamW's usual groups: `group` split in two, its parameters of one dimension (biases, norm weights, scalars)
+    with no weight decay. Both halves keep the group's name (one block of the stability analysis)."""
+    params = group["params"]
+    return [{**group, "params": [p for p in params if p.ndim > 1]},
+            {**group, "params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "no_decay": True}]
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
-    """SGD/Adam over parameter groups: 'head' (fusion head and probes: lr, weight_decay) first, then one
-    per modality encoder, whose lr / weight decay `encoder_lr` / `encoder_weight_decay` may override."""
+    """SGD/Adam/AdamW over parameter groups: 'head' (fusion head and probes: lr, weight_decay) first, then one
+    per modality encoder, whose lr / weight decay `encoder_lr` / `encoder_weight_decay` may override (AdamW:
+    each split by `_decay_split`); and the per-epoch rate schedule (`schedule`)."""
     encoders = dict(getattr(model, "encoders", {}))
     unknown = [m for m in {**cfg.encoder_lr, **cfg.encoder_weight_decay} if m not in encoders]
     if unknown:
@@ -65,10 +76,32 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     groups.insert(0, {"params": head, "name": "head", "lr": cfg.lr, "weight_decay": cfg.weight_decay})
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW([half for g in groups for half in _decay_split(g)], lr=cfg.lr,
+                                weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gamma = cfg.gamma if cfg.scheduler == "step" else 1.0
-    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=gamma)
+    return opt, schedule(cfg, opt)
+
+
+def schedule(cfg: TrainConfig, opt: torch.optim.Optimizer):
+    """The rate per epoch: --warmup-epochs rising linearly to the full rate, then --scheduler (step: x gamma every
+    step_size epochs; cosine: half a cosine to 0 over the epochs left; constant/none). Without warmup, step and
+    constant are torch's StepLR as they always were (the checkpoints of older runs resume with it); the others
+    are one LambdaLR whose factor depends on the epoch alone, so a resume continues it exactly."""
+    warmup, after = cfg.warmup_epochs, max(cfg.epochs - cfg.warmup_epochs, 1)
+    if not warmup and cfg.scheduler != "cosine":
+        gamma = cfg.gamma if cfg.scheduler == "step" else 1.0
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=gamma)
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / warmup
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(epoch - warmup, after) / after))
+        return cfg.gamma ** ((epoch - warmup) // cfg.step_size) if cfg.scheduler == "step" else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class Diverged(Exception):
@@ -150,18 +183,27 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
             **{name: value / n for name, value in zip(stats.values(), sums[1:-2])}}
 
 
-def _prepare_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: World) -> RunPaths:
-    """Check the run directory (held under the run lock) and write the resolved config.yaml."""
+def _check_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool) -> RunPaths:
+    """The run directory (held under the run lock), checked: a new run's holds no config.yaml yet, a resumed
+    run's was trained on this preparation. Nothing is written here."""
     paths = RunPaths(cfg.out)
     if paths.config.exists() and not resume:
         raise MmlabError(f"{paths.config}: {paths.root} already holds a run; pass --resume to continue it "
                          f"or choose another --out")
     if resume:
         paths.check_dataset(dataset, "resume with --data pointing at that preparation, or start a new run")
-    world.barrier()  # every process has checked before rank 0 writes
+    return paths
+
+
+def _record_start(cfg: TrainConfig, dataset: PreparedDataset, paths: RunPaths, world: World,
+                  device: torch.device) -> None:
+    """Write config.yaml and env.json, once the model, its optimizer and methods are built and its weights
+    loaded: a start that fails before this leaves no run behind, and the same command simply starts again."""
+    world.barrier()  # every process has built its model before rank 0 writes
     if world.main:
         atomic_write_text(paths.config, config_to_yaml(cfg))
-    return paths
+        atomic_write_json(paths.env, {**environment(device, cfg.seed), "world_size": world.size,
+                                      "dataset_sha256": dataset.fingerprint})
 
 
 def _resume_point(paths: RunPaths, say) -> tuple[dict, dict] | None:
@@ -192,6 +234,30 @@ def _resume_point(paths: RunPaths, say) -> tuple[dict, dict] | None:
                      f"where it stopped; {paths.restart_advice()}")
 
 
+def stopped_after(history: list[dict], metric: str, patience: int) -> int | None:
+    """The epoch after which early stopping ends the run: `patience` epochs have passed since the best value of
+    `metric` (the lowest for a loss, else the highest; the first of equals), or None. From the history alone, so
+    a resumed run stops where the uninterrupted one did."""
+    values = [r[metric] for r in history]
+    if not values:
+        return None
+    best = values.index(min(values) if metric.endswith("loss") else max(values))
+    return len(values) if len(values) - 1 - best >= patience else None
+
+
+def keep_top(paths: RunPaths, model: torch.nn.Module, state: dict, k: int, key: str) -> None:
+    """checkpoints/top/<epoch>/: the checkpoints of the `k` best epochs by `key` so far (the first of equals);
+    the epoch just finished is saved if it is one, and those no longer among them are removed. Called before
+    checkpoints/last is saved, so a resume (which repeats the epoch after `last`) repairs a kill in between."""
+    ranked = sorted(state["history"], key=lambda r: (-r[key], r["epoch"]))[:k]
+    keep = sorted(r["epoch"] for r in ranked)
+    if state["epoch"] in keep:
+        save_checkpoint(paths.top / str(state["epoch"]), model, state)
+    for old in paths.top.iterdir() if paths.top.is_dir() else []:
+        if old.name.isdigit() and int(old.name) not in keep:
+            shutil.rmtree(old)
+
+
 def _stop_diverged(paths: RunPaths, state: dict, epoch: int, diverged: Diverged, lr: float, world: World):
     """Record the divergence in metrics.jsonl and stop with exit code 3; the checkpoints stay as they were."""
     if world.main:
@@ -201,6 +267,19 @@ def _stop_diverged(paths: RunPaths, state: dict, epoch: int, diverged: Diverged,
     raise TrainingDiverged(f"{paths.root}: training diverged in epoch {epoch} ({diverged}); {kept}; lower --lr "
                            f"(the rate was {lr:g} in this epoch) or set --clip-grad-norm, and start a new run with "
                            f"another --out")
+
+
+def _stopping(cfg: TrainConfig, paths: RunPaths, state: dict, stop_rule: tuple[str, int] | None) -> dict:
+    """What metrics.json says about early stopping and the top-k checkpoints (nothing when both are off)."""
+    out = {}
+    if stop_rule:
+        metric, patience = stop_rule
+        out["early_stop"] = {"metric": metric, "patience": patience,
+                             "stopped_after_epoch": state["epoch"] if state["epoch"] < cfg.epochs else None}
+    if cfg.keep_top_k:
+        out["top_k_epochs"] = sorted(int(d.name) for d in (paths.top.iterdir() if paths.top.is_dir() else [])
+                                     if d.name.isdigit())
+    return out
 
 
 def _finish(methods: list[Method], loop: Loop, paths: RunPaths, state: dict, scoring: Scorer) -> None:
@@ -256,6 +335,12 @@ def preflight(cfg: TrainConfig, dataset: PreparedDataset) -> None:
         model = build_model(cfg, dataset)
     build_optimizer(cfg, model)
     check_methods(cfg, model.modalities)
+    if cfg.early_stop:
+        watched = early_stop_rule(cfg.early_stop)[0]
+        known = ["val_loss", "val_retrieval_r1" if cfg.objective == "contrastive" else "val_acc",
+                 *(f"val_acc_{m}" for m in model.modalities)]
+        if watched not in known:
+            raise MmlabError(f"early_stop: this run records no '{watched}'; watch one of {', '.join(known)}")
 
 
 def run_threads(cfg: TrainConfig, resume: bool, say=console.print) -> int:
@@ -295,16 +380,13 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     if cfg.batch_size % world.size:
         raise MmlabError(f"batch_size {cfg.batch_size} is the global batch: it must divide among the "
                          f"{world.size} processes")
-    paths = _prepare_run_dir(cfg, dataset, resume, world)
+    paths = _check_run_dir(cfg, dataset, resume)
     say = console.print if world.main else (lambda *a, **k: None)
     if cfg.precision != "fp32" and device.type != "cuda":
         say(f"[yellow]precision {cfg.precision} applies on CUDA only; training in fp32 on {device}")
     point = _resume_point(paths, say) if resume else None
     if resume and point is None:
         say(f"{paths.root}: nothing trained yet (no checkpoint, no metrics.jsonl); training from epoch 1")
-    if world.main:
-        atomic_write_json(paths.env, {**environment(device, cfg.seed), "world_size": world.size,
-                                      "dataset_sha256": dataset.fingerprint})
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset).to(device)
@@ -332,6 +414,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
         say(f"resuming {paths.root} after epoch {state['epoch']}")
     else:
         init_pretrained(model, cfg.pretrained)
+    _record_start(cfg, dataset, paths, world, device)
     step = build_step(cfg, model, opt, scaler, device, world, methods)
     limit = LossLimit(cfg.diverge_factor, state.get("first_loss"))
     scoring = scorer(cfg.objective, dataset, device, cfg.precision)  # best_val_acc holds val[scoring.select]
@@ -345,11 +428,14 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
         say(f"[yellow]augment {','.join(cfg.augment)}: no modality of this run is of a kind it applies to")
 
     val_loader = BatchLoader(val_split, cfg.batch_size, device)
+    stop_rule = early_stop_rule(cfg.early_stop) if cfg.early_stop else None
     start, first = time.time(), state["epoch"]
     bars = progress(TextColumn("loss {task.fields[loss]:.3f}")) if world.main else contextlib.nullcontext()
     loggers = open_loggers(cfg.logger if world.main else [], paths.root / "tb", state["history"])
     with bars as bar, loggers as log:
         for epoch in range(state["epoch"], cfg.epochs):
+            if stop_rule and stopped_after(state["history"], *stop_rule):
+                break
             t0 = time.time()
             for method in methods:
                 method.start_epoch(loop, epoch)
@@ -387,6 +473,8 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                 if val[scoring.select] > state["best_val_acc"]:
                     state["best_val_acc"], state["best_epoch"] = val[scoring.select], epoch + 1
                     save_checkpoint(paths.best, model, state)
+                if cfg.keep_top_k:
+                    keep_top(paths, model, state, cfg.keep_top_k, f"val_{scoring.select}")
                 save_checkpoint(paths.last, model, state)
                 paths.write_history(state["history"])
             elif val[scoring.select] > state["best_val_acc"]:
@@ -403,7 +491,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                **{k: getattr(cfg, k) for k in label_keys()}, "label_smoothing": cfg.label_smoothing,
                "augment": cfg.augment, "seed": cfg.seed, "world_size": world.size,
                "best_epoch": state["best_epoch"], "epochs": cfg.epochs,
-               "selected_by": f"val_{scoring.select}", **scoring.recorded,
+               "selected_by": f"val_{scoring.select}", **scoring.recorded, **_stopping(cfg, paths, state, stop_rule),
                **({"held_out_train_rows": len(held_out)} if len(held_out) else {}),
                **{k: v for k, v in best.items() if k.startswith("val_")},
                **{f"test_{k}": v for k, v in test.items()},

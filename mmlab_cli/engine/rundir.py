@@ -6,6 +6,7 @@
     metrics.json           best-val epoch, val and test accuracy (fused and per modality); present = finished
     checkpoints/last/      model.safetensors + state.pt, after every epoch
     checkpoints/best/      the same, for the best validation accuracy (contrastive: mean R@1) so far
+    checkpoints/top/<E>/   with --keep-top-k K: the same, for each of the K best epochs E so far
     pseudo_labels.json     with --pseudo-labels: the k-means pseudo-labels DML re-pairs within, and their settings
 
 `RunPaths` (engine/runpaths.py, torch-free so the report can ask it) is the one home of a run's state: its

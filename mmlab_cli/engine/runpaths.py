@@ -25,6 +25,16 @@ from mmlab_cli.errors import MmlabError
 COMPARE = "compare"  # RUNS/compare/<analysis>/: the comparison of several runs
 
 
+def next_version(parent: str | Path) -> Path:
+    """PARENT/version_N for the next N: one above the highest version_* that holds a run (config.yaml), so a
+    start that failed before writing anything leaves its number to the next start."""
+    parent = Path(parent)
+    taken = [int(d.name.removeprefix("version_")) for d in (parent.iterdir() if parent.is_dir() else [])
+             if d.name.removeprefix("version_").isdigit() and d.name.startswith("version_")
+             and (d / "config.yaml").is_file()]
+    return parent / f"version_{max(taken, default=-1) + 1}"
+
+
 class RunPaths:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -34,6 +44,7 @@ class RunPaths:
         self.metrics = self.root / "metrics.json"
         self.last = self.root / "checkpoints" / "last"
         self.best = self.root / "checkpoints" / "best"
+        self.top = self.root / "checkpoints" / "top"  # --keep-top-k: top/<epoch>/
 
     def analyses(self, checkpoint: str = "best") -> Path:
         """Where the analyses of a checkpoint write their files: the run directory for the best checkpoint,

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmlab_cli.data.format import KINDS, ModalitySpec
+from mmlab_cli.data.format import KINDS, SEQUENCE_FORMAT, ModalitySpec
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.registry import Registry
 
@@ -250,8 +250,9 @@ def _check_reads(name: str, kinds, spec: ModalitySpec) -> None:
     if spec.kind not in kinds:
         fits = [n for n, f in ENCODERS.items() if spec.kind in f.reads] or list(TEXT_ENCODERS)
         article = "an" if spec.kind[0] in "aeiou" else "a"
+        hint = f" ({SEQUENCE_FORMAT})" if "sequence" in kinds and spec.kind == "features" else ""
         raise MmlabError(f"encoder '{name}' cannot read {article} {spec.kind} modality (it reads {', '.join(kinds)}); "
-                         f"for {spec.kind} use {' or '.join(fits)}")
+                         f"for {spec.kind} use {' or '.join(fits)}{hint}")
 
 
 def create_encoder(name: str, spec: ModalitySpec, dim: int, text_encoder: str = "") -> nn.Module:
