@@ -100,7 +100,7 @@ def analysis_settings(doc: dict) -> dict:
 
 # config keys that runs averaged as seeds of one experiment may differ in: the seed, what they logged, and
 # where they lie and ran (a run on another preparation of the data is grouped apart by `data`: default_group_by)
-SEED_LIKE = ("seed", "logger", *RUN_LOCATION)
+SEED_LIKE = ("seed", "logger", "log_every_steps", *RUN_LOCATION)
 
 
 def _config_difference(group: pd.DataFrame) -> str | None:
