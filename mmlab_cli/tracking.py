@@ -309,10 +309,16 @@ class StepHistory:
 
     @staticmethod
     def read(path: Path) -> list[dict]:
+        """The records; a line a kill cut short is left out (its step is trained and logged again)."""
         try:
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError):
+            lines = path.read_text().splitlines()
+        except OSError:
             return []
+        records = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return [r for r in records if isinstance(r, dict) and "epoch" in r]
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:
