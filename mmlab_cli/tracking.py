@@ -57,6 +57,9 @@ class Logger:
     def log_analysis(self, name: str, summary: dict, step: int) -> None:
         """An analysis's summary numbers ({dotted key: number}) at the run's last epoch."""
 
+    def log_figures(self, name: str, paths: list[Path], step: int) -> None:
+        """An analysis's PNG figures."""
+
     def close(self) -> None:
         pass
 
@@ -161,6 +164,16 @@ class TensorBoardLogger(Logger):
             self.writer.add_scalar(f"{name}/{key}", value, global_step=step)
         self.writer.flush()
 
+    def log_figures(self, name: str, paths: list[Path], step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        for path in paths:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.writer.add_image(f"{name}/{path.stem}", pixels, global_step=step, dataformats="HWC")
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -208,6 +221,9 @@ class WandbLogger(Logger):
 
     def log_analysis(self, name: str, summary: dict, step: int) -> None:
         self.run.summary.update({f"{name}/{k}": v for k, v in summary.items()})
+
+    def log_figures(self, name: str, paths: list[Path], step: int) -> None:
+        self.run.log({f"{name}/{path.stem}": self.requires().Image(str(path)) for path in paths})
 
     def close(self) -> None:
         self.run.finish()
@@ -263,6 +279,10 @@ class MlflowLogger(Logger):
 
     def log_analysis(self, name: str, summary: dict, step: int) -> None:
         self._log({f"{name}/{k}": v for k, v in summary.items()}, step)
+
+    def log_figures(self, name: str, paths: list[Path], step: int) -> None:
+        for path in paths:  # artifacts: <name>/<file>.png
+            self.client.log_artifact(self.id, str(path), artifact_path=name)
 
     def close(self) -> None:
         self.client.set_terminated(self.id)
@@ -362,16 +382,19 @@ def open_loggers(names: list[str], run: Path, history: list[dict], config: dict 
             logger.close()
 
 
-def log_analysis(run: str | Path, names: list[str], analysis: str, summary: dict, step: int) -> None:
-    """Append an analysis's summary ({key: number}; other values are left out) to a run's loggers, at `step`
-    (the run's last epoch). The analyses call this after writing their JSON."""
+def log_analysis(run: str | Path, names: list[str], analysis: str, summary: dict, step: int,
+                 figures: list[Path] = ()) -> None:
+    """Append an analysis's summary ({key: number}; other values are left out) and its PNG `figures` to a run's
+    loggers, at `step` (the run's last epoch). The analyses call this after writing their files."""
     run, numbers = Path(run), scalars(summary, skip=())
-    if not names or not numbers:
+    if not names or not (numbers or figures):
         return
     logged = Logged(analysis=analysis)
     for name in names:
         logger = LOGGERS.pick(name)(run, logged)
         try:
             logger.log_analysis(analysis, numbers, step)
+            if figures:
+                logger.log_figures(analysis, list(figures), step)
         finally:
             logger.close()

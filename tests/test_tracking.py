@@ -205,8 +205,8 @@ def test_missing_tensorboard_fails_before_anything_is_written(tiny_synthetic, tm
 
 @pytest.mark.slow
 def test_an_analysis_appends_its_summary_to_the_runs_loggers(resumed_run):
-    """analyse_geometry on a tracked run: its numbers reach the run's loggers through the analysis layer's hook
-    (csv, which keeps epochs only, is left as it was)."""
+    """analyse_geometry on a tracked run: its numbers and figures reach the run's loggers through the analysis
+    layer's hook (csv, which keeps epochs only, is left as it was)."""
     _need("mlflow")
     from mlflow.tracking import MlflowClient
 
@@ -221,4 +221,13 @@ def test_an_analysis_appends_its_summary_to_the_runs_loggers(resumed_run):
     logged = client.get_metric_history(run.info.run_id, "geometry/modality/image/variance")
     assert [(m.step, m.value) for m in logged] == [(3, pytest.approx(variance, rel=1e-6))]
     assert "geometry/pairs/image-audio/variance_ratio" in run.data.metrics  # '|' is no MLflow name character
+    pngs = [f for f in json.loads((resumed_run / "geometry.json").read_text())["files"] if f.endswith(".png")]
+    assert pngs and sorted(a.path for a in client.list_artifacts(run.info.run_id, "geometry")) == \
+        sorted(f"geometry/{f}" for f in pngs)
+    if _installed("tensorboard"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(resumed_run / "tb"), size_guidance={"images": 0})
+        events.Reload()
+        assert {f"geometry/{f[:-4]}" for f in pngs} <= set(events.Tags()["images"])
     assert (resumed_run / "tb" / "scalars.csv").read_text() == before

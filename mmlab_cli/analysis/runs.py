@@ -75,14 +75,16 @@ class Analysis:
 
 
 def track(run: Run, name: str, checkpoint: str, result: dict) -> None:
-    """An analysis's numbers into the loggers the run was trained with (its `logger:`), at its last epoch, as
-    <name>/<dotted key> (<name>-last/... for the last checkpoint); a logger whose package is missing now is a
-    note, not a failed analysis."""
+    """An analysis's numbers and PNG figures into the loggers the run was trained with (its `logger:`), at its
+    last epoch, as <name>/<dotted key> (<name>-last/... for the last checkpoint); a logger whose package is
+    missing now is a note, not a failed analysis."""
     if not run.config.logger:
         return
     label = name if checkpoint == "best" else f"{name}-{checkpoint}"
+    folder = run.paths.analyses(checkpoint)
+    figures = [folder / f for f in result.get("files", []) if f.endswith(".png")]
     try:
-        log_analysis(run.paths.root, run.config.logger, label, flatten(result), len(run.paths.history()))
+        log_analysis(run.paths.root, run.config.logger, label, flatten(result), len(run.paths.history()), figures)
     except MmlabError as e:
         console.print(f"[yellow]{run.paths.root}: {name} not tracked: {e}")
 

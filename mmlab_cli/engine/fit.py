@@ -140,7 +140,8 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
         sums += torch.stack([*means, correct, sums.new_tensor(float(n))])
         total += out["loss"].detach().double()
         if on_step is not None:
-            on_step(i, {"loss": out["loss"], "ce": out["ce"], **{name: out[k] for k, name in stats.items() if k in out}})
+            on_step(i, {"loss": out["loss"], "ce": out["ce"],
+                        **{name: out[k] for k, name in stats.items() if k in out}})
         if (i + 1) % every == 0 or i == 0:
             _check(total, limit.exceeded(out["loss"]), world, i + 1, limit)
         if bar is not None:  # reading the loss syncs the device: only every 10 steps
