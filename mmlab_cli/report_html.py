@@ -89,8 +89,14 @@ def _cell_class(table: Table, column: str, i: int, text: str) -> str:
 
 
 def _section(root: Path, table: Table, has_values: bool) -> dict:
-    header = [str(c) for c in table.cells.columns] if has_values else []
-    rows = [[(str(text), _cell_class(table, column, i, str(text))) for column, text in row.items()]
+    """A table's section: header, rows of (text, class), note and inline figures. The claims' verdict comes
+    right after the claim, in sight without scrolling the wide table."""
+    columns = list(table.cells.columns)
+    if {"claim", "verdict"} <= set(columns):
+        columns.remove("verdict")
+        columns.insert(columns.index("claim") + 1, "verdict")
+    header = [str(c) for c in columns] if has_values else []
+    rows = [[(str(row[c]), _cell_class(table, c, i, str(row[c]))) for c in columns]
             for i, row in table.cells.iterrows()] if has_values else []
     figures = [(caption, data_uri(root / path)) for caption, path in table.plots if (root / path).is_file()]
     return {"name": table.spec.name, "title": table.spec.title, "header": header, "rows": rows,
