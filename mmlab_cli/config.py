@@ -104,8 +104,12 @@ class CoreOptions:
     seed: int = option(0, "Seed: the same seed on a CPU gives identical metrics.", metavar="INT", at_least=0)
     device: str = option("auto", "Where to train.", ("auto", "cpu", "cuda"))
     precision: str = option("fp32", "bf16/fp16 use autocast, on CUDA only.", ("fp32", "bf16", "fp16"))
-    logger: list[str] = option([], f"Every epoch's scalars into RUN/tb/, comma-separated: {', '.join(LOGGERS)} "
-                               f"(tensorboard needs mmlab[tracking]).", metavar="NAMES")
+    logger: list[str] = option([], f"Track the run (every epoch's scalars, per-step scalars at --log-every-steps, "
+                               f"hyperparameters, test metrics, analysis summaries), comma-separated: "
+                               f"{', '.join(LOGGERS)} (tensorboard needs mmlab[tracking], wandb mmlab[wandb] and "
+                               f"runs offline, mlflow mmlab[mlflow] into RUN/mlruns).", metavar="NAMES")
+    log_every_steps: int = option(0, "With --logger: the training loss, its terms and the learning rate every N "
+                                  "steps (0: epochs only).", metavar="INT", at_least=0)
     threads: int = option(0, "CPU threads (0: OMP_NUM_THREADS if set, else the CPUs this process may use: "
                           "affinity, SLURM_CPUS_PER_TASK).", metavar="INT", at_least=0)
 

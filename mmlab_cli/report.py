@@ -25,12 +25,13 @@ from mmlab_cli.engine import check_checkpoint
 from mmlab_cli.engine.runpaths import COMPARE, RunPaths, run_dirs
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.registry import label_keys
+from mmlab_cli.report_html import render_html
 from mmlab_cli.results import (FLAG, TABLES, Table, TableSpec, group_label, hashable, key_defaults, resolve,
                                within_keys)
 from mmlab_cli.tables import mean_std, to_latex, to_markdown
 
 DEFAULT_GROUP_BY = ("dataset", "modalities", "pairing")  # then the method label's keys some run records
-FORMATS = ("md", "csv", "latex")
+FORMATS = ("md", "csv", "latex", "html")
 
 
 # ---------------------------------------------------------------- reading runs
@@ -99,7 +100,7 @@ def analysis_settings(doc: dict) -> dict:
 
 # config keys that runs averaged as seeds of one experiment may differ in: the seed, what they logged, and
 # where they lie and ran (a run on another preparation of the data is grouped apart by `data`: default_group_by)
-SEED_LIKE = ("seed", "logger", *RUN_LOCATION)
+SEED_LIKE = ("seed", "logger", "log_every_steps", *RUN_LOCATION)
 
 
 def _config_difference(group: pd.DataFrame) -> str | None:
@@ -372,9 +373,10 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
                  claims: str | Path | None = None, checkpoint: str = "best",
                  correction: str | None = None) -> tuple[list[Table], str, list[Path]]:
     """Write report.md (per-run and comparison figures embedded) and report_<table>.csv into `root` (and
-    report.tex for latex), with the claims table when given a claims file; returns the tables, the report
-    rendered in `fmt`, and the paths written. With checkpoint 'last' the analyses of the last checkpoints are
-    reported, into report-last.md, report-last_<table>.csv and report-last.tex. `correction`: build_tables."""
+    report.tex for latex, the self-contained report.html for html), with the claims table when given a claims
+    file; returns the tables, the report rendered in `fmt` (html: the Markdown), and the paths written. With
+    checkpoint 'last' the analyses of the last checkpoints are reported, into report-last.md,
+    report-last_<table>.csv, report-last.tex and report-last.html. `correction`: build_tables."""
     if fmt not in FORMATS:
         raise MmlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     root = Path(root)
@@ -386,14 +388,15 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
             draw_curves(root, name, table)
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
-    md = (f"# mmlab report: {root}\n\n{runs} runs in {len(tables[0].numbers)} groups by "
+    intro = (f"{runs} runs in {len(tables[0].numbers)} groups by "
           f"{', '.join(group_by)}. Each cell is the mean ± sample standard deviation over the runs of the group "
           f"(`seeds` counts their distinct seeds), rounded to two significant digits of the standard deviation, "
           f"read from the files the runs hold; (n=k) marks a cell averaged over only k of them, - a value no run "
           f"of the group has, and bold the best value of a column marked ↑ (higher is better) or ↓ (lower). "
           f"Accuracy and retrieval are on the test split at the best-validation checkpoint (contrastive runs: the "
           f"best mean validation R@1, at the level the run records as retrieval_level). The analyses (flatness, robustness, geometry) are of "
-          f"each run's {checkpoint} checkpoint.\n\n" + render(tables, "md") + "\n"
+          f"each run's {checkpoint} checkpoint.")
+    md = (f"# mmlab report: {root}\n\n{intro}\n\n" + render(tables, "md") + "\n"
           + ("## Comparisons\n\n" + "\n".join(f"![{c}]({p})" for c, p in compared) + "\n" if compared else ""))
     written = [root / f"{name}.md"]
     atomic_write_text(written[0], md)
@@ -403,4 +406,7 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
     if fmt == "latex":
         written.append(root / f"{name}.tex")
         atomic_write_text(written[-1], render(tables, "latex"))
-    return tables, (md if fmt == "md" else render(tables, fmt)), written
+    if fmt == "html":
+        written.append(root / f"{name}.html")
+        atomic_write_text(written[-1], render_html(root, f"mmlab report: {root}", intro, tables, has_values, compared))
+    return tables, (md if fmt in ("md", "html") else render(tables, fmt)), written

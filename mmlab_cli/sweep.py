@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import os
 import re
 import signal
@@ -25,10 +26,14 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
 from mmlab_cli.config import FIELDS, RUN_LOCATION, TrainConfig, read_yaml_mapping, resolve_config
 from mmlab_cli.errors import MmlabError, TrainingDiverged
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SWEEP_KEYS = ("recipe", "data", "out", "grid", "seeds", "overrides", "analyses", "report", "slurm")
 SET_BY_SWEEP = ("out", "seed")  # run settings the sweep itself decides: not in grid or overrides
@@ -54,6 +59,7 @@ class Job:
     name: str  # run directory below the sweep's out: <recipe-stem>/<key>=<value>,.../seed<k>
     recipe: str
     config: TrainConfig
+    point: dict = field(default_factory=dict)  # the grid point: the keys this job sets beyond recipe and overrides
 
     @property
     def log(self) -> Path:
@@ -181,7 +187,7 @@ def expand(sweep: Sweep) -> list[Job]:
                                      f"directory {name}; give the recipes distinct file names or the grid "
                                      f"distinct values")
                 names[name] = f"{recipe} {values}"
-                jobs.append(Job(name, recipe, replace(cfg, out=str(sweep.out / name))))
+                jobs.append(Job(name, recipe, replace(cfg, out=str(sweep.out / name)), values))
     return jobs
 
 
@@ -241,6 +247,35 @@ def plan(jobs: list[Job]) -> dict[str, str]:
             except MmlabError as e:
                 raise MmlabError(f"{job.recipe} ({job.name}): {e}") from None
     return states
+
+
+PLAN_STATUS = {"new": "new", "finished": "finished", "interrupted": "resumable", "diverged": "diverged"}
+
+
+def plan_table(jobs: list[Job], states: dict[str, str]) -> pd.DataFrame:
+    """The plan as a reader wants it: one row per run directory (below the sweep's out) with its recipe, the
+    keys its grid point sets, its seed and what the sweep will find there (new / finished / resumable /
+    diverged)."""
+    import pandas as pd
+
+    return pd.DataFrame({"run directory": [j.name for j in jobs], "recipe": [j.recipe for j in jobs],
+                         "changed keys": [", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                                                   for k, v in j.point.items()) or "-" for j in jobs],
+                         "seed": [j.config.seed for j in jobs],
+                         "status": [PLAN_STATUS[states[j.name]] for j in jobs]})
+
+
+def tally(statuses: list[str], total: int, workers: int | None) -> str:
+    """The live line of a running sweep from the statuses of the runs that ended: 'N finished, N running,
+    N queued, N failed' (diverged runs counted apart); `workers` None (Slurm): running and queued as one."""
+    ended = {"finished": sum(s in ("finished", "skipped", "resumed") for s in statuses),
+             "failed": statuses.count("failed"), "diverged": statuses.count("diverged")}
+    left = total - len(statuses)
+    waiting = {"running or queued": left} if workers is None else {"running": min(workers, left),
+                                                                  "queued": max(0, left - workers)}
+    parts = {"finished": ended["finished"], **waiting, "failed": ended["failed"]}
+    return ", ".join(f"{n} {k}" for k, n in parts.items()) + (f", {ended['diverged']} diverged"
+                                                              if ended["diverged"] else "")
 
 
 def execute(job: Job, state: str, analyses: dict[str, list[str]], threads: int) -> Outcome:

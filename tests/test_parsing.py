@@ -31,7 +31,7 @@ def _swept(tiny_synthetic, tmp_path, *args) -> list[dict]:
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(f"data: {tiny_synthetic}\nepochs: 1\n")
     sweep.write_text(f"recipe: {recipe}\nout: {tmp_path / 'runs'}\n")
-    result = runner.invoke(app, ["sweep", str(sweep), "--dry-run", *args])
+    result = runner.invoke(app, ["sweep", str(sweep), "--json", *args])
     assert result.exit_code == 0, result.output
     return [job["config"] for job in json.loads(result.stdout)["jobs"]]
 

@@ -207,7 +207,7 @@ def test_formats(runs_dir):
     _, csv, _ = write_report(runs_dir, fmt="csv")
     assert csv.startswith("# accuracy\ndataset,modalities,pairing,regularizer,seeds,runs,acc (fused) mean")
     with pytest.raises(MmlabError, match="--format"):
-        write_report(runs_dir, fmt="html")
+        write_report(runs_dir, fmt="pdf")
 
 
 def test_sample_level_metrics_on_class_level_pairs_are_flagged(runs_dir):

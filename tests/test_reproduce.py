@@ -44,9 +44,9 @@ def sweep_line(lines: list[str]) -> list[str]:
 
 
 def plan(args: list[str], monkeypatch) -> dict:
-    """What that sweep would do: `mmlab sweep ... --dry-run` from the repository root."""
+    """What that sweep would do: `mmlab sweep ... --json` (the plan as JSON) from the repository root."""
     monkeypatch.chdir(ROOT)
-    result = CliRunner().invoke(app, [*args, "--dry-run"])
+    result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

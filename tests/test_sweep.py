@@ -4,6 +4,7 @@ submitit's local executor with analyses and report, and the generated Slurm subm
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -186,8 +187,20 @@ def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence
     train_killed_after_first_epoch(fit.train, replace(cut.config))
     assert len(_history(Path(cut.config.out))) == 1 and not (Path(cut.config.out) / "metrics.json").exists()
 
+    planned = runner.invoke(app, ["sweep", str(path), "--dry-run"])
+    assert planned.exit_code == 0, planned.output
+    assert _plan_rows(planned.stdout) == {
+        done.name: [str(path.parent / "tiny.yaml"), "epochs=1, gamma=0.5", "0", "finished"],
+        cut.name: [str(path.parent / "tiny.yaml"), "epochs=3, gamma=0.5", "0", "resumable"],
+        bad.name: [str(path.parent / "tiny.yaml"), "epochs=3, gamma=10000.0", "0", "new"],
+        new.name: [str(path.parent / "tiny.yaml"), "epochs=1, gamma=10000.0", "0", "new"]}
+    monkeypatch.setenv("MMLAB_PROGRESS_SECONDS", "0.2")  # the live line in a log (CliRunner's stderr is no terminal)
     result = runner.invoke(app, ["sweep", str(path), "--jobs", "2", "--threads", "1"])
     assert result.exit_code == 3, result.output  # a run diverged, none failed
+    live = [line for line in result.stderr.splitlines() if line.startswith("sweep | ")]
+    assert live[-1].startswith("sweep | 4/4 | 3 finished, 0 running, 0 queued, 0 failed, 1 diverged | elapsed ")
+    assert any(re.fullmatch(r"sweep \| [0-3]/4 \| \d finished, [12] running, [01] queued, 0 failed.* \| ETA \S+",
+                            line) for line in live), live
     assert json.loads(result.stdout.splitlines()[-1])["runs"] == {
         done.name: "skipped", new.name: "finished", cut.name: "resumed", bad.name: "diverged"}
     assert f"{bad.name}: diverged" in result.stderr and "training diverged in epoch 2" in result.stderr
@@ -197,10 +210,26 @@ def test_local_pool_skips_finished_resumes_interrupted_and_survives_a_divergence
     assert _history(Path(cut.config.out)) == _history(tmp_path / "uninterrupted")
     assert (Path(new.config.out) / "metrics.json").is_file() and not (Path(bad.config.out) / "metrics.json").exists()
 
+    assert _plan_rows(runner.invoke(app, ["sweep", str(path), "--dry-run"]).stdout)[bad.name][-1] == "diverged"
     again = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])  # nothing to train: no process is started
     assert again.exit_code == 3
     assert set(json.loads(again.stdout.splitlines()[-1])["runs"].values()) == {"skipped", "diverged"}
     assert "diverged before" in again.stderr
+
+
+def _plan_rows(table: str) -> dict[str, list[str]]:
+    """run directory -> (recipe, changed keys, seed, status) from the dry run's Markdown table."""
+    lines = table.strip().splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["run directory", "recipe", "changed keys", "seed",
+                                                                   "status"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_the_live_line_counts_runs_by_what_they_are_doing():
+    assert sw.tally([], 5, 2) == "0 finished, 2 running, 3 queued, 0 failed"
+    assert sw.tally(["finished", "skipped", "resumed", "failed"], 5, 2) == "3 finished, 1 running, 0 queued, 1 failed"
+    assert sw.tally(["diverged"], 3, None) == "0 finished, 2 running or queued, 0 failed, 1 diverged"
 
 
 def test_submitit_local_executor_runs_training_analyses_and_report(tmp_path, tiny_synthetic):
@@ -285,7 +314,7 @@ def test_threads_is_every_runs_own_setting_and_the_default_is_one(tmp_path, tiny
     without it a run keeps its own setting (0: the sweep's 1 for a new run, the recorded count on a resume)."""
     path = _sweep(tmp_path, data=str(tiny_synthetic), seeds=[0, 1])
     for args, default, per_run in (([], 1, 0), (["--threads", "3"], 3, 3), (["--jobs", "2"], 1, 0)):
-        result = runner.invoke(app, ["sweep", str(path), "--dry-run", *args])
+        result = runner.invoke(app, ["sweep", str(path), "--json", *args])
         assert result.exit_code == 0, result.output
         plan = json.loads(result.stdout)
         assert plan["threads"] == default and {j["config"]["threads"] for j in plan["jobs"]} == {per_run}, args

@@ -26,6 +26,7 @@ from mmlab_cli.engine.rundir import Run, resolve_device
 from mmlab_cli.engine.runpaths import comparison_dir
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.threads import use_threads
+from mmlab_cli.tracking import flatten, log_analysis
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Analysis:
             for run in self.runs:
                 with figures.formats(self.options.figure_format):
                     results.append(measure(run))
+                track(run, self.name, self.options.checkpoint, results[-1])
         return results
 
     def analysed(self, results: list[dict], compare=None) -> Analysed:
@@ -70,6 +72,21 @@ class Analysis:
                 comparison = compare(results, self.folder)[0]
             console.print(f"comparison: {comparison}")
         return Analysed(results, files, comparison)
+
+
+def track(run: Run, name: str, checkpoint: str, result: dict) -> None:
+    """An analysis's numbers and PNG figures into the loggers the run was trained with (its `logger:`), at its
+    last epoch, as <name>/<dotted key> (<name>-last/... for the last checkpoint); a logger whose package is
+    missing now is a note, not a failed analysis."""
+    if not run.config.logger:
+        return
+    label = name if checkpoint == "best" else f"{name}-{checkpoint}"
+    folder = run.paths.analyses(checkpoint)
+    figures = [folder / f for f in result.get("files", []) if f.endswith(".png")]
+    try:
+        log_analysis(run.paths.root, run.config.logger, label, flatten(result), len(run.paths.history()), figures)
+    except MmlabError as e:
+        console.print(f"[yellow]{run.paths.root}: {name} not tracked: {e}")
 
 
 def open_analysis(name: str, run_dirs, options: RunOptions | dict | None) -> Analysis:

@@ -16,8 +16,9 @@ def report(
     group_by: Optional[str] = typer.Option(None, help="Comma-separated config keys to group runs by (default: "
                                            "dataset,modalities,pairing, plus regularizer,scheme when runs record "
                                            "them; a run without a key counts as its default value)."),
-    format: str = typer.Option("md", "--format", help="md | csv | latex: what is printed on stdout (report.md, "
-                               "every table's CSV, or the LaTeX tables); latex also writes report.tex."),
+    format: str = typer.Option("md", "--format", help="md | csv | latex | html: what is printed on stdout (report.md, "
+                               "every table's CSV, or the LaTeX tables); latex also writes report.tex, html a "
+                               "self-contained report.html (sortable tables, figures inline; no server needed)."),
     claims: Optional[Path] = typer.Option(None, help="Claims YAML (e.g. recipes/claims/dml-paper.yaml): each "
                                           "comparison tested over the seeds, with a verdict, in a claims table "
                                           "(docs/report.md, Claims)."),

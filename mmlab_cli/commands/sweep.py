@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from mmlab_cli.console import cli_errors, console, parse_numbers
+from mmlab_cli.console import cli_errors, console, parse_numbers, progress
 
 COLOURS = {"finished": "green", "skipped": "dim", "resumed": "green", "diverged": "yellow", "failed": "red"}
 
@@ -33,13 +33,14 @@ def sweep(
                                           "an interrupted run resumes with the count it was trained with)."),
     executor: str = typer.Option("local", help="local (a process pool on this machine) | slurm (submitit; "
                                  "settings from the file's slurm: block; needs the cluster extra)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan as JSON; run nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan as a table (run "
+                                 "directory, recipe, changed keys, seed, status); run nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Like --dry-run, the plan as JSON (every job's whole "
+                                 "config): for scripts."),
 ) -> None:
     """Expand a grid (recipes x settings x seeds) into run directories OUT/<recipe>/<key>=<value>,.../seed<k>
     and train them: finished runs are skipped, interrupted ones resumed. Then the file's analyses run on each
     run and `mmlab report OUT` on all. Exit 1 if a run failed, 3 if one diverged (and none failed)."""
-    from rich.markup import escape
-
     from mmlab_cli import sweep as sw
     from mmlab_cli.config import parse_grid, parse_overrides
     from mmlab_cli.errors import MmlabError
@@ -56,22 +57,18 @@ def sweep(
     states = sw.plan(job_list)
     runner = sw.slurm_executor(spec.out / ".submitit", spec.slurm) if executor == "slurm" else "local"
     threads = threads or (spec.slurm.get("cpus_per_task", 1) if executor == "slurm" else 1)  # never from --jobs
-    if dry_run:
+    if as_json:
         return typer.echo(json.dumps({"out": str(spec.out), "threads": threads, "jobs": [
             {"name": j.name, "recipe": j.recipe, "state": states[j.name], "config": j.config.to_dict()}
             for j in job_list]}, indent=1))
     counts = ", ".join(f"{n} {s}" for s, n in Counter(states.values()).items())
     at_once = f"{jobs} at a time" if executor == "local" else "a Slurm array"
     console.print(f"{len(job_list)} runs in {spec.out} ({counts}); {executor}: {at_once}, {threads} thread(s) per run")
-    done = []
+    if dry_run:
+        from mmlab_cli.tables import to_markdown
 
-    def on_done(outcome):
-        done.append(outcome)
-        note = f" ({escape(outcome.detail)})" if outcome.detail else ""
-        console.print(f"\\[{len(done)}/{len(job_list)}] {escape(outcome.name)}: "
-                      f"[{COLOURS[outcome.status]}]{outcome.status}[/]{note}")
-
-    outcomes = sw.run(job_list, states, spec.analyses, runner, jobs, threads, on_done)
+        return typer.echo(to_markdown(sw.plan_table(job_list, states), ["seed"]))
+    outcomes = _run_with_progress(sw, spec, job_list, states, runner, jobs if executor == "local" else None, threads)
     _summarise(spec, outcomes, report_failed=any(run_report(spec.out, args) != 0 for args in spec.report or []))
 
 
@@ -88,6 +85,26 @@ def _summarise(spec, outcomes: list, report_failed: bool) -> None:
         raise typer.Exit(1)
     if "diverged" in statuses:
         raise typer.Exit(3)
+
+
+def _run_with_progress(sw, spec, job_list, states, runner, workers: int | None, threads: int) -> list:
+    """sw.run with one line per run as it ends under a live line (finished / running / queued / failed, ETA): a
+    bar in a terminal, a plain line every MMLAB_PROGRESS_SECONDS in a log (console.progress)."""
+    from rich.markup import escape
+    from rich.progress import TextColumn
+
+    done = []
+    with progress(TextColumn("{task.fields[tally]}")) as bar:
+        task = bar.add_task("sweep", total=len(job_list), tally=sw.tally([], len(job_list), workers))
+
+        def on_done(outcome):
+            done.append(outcome.status)
+            note = f" ({escape(outcome.detail)})" if outcome.detail else ""
+            console.print(f"\\[{len(done)}/{len(job_list)}] {escape(outcome.name)}: "
+                          f"[{COLOURS[outcome.status]}]{outcome.status}[/]{note}")
+            bar.update(task, advance=1, tally=sw.tally(done, len(job_list), workers))
+
+        return sw.run(job_list, states, spec.analyses, runner, workers or 1, threads, on_done)
 
 
 def check_arguments(spec) -> None:

@@ -149,13 +149,14 @@ CHECK_EVERY = {"cpu": 1, "cuda": 50}  # steps between divergence checks (a check
 
 def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None, task=None, *,
                     step: TrainStep | None = None, augment: BatchAugment | None = None, epoch: int = 0,
-                    world: World = World(), limit: LossLimit = LossLimit(0.0)) -> dict:
+                    world: World = World(), limit: LossLimit = LossLimit(0.0), on_step=None) -> dict:
     """One pass of optimisation steps; returns the mean fused CE and accuracy over the (global) epoch,
     plus the means of the methods' `stats` (DAGR's terms, Pareto's alpha*). Without `step`: plain joint
     training on the fused loss (+ the probes' loss on detached embeddings). A non-finite training loss
     raises Diverged (checked every CHECK_EVERY steps and at the end of the epoch). An objective without
     fused logits (contrastive) reports no accuracy; its loss is its task loss. A checked step's loss above
-    `limit` raises Diverged too."""
+    `limit` raises Diverged too. `on_step(i, terms)` gets each step's index and its loss, fused CE and method
+    terms as 0-d tensors (step_logger reads them at its cadence only: reading syncs the device)."""
     step = step or TrainStep(Objective(model), model, opt, scaler, device, precision)
     model.train()
     stats = {k: name for method in step.methods for k, name in method.stats.items()}
@@ -172,6 +173,9 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
         correct = (out["logits"].argmax(1) == y).sum().double() if "logits" in out else sums.new_zeros(())
         sums += torch.stack([*means, correct, sums.new_tensor(float(n))])
         total += out["loss"].detach().double()
+        if on_step is not None:
+            on_step(i, {"loss": out["loss"], "ce": out["ce"],
+                        **{name: out[k] for k, name in stats.items() if k in out}})
         if (i + 1) % every == 0 or i == 0:
             _check(total, limit.exceeded(out["loss"]), world, i + 1, limit)
         if bar is not None:  # reading the loss syncs the device: only every 10 steps
@@ -181,6 +185,17 @@ def train_one_epoch(model, loader, opt, scaler, device, precision: str, bar=None
     n = max(sums[-1], 1)
     return {"loss": sums[0] / n, **({"acc": 100.0 * sums[-2] / n} if "logits" in out else {}),
             **{name: value / n for name, value in zip(stats.values(), sums[1:-2])}}
+
+
+def step_logger(every: int, tracker, epoch: int, steps: int, opt):
+    """train_one_epoch's `on_step` for a tracked run: every `every` global steps (counted over the run, from 1),
+    the step's terms and learning rate into the tracker."""
+    def on_step(i: int, terms: dict) -> None:
+        step = epoch * steps + i + 1
+        if step % every == 0:
+            tracker.log_step({"step": step, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                              **{k: v.item() for k, v in terms.items()}})
+    return on_step
 
 
 def _check_run_dir(cfg: TrainConfig, dataset: PreparedDataset, resume: bool) -> RunPaths:
@@ -369,14 +384,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     cfg = recorded_config(cfg, dataset)
     world, device = init_world(cfg.device)
     threads = run_threads(cfg, resume, console.print if world.main else lambda *a: None)
-    try:
-        with run_lock(cfg.out) if world.main else contextlib.nullcontext(), use_threads(threads):
-            return _train(cfg, dataset, resume, world, device)
+    try:  # the loggers `_train` opens stay open until the run's test metrics are logged
+        with run_lock(cfg.out) if world.main else contextlib.nullcontext(), use_threads(threads), \
+                contextlib.ExitStack() as tracking:
+            return _train(cfg, dataset, resume, world, device, tracking)
     finally:
         shutdown(world)
 
 
-def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: World, device: torch.device) -> dict:
+def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: World, device: torch.device,
+           tracking: contextlib.ExitStack) -> dict:
     if cfg.batch_size % world.size:
         raise MmlabError(f"batch_size {cfg.batch_size} is the global batch: it must divide among the "
                          f"{world.size} processes")
@@ -431,8 +448,9 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     stop_rule = early_stop_rule(cfg.early_stop) if cfg.early_stop else None
     start, first = time.time(), state["epoch"]
     bars = progress(TextColumn("loss {task.fields[loss]:.3f}")) if world.main else contextlib.nullcontext()
-    loggers = open_loggers(cfg.logger if world.main else [], paths.root / "tb", state["history"])
-    with bars as bar, loggers as log:
+    log = tracking.enter_context(open_loggers(cfg.logger if world.main else [], paths.root, state["history"],
+                                              cfg.to_dict()))
+    with bars as bar:
         for epoch in range(state["epoch"], cfg.epochs):
             if stop_rule and stopped_after(state["history"], *stop_rule):
                 break
@@ -444,9 +462,12 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                                  drop_last=len(order) > cfg.batch_size, rank=world.rank, world=world.size)
             task = (bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=float("nan"))
                     if bar else None)
+            on_step = step_logger(cfg.log_every_steps, log, epoch, len(loader), opt) \
+                if cfg.log_every_steps and cfg.logger and world.main else None
             try:
                 train_stats = train_one_epoch(model, loader, opt, scaler, device, cfg.precision, bar, task,
-                                              step=step, augment=augment, epoch=epoch, world=world, limit=limit)
+                                              step=step, augment=augment, epoch=epoch, world=world, limit=limit,
+                                              on_step=on_step)
                 if non_finite_weights(model.state_dict()):
                     raise Diverged(len(loader))
             except Diverged as d:
@@ -464,7 +485,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
                       **{f"val_{k}": v for k, v in val.items()}, "seconds": time.time() - t0}
             state["history"].append(record)
-            log(record)  # before the checkpoint: a resume replaces what a kill in between left logged
+            log.log(record)  # before the checkpoint: a resume replaces what a kill in between left logged
             state["epoch"] = epoch + 1
             state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                          **rng_state(device), first_loss=limit.first,
@@ -498,4 +519,5 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                "train_seconds": sum(r["seconds"] for r in state["history"]),
                "wall_seconds_this_process": time.time() - start}
     atomic_write_json(paths.metrics, metrics)
+    log.log_final(metrics)
     return metrics
