@@ -193,7 +193,7 @@ def test_every_cell_against_hand_computed_mean_and_std(runs_dir):
     assert "**76.0 ± 1.4**" in accuracy and "**72.5 ± 2.1**" not in accuracy and "**5.50 ± 0.71**" in md
     assert "-: 5 of 8 runs have no flatness.json" in md and "`mmlab flatness RUN_DIR`" in md
     assert "`mmlab geometry RUN_DIR`" in md and "`mmlab robustness RUN_DIR`" in md
-    assert "![avmnist, image+audio, dml, none: geometry_tsne.png (dml/s0)](dml/s0/geometry_tsne.png)" in md
+    assert "![avmnist, DML (image+audio): geometry_tsne.png (dml/s0)](dml/s0/geometry_tsne.png)" in md
     assert "sml/s0/geometry_tsne.png" not in md  # on disk, but not listed by its geometry.json: stale
     assert "W2² image\\|audio" in md  # a pair key cannot break the Markdown table
 
@@ -368,8 +368,10 @@ def test_columns_without_values_are_left_out(tmp_path):
     assert list(flat.cells.columns[2:]) == ["seeds", "λ_max ↓"]  # no 'F_gap *' or 'L_LPF' placeholder
     assert ("left out: λ_max/thr, λ1/λ5, trace, λ_max block, λ_max/thr block, λ_max absent, L_LPF, Δ_LPF, "
             "L_LPF absent, Δ_LPF absent, F_gap (`mmlab flatness RUN_DIR`)") in flat.note
-    assert "*" not in md.split("## Modality variance")[1].split("## ")[0]  # no wildcard header anywhere
-    assert "| avmnist" not in md.split("## Modality variance")[1].split("## ")[0]  # no geometry: no table, a note
+    assert "*" not in md.split("## Flatness")[1].split("\n## ")[0]  # no wildcard header
+    # no run has geometry.json: no geometry sections, one line with the command for all three tables it fills
+    assert "## Modality variance" not in md and md.count("geometry.json") == 1
+    assert "- `mmlab geometry RUN_DIR` adds geometry, alignment, ati (no run has geometry.json)" in md
 
 
 def test_refuses_to_average_runs_that_differ_in_more_than_the_seed(runs_dir):
