@@ -311,11 +311,11 @@ def test_cli_writes_files_compares_and_reuses(runs):
     md = (runs / "sml" / "robustness.md").read_text()
     assert "drop rate" in md and "audio-noise" in md and f"{direct['sml']['clean'][0]:.2f}" in md
     assert set(out["files"]) == {"robustness.json", "robustness.csv", "robustness.md", "robustness_image.png",
-                                 "robustness_audio.png", "robustness_pgd_sweep.png"}
+                                 "robustness_audio.png", "robustness_pgd_sweep.png", "robustness_pgd.png"}
     compared = runs / "compare" / "robustness"  # default: compare/<analysis> in the runs' common folder
     cmp = json.loads((compared / "comparison.json").read_text())
     assert cmp["files"] == ["comparison.json", "comparison.csv", "comparison.md", "comparison_image.png",
-                            "comparison_audio.png", "comparison_pgd_sweep.png"]
+                            "comparison_audio.png", "comparison_pgd_sweep.png", "comparison_pgd.png"]
     for f in cmp["files"][3:]:
         png_image(compared / f)
     assert [r["label"] for r in cmp["runs"]] == ["SML (image+audio)", "audio only"]
