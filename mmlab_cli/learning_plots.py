@@ -40,7 +40,8 @@ def _legend(fig, groups: dict[str, dict], styles: dict[str, object], parts: list
     """One legend below the panels: a patch per method (colour), a grey line per part (line style)."""
     handles = [Patch(color=figures.method_colour(name), label=f"{name} ({figures.plural(c['runs'], 'run')})")
                for name, c in groups.items()]
-    handles += [Line2D([], [], color="0.3", linestyle=styles[p], label=f"{p or 'fused'}{what}") for p in parts]
+    handles += [Line2D([], [], color="0.3", linestyle=styles[p], label=f"{p}{what}" if p else "fused")
+                for p in parts]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3))
 
 
@@ -67,7 +68,7 @@ def learning_curves(groups: dict[str, dict], path: Path) -> list[Path]:
                          for k, s in zip(LOSSES, ("-", "--"))])
     for ax in (acc, loss):
         ax.xaxis.get_major_locator().set_params(integer=True)
-    _legend(fig, groups, styles, parts, " (probe)")
+    _legend(fig, groups, styles, parts, " probe")
     return figures.save(fig, path)
 
 
@@ -107,7 +108,7 @@ def accuracy_bars(groups: dict[str, dict], path: Path) -> list[Path]:
     bars = {n: g for n, g in groups.items() if not g["unimodal"]} or groups
     references = {n: g for n, g in groups.items() if g["unimodal"] and n not in bars}
     modalities = list(dict.fromkeys(k for g in bars.values() for k in g if k not in ("fused", "unimodal", "runs")))
-    fig = figures.figure(2 if len(bars) > 3 else 1, 2.8)
+    fig = figures.figure(2 if len(bars) + len(references) > 2 else 1, 2.8)
     ax = fig.subplots()
     width = 0.8 / (1 + len(modalities))
     for x, (name, g) in enumerate(bars.items()):
@@ -120,8 +121,7 @@ def accuracy_bars(groups: dict[str, dict], path: Path) -> list[Path]:
     for i, (name, g) in enumerate(references.items()):
         ax.axhline(g["fused"][0], color=figures.method_colour(name), linestyle="--", linewidth=1.2,
                    zorder=1 + i / len(references))
-    ax.set_xticks(range(len(bars)), list(bars), rotation=15 if len(bars) > 2 else 0, ha="right" if len(bars) > 2
-                  else "center")
+    ax.set_xticks(range(len(bars)), [name.replace(" + ", "\n+ ") for name in bars])
     ax.set(ylabel="test accuracy (%)", title="Test accuracy (error bars: ± 1 std over seeds)")
     ax.grid(False, axis="x")
     handles = [Patch(facecolor="0.5", edgecolor="0.2", label="fused")]
@@ -129,5 +129,5 @@ def accuracy_bars(groups: dict[str, dict], path: Path) -> list[Path]:
                 for j, m in enumerate(modalities)]
     handles += [Line2D([], [], color=figures.method_colour(n), linestyle="--", label=f"{n} (reference)")
                 for n in references]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4))
     return figures.save(fig, path)
