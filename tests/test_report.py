@@ -395,6 +395,7 @@ def _history(acc, probes, loss, ogm=None):
              **({"train_dispersion": 0.5} if ogm else {})} for e in (1, 2, 3)]
 
 
+@pytest.mark.slow
 def test_learning_curves_accuracy_bars_and_method_coefficients(runs_dir):
     from matplotlib.colors import to_hex
 
