@@ -429,7 +429,7 @@ def unmeasured(tables: list[Table]) -> list[str]:
     file no run has (said once, not per section)."""
     by_command: dict[str, list] = {}
     for t in tables:
-        if t.spec in TABLES and not has_values(t):
+        if t.spec in TABLES and not has_values(t) and not t.plots:
             by_command.setdefault(t.spec.command, []).append(t.spec)
     return [f"`{command}` adds {', '.join(s.name for s in specs)}"
             + (f" (no run has {specs[0].file})" if specs[0].file != "metrics.json" else "")
@@ -438,12 +438,13 @@ def unmeasured(tables: list[Table]) -> list[str]:
 
 def markdown_section(t: Table) -> list[str]:
     """A table's Markdown section: its sub-tables (best values in bold), the note, its figures."""
-    keys = [c for c in t.cells.columns if c not in t.numeric]
+    split = parts(t) if has_values(t) else []
+    keys = [c for c in t.cells.columns if not any(c in columns for _, columns in split)]  # repeated in each
     bold = t.cells.mask(t.best, "**" + t.cells.astype(str) + "**")
     lines = [f"## {t.spec.title}", ""]
-    for title, columns in parts(t) if has_values(t) else []:
+    for title, columns in split:
         lines += [f"### {title}", ""] if title else []
-        lines.append(to_markdown(bold[[*keys, "seeds", *columns]], ["seeds", *columns]))
+        lines.append(to_markdown(bold[[*keys, *columns]], [c for c in (*keys, *columns) if c in t.numeric]))
     lines += [t.note, ""] if t.note else []
     return lines + [f"![{caption}]({path})" for caption, path in t.plots] + ([""] if t.plots else [])
 
@@ -456,7 +457,7 @@ def render(tables: list[Table], fmt: str) -> str:
                          for t in tables if has_values(t))
     if fmt == "csv":
         return "\n".join(f"# {t.spec.name}\n{t.numbers.to_csv(index=False)}" for t in tables)
-    parts_ = [line for t in tables if has_values(t) or t.spec not in TABLES for line in markdown_section(t)]
+    parts_ = [line for t in tables if has_values(t) or t.plots or t.spec not in TABLES for line in markdown_section(t)]
     missing = unmeasured(tables)
     return "\n".join(parts_ + (["## Not measured yet", "", *(f"- {line}" for line in missing), ""] if missing else []))
 
