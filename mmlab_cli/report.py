@@ -457,9 +457,10 @@ def render(tables: list[Table], fmt: str) -> str:
                          for t in tables if has_values(t))
     if fmt == "csv":
         return "\n".join(f"# {t.spec.name}\n{t.numbers.to_csv(index=False)}" for t in tables)
-    parts_ = [line for t in tables if has_values(t) or t.plots or t.spec not in TABLES for line in markdown_section(t)]
+    sections = [line for t in tables if has_values(t) or t.plots or t.spec not in TABLES
+                for line in markdown_section(t)]
     missing = unmeasured(tables)
-    return "\n".join(parts_ + (["## Not measured yet", "", *(f"- {line}" for line in missing), ""] if missing else []))
+    return "\n".join(sections + (["## Not measured yet", "", *(f"- {m}" for m in missing), ""] if missing else []))
 
 
 def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt: str = "md",
