@@ -403,7 +403,8 @@ def test_learning_curves_accuracy_bars_and_method_coefficients(runs_dir):
     from mmlab_cli.learning import coefficients
 
     for run, acc, ogm in (("dml/s0", 40.0, {"image": 0.9, "audio": 1.0}),
-                          ("dml/s1", 44.0, {"image": 0.7, "audio": 1.0}), ("uni/s0", 30.0, None), ("uni/s1", 30.0, None)):
+                          ("dml/s1", 44.0, {"image": 0.7, "audio": 1.0}),
+                          ("uni/s0", 30.0, None), ("uni/s1", 30.0, None)):
         probes = {"image": acc - 5, "audio": acc - 20} if ogm else {"image": acc}
         lines = [json.dumps(r) for r in _history(acc, probes, 2.0, ogm)] + ['{"epoch": 4, "diverged": true}']
         (runs_dir / run / "metrics.jsonl").write_text("\n".join(lines[:3 if ogm else 4]) + "\n")
