@@ -5,6 +5,7 @@ so anyone can regenerate the gallery after a change and compare it with the comm
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -48,8 +49,9 @@ GALLERY = (
 def main(runs: Path) -> None:
     out = DOCS / "figures"
     out.mkdir(exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    index = DOCS / "figures.md"
+    for old in re.findall(r"\]\(figures/([^)]+\.png)\)", index.read_text() if index.is_file() else ""):
+        (out / old).unlink(missing_ok=True)  # the previous gallery's; docs/results/ keeps its own figures here
     lines = ["# Figures", "",
              "One example of every figure mmlab draws, from the demo runs (synthetic dataset, tiny CNNs, a few "
              "epochs, small analysis settings: the numbers mean nothing, the layout is the point). Regenerate with "

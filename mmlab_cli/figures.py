@@ -35,7 +35,8 @@ OTHER_COLOURS = ("#6699CC", "#AA4466", "#DDCC77", "#88CCEE", "#CC6677", "#004488
 RUN_SEPARATOR = " – "  # 'DML (image+audio) – seed1': a method's runs share its colour
 # what is not a method (positive / negative pairs, a reference level) is drawn in greys, hatched where filled, so a
 # colour always means a method (blue is "image only" in every figure, never "negative")
-NEUTRAL = {"negative": {"color": "0.75", "hatch": "////"}, "positive": {"color": "0.35", "hatch": ""}}
+NEUTRAL = {"negative": {"color": "0.7", "hatch": "////", "alpha": 0.8},
+           "positive": {"color": "0.25", "hatch": "", "alpha": 0.6}}
 LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 2)))  # fused, then one per modality
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _captured: ContextVar[list | None] = ContextVar("captured_figures", default=None)

@@ -42,7 +42,8 @@ def _legend(fig, groups: dict[str, dict], styles: dict[str, object], parts: list
                for name, c in groups.items()]
     handles += [Line2D([], [], color="0.3", linestyle=styles[p], label=f"{p}{what}" if p else "fused")
                 for p in parts]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3))
+    wide = fig.get_figwidth() > figures.WIDTH[1]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3 if wide else 1))
 
 
 @figures.styled

@@ -72,7 +72,7 @@ def plot_cosines(emb, result: dict, settings, path: Path) -> list[Path]:
         bins = np.linspace(min(pos.min(), neg.min()), max(pos.max(), neg.max()), 50)
         for kind, values, label in (("negative", neg, "negative (mismatched)"), ("positive", pos, "positive (paired)")):
             style = figures.NEUTRAL[kind]
-            ax.hist(values, bins=bins, density=True, alpha=0.7, color=style["color"], hatch=style["hatch"],
+            ax.hist(values, bins=bins, density=True, alpha=style["alpha"], color=style["color"], hatch=style["hatch"],
                     edgecolor="white" if not style["hatch"] else "0.5", linewidth=0.3, label=label)
         r = result["pairs"][key]
         ax.set(title=f"{a} vs {b}: gap {r['cosine_gap']:.3f}, KS {r['cosine_ks']:.3f}", xlabel="cosine similarity",

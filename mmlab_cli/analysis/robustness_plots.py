@@ -104,7 +104,7 @@ def pgd_bars(results: dict[str, dict], path: Path) -> list[Path]:
                color=figures.method_colour(k), label=k)
     eps = {m: next(((r["pgd"][m].get("settings") or {}).get("eps") for r in results.values() if m in r["pgd"]), None)
            for m in modalities}
-    ax.set_xticks(range(len(modalities) + 1), ["clean", *(f"PGD on {m}" + (f"\nε = {eps[m]:g}" if eps[m] else "")
+    ax.set_xticks(range(len(modalities) + 1), ["clean", *(f"PGD on {m}" + (f"\nε = {eps[m]:.3g}" if eps[m] else "")
                                                           for m in modalities)])
     ax.grid(False, axis="x")
     ax.set_title("Accuracy under PGD on one modality")
