@@ -5,6 +5,7 @@ accuracy), and the accuracy table's means per group for the bar chart. learning_
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +67,14 @@ def coefficients(curve: dict) -> dict[str, list[tuple[str, str]]]:
 
 def accuracy_bars(table: Table, group_by: tuple[str, ...]) -> dict[str, dict[str, dict]]:
     """From the accuracy table's numbers, per block and group: {"fused": (mean, std), modality: (mean, std)...,
-    "unimodal": bool, "runs": n} (std over seeds; NaN with one run)."""
+    "unimodal": bool, "runs": n} (std over seeds, NaN with one run; a mean no run has is NaN: a contrastive
+    run has no fused accuracy)."""
     fused, per_modality = (label for label, _, _ in table.spec.columns)
     prefix, suffix = per_modality.split("{}")
     within = within_keys(group_by)
     blocks: dict[str, dict[str, dict]] = {}
     for _, row in table.numbers.iterrows():
-        values = {"fused": (row.get(f"{fused} mean"), row.get(f"{fused} std"))}
+        values = {"fused": (float(row.get(f"{fused} mean", math.nan)), float(row.get(f"{fused} std", math.nan)))}
         for column in table.numbers.columns:
             label = column[: -len(" mean")]
             if column.endswith(" mean") and label != fused and label.startswith(prefix) and label.endswith(suffix):

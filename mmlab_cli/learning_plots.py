@@ -116,10 +116,12 @@ def accuracy_bars(groups: dict[str, dict], path: Path) -> list[Path]:
         colour = figures.method_colour(name)
         for j, part in enumerate(("fused", *modalities)):
             mean, std = g.get(part, (math.nan, math.nan))
+            if math.isnan(mean):
+                continue
             ax.bar(x + (j - len(modalities) / 2) * width, mean, width, yerr=None if math.isnan(std) else std,
                    capsize=2, color=colour, alpha=1.0 if part == "fused" else 0.45, edgecolor="0.2", linewidth=0.4,
                    hatch=None if part == "fused" else HATCHES[(j - 1) % len(HATCHES)])
-    for i, (name, g) in enumerate(references.items()):
+    for i, (name, g) in enumerate((n, g) for n, g in references.items() if not math.isnan(g["fused"][0])):
         ax.axhline(g["fused"][0], color=figures.method_colour(name), linestyle="--", linewidth=1.2,
                    zorder=1 + i / len(references))
     ax.set_xticks(range(len(bars)), [name.replace(" + ", "\n+ ") for name in bars])
