@@ -5,6 +5,7 @@ so anyone can regenerate the gallery after a change and compare it with the comm
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +13,12 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 # (figure under RUNS_DIR, what it shows); the order of docs/figures.md
 GALLERY = (
+    ("report_accuracy.png", "`mmlab report`: test accuracy per method, fused bar and hatched probe bars, error bars "
+     "± one std over seeds, the unimodal runs as dashed reference lines."),
+    ("report_learning.png", "`mmlab report`: learning curves, validation accuracy (fused solid, each modality's probe by "
+     "line style) and train/validation loss, mean ± standard error over seeds, one colour per method."),
+    ("report_coefficients.png", "`mmlab report`: what the methods recorded per epoch (here OGM-GE's coefficient k per "
+     "modality), one panel per term."),
     ("compare/flatness/flatness_comparison_landscape_2d_contour.png",
      "2-D loss landscape, SML vs DML (the DML paper's Figure 1): shared log-spaced levels, one colour bar."),
     ("compare/flatness/flatness_comparison_landscape_2d_surface.png",
@@ -27,12 +34,14 @@ GALLERY = (
      "Corrupting the image: accuracy against each corruption's physical parameter, chance level dotted."),
     ("compare/robustness/comparison_audio.png",
      "Corrupting the audio: SNR in dB (clean on the left), masked fractions, σ in train stds."),
+    ("compare/robustness/comparison_pgd.png", "PGD on one modality at the run's ε: accuracy clean and under attack."),
     ("compare/robustness/comparison_pgd_sweep.png", "PGD on one modality: accuracy against ε in the input's units."),
     ("sml/robustness_image.png", "Corruption curves of a single run (in the run directory)."),
     ("compare/geometry/geometry_comparison_tsne.png",
      "t-SNE of SML and DML side by side on one class colour code (the DML paper's Figure 5)."),
     ("sml/geometry_tsne.png", "t-SNE of a single run, titled by its method."),
-    ("sml/geometry_cosine.png", "Positive (paired) vs negative (mismatched) cross-modal cosines."),
+    ("sml/geometry_cosine.png", "Positive (paired) vs negative (mismatched) cross-modal cosines, in greys (colours "
+     "mean methods)."),
     ("sml/geometry_spectrum.png", "Covariance spectrum of the unit embeddings per modality."),
 )
 
@@ -40,15 +49,16 @@ GALLERY = (
 def main(runs: Path) -> None:
     out = DOCS / "figures"
     out.mkdir(exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    index = DOCS / "figures.md"
+    for old in re.findall(r"\]\(figures/([^)]+\.png)\)", index.read_text() if index.is_file() else ""):
+        (out / old).unlink(missing_ok=True)  # the previous gallery's; docs/results/ keeps its own figures here
     lines = ["# Figures", "",
              "One example of every figure mmlab draws, from the demo runs (synthetic dataset, tiny CNNs, a few "
              "epochs, small analysis settings: the numbers mean nothing, the layout is the point). Regenerate with "
              "`make gallery` and compare after changing a plot. Style, sizes and the colour of each method: "
              "`mmlab_cli/figures.py`; `--figure-format png,pdf` adds vector files.", ""]
     for source, caption in GALLERY:
-        name = Path(source).name if source.startswith("compare/") else f"run_{Path(source).name}"
+        name = Path(source).name if source.startswith("compare/") or "/" not in source else f"run_{Path(source).name}"
         shutil.copyfile(runs / source, out / name)
         lines += [f"## `RUNS/{source}`", "", caption, "", f"![{caption}](figures/{name})", ""]
     (DOCS / "figures.md").write_text("\n".join(lines))

@@ -33,6 +33,13 @@ METHOD_COLOURS = {"image only": "#56B4E9", "audio only": "#E69F00", "depth only"
                   "SML + SAM": "#117733", "DML + SAM": "#AA4499", "SML + SWA": "#999933", "DML + SWA": "#661100"}
 OTHER_COLOURS = ("#6699CC", "#AA4466", "#DDCC77", "#88CCEE", "#CC6677", "#004488", "#BB5566", "#666633")
 RUN_SEPARATOR = " – "  # 'DML (image+audio) – seed1': a method's runs share its colour
+# what is not a method (positive / negative pairs, a reference level) is drawn in greys, hatched where filled, so a
+# colour always means a method (blue is "image only" in every figure, never "negative")
+NEUTRAL = {"negative": {"color": "0.7", "hatch": "////", "alpha": 0.8},
+           "positive": {"color": "0.25", "hatch": "", "alpha": 0.6}}
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 2)))  # fused, then one per modality
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_captured: ContextVar[list | None] = ContextVar("captured_figures", default=None)
 
 
 def method_key(name: str) -> str:
@@ -48,10 +55,39 @@ def method_colour(name: str) -> str:
     return METHOD_COLOURS.get(key) or OTHER_COLOURS[zlib.crc32(key.encode()) % len(OTHER_COLOURS)]
 
 
+def modality_colour(modality: str) -> str:
+    """A modality's colour where a figure tells modalities apart by colour: its unimodal run's ('image only')."""
+    return method_colour(f"{modality} only")
+
+
 def run_names(results: list[dict]) -> list[str]:
     """Legend names of analysed runs: the method label, plus the run directory where two runs share it."""
     methods = [r["method"] for r in results]
     return [m if methods.count(m) == 1 else f"{m}{RUN_SEPARATOR}{r['label']}" for m, r in zip(methods, results)]
+
+
+def plural(n: int, word: str) -> str:
+    """'1 run', '3 runs'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def distinct(i: int, n: int) -> dict:
+    """Line settings of the i-th of n lines drawn in one panel, so identical curves stay visible: each its own
+    marker, earlier lines wider and below later ones (a later line runs inside an earlier one it covers)."""
+    return {"marker": MARKERS[i % len(MARKERS)], "zorder": 2 + i / max(n, 1),
+            "linewidth": STYLE["lines.linewidth"] * (1 + 1.2 * (n - 1 - i) / max(n - 1, 1)),
+            "markersize": STYLE["lines.markersize"] * (1 + 0.8 * (n - 1 - i) / max(n - 1, 1))}
+
+
+@contextmanager
+def capture():
+    """Inside this block every saved Figure is also appended to the yielded list (tests inspect the artists)."""
+    found: list[Figure] = []
+    token = _captured.set(found)
+    try:
+        yield found
+    finally:
+        _captured.reset(token)
 
 
 def styled(plot):
@@ -86,6 +122,8 @@ def formats(spec: str):
 
 def save(fig: Figure, path: Path) -> list[Path]:
     """Write `path` (.png) and its vector twins atomically; returns every path written, the PNG first."""
+    if (found := _captured.get()) is not None:
+        found.append(fig)
     written = []
     for fmt in ("png", *_formats.get()):
         target = Path(path).with_suffix(f".{fmt}")

@@ -24,6 +24,7 @@ from mmlab_cli.data.format import atomic_write_text, check_writable
 from mmlab_cli.engine import check_checkpoint
 from mmlab_cli.engine.runpaths import COMPARE, RunPaths, run_dirs
 from mmlab_cli.errors import MmlabError
+from mmlab_cli.learning import accuracy_bars, history_over_seeds
 from mmlab_cli.methods.registry import label_keys
 from mmlab_cli.report_html import render_html
 from mmlab_cli.results import (FLAG, TABLES, Table, TableSpec, group_label, hashable, key_defaults, resolve,
@@ -171,11 +172,13 @@ def lookup(doc, path: str, captured: tuple[str, ...]):
     return doc
 
 
-def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> Table:
-    """Per-run values from the spec's paths, then mean, sample std and count per group; a column no run has a
-    value for is left out (the note names it and the command that fills it)."""
-    values: dict[str, dict[int, float]] = {}  # column label -> {run row: value}; labels in first-seen order
+def _collect(spec: TableSpec, docs: list) -> tuple[dict, dict, dict, dict, list]:
+    """Each column's per-run values from the spec's JSON paths (a `*` path gives one column per match, labels in
+    first-seen order), its direction, the spec label that made it, the runs whose flag marks it, and the spec
+    labels no run has a value for."""
+    values: dict[str, dict[int, float]] = {}  # column label -> {run row: value}
     direction: dict[str, str] = {}
+    source: dict[str, str] = {}  # column label -> the spec's label that made it
     flags = dict(spec.flags)
     flagged: dict[str, dict[int, bool]] = {}  # column label -> {run row: True where its flag is false}
     empty = []
@@ -185,10 +188,18 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
             for captured, value in resolve(doc, path) if doc is not None else []:
                 values.setdefault(label.format(*captured), {})[i] = value
                 direction[label.format(*captured)] = arrow
+                source[label.format(*captured)] = label
                 if path in flags:
                     flagged.setdefault(label.format(*captured), {})[i] = lookup(doc, flags[path], captured) is False
         if len(values) == before:
             empty.append(label.replace(" {}", ""))
+    return values, direction, source, flagged, empty
+
+
+def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list) -> Table:
+    """Per-run values from the spec's paths, then mean, sample std and count per group; a column no run has a
+    value for is left out (the note names it and the command that fills it)."""
+    values, direction, source, flagged, empty = _collect(spec, docs)
     per_run = runs[list(group_by)].copy()
     per_run["seed"] = runs["seed"] if "seed" in runs else range(len(runs))  # no seed recorded: each run counts
     for label, by_run in values.items():
@@ -222,28 +233,47 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, group_by: tuple[str, ...], 
         best[header] = _best(numbers[f"{label} mean"], [numbers[k] for k in within], direction[label])
     notes = []
     absent = [runs.at[i, "run"] for i, doc in enumerate(docs) if doc is None]
-    if absent:
+    if absent and len(absent) < len(runs):  # no run has the file: `unmeasured` says so once for the report
         listed = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
         notes.append(f"-: {len(absent)} of {len(runs)} runs have no {spec.file} ({listed}); "
                      f"produce it with `{spec.command}`.")
     if any(numbers[f"{label} flagged"].any() for label in flagged):
         notes.append(spec.footnote)
     if empty and len(absent) < len(runs):
-        notes.append(f"Not measured by any run yet, so left out: {', '.join(empty)} (`{spec.command}`).")
-    return Table(spec, numbers, cells, best, ["seeds", *cells.columns[len(keys) + 1:]], " ".join(notes))
+        notes += _empty_notes(spec, empty, docs)
+    sources = {f"{label} {direction[label]}".rstrip(): source[label] for label in values}
+    return Table(spec, numbers, cells, best, ["seeds", *cells.columns[len(keys) + 1:]], " ".join(notes),
+                 sources=sources)
+
+
+def _empty_notes(spec: TableSpec, empty: list[str], docs: list) -> list[str]:
+    """Columns no run has a value for: why, once, where the runs' files say (spec.reasons), else that no run
+    measured them yet and the command that does."""
+    why_path = dict(spec.reasons)
+    reasons = {label.replace(" {}", ""): why_path[path] for label, path, _ in spec.columns if path in why_path}
+    why: dict[str, list[str]] = {}
+    for label in empty:
+        said = {lookup(doc, reasons[label], ()) for doc in docs if doc and label in reasons} - {None}
+        if said:
+            why.setdefault("; ".join(sorted(map(str, said))), []).append(label)
+    notes = [f"{', '.join(labels)}: cannot exist for these runs: {reason}." for reason, labels in why.items()]
+    unmeasured = [label for label in empty if not any(label in labels for labels in why.values())]
+    if unmeasured:
+        notes.append(f"Not measured by any run yet, so left out: {', '.join(unmeasured)} (`{spec.command}`).")
+    return notes
 
 
 def attach_plots(table: Table, runs: pd.DataFrame, group_by: tuple[str, ...], docs: list,
                  checkpoint: str = "best") -> None:
     """For each group, the PNGs of its first run that the run's analysis file lists (so a file a later analysis
     no longer produces is never shown) and that match the spec's patterns."""
-    for key, group in runs.groupby(list(group_by), dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
+    for _, group in runs.groupby(list(group_by), dropna=False, sort=True):
         for i, run in zip(group.index, group["run"]):
             listed = (docs[i] or {}).get("files", [])
             pngs = [f for f in listed if any(fnmatch(f, pattern) for pattern in table.spec.plots)]
             if pngs:
-                caption = ", ".join(map(str, key))
+                row = group.iloc[0]
+                caption = ", ".join([*(str(row[k]) for k in within_keys(group_by)), group_label(row, group_by)])
                 folder = RunPaths(run).analyses(checkpoint)
                 table.plots += [(f"{caption}: {f} ({run})", (folder / f).as_posix()) for f in pngs]
                 break
@@ -283,9 +313,38 @@ def draw_curves(root: Path, name: str, table: Table) -> None:
 
     for k, (block, curves) in enumerate(table.curves.items()):
         file = f"{name}_fgap{f'-{k + 1}' if len(table.curves) > 1 else ''}.png"
-        flatness_plots.fgap({f"{label}{figures.RUN_SEPARATOR}{c['runs']} runs": c for label, c in curves.items()},
-                            root / file)
-        table.plots.insert(k, (f"F_gap over seeds, mean ± standard error{f' ({block})' if block else ''}", file))
+        flatness_plots.fgap({f"{label}{figures.RUN_SEPARATOR}{figures.plural(c['runs'], 'run')}": c
+                             for label, c in curves.items()}, root / file)
+        table.plots.insert(k, (f"F_gap over seeds: mean, error bars ± one standard error over the runs (seeds)"
+                               f"{f' ({block})' if block else ''}", file))
+
+
+def draw_learning(root: Path, name: str, table: Table, group_by: tuple[str, ...]) -> None:
+    """Draw the accuracy table's figures into <name>_{accuracy,learning,coefficients}[-k].png under `root`
+    (k: the block, a dataset, where there are several) and list them first among its plots."""
+    from mmlab_cli import learning_plots  # matplotlib, only when there is something to draw
+
+    bars = accuracy_bars(table, group_by)
+    blocks = list(dict.fromkeys([*bars, *table.learning]))
+    drawn = []
+    for k, block in enumerate(blocks):
+        where = f" ({block})" if block and len(blocks) > 1 else ""
+        suffix = f"-{k + 1}" if len(blocks) > 1 else ""
+        for kind, draw, groups, caption in (
+                ("accuracy", learning_plots.accuracy_bars, bars.get(block), ACCURACY_CAPTION),
+                ("learning", learning_plots.learning_curves, table.learning.get(block), LEARNING_CAPTION),
+                ("coefficients", learning_plots.coefficient_curves, table.learning.get(block), COEFFICIENT_CAPTION)):
+            if groups and draw(groups, root / f"{name}_{kind}{suffix}.png"):
+                drawn.append((caption + where, f"{name}_{kind}{suffix}.png"))
+    table.plots[:0] = drawn
+
+
+ACCURACY_CAPTION = ("Test accuracy per method: fused (solid bar) and each modality's probe (hatched), mean over "
+                    "seeds, error bars ± one sample standard deviation; dashed lines: the unimodal references")
+LEARNING_CAPTION = ("Learning curves per epoch: validation accuracy (fused solid, each modality's probe by line style) "
+                    "and loss (train solid, validation dashed), mean ± standard error over seeds")
+COEFFICIENT_CAPTION = ("What each method recorded per epoch (its balancing coefficients, weights or loss terms, "
+                       "training means), mean ± standard error over seeds")
 
 
 def comparison_figures(root: Path) -> list[tuple[str, str]]:
@@ -334,6 +393,8 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
     for spec in TABLES:
         table = build_table(spec, runs, group_by, docs[spec.file])
         attach_plots(table, runs, group_by, docs[spec.file], checkpoint)
+        if spec.name == "accuracy":
+            table.learning = history_over_seeds(root, runs, group_by)
         if spec.file == "flatness.json":
             table.curves, mixed = fgap_over_seeds(runs, group_by, docs[spec.file])
             if mixed:
@@ -352,21 +413,63 @@ def has_values(table: Table) -> bool:
     return len(table.numeric) > 1
 
 
+MAX_COLUMNS = 6  # value columns of one Markdown table: the keys and six 'mean ± std' cells fit a page
+
+
+def parts(table: Table) -> list[tuple[str, list[str]]]:
+    """A table's value columns as sub-tables that fit a page, (title, cells headers): all in one untitled part
+    when at most MAX_COLUMNS, else the spec's parts in order and the columns no part names, each cut into
+    pieces of at most MAX_COLUMNS."""
+    values = [c for c in table.numeric if c != "seeds"]
+    if len(values) <= MAX_COLUMNS:
+        return [("", values)]
+    named = [(title, [c for c in values if table.sources.get(c) in labels]) for title, labels in table.spec.parts]
+    named.append(("other columns" if named else "", [c for c in values if not any(c in cs for _, cs in named)]))
+    out = []
+    for title, columns in named:
+        pieces = [columns[i:i + MAX_COLUMNS] for i in range(0, len(columns), MAX_COLUMNS)]
+        out += [(f"{title} ({k + 1}/{len(pieces)})".strip() if len(pieces) > 1 else title, piece)
+                for k, piece in enumerate(pieces)]
+    return out
+
+
+def unmeasured(tables: list[Table]) -> list[str]:
+    """One line per command that would fill the report's tables no run has values for: what it adds, and the
+    file no run has (said once, not per section)."""
+    by_command: dict[str, list] = {}
+    for t in tables:
+        if t.spec in TABLES and not has_values(t) and not t.plots:
+            by_command.setdefault(t.spec.command, []).append(t.spec)
+    return [f"`{command}` adds {', '.join(s.name for s in specs)}"
+            + (f" (no run has {specs[0].file})" if specs[0].file != "metrics.json" else "")
+            for command, specs in by_command.items()]
+
+
+def markdown_section(t: Table) -> list[str]:
+    """A table's Markdown section: its sub-tables (best values in bold), the note, its figures."""
+    split = parts(t) if has_values(t) else []
+    keys = [c for c in t.cells.columns if not any(c in columns for _, columns in split)]  # repeated in each
+    bold = t.cells.mask(t.best, "**" + t.cells.astype(str) + "**")
+    lines = [f"## {t.spec.title}", ""]
+    for title, columns in split:
+        lines += [f"### {title}", ""] if title else []
+        lines.append(to_markdown(bold[[*keys, *columns]], [c for c in (*keys, *columns) if c in t.numeric]))
+    lines += [t.note, ""] if t.note else []
+    return lines + [f"![{caption}]({path})" for caption, path in t.plots] + ([""] if t.plots else [])
+
+
 def render(tables: list[Table], fmt: str) -> str:
-    """All tables as one text: Markdown sections (best values in bold), LaTeX tables, or '# name' headed CSV."""
+    """All tables as one text: Markdown sections of the tables with values (then one list of what no run
+    measured and the command that does), LaTeX tables, or '# name' headed CSV."""
     if fmt == "latex":
         return "\n".join(to_latex(t.cells, t.spec.title, f"tab:{t.spec.name}", t.numeric, t.best)
                          for t in tables if has_values(t))
     if fmt == "csv":
         return "\n".join(f"# {t.spec.name}\n{t.numbers.to_csv(index=False)}" for t in tables)
-    parts = []
-    for t in tables:
-        parts += [f"## {t.spec.title}", ""]
-        if has_values(t):
-            parts.append(to_markdown(t.cells.mask(t.best, "**" + t.cells.astype(str) + "**"), t.numeric))
-        parts += [t.note, ""] if t.note else []
-        parts += [f"![{caption}]({path})" for caption, path in t.plots] + ([""] if t.plots else [])
-    return "\n".join(parts)
+    sections = [line for t in tables if has_values(t) or t.plots or t.spec not in TABLES
+                for line in markdown_section(t)]
+    missing = unmeasured(tables)
+    return "\n".join(sections + (["## Not measured yet", "", *(f"- {m}" for m in missing), ""] if missing else []))
 
 
 def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt: str = "md",
@@ -386,6 +489,8 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
     for table in tables:
         if table.curves:
             draw_curves(root, name, table)
+        if table.spec.name == "accuracy" and has_values(table):
+            draw_learning(root, name, table, group_by)
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
     intro = (f"{runs} runs in {len(tables[0].numbers)} groups by "

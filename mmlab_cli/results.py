@@ -35,6 +35,12 @@ class TableSpec:
     # a sample-level metric on pairs that are not sample-level)
     flags: tuple[tuple[str, str], ...] = ()
     footnote: str = ""
+    # (sub-table title, column labels): a wide table is printed as these sub-tables (keys repeated), each at most
+    # MAX_COLUMNS value columns wide; columns no part names follow in one more
+    parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # (column JSON path, JSON path of a text saying why a run cannot have the value): a column no run has is then
+    # explained once by that text (λ_max/thr under Adam: no stability limit) instead of "not measured"
+    reasons: tuple[tuple[str, str], ...] = ()
 
 
 TABLES = (
@@ -63,14 +69,21 @@ TABLES = (
                ("block_lambda_max.*", "block_converged.*"), ("block_over_threshold.*", "block_converged.*"),
                ("absent_lambda_max.*", "absent_converged.*")),
               f"{FLAG}: in at least one run of the group the Lanczos solve of this λ_max did not converge (residual "
-              "above tol |λ|); λ1/λ5 is left out (-) for such a run."),
+              "above tol |λ|); λ1/λ5 is left out (-) for such a run.",
+              (("Hessian spectrum", ("λ_max", "λ_max/thr", "λ1/λ5", "trace")),
+               ("Hessian blocks", ("λ_max block {}", "λ_max/thr block {}")),
+               ("low-pass filter", ("L_LPF", "Δ_LPF")),
+               ("modality absent", ("λ_max {} absent", "L_LPF {} absent", "Δ_LPF {} absent")),
+               ("F_gap", ("F_gap {}",))),
+              (("lambda_max_over_threshold", "stability.note"), ("block_over_threshold.*", "stability.note"))),
     TableSpec("geometry", "Modality variance of unit embeddings: Tr Σ and Tr Σ/d (d the embedding size; the DML "
               "paper's Table 5 prints the latter times 1000), variance ratio of Tr Σ, and modality gap W2² "
               "(DML paper Table 5)",
               "geometry.json", "mmlab geometry RUN_DIR",
               (("Tr Σ {}", "modality.*.variance", ""), ("Tr Σ/d {}", "modality.*.variance_per_dim", ""),
                ("ratio {}", "pairs.*.variance_ratio", ""), ("W2² {}", "pairs.*.wasserstein2_sq", "")), ".4g",
-              ("geometry_tsne.png",)),
+              ("geometry_tsne.png",),
+              parts=(("per modality", ("Tr Σ {}", "Tr Σ/d {}")), ("per pair", ("ratio {}", "W2² {}")))),
     TableSpec("alignment", "Representation diagnostics: effective rank of the covariance as spectral entropy "
               "(Roy & Vetterli 2007) and as participation ratio PR (DAGR paper Theorem 3.2), semantic margin, "
               "cross-modal drift, cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
@@ -82,16 +95,21 @@ TABLES = (
               tuple((path, "sample_level_pairs") for _, path, _ in SAMPLE_LEVEL_COLUMNS),
               f"{FLAG}: the runs' dataset pairs its modalities at class level (AVMNIST, synthetic) or does not say "
               "(`pairing` in geometry.json): drift, cosine gap, KS and R@1 then measure class-level alignment only, "
-              "and R@1 is capped (a sample's partner is one of many same-class candidates)."),
+              "and R@1 is capped (a sample's partner is one of many same-class candidates).",
+              (("per modality", ("erank entropy {}", "erank PR {}", "margin {}")),
+               ("per pair", tuple(label for label, _, _ in SAMPLE_LEVEL_COLUMNS)))),
     TableSpec("ati", "ATI check (DML paper Table 13): the trained fusion map perturbing one modality's embedding "
               "(feature norm ‖φ‖, Δ_error, ε_rel), and ε_rel of the paper's four fusion networks on the unit "
               "embeddings (u|v, v perturbed)", "geometry.json", "mmlab geometry RUN_DIR",
               (("‖φ‖ {}", "ati.*.feature_norm", ""), ("Δ_error {}", "ati.*.delta_error", ""),
-               ("ε_rel {}", "ati.*.eps_rel", ""), ("ε_rel {} {}", "ati_paper.*.*.eps_rel", "")), ".3g"),
+               ("ε_rel {}", "ati.*.eps_rel", ""), ("ε_rel {} {}", "ati_paper.*.*.eps_rel", "")), ".3g",
+              parts=(("the trained fusion", ("‖φ‖ {}", "Δ_error {}", "ε_rel {}")),
+                     ("the paper's fusion networks", ("ε_rel {} {}",)))),
     TableSpec("robustness", "PGD on one modality, the others clean: accuracy (%) and drop rate (%) "
               "(DML paper Table 12)", "robustness.json", "mmlab robustness RUN_DIR",
               (("clean acc", "clean.acc", "↑"), ("PGD acc {}", "pgd.*.perturbed_acc", "↑"),
-               ("drop {}", "pgd.*.drop_rate", "↓")), ".2f", ("robustness_*.png",)),
+               ("drop {}", "pgd.*.drop_rate", "↓")), ".2f", ("robustness_*.png",),
+              parts=(("accuracy", ("clean acc", "PGD acc {}")), ("drop rate", ("drop {}",)))),
     TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
               "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
               (("AUC {} {}", "corruptions.*.*.auc", "↑"),)),
@@ -108,6 +126,9 @@ class Table:
     note: str = ""
     plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to the runs folder)
     curves: dict[str, dict[str, dict]] = field(default_factory=dict)  # block -> group label -> F_gap over seeds
+    sources: dict[str, str] = field(default_factory=dict)  # cells header -> the spec's column label it came from
+    # block -> group label -> the runs' metrics.jsonl over seeds (mmlab_cli/learning.py)
+    learning: dict[str, dict[str, dict]] = field(default_factory=dict)
 
 
 def hashable(value):

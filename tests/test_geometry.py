@@ -223,3 +223,20 @@ def test_compare_puts_the_runs_side_by_side(runs, tmp_path):
         results[0]["modality"]["audio"]["effective_rank_participation"]
     md = (tmp_path / "cmp" / "geometry_comparison.md").read_text()
     assert md.count("synthetic pairs are class-level") == 1  # both runs carry it: said once
+
+
+def test_elapsed_time_counts_the_plots(runs, monkeypatch):
+    """The printed and recorded seconds are the whole analysis: t-SNE and plots (drawn after the metrics) too."""
+    import time
+
+    from mmlab_cli.analysis import geometry_plots
+
+    draw = geometry_plots.write_plots
+
+    def slow_plots(*args, **kwargs):
+        time.sleep(0.5)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(geometry_plots, "write_plots", slow_plots)
+    result = analyse_run(load_run(runs / "uni"), GeometrySettings(**{**SETTINGS, "tsne_samples": 0}), CPU, force=True)
+    assert result["seconds"] >= 0.5 and _strict_json(runs / "uni" / "geometry.json")["seconds"] == result["seconds"]

@@ -193,7 +193,7 @@ def test_every_cell_against_hand_computed_mean_and_std(runs_dir):
     assert "**76.0 ± 1.4**" in accuracy and "**72.5 ± 2.1**" not in accuracy and "**5.50 ± 0.71**" in md
     assert "-: 5 of 8 runs have no flatness.json" in md and "`mmlab flatness RUN_DIR`" in md
     assert "`mmlab geometry RUN_DIR`" in md and "`mmlab robustness RUN_DIR`" in md
-    assert "![avmnist, image+audio, dml, none: geometry_tsne.png (dml/s0)](dml/s0/geometry_tsne.png)" in md
+    assert "![avmnist, DML (image+audio): geometry_tsne.png (dml/s0)](dml/s0/geometry_tsne.png)" in md
     assert "sml/s0/geometry_tsne.png" not in md  # on disk, but not listed by its geometry.json: stale
     assert "W2² image\\|audio" in md  # a pair key cannot break the Markdown table
 
@@ -368,8 +368,10 @@ def test_columns_without_values_are_left_out(tmp_path):
     assert list(flat.cells.columns[2:]) == ["seeds", "λ_max ↓"]  # no 'F_gap *' or 'L_LPF' placeholder
     assert ("left out: λ_max/thr, λ1/λ5, trace, λ_max block, λ_max/thr block, λ_max absent, L_LPF, Δ_LPF, "
             "L_LPF absent, Δ_LPF absent, F_gap (`mmlab flatness RUN_DIR`)") in flat.note
-    assert "*" not in md.split("## Modality variance")[1].split("## ")[0]  # no wildcard header anywhere
-    assert "| avmnist" not in md.split("## Modality variance")[1].split("## ")[0]  # no geometry: no table, a note
+    assert "*" not in md.split("## Flatness")[1].split("\n## ")[0]  # no wildcard header
+    # no run has geometry.json: no geometry sections, one line with the command for all three tables it fills
+    assert "## Modality variance" not in md and md.count("geometry.json") == 1
+    assert "- `mmlab geometry RUN_DIR` adds geometry, alignment, ati (no run has geometry.json)" in md
 
 
 def test_refuses_to_average_runs_that_differ_in_more_than_the_seed(runs_dir):
@@ -383,3 +385,88 @@ def test_refuses_to_average_runs_that_differ_in_more_than_the_seed(runs_dir):
     assert len(write_report(runs_dir, ("dataset", "modalities", "pairing"))[0][0].numbers) == 3
     result = CliRunner().invoke(app, ["report", str(runs_dir)])
     assert result.exit_code == 2 and "differ in more than the seed" in result.stderr
+
+
+def _history(acc, probes, loss, ogm=None):
+    """metrics.jsonl records of three epochs: accuracies rise by 10 per epoch, the loss falls by 0.5."""
+    return [{"epoch": e, "lr": 0.1, "train_loss": loss - 0.5 * e, "train_acc": acc, "val_loss": loss,
+             "val_acc": acc + 10 * e, **{f"val_acc_{m}": a + 10 * e for m, a in probes.items()}, "seconds": 1.0,
+             **({f"train_ogm_coeff_{m}": k - 0.1 * e for m, k in ogm.items()} if ogm else {}),
+             **({"train_dispersion": 0.5} if ogm else {})} for e in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_learning_curves_accuracy_bars_and_method_coefficients(runs_dir):
+    from matplotlib.colors import to_hex
+
+    from mmlab_cli import figures
+    from mmlab_cli.learning import coefficients
+
+    for run, acc, ogm in (("dml/s0", 40.0, {"image": 0.9, "audio": 1.0}),
+                          ("dml/s1", 44.0, {"image": 0.7, "audio": 1.0}),
+                          ("uni/s0", 30.0, None), ("uni/s1", 30.0, None)):
+        probes = {"image": acc - 5, "audio": acc - 20} if ogm else {"image": acc}
+        lines = [json.dumps(r) for r in _history(acc, probes, 2.0, ogm)] + ['{"epoch": 4, "diverged": true}']
+        (runs_dir / run / "metrics.jsonl").write_text("\n".join(lines[:3 if ogm else 4]) + "\n")
+    with figures.capture() as drawn:
+        tables, md, written = write_report(runs_dir)
+    accuracy = tables[0]
+    assert list(accuracy.learning) == ["dataset avmnist"]  # one block: the dataset
+    groups = accuracy.learning["dataset avmnist"]
+    dml, uni = groups["DML (image+audio)"], groups["image only"]
+    assert set(groups) == {"DML (image+audio)", "image only"}  # no history: no curve
+    assert dml["epoch"] == [1, 2, 3] and dml["runs"] == 2 and uni["epoch"] == [1, 2, 3]  # divergence left out
+    assert dml["mean"]["val_acc"] == [52.0, 62.0, 72.0] and dml["stderr"]["val_acc"] == pytest.approx([2.0] * 3)
+    assert dml["mean"]["train_ogm_coeff_image"] == pytest.approx([0.7, 0.6, 0.5])
+    assert dml["stderr"]["train_ogm_coeff_image"] == pytest.approx([0.1] * 3)  # std 0.2/sqrt(2), over sqrt(2)
+    assert coefficients(dml) == {"ogm_coeff": [("train_ogm_coeff_image", "image"), ("train_ogm_coeff_audio", "audio")],
+                                 "dispersion": [("train_dispersion", "")]}
+    for kind in ("accuracy", "learning", "coefficients"):
+        assert (runs_dir / f"report_{kind}.png").is_file() and f"](report_{kind}.png)" in md
+    bars, curves, coefficient_fig = drawn[:3]
+    # bars: fused and probes of each multimodal group at the table's means, error bars the seeds' std
+    ax = bars.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == sorted([71.0, 60.5, 41.5, 72.5, 62.0, 44.5, 76.0, 65.0, 47.0])
+    reference = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert [line.get_ydata()[0] for line in reference] == [65.0]  # image only: a reference line, not a bar
+    assert to_hex(reference[0].get_color()) == figures.method_colour("image only").lower()
+    # curves: one colour per method, the fusion solid and each probe in its own line style
+    acc_panel = curves.axes[0]
+    styles = {(to_hex(line.get_color()), line.get_linestyle()) for line in acc_panel.lines}
+    dml_colour = figures.method_colour("DML (image+audio)").lower()
+    assert {(dml_colour, "-"), (dml_colour, "--"), (dml_colour, ":")} <= styles
+    assert [line.get_ydata().tolist() for line in acc_panel.lines if to_hex(line.get_color()) == dml_colour][0] == \
+        [52.0, 62.0, 72.0]
+    assert [ax.get_title() for ax in coefficient_fig.axes] == ["ogm_coeff", "dispersion"]
+    legend = " ".join(t.get_text() for t in curves.legends[0].get_texts())
+    assert "DML (image+audio) (2 runs)" in legend and "image probe" in legend and "fused" in legend
+    # one run directory reports itself: its curves, from its own metrics.jsonl
+    _, single, _ = write_report(runs_dir / "dml" / "s0")
+    assert "1 runs in 1 groups" in single and (runs_dir / "dml" / "s0" / "report_learning.png").is_file()
+
+
+def test_wide_tables_split_and_impossible_columns_say_why(tmp_path):
+    from mmlab_cli.analysis.stability import ADAM
+    from mmlab_cli.report import MAX_COLUMNS, parts
+
+    runs = {name: (config, metrics, {}) for name, (config, metrics, _) in RUNS.items()}
+    wide = {**_flatness(5.0, 1.2, 40.0, 0.8, 0.01, 0.1), "stability": {"optimizer": "adam", "note": ADAM},
+            "block_lambda_max": {"image": 1.0, "audio": 2.0, "head": 0.5},
+            "absent_lambda_max": {"image": 3.0, "audio": 4.0}, "absent_lpf_loss": {"image": 1.0, "audio": 2.0},
+            "absent_lpf_delta": {"image": 0.1, "audio": 0.2}, "fgap_mean_test": 0.4}
+    runs["dml/s0"] = (*runs["dml/s0"][:2], {"flatness.json": wide})
+    _write_runs(tmp_path / "runs", runs)
+    tables, md, _ = write_report(tmp_path / "runs")
+    flat = {t.spec.name: t for t in tables}["flatness"]
+    split = parts(flat)
+    assert [title for title, _ in split] == ["Hessian spectrum", "Hessian blocks", "low-pass filter",
+                                             "modality absent", "F_gap"]
+    assert all(len(columns) <= MAX_COLUMNS for _, columns in split)
+    assert sorted(c for _, columns in split for c in columns) == sorted(flat.numeric[1:])  # each column once
+    section = md.split("## Flatness")[1].split("\n## ")[0]
+    assert section.count("### ") == 5 and all(len(line.split(" | ")) <= MAX_COLUMNS + 4
+                                                for line in section.splitlines() if line.startswith("|"))
+    # Adam has no stability limit: said once, with the reason, not "not measured"
+    assert f"λ_max/thr, λ_max/thr block: cannot exist for these runs: {ADAM}." in flat.note
+    assert "Not measured by any run yet" not in flat.note

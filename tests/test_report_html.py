@@ -85,10 +85,15 @@ def test_page_is_self_contained(html_report):
     path, tables = html_report
     page = path.read_text()
     assert not re.search(r'\b(src|href)="(?!data:)', page) and "http" not in page  # no file, server or network
-    assert page.count('<img src="data:image/png;base64,') == 1
+    assert page.count('<img src="data:image/png;base64,') == len(_figures(path, tables))  # each figure, inline
     assert '<table class="sortable" id="table-claims">' in page and "mmlab train --objective contrastive" in page
     assert "report.html" in CliRunner().invoke(app, ["report", str(path.parent), "--format", "html"]).stderr
     assert set(VERDICT_COLOURS) == set(VERDICTS)
+
+
+def _figures(page: Path, tables) -> list[str]:
+    """The figures the report's tables list that exist beside the page: the images it must inline."""
+    return [p for t in tables for _, p in t.plots if (page.parent / p).is_file()]
 
 
 def _browser() -> str:
@@ -116,7 +121,8 @@ def test_renders_in_headless_chromium(html_report, tmp_path):
     assert [r[column][0] for r in rows] == ["41.5 ± 2.1", "44.50 ± 0.71", "47.00 ± 0.00", "-"]  # sorted, '-' last
     assert [r[names.index("method")][0] for r in rows][-1] == "image only"  # whole rows moved
     assert "best" in rows[2][column][1]  # the best value stays marked
-    assert [(i["data-natural-width"], i["data-natural-height"]) for i in dom.images] == [("7", "5")]  # decoded
+    sizes = [(int(i["data-natural-width"]), int(i["data-natural-height"])) for i in dom.images]
+    assert len(sizes) == len(_figures(path, tables)) and (7, 5) in sizes and min(min(s) for s in sizes) > 0  # decoded
     header, *rows = dom.tables["table-claims"]
     names = [h for h, _ in header]
     assert names.index("verdict") == names.index("claim") + 1  # in sight without scrolling the wide table

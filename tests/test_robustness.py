@@ -224,7 +224,7 @@ def test_frames_and_features_end_to_end(tmp_path):
                   sources={})
     data = PreparedDataset(tmp_path / "toy")
     torch.manual_seed(0)
-    model = LateFusion(data.specs, 3, encoder="tiny_cnn", dim=8).eval()
+    model = LateFusion(data.specs, 3, encoder={"video": "tiny_cnn", "feat": "mlp"}, dim=8).eval()
     r = robustness(model, data, RobustnessSettings(levels=[0, 1], eps_factors=[0, 1]), CPU)
     assert r["pgd"]["video"]["settings"]["valid_range"] == [0.0, 1.0]
     assert r["pgd"]["video"]["max_abs_delta"] <= 0.1 + 1e-6
@@ -309,11 +309,11 @@ def test_cli_writes_files_compares_and_reuses(runs):
     md = (runs / "sml" / "robustness.md").read_text()
     assert "drop rate" in md and "audio-noise" in md and f"{direct['sml']['clean'][0]:.2f}" in md
     assert set(out["files"]) == {"robustness.json", "robustness.csv", "robustness.md", "robustness_image.png",
-                                 "robustness_audio.png", "robustness_pgd_sweep.png"}
+                                 "robustness_audio.png", "robustness_pgd_sweep.png", "robustness_pgd.png"}
     compared = runs / "compare" / "robustness"  # default: compare/<analysis> in the runs' common folder
     cmp = json.loads((compared / "comparison.json").read_text())
     assert cmp["files"] == ["comparison.json", "comparison.csv", "comparison.md", "comparison_image.png",
-                            "comparison_audio.png", "comparison_pgd_sweep.png"]
+                            "comparison_audio.png", "comparison_pgd_sweep.png", "comparison_pgd.png"]
     for f in cmp["files"][3:]:
         png_image(compared / f)
     assert [r["label"] for r in cmp["runs"]] == ["SML (image+audio)", "audio only"]

@@ -42,9 +42,10 @@ def density(runs: dict[str, dict], path: Path) -> list[Path]:
     fig = figures.figure(1)
     ax = fig.subplots()
     peak = 0.0
-    for name, d in runs.items():
+    for i, (name, d) in enumerate(runs.items()):
         grid, dens = density_curve(d["nodes"], d["weights"], bounds=bounds)
-        ax.plot(grid, np.where(dens > 0, dens, np.nan), color=figures.method_colour(name), label=name)
+        ax.plot(grid, np.where(dens > 0, dens, np.nan), color=figures.method_colour(name), label=name,
+                **{**figures.distinct(i, len(runs)), "marker": None})
         peak = max(peak, float(dens.max()))
     ax.set(yscale="log", ylim=(1e-6 * peak, 2 * peak), xlabel=r"Hessian eigenvalue $\lambda$",
            ylabel=r"density $\rho(\lambda)$", title="Hessian eigenvalue density (SLQ)")
@@ -52,25 +53,35 @@ def density(runs: dict[str, dict], path: Path) -> list[Path]:
     return figures.save(fig, path)
 
 
+def error_bars(runs: dict[str, dict]) -> str:
+    """What F_gap's error bars are: the standard error over the runs (seeds) of a report's curves (they record
+    `runs`), else over the random directions of one run's estimate."""
+    if all("runs" in r for r in runs.values()):
+        return "error bars: standard error over the runs (seeds)"
+    counts = sorted({r.get("directions") for r in runs.values()} - {None})
+    return (f"error bars: standard error over {'/'.join(map(str, counts)) or 'the'} random directions")
+
+
 @figures.styled
 def fgap(runs: dict[str, dict], path: Path) -> list[Path]:
-    """F_gap on train and test side by side, one line per run (the DML paper's Figure 4). The x axis is what
-    the JSON records: the radius as a fraction of ||theta|| when relative, else gamma in weight-space units."""
+    """F_gap on train and test side by side, one line per run (the DML paper's Figure 4); the legend's title
+    says what the error bars are. The x axis is what the JSON records: the radius as a fraction of ||theta||
+    when relative, else gamma in weight-space units."""
     splits = [s for s in ("train", "test") if any(s in r["splits"] for r in runs.values())]
     relative = all(r["relative"] for r in runs.values())
     fig = figures.figure(2, 2.6)
     axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
     for ax, split in zip(axes, splits):
-        for name, r in runs.items():
+        for i, (name, r) in enumerate(runs.items()):
             if split in r["splits"]:
                 c = r["splits"][split]
                 err = np.array([e or 0.0 for e in c["F_stderr"]])
-                ax.errorbar(r["radii"] if relative else r["gamma"], c["F"], yerr=err, marker="o", capsize=2,
-                            color=figures.method_colour(name), label=name)
+                ax.errorbar(r["radii"] if relative else r["gamma"], c["F"], yerr=err, capsize=2,
+                            color=figures.method_colour(name), label=name, **figures.distinct(i, len(runs)))
         ax.set(title=f"{split} split", xlabel=r"relative radius $\gamma / \|\theta\|$" if relative else
                r"radius $\gamma$ ($\ell_2$ distance in weight space)")
     axes[0].set_ylabel(r"$F_{\mathrm{gap}}(\gamma) = \mathbb{E}_u\,|L(\theta + \gamma u) - L(\theta)|$ (nats)")
-    axes[-1].legend()
+    axes[-1].legend(title=error_bars(runs))
     return figures.save(fig, path)
 
 
@@ -78,8 +89,8 @@ def fgap(runs: dict[str, dict], path: Path) -> list[Path]:
 def landscape_1d(runs: dict[str, dict], path: Path) -> list[Path]:
     fig = figures.figure(1)
     ax = fig.subplots()
-    for name, r in runs.items():
-        ax.plot(r["alpha"], r["loss"], marker="o", color=figures.method_colour(name), label=name)
+    for i, (name, r) in enumerate(runs.items()):
+        ax.plot(r["alpha"], r["loss"], color=figures.method_colour(name), label=name, **figures.distinct(i, len(runs)))
     ax.set(xlabel=r"$\alpha$ (filter-normalised direction)", ylabel=LOSS, title="1-D loss landscape")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
     ax.legend()
@@ -125,19 +136,25 @@ def contours(runs: dict[str, dict], path: Path, levels: int = 20) -> list[Path]:
 
 @figures.styled
 def surfaces(runs: dict[str, dict], path: Path) -> list[Path]:
-    """3-D loss surfaces side by side with one z range and one log colour scale, and its colour bar."""
+    """3-D loss surfaces side by side with one z range and one log colour scale, and its colour bar; the
+    surfaces fill their panels (matplotlib's default leaves a wide empty frame around a 3-D box)."""
     norm = _log_norm(runs)
-    fig = figures.figure(2 if len(runs) > 1 else 1, 3.0)
+    fig = figures.figure(2 if len(runs) > 1 else 1, 2.6)
+    fig.get_layout_engine().set(w_pad=0, h_pad=0, wspace=0)
     axes = []
     for i, (name, r) in enumerate(runs.items()):
         ax = fig.add_subplot(1, len(runs), i + 1, projection="3d")
         a, b = np.meshgrid(r["alpha"], r["beta"])
         ax.plot_surface(a, b, np.asarray(r["loss"]), norm=norm, cmap="viridis", linewidth=0, antialiased=True)
-        ax.set(title=name, xlabel=r"$\alpha$", ylabel=r"$\beta$", zlim=(norm.vmin, norm.vmax))
+        ax.set(xlabel=r"$\alpha$", ylabel=r"$\beta$", zlim=(norm.vmin, norm.vmax))
+        ax.set_zlabel(LOSS, labelpad=-1)
+        ax.set_title(name, pad=0, y=1.0)
         ax.tick_params(pad=0)
-        ax.set_box_aspect(None, zoom=0.85)  # room for the axis labels inside the figure
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.labelpad = -4
+        ax.set_box_aspect(None, zoom=0.92)
         for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
             axis.set_major_locator(ticker.MaxNLocator(4))
         axes.append(ax)
-    _colour_bar(fig, norm, axes, shrink=0.7)
+    _colour_bar(fig, norm, axes, shrink=0.7, pad=0.08)
     return figures.save(fig, path)

@@ -164,6 +164,7 @@ def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, chec
                                              identity)
     if old is not None:
         return old
+    start = time.perf_counter()
     result, emb = geometry(run.model, run.dataset, settings, device)
     result = {**identity, **result}
     (out / "geometry.json").unlink(missing_ok=True)  # written last again, once every file is new
@@ -171,6 +172,7 @@ def analyse_run(run: Run, settings: GeometrySettings, device: torch.device, chec
         stale.unlink()  # a previous analysis with other settings (say with t-SNE) must not linger
     with console.status("geometry: t-SNE and plots"):
         plots = write_plots(emb, result, settings, out, run.dataset.classes)
+    result["seconds"] = time.perf_counter() - start  # what the run took, t-SNE and plots included
     write_outputs(result, emb, out, plots)
     return result
 

@@ -61,31 +61,38 @@ def plot_tsne(panels: dict[str, tuple[dict[str, np.ndarray], np.ndarray]], class
 
 @figures.styled
 def plot_cosines(emb, result: dict, settings, path: Path) -> list[Path]:
+    """Positive (paired) and negative (mismatched) cross-modal cosines per pair, in neutral greys told apart by
+    hatching (colours mean methods), one legend for the figure below the panels, never over the bars."""
     unit = emb.unit
     pairs = list(result["pairs"])
-    fig = figures.figure(2 if len(pairs) > 1 else 1)
+    fig = figures.figure(2 if len(pairs) > 1 else 1, 2.8)
     for ax, key in zip(fig.subplots(1, len(pairs), squeeze=False)[0], pairs):
         a, b = key.split("|")
         pos, neg = gm.cross_modal_cosines(unit[a], unit[b], settings.negatives, settings.seed)
         bins = np.linspace(min(pos.min(), neg.min()), max(pos.max(), neg.max()), 50)
-        ax.hist(neg, bins=bins, density=True, alpha=0.6, label="negative (mismatched)")
-        ax.hist(pos, bins=bins, density=True, alpha=0.6, label="positive (paired)")
+        for kind, values, label in (("negative", neg, "negative (mismatched)"), ("positive", pos, "positive (paired)")):
+            style = figures.NEUTRAL[kind]
+            ax.hist(values, bins=bins, density=True, alpha=style["alpha"], color=style["color"], hatch=style["hatch"],
+                    edgecolor="white" if not style["hatch"] else "0.5", linewidth=0.3, label=label)
         r = result["pairs"][key]
         ax.set(title=f"{a} vs {b}: gap {r['cosine_gap']:.3f}, KS {r['cosine_ks']:.3f}", xlabel="cosine similarity",
                ylabel="density")
-        ax.legend()
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2)
     fig.suptitle(result["method"])
     return figures.save(fig, path)
 
 
 @figures.styled
 def plot_spectra(emb, result: dict, path: Path) -> list[Path]:
+    """The covariance spectrum of each modality's unit embeddings, each modality in its own colour ('image
+    only' is blue in every figure) and line style."""
     fig = figures.figure(1)
     ax = fig.subplots()
-    for m, z in emb.unit.items():
+    for i, (m, z) in enumerate(emb.unit.items()):
         eig = gm.spectrum(z).cpu().numpy()
         p = eig / eig.sum() if eig.sum() > 0 else eig
-        ax.semilogy(np.arange(1, len(p) + 1), np.maximum(p, 1e-12),
+        ax.semilogy(np.arange(1, len(p) + 1), np.maximum(p, 1e-12), color=figures.modality_colour(m),
+                    linestyle=figures.LINE_STYLES[(i + 1) % len(figures.LINE_STYLES)],
                     label=f"{m} (entropy erank {result['modality'][m]['effective_rank_entropy']:.1f})")
     ax.set(xlabel="eigenvalue index $k$", ylabel=r"$\lambda_k\,/\,\mathrm{tr}\,\Sigma$",
            title=f"Covariance spectrum: {result['method']}")

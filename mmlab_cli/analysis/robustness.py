@@ -300,6 +300,8 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
         written += plots.corruption_curves(runs, m, out / f"robustness_{m}.png")
     if any(r.get("sweep") for r in result["pgd"].values()):
         written += plots.pgd_sweeps(runs, out / "robustness_pgd_sweep.png")
+    if result["pgd"]:
+        written += plots.pgd_bars(runs, out / "robustness_pgd.png")
     for stale in set(out.glob("robustness_*.*")) - set(written):  # modalities or sweeps this result no longer has
         stale.unlink()
     result["files"] = [p.name for p in written]
@@ -336,6 +338,8 @@ def compare(results: list[dict], out: Path) -> list[Path]:
             written += plots.corruption_curves(runs, m, out / f"comparison_{m}.png")
     if any(p.get("sweep") for r in results for p in r["pgd"].values()):
         written += plots.pgd_sweeps(runs, out / "comparison_pgd_sweep.png")
+    if any(r["pgd"] for r in results):
+        written += plots.pgd_bars(runs, out / "comparison_pgd.png")
     atomic_write_json(written[0], {"schema": "mmlab.robustness-comparison/1", "files": [p.name for p in written],
                                    "runs": summary})
     return written

@@ -57,9 +57,9 @@ def corruption_curves(results: dict[str, dict], modality: str, path: Path) -> li
     for ax, name in zip(axes, names):
         curves = {k: r["corruptions"][modality][name] for k, r in results.items()
                   if name in r["corruptions"].get(modality, {})}
-        for k, c in curves.items():
+        for i, (k, c) in enumerate(curves.items()):
             points = [(v, a) for v, a in zip(c["values"], c["acc"]) if v is not None and math.isfinite(v)]
-            ax.plot(*zip(*points), marker="o", color=figures.method_colour(k), label=k)
+            ax.plot(*zip(*points), color=figures.method_colour(k), label=k, **figures.distinct(i, len(curves)))
         c = next(iter(curves.values()))
         finite = [v for v in c["values"] if v is not None]
         if len(finite) > 1 and finite[-1] < finite[0]:
@@ -76,11 +76,11 @@ def pgd_sweeps(results: dict[str, dict], path: Path) -> list[Path]:
     modalities = list(dict.fromkeys(m for r in results.values() for m, p in r["pgd"].items() if p.get("sweep")))
     fig, axes = _grid(len(modalities))
     for ax, m in zip(axes, modalities):
-        for k, r in results.items():
+        for i, (k, r) in enumerate(results.items()):
             sweep = r["pgd"].get(m, {}).get("sweep")
             if sweep:
-                ax.plot([p["eps"] for p in sweep], [p["acc"] for p in sweep], marker="o",
-                        color=figures.method_colour(k), label=k)
+                ax.plot([p["eps"] for p in sweep], [p["acc"] for p in sweep], color=figures.method_colour(k),
+                        label=k, **figures.distinct(i, len(results)))
         kind = next(r["modalities"][m] for r in results.values() if m in r["modalities"])
         ax.set(title=f"PGD on {m}", xlabel=rf"$\epsilon$ ($L_\infty$, {EPS_UNITS.get(kind, 'input units')})")
         ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
@@ -88,3 +88,25 @@ def pgd_sweeps(results: dict[str, dict], path: Path) -> list[Path]:
     _finish(fig, axes, results)
     return figures.save(fig, path)
 
+
+
+@figures.styled
+def pgd_bars(results: dict[str, dict], path: Path) -> list[Path]:
+    """Accuracy clean and under PGD on each attacked modality at the run's ε (the figure of the table; a sweep
+    over ε is `pgd_sweeps`): one bar per run in its method's colour, the radius under each modality."""
+    modalities = list(dict.fromkeys(m for r in results.values() for m in r["pgd"]))
+    fig = figures.figure(1 if len(results) * (len(modalities) + 1) <= 8 else 2)
+    ax = fig.subplots()
+    width = 0.8 / len(results)
+    for i, (k, r) in enumerate(results.items()):
+        acc = [r["clean"]["acc"], *(r["pgd"].get(m, {}).get("perturbed_acc", float("nan")) for m in modalities)]
+        ax.bar([g + (i - (len(results) - 1) / 2) * width for g in range(len(acc))], acc, width,
+               color=figures.method_colour(k), label=k)
+    eps = {m: next(((r["pgd"][m].get("settings") or {}).get("eps") for r in results.values() if m in r["pgd"]), None)
+           for m in modalities}
+    ax.set_xticks(range(len(modalities) + 1), ["clean", *(f"PGD on {m}" + (f"\nε = {eps[m]:.3g}" if eps[m] else "")
+                                                          for m in modalities)])
+    ax.grid(False, axis="x")
+    ax.set_title("Accuracy under PGD on one modality")
+    _finish(fig, [ax], results)
+    return figures.save(fig, path)
