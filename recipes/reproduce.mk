@@ -2,7 +2,7 @@
 # its data and runs one sweep file of recipes/sweeps/ (docs/sweep.md): training, analyses and the report.
 #   make reproduce-avmnist [MNIST=DIR FSDD=DIR] [SNR_DB=-5] [SEEDS="0 1 2 3 4"] [JOBS=N] [DEVICE=cuda]
 #   make reproduce-synthetic [SEEDS="0 1 2 3 4"] [JOBS=N] [AUDIO_INFO="0.3 0.25 0.2 0.15 0.1 0.05"]
-#   make reproduce-dagr [SEEDS="0 1 2"] [JOBS=N] [DEVICE=cuda CREMA_D=DIR KINETICS_SOUNDS=DIR]
+#   make reproduce-dagr [SEEDS="0 1 2"] [JOBS=N] [DAGR_COUPLING=0.5] [DEVICE=cuda CREMA_D=DIR KINETICS_SOUNDS=DIR]
 # SEEDS defaults to the sweep file's own `seeds:` (five for the DML paper's claims, three for the DAGR set).
 # Re-running a target picks up where it stopped: `prepare` skips a prepared dataset, the sweep skips finished
 # runs and resumes interrupted ones, and the analyses reuse their JSON when settings and checkpoint are unchanged.
@@ -13,7 +13,8 @@
 # AVMNIST-like data: white noise at SNR_DB on the audio (ESC-50 is not obtainable here; -5 dB was chosen on the
 # validation split so that audio alone lands near the paper's 41.84 %, docs/results/avmnist.md).
 # reproduce-dagr: the DAGR paper's Table 1 and D.3 methods on one synthetic imbalance level on a CPU
-# (recipes/sweeps/dagr-synthetic.yaml); DEVICE=cuda: its CREMA-D and Kinetics-Sounds recipes as written,
+# (recipes/sweeps/dagr-synthetic.yaml), its modalities coupled beyond the class (DAGR_COUPLING, `mmlab prepare
+# synthetic --coupling`: sample-level pairs, so anchoring, drift and Recall@1 are sample-level); DEVICE=cuda: its CREMA-D and Kinetics-Sounds recipes as written,
 # on the raw datasets CREMA_D and KINETICS_SOUNDS (recipes/sweeps/dagr-crema-d.yaml, dagr-kinetics-sounds.yaml).
 
 MNIST ?= ../shared/data/mnist
@@ -32,6 +33,9 @@ AUDIO_INFO ?= 0.3 0.25 0.2 0.15 0.1 0.05
 SYNTH_LEVELS = $(addprefix $(SYNTH_DATA)/audio-,$(AUDIO_INFO))
 # the DAGR set's level: image dominant (~81 % alone), audio informative (~58 % alone, SML ~90 %)
 DAGR_AUDIO_INFO ?= 0.25
+# ... with half of each modality's sample-specific variance shared by the sample's modalities (docs/prepare.md)
+DAGR_COUPLING ?= 0.5
+DAGR_DATA := data/dagr-synthetic/audio-$(DAGR_AUDIO_INFO)-coupling-$(DAGR_COUPLING)
 DAGR_RUNS := runs/dagr
 CREMA_D ?= CREMA-D
 KINETICS_SOUNDS ?= KINETICS_SOUNDS
@@ -67,9 +71,12 @@ reproduce-dagr: venv
 	$(call sweep,recipes/sweeps/dagr-crema-d.yaml) --set data=$(CREMA_D_DATA) --out $(DAGR_RUNS)/crema-d
 	$(call sweep,recipes/sweeps/dagr-kinetics-sounds.yaml) --set data=$(KS_DATA) --out $(DAGR_RUNS)/kinetics-sounds
 else
-reproduce-dagr: venv $(SYNTH_DATA)/audio-$(DAGR_AUDIO_INFO)/manifest.json
-	$(call sweep,recipes/sweeps/dagr-synthetic.yaml) --set data=$(SYNTH_DATA)/audio-$(DAGR_AUDIO_INFO) --out $(DAGR_RUNS)/synthetic
+reproduce-dagr: venv $(DAGR_DATA)/manifest.json
+	$(call sweep,recipes/sweeps/dagr-synthetic.yaml) --set data=$(DAGR_DATA) --out $(DAGR_RUNS)/synthetic
 endif
+
+$(DAGR_DATA)/manifest.json: | venv
+	$(MMLAB) prepare synthetic --image-info $(IMAGE_INFO) --audio-info $(DAGR_AUDIO_INFO) --coupling $(DAGR_COUPLING) --out $(@D)
 
 $(SYNTH_DATA)/audio-%/manifest.json: | venv
 	$(MMLAB) prepare synthetic --image-info $(IMAGE_INFO) --audio-info $* --out $(@D)

@@ -27,7 +27,7 @@ from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.methods.base import Loop
 from mmlab_cli.methods.gblending import GBlending, blend_weights
 from mmlab_cli.methods.mmpareto import combine
-from mmlab_cli.methods.ogm import coefficients, slice_logits
+from mmlab_cli.methods.ogm import coefficients, modulate, official_end, slice_logits
 from mmlab_cli.methods.pmr import PMR, class_means
 from mmlab_cli.methods.relearn import Relearn, purity, relearn_weight
 from mmlab_cli.models.fusion import LateFusion
@@ -136,8 +136,8 @@ def test_ogm_ge_adds_seeded_noise_of_the_gradients_spread_and_respects_the_windo
         for n, _ in model.encoders[m].named_parameters():
             full = f"encoders.{m}.{n}"
             if n.endswith("weight"):
-                scaled = k[m] * g[full]
-                expected = scaled + torch.randn(scaled.shape, generator=noise) * (scaled.std() + 1e-8)
+                # the official code: noise of the spread of g before the rescale, not of k g
+                expected = k[m] * g[full] + torch.randn(g[full].shape, generator=noise) * (g[full].std() + 1e-8)
             else:
                 expected = g[full]
             got = (w0[full] - dict(model.named_parameters())[full].detach()) / 0.1
@@ -146,6 +146,33 @@ def test_ogm_ge_adds_seeded_noise_of_the_gradients_spread_and_respects_the_windo
     out = _step(twin, epoch=2, balance="ogm-ge", balance_alpha=0.7, balance_start=1, balance_end=2)(inputs, y)
     assert out["ogm_coeff_a"].item() == 1.0 and out["ogm_coeff_b"].item() == 1.0
     assert all(torch.allclose(p.detach(), w0[n] - 0.1 * g[n], atol=1e-6) for n, p in twin.named_parameters())
+
+
+def test_ogm_ge_noise_has_the_spread_of_the_gradient_before_the_rescale():
+    """A fixed gradient, a fixed seed: grad <- k g + std(g) n, n the generator's draw (the official order)."""
+    p = torch.nn.Parameter(torch.zeros(50, 40))
+    g = torch.linspace(-3.0, 5.0, 2000).reshape(50, 40)
+    p.grad = g.clone()
+    modulate([[p]], torch.tensor([0.078]), torch.Generator().manual_seed(3))
+    n = torch.randn(50, 40, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(p.grad, 0.078 * g + n * (g.std() + 1e-8))
+    noise = p.grad - 0.078 * g
+    assert noise.std().item() == pytest.approx(g.std().item(), rel=0.05)  # not std(k g), 13x smaller
+    assert noise.std().item() > 5 * (0.078 * g).std().item()
+
+
+def test_ogm_default_window_is_the_official_first_half():
+    """--balance-end 0: the official modulation_starts 0, modulation_ends 50 of 100 epochs (0-based, inclusive)."""
+    assert official_end(100) == 51 and official_end(3) == 2 and official_end(1) == 1
+    model = _model()
+    inputs, y = _batch()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = _plain_grads(model, inputs, y)
+    out = _step(model, epoch=2, balance="ogm", balance_alpha=0.7)(inputs, y)  # epoch 3 of 3: past 3 // 2 + 1
+    assert out["ogm_coeff_a"].item() == 1.0 and out["ogm_coeff_b"].item() == 1.0
+    assert all(torch.allclose(p.detach(), w0[n] - 0.1 * g[n], atol=1e-6) for n, p in model.named_parameters())
+    out = _step(_model(), epoch=1, balance="ogm", balance_alpha=0.7)(inputs, y)  # epoch 2 of 3: modulated
+    assert min(out["ogm_coeff_a"].item(), out["ogm_coeff_b"].item()) < 0.9
 
 
 def test_balance_config_errors_name_the_key():

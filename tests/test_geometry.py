@@ -72,12 +72,18 @@ def test_outputs_and_metrics_match_the_stored_embeddings(runs):
         assert got["variance_per_dim"] == pytest.approx(np.trace(cov) / 16, rel=1e-6)  # d = 16
         assert got["effective_rank_entropy"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
         assert got["effective_rank_participation"] == pytest.approx(np.trace(cov) ** 2 / np.sum(cov**2), rel=1e-6)
+        sigma = np.linalg.svd(z[m], compute_uv=False)
+        q = sigma / sigma.sum() + 1e-7
+        assert got["rankme"] == pytest.approx(np.exp(-(q * np.log(q)).sum()), rel=1e-6)
+        assert got["wasserstein2_sq_floor"] == pytest.approx(
+            gm.wasserstein2_floor(torch.from_numpy(z[m]), SETTINGS.get("seed", 0))[0], rel=1e-6)
 
     pair = stored["pairs"]["image|audio"]
     cost = cdist(z["image"], z["audio"], "sqeuclidean")
     r, c = linear_sum_assignment(cost)
     assert pair["wasserstein_method"] == "exact"
     assert pair["wasserstein2_sq"] == pytest.approx(cost[r, c].mean(), rel=1e-6)
+    assert pair["wasserstein2_sq_floor"] == max(stored["modality"][m]["wasserstein2_sq_floor"] for m in z) > 0
     assert pair["variance_ratio"] == pytest.approx(stored["modality"]["image"]["variance"]
                                                    / stored["modality"]["audio"]["variance"])
     assert pair["drift"] == pytest.approx(np.linalg.norm(z["image"] - z["audio"], axis=1).mean(), rel=1e-6)
@@ -88,7 +94,7 @@ def test_outputs_and_metrics_match_the_stored_embeddings(runs):
     assert pair["recall_forward@1"] == pytest.approx(forward_r1)
     assert pair["recall@1"] == pytest.approx((forward_r1 + backward_r1) / 2)
     assert pair["recall@10"] >= pair["recall@5"] >= pair["recall@1"]
-    assert stored["schema"] == "mmlab.geometry/3" and stored["ati_map"] == "fusion+head"
+    assert stored["schema"] == "mmlab.geometry/4" and stored["ati_map"] == "fusion+head"
     for m in ("image", "audio"):  # concat + linear head is affine: only the off-diagonal of W_m misses alpha * tau
         assert stored["ati"][m]["taylor_eps_rel"] < 1e-5 < stored["ati"][m]["eps_rel"]
     # the synthetic modalities are drawn apart given the class: the pair metrics are flagged class-level only

@@ -53,6 +53,38 @@ def test_effective_rank_closed_forms():
     assert gm.effective_rank_entropy(flat) == 0.0 and gm.effective_rank_participation(flat) == 0.0
 
 
+def test_rankme_closed_forms():
+    """Garrido et al. (2023): an isotropic cloud of rank r reads ~r, a rank-1 matrix 1 (up to the eps terms)."""
+    rng = np.random.default_rng(3)
+    basis = ortho_group.rvs(12, random_state=4)[:5]  # 5 orthonormal directions in 12 dimensions
+    iso = _t(rng.normal(size=(40_000, 5)) @ basis)
+    assert gm.rankme(iso) == pytest.approx(5, abs=0.02)
+    line = _t(rng.normal(size=(500, 1)) * rng.normal(size=(1, 12)))
+    assert gm.rankme(line) == pytest.approx(1.0, abs=1e-4)
+    assert gm.rankme(_t(np.zeros((5, 3)))) == 0.0
+    # singular values (3, 1) -> p = (3/4, 1/4) (+ 1e-7): exp of its entropy
+    two = _t(np.diag([3.0, 1.0]))
+    p = np.array([0.75, 0.25]) + 1e-7
+    assert gm.rankme(two) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-12)
+
+
+def test_w2_floor_is_pots_w2_between_the_seeded_halves_and_below_a_real_gap():
+    import ot
+
+    rng = np.random.default_rng(5)
+    a = _t(rng.normal(size=(401, 8)))  # odd: one row is left out
+    floor, method = gm.wasserstein2_floor(a, seed=9)
+    order = torch.randperm(401, generator=torch.Generator().manual_seed(9)).numpy()
+    x, y = a.numpy()[order[:200]], a.numpy()[order[200:400]]
+    assert method == "exact"
+    assert floor == pytest.approx(ot.emd2([], [], ot.dist(x, y)), rel=1e-9)
+    assert 0 < floor < 0.5 * 2 * 8  # small against the W2^2 of two independent points, E||x - y||^2 = 2d
+    assert gm.wasserstein2_floor(a, seed=9)[0] == floor and gm.wasserstein2_floor(a, seed=10)[0] != floor
+    b = _t(rng.normal(size=(401, 8)) * 1.5 + 2.0)  # another law: W2^2 = 8 * 2^2 (shift) + 8 * 0.5^2 (scale) = 34
+    gap = gm.wasserstein2_sq(a, b)[0]
+    assert gap > 2 * max(floor, gm.wasserstein2_floor(b, seed=9)[0])
+
+
 def test_two_effective_ranks_and_tr_over_d_on_known_eigenvalues():
     """{+-sqrt(d lambda_k) e_k} has covariance diag(lambda) (1/N); rotated and shifted, the same eigenvalues."""
     lam, d = np.array([4.0, 2.0, 1.0, 1.0, 0.0]), 5

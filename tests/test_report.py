@@ -25,7 +25,8 @@ def _flatness(lmax, ratio, trace, lpf, delta, fgap):
             "lpf_delta": delta, "fgap_mean_train": fgap, "hessian": {"eigenvalues": [lmax, 1.0]}}
 
 
-def _geometry(var_i, var_a, w2, split="test", extra=0.0):
+def _geometry(var_i, var_a, w2, split="test", extra=0.0, floor=None):
+    """floor None: a geometry.json of schema 3, before the W2 floor (its column is empty, not an error)."""
     return {"split": split,
             "modality": {"image": {"variance": var_i, "variance_per_dim": var_i / 64,
                                    "effective_rank_entropy": 10 + extra, "effective_rank_participation": 7 + extra,
@@ -34,7 +35,8 @@ def _geometry(var_i, var_a, w2, split="test", extra=0.0):
                                    "effective_rank_entropy": 8 + extra, "effective_rank_participation": 5,
                                    "semantic_margin": 0.25}},
             "pairs": {"image|audio": {"variance_ratio": var_i / var_a, "wasserstein2_sq": w2, "drift": 1 + extra,
-                                      "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra}},
+                                      "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra,
+                                      **({} if floor is None else {"wasserstein2_sq_floor": floor})}},
             "ati": {m: {"feature_norm": 3.0 + extra, "delta_error": 1e-7, "eps_rel": 3e-8 + extra}
                     for m in ("image", "audio")},
             "ati_paper": {"concat_mlp": {"image|audio": {"eps_rel": 0.01 + extra}}}}
@@ -60,7 +62,7 @@ RUNS = {
                {"geometry.json": _geometry(0.9, 0.6, 0.7, extra=0.5)}),
     "dml/s0": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 0}, (71.0, {"image": 62.0, "audio": 44.0}),
                {"flatness.json": _flatness(5.0, 1.2, 40.0, 0.8, 0.01, 0.1),
-                "geometry.json": {**_geometry(1.0, 0.5, 0.4), "files": ["geometry.json", "geometry_tsne.png"]},
+                "geometry.json": {**_geometry(1.0, 0.5, 0.4, floor=0.05), "files": ["geometry.json", "geometry_tsne.png"]},
                 "robustness.json": _robustness(71.0, {"image": 30.0, "audio": 35.5}, {"image": 60.0, "audio": 65.0})}),
     "dml/s1": ({"modalities": ["image", "audio"], "pairing": "dml", "seed": 1}, (74.0, {"image": 62.0, "audio": 45.0}),
                {"flatness.json": _flatness(6.0, 1.3, 44.0, 0.9, 0.03, 0.2),
@@ -92,7 +94,7 @@ EXPECTED = {
                 "ratio image|audio": (1.75, 0.5 / R2, 2), "W2² image|audio": (0.6, 0.2 / R2, 2)},
         "dml": {"Tr Σ image": (1.0, NAN, 1), "Tr Σ audio": (0.5, NAN, 1), "Tr Σ/d image": (1 / 64, NAN, 1),
                 "Tr Σ/d audio": (0.5 / 64, NAN, 1), "ratio image|audio": (2.0, NAN, 1),
-                "W2² image|audio": (0.4, NAN, 1)}},
+                "W2² image|audio": (0.4, NAN, 1), "W2² floor image|audio": (0.05, NAN, 1)}},
     "robustness": {
         "uni": {"clean acc": (65.0, 2 / R2, 2), "PGD acc image": (13.5, 5 / R2, 2),
                 "drop image": (79.166666666666667, (83.333333333333333 - 75.0) / R2, 2)},

@@ -152,11 +152,12 @@ def test_synthetic_sweep_prepares_each_level_and_trains_on_it(tmp_path, tiny_syn
 
 def test_dagr_trains_table1_and_d3_on_one_imbalance_level_then_analyses_and_reports(tmp_path, tiny_synthetic,
                                                                                    monkeypatch):
-    data = tmp_path / "data"
-    lines = dry_run("reproduce-dagr", "SEEDS=0 2", "JOBS=2", f"SYNTH_DATA={data}", f"DAGR_RUNS={tmp_path}/runs",
+    data = tmp_path / "data" / "coupled"
+    lines = dry_run("reproduce-dagr", "SEEDS=0 2", "JOBS=2", f"DAGR_DATA={data}", f"DAGR_RUNS={tmp_path}/runs",
                     "DEVICE=cpu")
-    assert f"/fake/bin/mmlab prepare synthetic --image-info 0.2 --audio-info 0.25 --out {data}/audio-0.25" in lines
-    shutil.copytree(tiny_synthetic, data / "audio-0.25")  # what the prepare line makes
+    # one coupled level: sample-level pairs, so anchoring, drift and Recall@1 are sample-level (issue 22)
+    assert f"/fake/bin/mmlab prepare synthetic --image-info 0.2 --audio-info 0.25 --coupling 0.5 --out {data}" in lines
+    shutil.copytree(tiny_synthetic, data)  # what the prepare line makes
     args = sweep_line(lines)
     assert args[1] == "recipes/sweeps/dagr-synthetic.yaml" and "--seeds 0,2 --jobs 2" in " ".join(args)
     jobs = {j["name"]: j for j in plan(args, monkeypatch)["jobs"]}
@@ -167,12 +168,15 @@ def test_dagr_trains_table1_and_d3_on_one_imbalance_level_then_analyses_and_repo
     assert {r for _, r, _ in methods} == set(REGULARIZERS) | {"none"}
     for job in jobs.values():
         cfg = job["config"]
-        assert (cfg["device"], cfg["data"], cfg["epochs"]) == ("cpu", f"{data}/audio-0.25", 8)
+        assert (cfg["device"], cfg["data"], cfg["epochs"]) == ("cpu", str(data), 8)
         assert cfg["out"] == f"{tmp_path}/runs/synthetic/{job['name']}"
         # every epoch-based key acts within the 8 epochs
         assert cfg["gblend_super_epoch"] < 8 if cfg["balance"] == "gblending" else True
         assert cfg["relearn_every"] * cfg["relearn_times"] < 8 if cfg["balance"] == "relearn" else True
     sweep = load_sweep(ROOT / args[1])
+    text = (ROOT / args[1]).read_text()  # run by hand, the sweep file reads the coupled level the target prepares
+    assert "--coupling 0.5 --out data/dagr-synthetic/audio-0.25-coupling-0.5" in text
+    assert "\ndata: data/dagr-synthetic/audio-0.25-coupling-0.5\n" in text
     assert list(sweep.analyses) == ["robustness", "geometry"]
     assert "missing-zero" in sweep.analyses["robustness"][0][sweep.analyses["robustness"][0].index("--corruption") + 1]
     assert sweep.report == [["--claims", "recipes/claims/dagr-paper.yaml"]]

@@ -32,8 +32,9 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
 from mmlab_cli.tables import to_markdown
 
-SCHEMA = "mmlab.geometry/3"  # 3: both effective ranks, named, Tr Σ / d and the pairing caveat (2: ATI as the
-# paper defines it, delta_error, eps_rel, ati_map, ati_paper; 1 had one unnamed effective_rank)
+SCHEMA = "mmlab.geometry/4"  # 4: RankMe and the split-half W2 floors (keys added; a /3 file reads without them);
+# 3: both effective ranks, named, Tr Σ / d and the pairing caveat (2: ATI as the paper defines it, delta_error,
+# eps_rel, ati_map, ati_paper; 1 had one unnamed effective_rank)
 # pair metrics (key prefixes) that compare a sample with its own partner: on class-level pairs they see a
 # same-class stand-in for the partner, so they measure class-level alignment only
 SAMPLE_LEVEL = ("drift", "cosine_", "recall")
@@ -92,6 +93,9 @@ def measure(model: LateFusion, emb: Embeddings, settings: GeometrySettings, bar=
         per_modality[m] = {"variance": gm.modality_variance(u[m]), "variance_per_dim": gm.variance_per_dim(u[m]),
                            "effective_rank_entropy": gm.effective_rank_entropy(u[m]),
                            "effective_rank_participation": gm.effective_rank_participation(u[m]),
+                           "rankme": gm.rankme(u[m]),
+                           "wasserstein2_sq_floor": gm.wasserstein2_floor(u[m], s.seed, s.exact_ot_max,
+                                                                          s.sinkhorn_reg)[0],
                            **gm.semantic_margin(u[m], labels), "raw_norm": float(emb.raw[m].norm(dim=1).mean())}
         step()
     pairs = {}
@@ -101,7 +105,10 @@ def measure(model: LateFusion, emb: Embeddings, settings: GeometrySettings, bar=
         var_b = per_modality[b]["variance"]
         pairs[f"{a}|{b}"] = {
             "variance_ratio": per_modality[a]["variance"] / var_b if var_b > 0 else None,
-            "wasserstein2_sq": w2, "wasserstein_method": method, "drift": gm.cross_modal_drift(u[a], u[b]),
+            "wasserstein2_sq": w2,  # beside it the larger of the two modalities' same-law (split-half) floors
+            "wasserstein2_sq_floor": max(per_modality[a]["wasserstein2_sq_floor"],
+                                         per_modality[b]["wasserstein2_sq_floor"]),
+            "wasserstein_method": method, "drift": gm.cross_modal_drift(u[a], u[b]),
             **gm.separation(*gm.cross_modal_cosines(u[a], u[b], s.negatives, s.seed)),
             **{f"recall@{k}": (forward[k] + backward[k]) / 2 for k in s.recall_k},
             **{f"recall_forward@{k}": forward[k] for k in s.recall_k},
@@ -217,11 +224,16 @@ def markdown(result: dict) -> str:
              "", "## Per modality", "",
              "variance = Tr Σ (the DML paper's Section 5.2), variance_per_dim = Tr Σ / d (the scale of its Table 5, "
              "× 10³ there); effective_rank_entropy = exp(entropy of λ / Σλ) (Roy & Vetterli 2007), "
-             "effective_rank_participation = (tr Σ)² / ‖Σ‖_F² (the DAGR paper's Theorem 3.2).", "",
+             "effective_rank_participation = (tr Σ)² / ‖Σ‖_F² (the DAGR paper's Theorem 3.2), rankme = exp(entropy "
+             "of σ / Σσ + 1e-7), σ the singular values of the embedding matrix (Garrido et al. 2023); "
+             "wasserstein2_sq_floor = W2² between two seeded random halves of the modality (a same-law reading).",
+             "",
              to_markdown(t["modalities"].map(_fmt))]
     if "pairs" in t:
         caveat = result.get("pairing_caveat")
-        lines += ["## Modality pairs (a|b: variance ratio = Tr Σ_a / Tr Σ_b; recall = mean of a→b and b→a)", "",
+        lines += ["## Modality pairs (a|b: variance ratio = Tr Σ_a / Tr Σ_b; wasserstein2_sq_floor = the larger "
+                  "of a's and b's split-half W2², what the gap reads between two samples of one law; recall = mean "
+                  "of a→b and b→a)", "",
                   *([f"**Note.** {caveat['note']}.", ""] if caveat else []), to_markdown(t["pairs"].map(_fmt))]
     if "ati" in t:
         lines += [f"## ATI check of the fusion (the DML paper's Table 13), ||tau|| = {s['tau']:g} ||v||", "",
@@ -256,8 +268,8 @@ def write_outputs(result: dict, emb: Embeddings, out: Path, plots: list[Path] = 
 # ---------------------------------------------------------------- several runs
 
 COMPARED = {"modality": ("variance", "variance_per_dim", "effective_rank_entropy", "effective_rank_participation",
-                         "semantic_margin"),
-            "pairs": ("variance_ratio", "wasserstein2_sq", "cosine_gap", "recall@1")}
+                         "rankme", "semantic_margin"),
+            "pairs": ("variance_ratio", "wasserstein2_sq", "wasserstein2_sq_floor", "cosine_gap", "recall@1")}
 
 
 def compare(results: list[dict], out: Path, classes: list[str]) -> list[Path]:

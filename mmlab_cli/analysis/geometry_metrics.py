@@ -59,6 +59,18 @@ def effective_rank_participation(z: torch.Tensor) -> float:
     return float(eig.sum()) ** 2 / squares if squares > 0 else 0.0
 
 
+def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al., ICML 2023): exp(-sum_k p_k log p_k), p_k = sigma_k / ||sigma||_1 + eps, sigma the
+    singular values of the embedding matrix itself (rows = samples, not centred, as the paper). r for an
+    isotropic cloud of rank r and N >> r, 1 for a rank-1 matrix; 0 for a zero matrix."""
+    sigma = torch.linalg.svdvals(z.double())
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma / total + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def wasserstein2_sq(a: torch.Tensor, b: torch.Tensor, exact_max: int = 5000, reg: float = 0.02,
                     max_iter: int = 10_000) -> tuple[float, str]:
     """Squared 2-Wasserstein distance between the empirical (uniform-weight) distributions of two clouds.
@@ -82,6 +94,17 @@ def wasserstein2_sq(a: torch.Tensor, b: torch.Tensor, exact_max: int = 5000, reg
         raise MmlabError(f"Sinkhorn with regulariser {reg:g} underflowed (costs up to {float(cost.max()):.3g}); "
                          f"pass a larger --sinkhorn-reg or raise --exact-ot-max")
     return float(value), "sinkhorn"
+
+
+def wasserstein2_floor(z: torch.Tensor, seed: int = 0, exact_max: int = 5000,
+                       reg: float = 0.02) -> tuple[float, str]:
+    """The same-law floor of a W2 gap: W2^2 between two random halves of one cloud (a permutation seeded by
+    `seed`; an odd row is left out), i.e. what `wasserstein2_sq` reads between two samples of one law. Halves of
+    N/2 points read a little more than two N-point samples would (the empirical W2 shrinks with N), so as a
+    floor for an N-point gap it errs on the high side. Returns (value, method)."""
+    order = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed)).to(z.device)
+    half = len(z) // 2
+    return wasserstein2_sq(z[order[:half]], z[order[half:2 * half]], exact_max, reg)
 
 
 def semantic_margin(z: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> dict[str, float | None]:

@@ -80,6 +80,13 @@ def synthetic(
     train_size: int = typer.Option(3000, min=20, help="Training samples before the 10 % validation split."),
     test_size: int = typer.Option(1000, min=10, help="Test samples."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same bytes."),
+    coupling: float = typer.Option(0.0, min=0.0, max=1.0, metavar="RHO", help="Share rho of each modality's "
+                                   "sample-specific noise carried by a latent u ~ N(0, I_8) that the sample's "
+                                   "modalities share beyond the class: noise_m = sqrt(rho) S_m u + sqrt(1 - rho) "
+                                   "eps_m, S_m u unit-variance (8 fixed patterns of the modality), eps_m its own; "
+                                   "the two modalities' components then covary as rho S_a S_b^T. 0: independent "
+                                   "given the class (the same bytes as without it), class-level pairs; > 0: "
+                                   "sample-level pairs (docs/prepare.md)."),
     threads: int = THREADS,
     force: bool = typer.Option(False, help="Rebuild from scratch, replacing the dataset OUT holds (without it, "
                                "OUT prepared with other parameters is an error)."),
@@ -91,14 +98,15 @@ def synthetic(
         none: generated from the seed
 
     image [1,28,28] float in [0,1]; audio [1,33,33] log spectrogram (8 kHz, n_fft 64, hop 125);
-    depth [1,16,16] with --third. Modalities are independent given the class.
+    depth [1,16,16] with --third. Modalities are independent given the class, unless --coupling gives
+    each sample a latent its modalities share (sample-level pairs).
     """
     from data_prep.synthetic import prepare_synthetic
 
     with use_threads(threads):
         manifest, built = prepare_synthetic(out, num_classes=classes, train_size=train_size, test_size=test_size,
                                             image_info=image_info, audio_info=audio_info, third=third,
-                                            depth_info=depth_info, seed=seed, force=force)
+                                            depth_info=depth_info, seed=seed, coupling=coupling, force=force)
     _summary(manifest, out, built)
 
 

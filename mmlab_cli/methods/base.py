@@ -43,10 +43,10 @@ class Loop:
     held_out: np.ndarray | None = None  # the train rows held out (see Method.holds_out)
 
 
-def balancing(cfg, epoch: int) -> bool:
+def balancing(cfg, epoch: int, default_end: int = 0) -> bool:
     """Whether the 0-based `epoch` lies in the balancing methods' window, --balance-start..--balance-end
-    (1-based, inclusive; end 0: the last epoch)."""
-    return cfg.balance_start <= epoch + 1 <= (cfg.balance_end or cfg.epochs)
+    (1-based, inclusive; end 0: the method's `default_end`, else the last epoch)."""
+    return cfg.balance_start <= epoch + 1 <= (cfg.balance_end or default_end or cfg.epochs)
 
 
 def others_mean(scores: torch.Tensor) -> torch.Tensor:

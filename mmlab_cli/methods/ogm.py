@@ -6,16 +6,18 @@
   probability of the true class (summed over the processes of a distributed run);
 - rho_m = s_m / (mean of the other modalities' scores) (two modalities: the official s_v / s_a); a dominant
   modality, rho_m > 1, gets k_m = 1 - tanh(alpha relu(rho_m)), the others 1;
-- during the modulation epochs (`balance_start`..`balance_end`), after the backward, k_m multiplies the
-  gradient of every weight tensor of modality m's encoder (kernels and matrices, ndim >= 2, not biases
-  or norm parameters), and OGM-GE then adds Gaussian noise N(0, std(k_m g) + 1e-8) to each such gradient,
-  drawn from a generator seeded with the run's seed (alike on every process, saved in checkpoints).
+- during the modulation epochs (`balance_start`..`balance_end`; by default the official window, its
+  `modulation_starts <= epoch <= modulation_ends` with defaults 0 and 50 of 100 epochs: 1-based epochs
+  1..E//2 + 1 of E), after the backward, k_m multiplies the gradient g of every weight tensor of modality
+  m's encoder (kernels and matrices, ndim >= 2, not biases or norm parameters), and OGM-GE adds Gaussian
+  noise N(0, std(g) + 1e-8), the spread of the gradient *before* the rescale (the official
+  `grad * coeff + zeros_like(grad).normal_(0, grad.std() + 1e-8)`), drawn from a generator seeded with
+  the run's seed (alike on every process, saved in checkpoints).
 
-Where mmlab differs from the official code (docs/training.md): the official window test
-`starts >= epoch >= ends` is never true, so it modulates every epoch; mmlab honours the window. The
-official code scales only 4-d (convolution) gradients, its encoders being ResNets; mmlab scales every
-weight tensor, so that MLP encoders are modulated too. With equal scores the official code modulates
-audio; mmlab modulates no modality. More than two modalities: rho_m against the mean of the others.
+Where mmlab differs from the official code (docs/training.md): the official code scales only 4-d
+(convolution) gradients, its encoders being ResNets; mmlab scales every weight tensor, so that MLP
+encoders are modulated too. With equal scores the official code modulates audio; mmlab modulates no
+modality. More than two modalities: rho_m against the mean of the others.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ import torch
 from mmlab_cli.methods.base import Loop, Method, balancing, others_mean
 
 NOISE_FLOOR = 1e-8
+
+
+def official_end(epochs: int) -> int:
+    """The last modulated epoch (1-based) when --balance-end is 0: the official defaults modulate 0-based
+    epochs 0..50 of 100, i.e. the first E//2 + 1 of E."""
+    return min(epochs, epochs // 2 + 1)
 
 
 def slice_logits(model, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,15 +62,16 @@ def modulated(encoder: torch.nn.Module) -> list[torch.Tensor]:
 @torch.no_grad()
 def modulate(weights: list[list[torch.Tensor]], k: torch.Tensor, generator: torch.Generator | None = None) -> None:
     """After the backward: multiply the gradients of modality i's `weights[i]` by k[i]; with a `generator`
-    (OGM-GE), then add N(0, std(k_i g) + 1e-8) noise drawn from it to each."""
+    (OGM-GE), add N(0, std(g) + 1e-8) noise drawn from it to each, g the gradient before the rescale."""
     for i, params in enumerate(weights):
         for p in params:
             if p.grad is None:
                 continue
+            if generator is not None:
+                std = p.grad.float().std().nan_to_num() + NOISE_FLOOR  # of g, before the rescale; one element: 0
+                noise = torch.randn(p.shape, generator=generator, device=p.device)
             p.grad.mul_(k[i])
             if generator is not None:
-                std = p.grad.float().std().nan_to_num() + NOISE_FLOOR  # one element: no spread
-                noise = torch.randn(p.shape, generator=generator, device=p.device)
                 p.grad.add_((noise * std).to(p.grad.dtype))
 
 
@@ -77,7 +86,7 @@ class OGM(Method):
         self.stats = {f"ogm_coeff_{m}": f"ogm_coeff_{m}" for m in self.modalities}
 
     def start_epoch(self, loop: Loop, epoch: int) -> None:
-        self.active = balancing(loop.cfg, epoch)
+        self.active = balancing(loop.cfg, epoch, official_end(loop.cfg.epochs))
 
     def outputs(self, model, z, y, gather):
         with torch.no_grad():

@@ -63,7 +63,8 @@ SLOTS = {
                                 "value).", metavar="FLOAT", at_least=0),
         "balance_start": option(1, "First epoch (1-based) the balancing method modulates.", metavar="INT",
                                 at_least=1),
-        "balance_end": option(0, "Last epoch the balancing method modulates (0: the last epoch).", metavar="INT",
+        "balance_end": option(0, "Last epoch the balancing method modulates (0: the last epoch; ogm, ogm-ge: "
+                              "epoch E//2 + 1 of E, the official code's 0..50 of 100).", metavar="INT",
                               at_least=0),
         "balance_holdout": option(0.1, "Fraction of every class of train held out (seeded by --seed) by gblending "
                                   "and relearn to measure generalisation; never trained on.", metavar="FLOAT"),
