@@ -322,7 +322,9 @@ def _execute_when_free(job: Job, analyses: dict[str, list[str]]) -> Outcome:
         except TrainingDiverged:
             raise
         except MmlabError:
-            if not lock_holder(job.config.out):  # not another process taking the run just before this one
+            # another process took the run between the look above and train's lock (it holds it now, or it
+            # already moved the run on: started, finished): look again; else the error is this run's own
+            if not lock_holder(job.config.out) and run_state(job, _dataset(job.config, {})) == state:
                 raise
 
 

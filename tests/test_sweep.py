@@ -409,3 +409,20 @@ def test_two_sweeps_into_one_out_both_finish_every_run_each_run_trained_once(tmp
         assert sorted(runs[name] for runs in statuses) == ["finished", "skipped"], statuses
         assert (tmp_path / "runs" / name / "metrics.json").is_file()
         assert not (tmp_path / "runs" / name / ".lock").exists()
+
+
+def test_a_run_taken_between_the_look_and_the_lock_is_looked_at_again(tmp_path, tiny_synthetic, monkeypatch):
+    """The lock was free when the sweep looked, but another sweep took the run and finished it before this one's
+    train could lock it: the run is skipped, not reported failed (the race behind a flaky two-sweeps test)."""
+    from mmlab_cli.engine import fit
+
+    job = sw.expand(sw.load_sweep(_sweep(tmp_path, data=str(tiny_synthetic), seeds=[0], overrides={"epochs": 1})))[0]
+    real = fit.train
+
+    def the_other_sweep_wins(cfg, resume=False):
+        monkeypatch.setattr(fit, "train", real)
+        real(cfg)  # the other sweep trains the run to its end, while this one's lock attempt fails
+        raise sw.MmlabError(f"{cfg.out}/.lock: process 1 on host is training {cfg.out}; wait for it to end")
+
+    monkeypatch.setattr(fit, "train", the_other_sweep_wins)
+    assert sw._execute_when_free(job, {}).status == "skipped"
