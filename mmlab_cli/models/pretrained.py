@@ -66,10 +66,15 @@ def _backbone(encoder: nn.Module) -> nn.Module:
     return getattr(net, "frame_encoder", net)
 
 
-def init_pretrained(model: LateFusion, pretrained: dict[str, str]) -> None:
-    unknown = [m for m in pretrained if m not in model.encoders]
+def _check_modalities(option: str, per_modality: dict, model: LateFusion) -> None:
+    """A per-modality option naming a modality the run does not have is one line naming the option."""
+    unknown = [m for m in per_modality if m not in model.encoders]
     if unknown:
-        raise MmlabError(f"pretrained: no modality '{unknown[0]}' in this run ({', '.join(model.modalities)})")
+        raise MmlabError(f"{option}: no modality '{unknown[0]}' in this run ({', '.join(model.modalities)})")
+
+
+def init_pretrained(model: LateFusion, pretrained: dict[str, str]) -> None:
+    _check_modalities("pretrained", pretrained, model)
     for m, path in pretrained.items():
         net = _backbone(model.encoders[m])
         if hasattr(net, "load_state"):
@@ -92,9 +97,7 @@ def init_pretrained(model: LateFusion, pretrained: dict[str, str]) -> None:
 
 def freeze(model: LateFusion, frozen: dict[str, str]) -> None:
     """Fix the parameters `frozen` names per modality (all | none | until:LAYER), before the optimizer is built."""
-    unknown = [m for m in frozen if m not in model.encoders]
-    if unknown:
-        raise MmlabError(f"freeze: no modality '{unknown[0]}' in this run ({', '.join(model.modalities)})")
+    _check_modalities("freeze", frozen, model)
     for m, how in frozen.items():
         net = _backbone(model.encoders[m])
         net = net.net if isinstance(net, Backbone) else getattr(net, "backbone", net)
