@@ -26,7 +26,7 @@ from rich.progress import TextColumn
 from mmlab_cli.config import TrainConfig, config_to_yaml, early_stop_rule
 from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.data.format import atomic_write_json, atomic_write_text, read_json_object
+from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.data.pseudo_labels import pairing_labels
@@ -362,8 +362,7 @@ def run_threads(cfg: TrainConfig, resume: bool, say=console.print) -> int:
     """The CPU threads a run trains with. The count changes float sums, so a resume continues with the count
     its env.json records unless `threads` names another (then it says so: the numbers will differ from an
     uninterrupted run's); a new run takes `threads`, else the default policy (mmlab_cli.threads)."""
-    recorded = (read_json_object(RunPaths(cfg.out).env) or {}).get("threads") if resume else None
-    recorded = recorded if type(recorded) is int and recorded > 0 else 0  # absent or not a count: none
+    recorded = RunPaths(cfg.out).trained_threads() if resume else 0
     if cfg.threads and recorded and cfg.threads != recorded:
         say(f"[yellow]{cfg.out} was trained with {recorded} CPU thread(s) and continues with {cfg.threads}: its "
             f"numbers will differ from an uninterrupted run's (give --threads {recorded}, or none, to keep them)")

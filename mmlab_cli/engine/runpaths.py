@@ -105,6 +105,11 @@ class RunPaths:
         """The sha256 of the manifest of the preparation the run was trained on (env.json; None: not recorded)."""
         return (read_json_object(self.env) or {}).get("dataset_sha256")
 
+    def trained_threads(self) -> int:
+        """The CPU threads the run was trained with (env.json; 0: not recorded, or not a count)."""
+        threads = (read_json_object(self.env) or {}).get("threads")
+        return threads if type(threads) is int and threads > 0 else 0
+
     def check_dataset(self, dataset, fix: str) -> None:
         """A one-line error when `dataset` is not the preparation the run was trained on (`prepare --force`
         rebuilt it with other parameters, or another preparation lies there): its manifest's hash differs."""
