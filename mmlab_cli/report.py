@@ -56,7 +56,7 @@ def find_runs(root: str | Path) -> pd.DataFrame:
     rows = []
     for paths in run_dirs(root):
         metrics = _read_json(paths.metrics, "mmlab train --resume --out RUN_DIR")
-        row = {**paths.recorded(), **metrics, "run": str(paths.root.relative_to(root))}
+        row = {**paths.recorded(), **metrics, **paths.phase_minutes(), "run": str(paths.root.relative_to(root))}
         rows.append({k: hashable(v) for k, v in row.items()})
     if not rows:
         raise MmlabError(f"{root}: no finished runs found (a run directory holds config.yaml and metrics.json)")

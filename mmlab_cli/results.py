@@ -115,6 +115,9 @@ TABLES = (
     TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
               "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
               (("AUC {} {}", "corruptions.*.*.auc", "↑"),)),
+    TableSpec("time", "Where the time went: wall minutes per run of training and of each analysis (by checkpoint), "
+              "as the sweep recorded them in each run's timings.jsonl (resumes and re-runs added)", "metrics.json",
+              "mmlab sweep", (("{} (min)", "minutes_*", ""),), ".3g"),
 )
 
 

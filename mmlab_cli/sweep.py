@@ -336,11 +336,15 @@ def _diverged_before(job: Job) -> Outcome:
 def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
     from mmlab_cli.engine.evaluate import headline
     from mmlab_cli.engine.fit import train
+    from mmlab_cli.engine.runpaths import RunPaths
 
+    paths = RunPaths(job.config.out)
     if state == "finished":
         status, detail = "skipped", "already finished"
     else:
+        start = time.perf_counter()
         metrics = train(job.config, resume=state == "interrupted")
+        paths.record_timing("train", time.perf_counter() - start)
         status = "resumed" if state == "interrupted" else "finished"
         detail = headline(metrics)
     from mmlab_cli.analysis.entries import call
@@ -348,7 +352,9 @@ def _execute(job: Job, state: str, analyses: dict[str, list[str]]) -> Outcome:
     for name, calls in analyses.items():
         for args in calls:
             try:  # the library entry, with the arguments `mmlab <name>` would take
+                start = time.perf_counter()
                 call(name, [job.config.out], args, device=job.config.device)
+                paths.record_timing(name, time.perf_counter() - start, args)
             except MmlabError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return Outcome(job.name, "failed", f"{detail}; `mmlab {name}`: {e} (see {job.log})")

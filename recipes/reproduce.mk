@@ -3,7 +3,7 @@
 #   make reproduce-avmnist [MNIST=DIR FSDD=DIR] [SNR_DB=-5] [SEEDS="0 1 2 3 4"] [JOBS=N] [DEVICE=cuda]
 #   make reproduce-synthetic [SEEDS="0 1 2 3 4"] [JOBS=N] [AUDIO_INFO="0.3 0.25 0.2 0.15 0.1 0.05"]
 #   make reproduce-dagr [SEEDS="0 1 2"] [JOBS=N] [DAGR_COUPLING=0.5] [DEVICE=cuda CREMA_D=DIR KINETICS_SOUNDS=DIR]
-# SEEDS defaults to the sweep file's own `seeds:` (five for the DML paper's claims, three for the DAGR set).
+# SEEDS defaults to the sweep file's own `seeds:` (ten for each paper's primary claims).
 # Re-running a target picks up where it stopped: `prepare` skips a prepared dataset, the sweep skips finished
 # runs and resumes interrupted ones, and the analyses reuse their JSON when settings and checkpoint are unchanged.
 #

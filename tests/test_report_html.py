@@ -113,7 +113,8 @@ def test_renders_in_headless_chromium(html_report, tmp_path):
     by_name = {t.spec.name: t for t in tables}
     measured = [n for n, t in by_name.items() if len(t.numeric) > 1]
     assert {f"table-{n}" for n in measured} == set(dom.tables)  # a section for what was measured only
-    assert dom.missing == ["run mmlab train --objective contrastive to add retrieval, retrieval_class"]
+    assert dom.missing == ["run mmlab train --objective contrastive to add retrieval, retrieval_class",
+                           "run mmlab sweep to add time"]
     header, *rows = dom.tables["table-accuracy"]
     names = [h for h, _ in header]
     assert names == list(by_name["accuracy"].cells.columns)

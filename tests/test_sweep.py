@@ -426,3 +426,33 @@ def test_a_run_taken_between_the_look_and_the_lock_is_looked_at_again(tmp_path, 
 
     monkeypatch.setattr(fit, "train", the_other_sweep_wins)
     assert sw._execute_when_free(job, {}).status == "skipped"
+
+
+def test_the_sweep_records_where_each_runs_time_went_and_the_report_tables_it(tmp_path, tiny_synthetic):
+    """Each phase a sweep runs (training, every analysis invocation) is one timings.jsonl record; the report's
+    time table sums them per phase and checkpoint (a resume or a re-run adds its minutes)."""
+    path = _sweep(tmp_path, data=str(tiny_synthetic), overrides={"epochs": 1}, seeds=[0],
+                  analyses={"geometry": [["--samples", 40, "--tsne-samples", 0, "--checkpoint", "last"],
+                                         ["--samples", 40, "--tsne-samples", 0]]})
+    sweep = sw.load_sweep(path)
+    [job] = sw.expand(sweep)
+    assert sw._execute(job, "new", sweep.analyses).status == "finished"
+    run = Path(job.config.out)
+    records = [json.loads(line) for line in (run / "timings.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["args"][-2:]) for r in records] == [
+        ("train", []), ("geometry", ["--checkpoint", "last"]), ("geometry", ["--tsne-samples", "0"])]
+    assert all(r["seconds"] > 0 for r in records)
+    with open(run / "timings.jsonl", "a") as f:  # a later resume of 90 s and a re-run of the last geometry
+        f.write('{"phase": "train", "args": [], "seconds": 90.0}\n'
+                '{"phase": "geometry", "args": ["--checkpoint", "last"], "seconds": 30.0}\n')
+    from mmlab_cli.engine.runpaths import RunPaths
+
+    minutes = RunPaths(run).phase_minutes()
+    assert minutes["minutes_train"] == pytest.approx(records[0]["seconds"] / 60 + 1.5)
+    assert minutes["minutes_geometry_last"] == pytest.approx(records[1]["seconds"] / 60 + 0.5)
+    assert minutes["minutes_geometry"] == pytest.approx(records[2]["seconds"] / 60)
+    assert minutes["minutes_total"] == pytest.approx(sum(r["seconds"] for r in records) / 60 + 2.0)
+    assert run_report(sweep.out, []) == 0
+    time_table = (sweep.out / "report_time.csv").read_text().splitlines()
+    assert "train (min) mean" in time_table[0] and "geometry_last (min) mean" in time_table[0]
+    assert "## Where the time went" in (sweep.out / "report.md").read_text()

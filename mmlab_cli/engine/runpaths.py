@@ -45,6 +45,7 @@ class RunPaths:
         self.last = self.root / "checkpoints" / "last"
         self.best = self.root / "checkpoints" / "best"
         self.top = self.root / "checkpoints" / "top"  # --keep-top-k: top/<epoch>/
+        self.timings_jsonl = self.root / "timings.jsonl"  # a sweep's phases: where a reproduction's time goes
 
     def analyses(self, checkpoint: str = "best") -> Path:
         """Where the analyses of a checkpoint write their files: the run directory for the best checkpoint,
@@ -104,6 +105,31 @@ class RunPaths:
     def trained_on(self) -> str | None:
         """The sha256 of the manifest of the preparation the run was trained on (env.json; None: not recorded)."""
         return (read_json_object(self.env) or {}).get("dataset_sha256")
+
+    def record_timing(self, phase: str, seconds: float, args: list[str] | None = None) -> None:
+        """Append one phase's wall time (train, or an analysis with its arguments) to timings.jsonl."""
+        record = {"phase": phase, "args": args or [], "seconds": round(seconds, 3), "pid": os.getpid()}
+        with open(self.timings_jsonl, "a") as f:
+            f.write(strict_json(record, indent=None) + "\n")
+
+    def timings(self) -> list[dict]:
+        """timings.jsonl's records, oldest first (empty: the run was not trained by a sweep)."""
+        try:
+            return [json.loads(line) for line in self.timings_jsonl.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return []
+
+    def phase_minutes(self) -> dict[str, float]:
+        """{"minutes_<phase>": wall minutes, "minutes_total": their sum} over timings.jsonl, an analysis's phase
+        named with its checkpoint (flatness_last, flatness_best): every minute a sweep spent on the run, resumes
+        and re-runs added. Empty for a run no sweep trained."""
+        minutes: dict[str, float] = {}
+        for record in self.timings():
+            args = record.get("args", [])
+            at = args[args.index("--checkpoint") + 1] if "--checkpoint" in args[:-1] else None
+            key = f"minutes_{record['phase']}" + (f"_{at}" if at and record["phase"] != "train" else "")
+            minutes[key] = minutes.get(key, 0.0) + record["seconds"] / 60
+        return {**minutes, "minutes_total": sum(minutes.values())} if minutes else {}
 
     def trained_threads(self) -> int:
         """The CPU threads the run was trained with (env.json; 0: not recorded, or not a count)."""
