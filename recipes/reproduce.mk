@@ -55,7 +55,17 @@ csv = $(subst $() ,$(comma),$(strip $(1)))
 # $(call sweep,SWEEP_FILE): the sweep with this make's seeds, jobs and device
 sweep = $(MMLAB) sweep $(1) $(if $(SEEDS),--seeds $(call csv,$(SEEDS)) )--jobs $(JOBS) --set device=$(DEVICE)
 
-.PHONY: reproduce-avmnist reproduce-synthetic reproduce-dagr
+.PHONY: reproduce-avmnist reproduce-synthetic reproduce-dagr avmnist-snr-pilot
+
+# the SNR pilot (recipes/sweeps/avmnist-snr-pilot.yaml): audio alone per SNR, the reproduction's schedule
+SNR_PILOT ?= -6 -7 -8 -9
+SNR_DATA := data/avmnist-snr
+SNR_LEVELS = $(addprefix $(SNR_DATA)/snr,$(SNR_PILOT))
+avmnist-snr-pilot: venv $(addsuffix /manifest.json,$(SNR_LEVELS))
+	$(call sweep,recipes/sweeps/avmnist-snr-pilot.yaml) --grid data=$(call csv,$(SNR_LEVELS))
+
+$(SNR_DATA)/snr%/manifest.json: | venv
+	$(MMLAB) prepare avmnist --mnist $(MNIST) --fsdd $(FSDD) --noise white --snr-db $* --out $(@D)
 
 reproduce-avmnist: venv
 	$(MMLAB) prepare avmnist --mnist $(MNIST) --fsdd $(FSDD) --noise white --snr-db $(SNR_DB) --out $(AVMNIST_DATA)
