@@ -49,7 +49,7 @@ TABLES = (
               (("acc (fused)", "test_acc", "↑"), ("acc {}", "test_acc_*", "↑"))),
     TableSpec("retrieval", "Cross-modal retrieval of contrastive runs, Recall@K (%) on the test split, a hit = the "
               "query's own pair (DML paper Table 7); capped and near chance where pairs are drawn within the class "
-              "(AVMNIST, synthetic: see the class-level table)", "metrics.json", "mmlab train --objective contrastive",
+              "(AVMNIST, synthetic without --coupling: see the class-level table)", "metrics.json", "mmlab train --objective contrastive",
               tuple((label, f"test_{path}", arrow) for label, path, arrow in RETRIEVAL)),
     TableSpec("retrieval_class", "Class-level cross-modal retrieval of contrastive runs, Recall@K (%) on the test "
               "split, a hit = any item of the query's class", "metrics.json", "mmlab train --objective contrastive",
@@ -95,8 +95,8 @@ TABLES = (
                ("margin {}", "modality.*.semantic_margin", ""),
                *SAMPLE_LEVEL_COLUMNS), ".4g", ("geometry_cosine.png",),
               tuple((path, "sample_level_pairs") for _, path, _ in SAMPLE_LEVEL_COLUMNS),
-              f"{FLAG}: the runs' dataset pairs its modalities at class level (AVMNIST, synthetic) or does not say "
-              "(`pairing` in geometry.json): drift, cosine gap, KS and R@1 then measure class-level alignment only, "
+              f"{FLAG}: the runs' dataset pairs its modalities at class level (AVMNIST, synthetic without --coupling) "
+              "or does not say (`pairing` in geometry.json): drift, cosine gap, KS and R@1 then measure class-level alignment only, "
               "and R@1 is capped (a sample's partner is one of many same-class candidates).",
               (("per modality", ("erank entropy {}", "erank PR {}", "margin {}")),
                ("per pair", tuple(label for label, _, _ in SAMPLE_LEVEL_COLUMNS)))),
