@@ -84,3 +84,27 @@ def accuracy_bars(table: Table, group_by: tuple[str, ...]) -> dict[str, dict[str
         blocks.setdefault(block, {})[group_label(row, group_by)] = {
             **values, "unimodal": len(modalities) == 1, "runs": int(row["runs"])}
     return blocks
+
+
+GAP, FLOOR = "W2² ", "W2² floor "  # the geometry table's labels of a pair's gap and of its same-law floor
+
+
+def gap_bars(table: Table, group_by: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """From the geometry table's numbers, per block and group: {pair: {"gap": (mean, std), "floor": (mean, std)},
+    "runs": n} for every pair whose gap some run measured (a floor no run has is NaN: files before the floor)."""
+    within = within_keys(group_by)
+    blocks: dict[str, dict[str, dict]] = {}
+    for _, row in table.numbers.iterrows():
+        pairs = {}
+        for column in table.numbers.columns:
+            label = column[: -len(" mean")]
+            if column.endswith(" mean") and label.startswith(GAP) and not label.startswith(FLOOR) \
+                    and not math.isnan(row[column]):
+                pair = label[len(GAP):]
+                floor = f"{FLOOR}{pair}"
+                pairs[pair] = {"gap": (row[column], row[f"{label} std"]),
+                               "floor": (row.get(f"{floor} mean", math.nan), row.get(f"{floor} std", math.nan))}
+        if pairs:
+            block = ", ".join(f"{k} {row[k]}" for k in within)
+            blocks.setdefault(block, {})[group_label(row, group_by)] = {**pairs, "runs": int(row["runs"])}
+    return blocks

@@ -1,6 +1,7 @@
 """The report's training figures in the style of `mmlab_cli.figures` (data: learning.py): learning curves
 (validation accuracy of the fusion and of each modality's probe, training and validation loss), the
-coefficients the methods recorded per epoch, and the test accuracy bar chart with the unimodal references.
+coefficients the methods recorded per epoch, the test accuracy bar chart with the unimodal references, and the
+modality gaps beside their same-law floors.
 One colour per method, one line style per modality (the fusion solid), mean over seeds with a band of ± one
 standard error."""
 
@@ -133,4 +134,33 @@ def accuracy_bars(groups: dict[str, dict], path: Path) -> list[Path]:
     handles += [Line2D([], [], color=figures.method_colour(n), linestyle="--", label=f"{n} (reference)")
                 for n in references]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4))
+    return figures.save(fig, path)
+
+
+@figures.styled
+def gap_bars(groups: dict[str, dict], path: Path) -> list[Path]:
+    """The modality gap W2² per group (a bar in the method's colour, ± one sample standard deviation over seeds),
+    one panel per modality pair, with its same-law floor (W2² between two halves of one modality) as a black
+    tick: a gap at its floor is no gap."""
+    pairs = list(dict.fromkeys(p for g in groups.values() for p in g if p != "runs"))
+    fig = figures.figure(2 if len(groups) > 4 or len(pairs) > 1 else 1, 2.8)
+    axes = np.atleast_1d(fig.subplots(1, len(pairs), squeeze=False)[0])
+    for ax, pair in zip(axes, pairs):
+        names = [n for n, g in groups.items() if pair in g]
+        for x, name in enumerate(names):
+            (gap, gap_std), (floor, floor_std) = groups[name][pair]["gap"], groups[name][pair]["floor"]
+            ax.bar(x, gap, 0.7, yerr=None if math.isnan(gap_std) else gap_std, capsize=2,
+                   color=figures.method_colour(name), edgecolor="0.2", linewidth=0.4)
+            if not math.isnan(floor):
+                tick = ax.errorbar(x, floor, yerr=None if math.isnan(floor_std) else floor_std, fmt="_", color="k",
+                                   markersize=14, markeredgewidth=2, capsize=2, zorder=3)
+                tick.lines[0].set_gid("floor")
+        ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ") for n in names], rotation=90 if len(names) > 4
+                      else 0)
+        ax.set(ylabel="W2² of unit embeddings", title=f"Modality gap {pair}")
+        ax.grid(False, axis="x")
+    handles = [Patch(facecolor="0.6", edgecolor="0.2", label="W2² gap (± 1 std over seeds)"),
+               Line2D([], [], color="k", marker="_", linestyle="", markersize=14, markeredgewidth=2,
+                      label="same-law floor (two halves of one modality)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2 if fig.get_figwidth() > figures.WIDTH[1] else 1)
     return figures.save(fig, path)

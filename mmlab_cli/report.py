@@ -24,7 +24,7 @@ from mmlab_cli.data.format import atomic_write_text, check_writable
 from mmlab_cli.engine import check_checkpoint
 from mmlab_cli.engine.runpaths import COMPARE, RunPaths, run_dirs
 from mmlab_cli.errors import MmlabError
-from mmlab_cli.learning import accuracy_bars, history_over_seeds
+from mmlab_cli.learning import accuracy_bars, gap_bars, history_over_seeds
 from mmlab_cli.methods.registry import label_keys
 from mmlab_cli.report_html import render_html
 from mmlab_cli.results import (FLAG, TABLES, Table, TableSpec, group_label, hashable, key_defaults, resolve,
@@ -339,6 +339,22 @@ def draw_learning(root: Path, name: str, table: Table, group_by: tuple[str, ...]
     table.plots[:0] = drawn
 
 
+def draw_gaps(root: Path, name: str, table: Table, group_by: tuple[str, ...]) -> None:
+    """Draw the geometry table's modality gaps beside their floors into <name>_gap[-k].png under `root` (k: the
+    block, a dataset, where there are several) and list them first among its plots."""
+    from mmlab_cli import learning_plots  # matplotlib, only when there is something to draw
+
+    blocks = gap_bars(table, group_by)
+    drawn = []
+    for k, (block, groups) in enumerate(blocks.items()):
+        file = f"{name}_gap{f'-{k + 1}' if len(blocks) > 1 else ''}.png"
+        learning_plots.gap_bars(groups, root / file)
+        drawn.append((GAP_CAPTION + (f" ({block})" if block and len(blocks) > 1 else ""), file))
+    table.plots[:0] = drawn
+
+
+GAP_CAPTION = ("Modality gap W2² of the unit embeddings per method (mean, error bars ± one sample standard deviation "
+               "over seeds) with its same-law floor (black: W2² between two random halves of one modality)")
 ACCURACY_CAPTION = ("Test accuracy per method: fused (solid bar) and each modality's probe (hatched), mean over "
                     "seeds, error bars ± one sample standard deviation; dashed lines: the unimodal references")
 LEARNING_CAPTION = ("Learning curves per epoch: validation accuracy (fused solid, each modality's probe by line style) "
@@ -491,6 +507,8 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
             draw_curves(root, name, table)
         if table.spec.name == "accuracy" and has_values(table):
             draw_learning(root, name, table, group_by)
+        if table.spec.name == "geometry" and has_values(table):
+            draw_gaps(root, name, table, group_by)
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
     intro = (f"{runs} runs in {len(tables[0].numbers)} groups by "

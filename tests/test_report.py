@@ -472,3 +472,23 @@ def test_wide_tables_split_and_impossible_columns_say_why(tmp_path):
     # Adam has no stability limit: said once, with the reason, not "not measured"
     assert f"λ_max/thr, λ_max/thr block: cannot exist for these runs: {ADAM}." in flat.note
     assert "Not measured by any run yet" not in flat.note
+
+
+def test_the_modality_gap_figure_draws_each_groups_mean_gap_beside_its_floor(runs_dir):
+    """report_gap.png: one bar per group at the geometry table's mean W2² (SML 0.6, DML 0.4 from RUNS), the same-law
+    floor as a tick where a run measured it (DML 0.05; SML's files predate the floor: no tick), one colour each."""
+    from matplotlib.colors import to_hex
+
+    from mmlab_cli import figures
+
+    with figures.capture() as drawn:
+        _, md, _ = write_report(runs_dir)
+    [gap] = [f for f in drawn if f.axes and f.axes[0].get_title() == "Modality gap image|audio"]
+    ax = gap.axes[0]
+    names = ["DML (image+audio)", "SML (image+audio)"]  # the table's order
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    assert [round(p.get_height(), 9) for p in ax.patches] == [0.4, 0.6]
+    assert [to_hex(p.get_facecolor()) for p in ax.patches] == [figures.method_colour(n).lower() for n in names]
+    ticks = [line for line in ax.lines if line.get_gid() == "floor"]
+    assert [(list(t.get_xdata()), list(t.get_ydata())) for t in ticks] == [([0], [0.05])]
+    assert (runs_dir / "report_gap.png").is_file() and "](report_gap.png)" in md
