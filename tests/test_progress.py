@@ -60,3 +60,22 @@ def test_training_log_shows_steps_and_one_line_per_epoch(tiny_synthetic, tmp_pat
                                                rf"elapsed {CLOCK} \| ETA (?:{CLOCK}|-:--:--)$", log, re.M)]
         assert running and running == sorted(running) and set(running) <= set(range(steps + 1)), log
     assert eta == "0:00:00"  # the last epoch leaves nothing to do
+
+
+def test_the_eta_is_the_whole_tasks_average_pace_not_the_last_30_seconds():
+    """Two sweep workers finish runs in pairs: 2 runs in the first 600 s, both in its last 10 s. rich's windowed
+    estimate reads 1 run per 10 s (80 s left for 8 runs); the pace since the start is 300 s a run: 2400 s left."""
+    from mmlab_cli.console import time_left
+
+    now = [0.0]
+    bar = LogProgress([], interval=1000)
+    bar.get_time = lambda: now[0]
+    task = bar.add_task("sweep", total=10)
+    now[0] = 590.0
+    bar.advance(task, 1)
+    now[0] = 600.0
+    bar.advance(task, 1)
+    assert bar.tasks[0].time_remaining == 80.0  # rich's: the last 30 s
+    assert time_left(bar.tasks[0]) == 2400.0
+    bar.add_task("nothing done yet", total=3)
+    assert time_left(bar.tasks[1]) is None
