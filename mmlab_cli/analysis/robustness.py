@@ -176,13 +176,19 @@ def eps50(eps: list[float], acc: list[float], chance: float) -> tuple[float | No
     return None, f"not reached by eps_max = {eps[-1]:g} (accuracy {acc[-1]:.2f} % > half the clean {half:.2f} %)"
 
 
+def _input_eps(base: PGDSettings, grid: list[float], kind: str) -> list[float]:
+    """The curve's radii in the input's units (grid in curve_unit(kind))."""
+    std = base.input_std if curve_unit(kind) == "input std" else 1.0
+    return [e * std for e in grid]
+
+
 def _eps_curve(score: _Scorer, modality: str, base: PGDSettings, grid: list[float], kind: str, clean: dict,
                attack_point: dict, generator, chance: float) -> dict:
     """The attack scaled to each radius of `grid` (in curve_unit(kind)), the same random start at every one; the
     attack's own radius reuses its point. `eps50` in the grid's units."""
-    std = base.input_std if curve_unit(kind) == "input std" else 1.0
-    points = [attack_point if e * std == base.eps else
-              _pgd_point(score, modality, base.scaled(e * std / base.eps), generator(), clean, kind) for e in grid]
+    points = [attack_point if eps == base.eps else
+              _pgd_point(score, modality, base.scaled(eps / base.eps), generator(), clean, kind)
+              for eps in _input_eps(base, grid, kind)]
     acc = [p["acc"] for p in points]
     value, reason = eps50(grid, acc, chance)
     return {"eps_curve": {"unit": curve_unit(kind), "eps": list(grid), "input_eps": [p["eps"] for p in points],
@@ -218,8 +224,8 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
     attacks = {m: pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start, s.preset, s.eps_relative,
                                input_std(subset, m, kinds[m])) for m in attacked}  # a relative eps needs the std
-    points = 1 + sum(e > 0 for e in s.eps_curve or [])  # the attack, then the curve's radii (one may be the attack's)
-    work = (1 + sum(points * max(a.steps, 1) for a in attacks.values())
+    work = (1 + sum((1 + sum(0 < e != a.eps for e in _input_eps(a, s.eps_curve or [], kinds[m]))) * max(a.steps, 1)
+                    for m, a in attacks.items())  # the attack, then the curve's other non-zero radii
             + len(s.levels) * sum(map(len, curves.values())))
     result_curves = {}
     with progress() as bar:
@@ -353,8 +359,7 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
     for m in result["corruptions"]:
         written += plots.corruption_curves(runs, m, out / f"robustness_{m}.png")
     if any("eps_curve" in r for r in result["pgd"].values()):
-        written += plots.eps_curves(plots.run_curves(runs), out / "robustness_pgd_eps.png",
-                                    result.get("classes"))
+        written += plots.eps_curves(plots.run_curves(runs), out / "robustness_pgd_eps.png")
     if result["pgd"]:
         written += plots.pgd_bars(runs, out / "robustness_pgd.png")
     for stale in set(out.glob("robustness_*.*")) - set(written):  # modalities or sweeps this result no longer has
@@ -393,8 +398,7 @@ def compare(results: list[dict], out: Path) -> list[Path]:
         if any(r["corruptions"].get(m) for r in results):
             written += plots.corruption_curves(runs, m, out / f"comparison_{m}.png")
     if any("eps_curve" in p for r in results for p in r["pgd"].values()):
-        written += plots.eps_curves(plots.run_curves(runs), out / "comparison_pgd_eps.png",
-                                    results[0].get("classes"))
+        written += plots.eps_curves(plots.run_curves(runs), out / "comparison_pgd_eps.png")
     if any(r["pgd"] for r in results):
         written += plots.pgd_bars(runs, out / "comparison_pgd.png")
     atomic_write_json(written[0], {"schema": "mmlab.robustness-comparison/1", "files": [p.name for p in written],

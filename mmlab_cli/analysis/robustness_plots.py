@@ -73,15 +73,14 @@ def corruption_curves(results: dict[str, dict], modality: str, path: Path) -> li
 
 def run_curves(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """Each run's accuracy-eps curves as eps_curves draws them (one run: no error bars)."""
-    return {k: {m: {**p["eps_curve"], "kind": r["modalities"][m]} for m, p in r["pgd"].items() if "eps_curve" in p}
-            for k, r in results.items()}
+    return {k: {m: {**p["eps_curve"], "kind": r["modalities"][m], "classes": r.get("classes")}
+                for m, p in r["pgd"].items() if "eps_curve" in p} for k, r in results.items()}
 
 
 @figures.styled
-def eps_curves(curves: dict[str, dict[str, dict]], path: Path, classes: int | None = None,
-               note: str = "") -> list[Path]:
+def eps_curves(curves: dict[str, dict[str, dict]], path: Path, note: str = "") -> list[Path]:
     """Accuracy vs the PGD radius eps, one panel per attacked modality, one line per run or group (`curves`:
-    label -> modality -> {unit, kind, eps, acc[, acc_stderr]}), eps on a symmetric-log axis (0, the clean
+    label -> modality -> {unit, kind, classes, eps, acc[, acc_stderr]}), eps on a symmetric-log axis (0, the clean
     accuracy, included; log above the smallest non-zero radius), each line's half-clean level (where eps50 is
     read) dashed in its colour. `note` titles the legend (what the error bars are)."""
     modalities = list(dict.fromkeys(m for c in curves.values() for m in c))
@@ -98,7 +97,7 @@ def eps_curves(curves: dict[str, dict[str, dict]], path: Path, classes: int | No
         ax.set_xscale("symlog", linthresh=min(e for e in c["eps"] if e > 0), linscale=0.5)
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.set(title=f"PGD on {m} (dashed: half the clean accuracy)", xlabel=rf"$\epsilon$ ($L_\infty$, {unit})")
-    _finish(fig, axes, {"": {"classes": classes}}, note)
+    _finish(fig, axes, {m: c for by_modality in curves.values() for m, c in by_modality.items()}, note)
     return figures.save(fig, path)
 
 
