@@ -105,3 +105,53 @@ def test_default_grid_brackets_the_preset_radius():
     grid = list(DEFAULT_EPS_CURVE)
     assert grid[0] == 0 and len(grid) <= 8 and 0.1 in grid and grid[1] <= 0.0025 and grid[-1] > 0.1
     assert RobustnessSettings(eps_sweep=True).check().eps_curve == grid
+
+
+def _robustness(clean: float, curves: dict[str, list[float]], grid=(0, 0.01, 0.02, 0.05)) -> dict:
+    """A robustness.json with an accuracy-eps curve per modality on `grid`, eps50 as robustness() computes it."""
+    pgd = {}
+    for m, acc in curves.items():
+        value, reason = eps50(list(grid), acc, 10.0)
+        pgd[m] = {"clean_acc": clean, "perturbed_acc": acc[-1], "drop_rate": 100 * (clean - acc[-1]) / clean,
+                  "eps_curve": {"unit": "pixels" if m == "image" else "input std", "eps": list(grid),
+                                "input_eps": list(grid), "acc": acc, "loss": [1.0] * len(acc)},
+                  "eps50": value, "eps50_reason": reason}
+    return {"schema": "mmlab.robustness/3", "split": "test", "classes": 10, "modalities": {
+        m: "image" if m == "image" else "spectrogram" for m in curves}, "clean": {"acc": clean, "loss": 1.0},
+        "pgd": pgd, "corruptions": {}}
+
+
+@pytest.mark.slow
+def test_report_table_figure_and_claims_read_eps50(tmp_path):
+    """The eps50 table (mean over seeds, (n=1) where a run's curve never halves), the accuracy-eps figure over
+    seeds, and the DML paper's Table 12 claims on eps50 with the null run named and its reason given."""
+    from test_report import RUNS, _write_runs
+
+    from mmlab_cli.report import write_report
+
+    curves = {"uni/s0": _robustness(64, {"image": [64, 40, 20, 0]}),  # eps50 0.01 + 8/20 * 0.01 = 0.014
+              "uni/s1": _robustness(66, {"image": [66, 50, 30, 0]}),  # 0.01 + 17/20 * 0.01 = 0.0185
+              "sml/s0": _robustness(70, {"image": [70, 60, 20, 0], "audio": [70, 60, 50, 40]}),  # audio: not reached
+              "sml/s1": _robustness(72, {"image": [72, 60, 40, 0], "audio": [72, 50, 30, 20]}),
+              "dml/s0": _robustness(71, {"image": [71, 70, 50, 0], "audio": [71, 60, 40, 20]}),
+              "dml/s1": _robustness(74, {"image": [74, 72, 60, 10], "audio": [74, 70, 30, 10]})}
+    runs = {name: (config, metrics, {"robustness.json": curves[name]} if name in curves else {})
+            for name, (config, metrics, _) in RUNS.items()}
+    _write_runs(tmp_path / "runs", runs)
+    tables, md, _ = write_report(tmp_path / "runs", claims="recipes/claims/dml-paper.yaml")
+    table = {t.spec.name: t for t in tables}["eps50"]
+    uni = table.numbers[table.numbers.modalities == "image"].iloc[0]
+    assert uni["ε50 image mean"] == pytest.approx((0.014 + 0.0185) / 2) and uni["ε50 image n"] == 2
+    is_sml = (table.numbers.modalities == "image+audio") & (table.numbers.pairing == "sml")
+    sml = table.numbers[is_sml].iloc[0]
+    assert sml["ε50 audio n"] == 1  # seed 0 never halves: left out, the cell says (n=1)
+    assert "(n=1)" in table.cells[is_sml]["ε50 audio ↑"].iloc[0]
+    assert "report_eps.png" in [path for _, path in table.plots] and "](report_eps.png)" in md
+    png_image(tmp_path / "runs" / "report_eps.png")
+    claims = json.loads(json.dumps(tables[-1].numbers.to_dict("records")))
+    rows = {(r["id"], r["capture"]): r for r in claims}
+    assert {("t12-eps50-dml-sml", "image"), ("t12-eps50-dml-sml", "audio"), ("t12-eps50-sml", "image")} <= set(rows)
+    assert rows[("t12-eps50-dml-sml", "image")]["n"] == "2" and rows[("t12-eps50-dml-sml", "audio")]["n"] == "1"
+    assert rows[("t12-eps50-dml-sml", "audio")]["missing_seeds"] == "B: 0"  # side B (SML) lacks seed 0
+    assert ("`t12-eps50-dml-sml` [audio]: 1 of 2 runs of SML (image+audio) lack robustness.json:pgd.audio.eps50; "
+            "sml/s0: null, not reached by eps_max = 0.05") in tables[-1].note

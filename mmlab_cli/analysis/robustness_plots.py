@@ -95,8 +95,9 @@ def eps_curves(curves: dict[str, dict[str, dict]], path: Path, note: str = "") -
         c = next(iter(lines.values()))
         unit = EPS_UNITS["image"] if c["unit"] == "pixels" else f"multiples of the {m} input's std"
         ax.set_xscale("symlog", linthresh=min(e for e in c["eps"] if e > 0), linscale=0.5)
-        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.set(title=f"PGD on {m} (dashed: half the clean accuracy)", xlabel=rf"$\epsilon$ ($L_\infty$, {unit})")
+        ax.set_xticks(c["eps"], [f"{e:g}" for e in c["eps"]], rotation=45 if len(c["eps"]) > 5 else 0)
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set(title=f"PGD on {m} (dashed: half the clean acc.)", xlabel=rf"$\epsilon$ ($L_\infty$, {unit})")
     _finish(fig, axes, {m: c for by_modality in curves.values() for m, c in by_modality.items()}, note)
     return figures.save(fig, path)
 
