@@ -332,13 +332,21 @@ def eps_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list
     return blocks, mixed
 
 
+def eps50_nulls(runs: pd.DataFrame, docs: list) -> str:
+    """The runs whose ε50 is null, each with its reason (robustness.json's eps50_reason): left out of the ε50 means,
+    which say (n=k); never silently."""
+    null = [f"{run} {m}: {p.get('eps50_reason')}" for i, run in zip(runs.index, runs["run"])
+            for m, p in (docs[i] or {}).get("pgd", {}).items() if "eps_curve" in p and p.get("eps50") is None]
+    return f"Without ε50, so left out of its cell: {'; '.join(null)}." if null else ""
+
+
 def draw_curves(root: Path, name: str, table: Table) -> None:
     """Draw a table's curves over seeds (F_gap of flatness.json, accuracy-ε of robustness.json) into
     <name>_{fgap,eps}[-k].png under `root` and list them with its plots."""
     from mmlab_cli import figures  # matplotlib, only when there is something to draw
     from mmlab_cli.analysis import flatness_plots, robustness_plots
 
-    fgap = table.spec.file == "flatness.json"
+    fgap = table.spec.name != "eps50"
     stem, what = (("fgap", "F_gap over seeds: mean") if fgap else
                   ("eps", "Accuracy vs the PGD radius ε over seeds (dashed: half the clean accuracy, where ε50 is "
                    "read): mean"))
@@ -436,8 +444,9 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
                                 if spec.file == "flatness.json" else
                                 (eps_over_seeds, "ε figure, their runs measured the curve on different grids"))
             table.curves, mixed = over_seeds(runs, group_by, docs[spec.file])
-            if mixed:
-                table.note = " ".join(filter(None, [table.note, f"Left out of the {what}: {', '.join(mixed)}."]))
+            nulls = eps50_nulls(runs, docs[spec.file]) if spec.name == "eps50" else ""
+            table.note = " ".join(filter(None, [table.note, mixed and f"Left out of the {what}: {', '.join(mixed)}.",
+                                                nulls]))
         tables.append(table)
     if stated:
         tables.append(claims_table(stated, runs, docs, group_by, checkpoint))
@@ -478,8 +487,9 @@ def unmeasured(tables: list[Table]) -> list[str]:
     for t in tables:
         if t.spec in TABLES and not has_values(t) and not t.plots:
             by_command.setdefault(t.spec.command, []).append(t.spec)
+    read = {t.spec.file for t in tables if has_values(t)}  # a file some run has, for another table (eps50)
     return [f"`{command}` adds {', '.join(s.name for s in specs)}"
-            + (f" (no run has {specs[0].file})" if specs[0].file != "metrics.json" else "")
+            + (f" (no run has {specs[0].file})" if specs[0].file not in ("metrics.json", *read) else "")
             for command, specs in by_command.items()]
 
 

@@ -116,7 +116,7 @@ TABLES = (
               "modality attacked (the others clean) first falls to half the clean accuracy, linearly interpolated on "
               "the accuracy-ε curve (pixels in [0, 1] for images, multiples of the input's std otherwise; higher is "
               "more robust)", "robustness.json", "mmlab robustness RUN_DIR --eps-sweep",
-              (("ε50 {}", "pgd.*.eps50", "↑"),), ".3g", reasons=(("pgd.*.eps50", "pgd.*.eps50_reason"),)),
+              (("ε50 {}", "pgd.*.eps50", "↑"),), ".3g"),
     TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
               "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
               (("AUC {} {}", "corruptions.*.*.auc", "↑"),)),

@@ -146,6 +146,7 @@ def test_report_table_figure_and_claims_read_eps50(tmp_path):
     sml = table.numbers[is_sml].iloc[0]
     assert sml["ε50 audio n"] == 1  # seed 0 never halves: left out, the cell says (n=1)
     assert "(n=1)" in table.cells[is_sml]["ε50 audio ↑"].iloc[0]
+    assert "Without ε50, so left out of its cell: sml/s0 audio: not reached by eps_max = 0.05" in table.note
     assert "report_eps.png" in [path for _, path in table.plots] and "](report_eps.png)" in md
     png_image(tmp_path / "runs" / "report_eps.png")
     claims = json.loads(json.dumps(tables[-1].numbers.to_dict("records")))
