@@ -29,7 +29,7 @@ def _grid(n: int, height: float = 2.0):
     return fig, axes[:n]
 
 
-def _finish(fig, axes, results: dict[str, dict], title: str = "") -> None:
+def _finish(fig, axes, results: dict[str, dict], title: str = "", ncol: int = 5) -> None:
     """Chance level in every panel, the accuracy label, and one legend for the figure (titled `title`)."""
     classes = {r.get("classes") for r in results.values()} - {None}  # older files do not record it
     for ax in axes:
@@ -45,7 +45,7 @@ def _finish(fig, axes, results: dict[str, dict], title: str = "") -> None:
                 entries.setdefault(label, handle)
     if axes[0].lines and axes[0].lines[-1].get_label() == "chance":
         entries["chance"] = axes[0].lines[-1]
-    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 5),
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), ncol),
                title=title or None)
 
 
@@ -98,7 +98,7 @@ def eps_curves(curves: dict[str, dict[str, dict]], path: Path, note: str = "") -
         ax.set_xticks(c["eps"], [f"{e:g}" for e in c["eps"]], rotation=45 if len(c["eps"]) > 5 else 0)
         ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.set(title=f"PGD on {m} (dashed: half the clean acc.)", xlabel=rf"$\epsilon$ ($L_\infty$, {unit})")
-    _finish(fig, axes, {m: c for by_modality in curves.values() for m, c in by_modality.items()}, note)
+    _finish(fig, axes, {m: c for by_modality in curves.values() for m, c in by_modality.items()}, note, ncol=3)
     return figures.save(fig, path)
 
 
