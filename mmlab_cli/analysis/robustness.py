@@ -381,11 +381,15 @@ def compare(results: list[dict], out: Path) -> list[Path]:
                         for m, p in r["pgd"].items()},
                 "auc": {m: {n: c["auc"] for n, c in curves.items()} for m, curves in r["corruptions"].items()}}
                for r in results]
+    curves = [m for m in modalities if any("eps_curve" in r["pgd"].get(m, {}) for r in results)]
     table12 = [{"run": r["label"], "method": r["method"], "clean acc": _fmt(r["clean_acc"]),
-                **{f"{m} perturbed": pgd_cell(r["pgd"].get(m)) for m in modalities}} for r in summary]
+                **{f"{m} perturbed": pgd_cell(r["pgd"].get(m)) for m in modalities},
+                **{f"{m} eps50": eps50_cell(p["pgd"][m]) if m in p["pgd"] else "-" for m in curves}}
+               for r, p in zip(summary, results)]
     aucs = [{"run": r["label"], "method": r["method"],
              **{f"{m} {n}": _fmt(a) for m in modalities for n, a in r["auc"].get(m, {}).items()}} for r in summary]
-    md = ["# Robustness comparison", "", "## PGD: accuracy (%) with one modality perturbed (drop rate)", "",
+    md = ["# Robustness comparison", "", "## PGD: accuracy (%) with one modality perturbed (drop rate)"
+          + (", and eps50 (the radius at which the accuracy halves)" if curves else ""), "",
           to_markdown(_frame(table12)),
           "## Corruptions: area under the accuracy-severity curve (mean accuracy over levels, %)", "",
           to_markdown(_frame(aucs).fillna("-"))]
