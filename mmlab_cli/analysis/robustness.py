@@ -4,7 +4,9 @@
   attack on one modality's input, and the drop rate (clean - perturbed) / clean x 100. The attack's
   settings come from a preset (attacks.py: a default that reaches eps, or Table 11's exactly); a
   relative eps is measured against the attacked input's std over the evaluated subset. Every
-  attacked modality records the settings it was attacked with.
+  attacked modality records the settings it was attacked with. With an eps curve (--eps-sweep), the same
+  attack at each radius of a grid (pixels, or multiples of the input's std) and eps50, the radius at which the
+  accuracy first falls to half the clean accuracy: it orders models where one radius saturates them all.
 - Corruptions (the DAGR paper's Appendix D.2): accuracy vs severity level in [0, 1] per
   corruption, summarised by the area under that curve (MultiBench's relative robustness).
 
