@@ -151,7 +151,11 @@ def _pgd_point(score: _Scorer, modality: str, a: PGDSettings, gen: torch.Generat
         return keep(pgd(lambda x: F.cross_entropy(_logits(model, z, modality, keep(x)), y, reduction="sum"),
                         x0, a, gen))
 
-    r = {**clean, "max_abs_delta": 0.0} if a.eps == 0 else score(modality, attack, cost=max(a.steps, 1))
+    if a.eps == 0:
+        score.bar.advance(score.task, max(a.steps, 1) * len(score.subset.batches))  # the work counted for it
+        r = {**clean, "max_abs_delta": 0.0}
+    else:
+        r = score(modality, attack, cost=max(a.steps, 1))
     return {"eps": a.eps, "step_size": a.step_size, "acc": r["acc"], "loss": r["loss"],
             "drop_rate": _drop_rate(clean["acc"], r["acc"]), "max_abs_delta": r["max_abs_delta"]}
 
@@ -226,8 +230,8 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
     attacks = {m: pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start, s.preset, s.eps_relative,
                                input_std(subset, m, kinds[m])) for m in attacked}  # a relative eps needs the std
-    work = (1 + sum((1 + sum(0 < e != a.eps for e in _input_eps(a, s.eps_curve or [], kinds[m]))) * max(a.steps, 1)
-                    for m, a in attacks.items())  # the attack, then the curve's other non-zero radii
+    work = (1 + sum((1 + sum(e != a.eps for e in _input_eps(a, s.eps_curve or [], kinds[m]))) * max(a.steps, 1)
+                    for m, a in attacks.items())  # the attack, then the curve's other radii (eps 0: a bar step)
             + len(s.levels) * sum(map(len, curves.values())))
     result_curves = {}
     with progress() as bar:
