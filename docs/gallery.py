@@ -19,6 +19,8 @@ GALLERY = (
      "line style) and train/validation loss, mean ± standard error over seeds, one colour per method."),
     ("report_coefficients.png", "`mmlab report`: what the methods recorded per epoch (here OGM-GE's coefficient k per "
      "modality), one panel per term."),
+    ("report_eps.png", "`mmlab report`: accuracy against the PGD radius ε per method, mean ± standard error over "
+     "seeds (the ε50 table's figure), one panel per attacked modality."),
     ("compare/flatness/flatness_comparison_landscape_2d_contour.png",
      "2-D loss landscape, SML vs DML (the DML paper's Figure 1): shared log-spaced levels, one colour bar."),
     ("compare/flatness/flatness_comparison_landscape_2d_surface.png",
@@ -35,7 +37,9 @@ GALLERY = (
     ("compare/robustness/comparison_audio.png",
      "Corrupting the audio: SNR in dB (clean on the left), masked fractions, σ in train stds."),
     ("compare/robustness/comparison_pgd.png", "PGD on one modality at the run's ε: accuracy clean and under attack."),
-    ("compare/robustness/comparison_pgd_sweep.png", "PGD on one modality: accuracy against ε in the input's units."),
+    ("compare/robustness/comparison_pgd_eps.png", "PGD on one modality: accuracy against ε (pixels for the image, "
+     "multiples of the input's std for the audio; symmetric-log axis), each run's half-clean level dashed: ε50 is "
+     "where its line crosses it."),
     ("sml/robustness_image.png", "Corruption curves of a single run (in the run directory)."),
     ("compare/geometry/geometry_comparison_tsne.png",
      "t-SNE of SML and DML side by side on one class colour code (the DML paper's Figure 5)."),

@@ -63,6 +63,16 @@ class Metric:
         parts = iter(capture)
         return "".join(next(parts, "*") if c == "*" else c for c in self.path)
 
+    def why_null(self, doc, capture: tuple[str, ...]) -> str | None:
+        """Why `doc` holds null (not no key) at the path: the text of the `<key>_reason` beside it (robustness.json's
+        eps50_reason: the curve never halves within its grid), else "null"; None where the key is absent."""
+        *parents, key = self.at(capture).split(".")
+        for seg in parents:
+            doc = doc.get(seg) if isinstance(doc, dict) else None
+        if isinstance(doc, dict) and key in doc and doc[key] is None:
+            return doc.get(f"{key}_reason") or "null"
+        return None
+
 
 @dataclass(frozen=True)
 class Side:
@@ -356,9 +366,13 @@ class _Evaluation:
         found = {i: v for i in group.index if (v := self.value(metric, i, capture)) is not None}
         lacking = [group.at[i, "run"] for i in group.index if i not in found]
         if lacking:
+            null = {group.at[i, "run"]: why for i in group.index
+                    if i not in found and (why := metric.why_null(self.docs[metric.file][i], capture))}
+            absent = [run for run in lacking if run not in null]
             self.note(capture, f"{len(lacking)} of {len(group)} runs of {label} lack "
-                               f"{metric.file}:{metric.at(capture)} ({', '.join(lacking)}); "
-                               f"`{FILES[metric.file]}` writes it")
+                               f"{metric.file}:{metric.at(capture)}"
+                               + "".join(f"; {run}: null, {why}" for run, why in null.items())
+                               + (f" ({', '.join(absent)}); `{FILES[metric.file]}` writes it" if absent else ""))
         seeds = group["seed"] if "seed" in group else pd.Series(group.index, index=group.index)
         by_seed = pd.Series(list(found.values()), index=[seeds[i] for i in found], dtype=float).sort_index(
             kind="stable")  # in seed order, so no result depends on how the run directories are named

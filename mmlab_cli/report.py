@@ -306,16 +306,60 @@ def fgap_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list
     return blocks, mixed
 
 
-def draw_curves(root: Path, name: str, table: Table) -> None:
-    """Draw a table's curves over seeds into <name>_fgap[-k].png under `root` and list them with its plots."""
-    from mmlab_cli import figures  # matplotlib, only when there is something to draw
-    from mmlab_cli.analysis import flatness_plots
+def eps_over_seeds(runs: pd.DataFrame, group_by: tuple[str, ...], docs: list
+                   ) -> tuple[dict[str, dict[str, dict]], list[str]]:
+    """The accuracy-ε curves over seeds: for each block of runs the report compares and each group in it, per
+    attacked modality the mean accuracy at each radius, its error bar the standard error across the runs; and the
+    labels (with the modality) of the groups left out because their runs used different grids."""
+    within = within_keys(group_by)
+    blocks: dict[str, dict[str, dict]] = {}
+    mixed = []
+    for _, group in runs.groupby(list(group_by), dropna=False, sort=True):
+        found = [docs[i] for i in group.index if any("eps_curve" in p for p in (docs[i] or {}).get("pgd", {}).values())]
+        row = group.iloc[0]
+        label = group_label(row, group_by)
+        for m in dict.fromkeys(m for doc in found for m, p in doc["pgd"].items() if "eps_curve" in p):
+            curves = [doc["pgd"][m]["eps_curve"] for doc in found if "eps_curve" in doc["pgd"].get(m, {})]
+            if any((c["eps"], c["unit"]) != (curves[0]["eps"], curves[0]["unit"]) for c in curves):
+                mixed.append(f"{label} ({m})")
+                continue
+            acc = np.array([c["acc"] for c in curves])
+            err = (acc.std(axis=0, ddof=1) / math.sqrt(len(acc))).tolist() if len(acc) > 1 else None
+            block = blocks.setdefault(", ".join(f"{k} {row[k]}" for k in within), {}).setdefault(label, {})
+            block[m] = {"unit": curves[0]["unit"], "eps": curves[0]["eps"], "acc": acc.mean(axis=0).tolist(),
+                        "acc_stderr": err, "kind": found[0]["modalities"][m], "classes": found[0].get("classes"),
+                        "runs": len(acc)}
+    return blocks, mixed
 
+
+def eps50_nulls(runs: pd.DataFrame, docs: list) -> str:
+    """The runs whose ε50 is null, each with its reason (robustness.json's eps50_reason): left out of the ε50 means,
+    which say (n=k); never silently."""
+    null = [f"{run} {m}: {p.get('eps50_reason')}" for i, run in zip(runs.index, runs["run"])
+            for m, p in (docs[i] or {}).get("pgd", {}).items() if "eps_curve" in p and p.get("eps50") is None]
+    return f"Without ε50, so left out of its cell: {'; '.join(null)}." if null else ""
+
+
+def draw_curves(root: Path, name: str, table: Table) -> None:
+    """Draw a table's curves over seeds (F_gap of flatness.json, accuracy-ε of robustness.json) into
+    <name>_{fgap,eps}[-k].png under `root` and list them with its plots."""
+    from mmlab_cli import figures  # matplotlib, only when there is something to draw
+    from mmlab_cli.analysis import flatness_plots, robustness_plots
+
+    fgap = table.spec.name != "eps50"
+    stem, what = (("fgap", "F_gap over seeds: mean") if fgap else
+                  ("eps", "Accuracy vs the PGD radius ε over seeds (dashed: half the clean accuracy, where ε50 is "
+                   "read): mean"))
     for k, (block, curves) in enumerate(table.curves.items()):
-        file = f"{name}_fgap{f'-{k + 1}' if len(table.curves) > 1 else ''}.png"
-        flatness_plots.fgap({f"{label}{figures.RUN_SEPARATOR}{figures.plural(c['runs'], 'run')}": c
-                             for label, c in curves.items()}, root / file)
-        table.plots.insert(k, (f"F_gap over seeds: mean, error bars ± one standard error over the runs (seeds)"
+        file = f"{name}_{stem}{f'-{k + 1}' if len(table.curves) > 1 else ''}.png"
+        named = {f"{label}{figures.RUN_SEPARATOR}"
+                 f"{figures.plural(c['runs'] if fgap else max(v['runs'] for v in c.values()), 'run')}": c
+                 for label, c in curves.items()}
+        if fgap:
+            flatness_plots.fgap(named, root / file)
+        else:
+            robustness_plots.eps_curves(named, root / file, "error bars: standard error over the seeds")
+        table.plots.insert(k, (f"{what}, error bars ± one standard error over the runs (seeds)"
                                f"{f' ({block})' if block else ''}", file))
 
 
@@ -411,11 +455,14 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
         attach_plots(table, runs, group_by, docs[spec.file], checkpoint)
         if spec.name == "accuracy":
             table.learning = history_over_seeds(root, runs, group_by)
-        if spec.file == "flatness.json":
-            table.curves, mixed = fgap_over_seeds(runs, group_by, docs[spec.file])
-            if mixed:
-                table.note = " ".join(filter(None, [table.note, f"Left out of the F_gap figure, their runs measured "
-                                                    f"F_gap at different radii: {', '.join(mixed)}."]))
+        if spec.file == "flatness.json" or spec.name == "eps50":
+            over_seeds, what = ((fgap_over_seeds, "F_gap figure, their runs measured F_gap at different radii")
+                                if spec.file == "flatness.json" else
+                                (eps_over_seeds, "ε figure, their runs measured the curve on different grids"))
+            table.curves, mixed = over_seeds(runs, group_by, docs[spec.file])
+            nulls = eps50_nulls(runs, docs[spec.file]) if spec.name == "eps50" else ""
+            table.note = " ".join(filter(None, [table.note, mixed and f"Left out of the {what}: {', '.join(mixed)}.",
+                                                nulls]))
         tables.append(table)
     if stated:
         tables.append(claims_table(stated, runs, docs, group_by, checkpoint))
@@ -456,8 +503,9 @@ def unmeasured(tables: list[Table]) -> list[str]:
     for t in tables:
         if t.spec in TABLES and not has_values(t) and not t.plots:
             by_command.setdefault(t.spec.command, []).append(t.spec)
+    read = {t.spec.file for t in tables if has_values(t)}  # a file some run has, for another table (eps50)
     return [f"`{command}` adds {', '.join(s.name for s in specs)}"
-            + (f" (no run has {specs[0].file})" if specs[0].file != "metrics.json" else "")
+            + (f" (no run has {specs[0].file})" if specs[0].file not in ("metrics.json", *read) else "")
             for command, specs in by_command.items()]
 
 

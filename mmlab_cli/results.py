@@ -112,6 +112,11 @@ TABLES = (
               (("clean acc", "clean.acc", "↑"), ("PGD acc {}", "pgd.*.perturbed_acc", "↑"),
                ("drop {}", "pgd.*.drop_rate", "↓")), ".2f", ("robustness_*.png",),
               parts=(("accuracy", ("clean acc", "PGD acc {}")), ("drop rate", ("drop {}",)))),
+    TableSpec("eps50", "PGD robustness that orders models: ε50, the L∞ radius at which the accuracy with one "
+              "modality attacked (the others clean) first falls to half the clean accuracy, linearly interpolated on "
+              "the accuracy-ε curve (pixels in [0, 1] for images, multiples of the input's std otherwise; higher is "
+              "more robust)", "robustness.json", "mmlab robustness RUN_DIR --eps-sweep",
+              (("ε50 {}", "pgd.*.eps50", "↑"),), ".3g"),
     TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
               "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
               (("AUC {} {}", "corruptions.*.*.auc", "↑"),)),
@@ -130,7 +135,8 @@ class Table:
     numeric: list[str]  # the cells columns holding numbers (right-aligned)
     note: str = ""
     plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to the runs folder)
-    curves: dict[str, dict[str, dict]] = field(default_factory=dict)  # block -> group label -> F_gap over seeds
+    # block -> group label -> F_gap over seeds (flatness), or -> modality -> accuracy-ε over seeds (eps50)
+    curves: dict[str, dict[str, dict]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # cells header -> the spec's column label it came from
     # block -> group label -> the runs' metrics.jsonl over seeds (mmlab_cli/learning.py)
     learning: dict[str, dict[str, dict]] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from mmlab_cli.analysis.entries import ANALYSES, call, settings_from_args
-from mmlab_cli.analysis.settings import GeometrySettings, RobustnessSettings, RunOptions
+from mmlab_cli.analysis.settings import DEFAULT_EPS_CURVE, GeometrySettings, RobustnessSettings, RunOptions
 from mmlab_cli.engine.fit import train
 from mmlab_cli.engine.rundir import RunPaths
 from mmlab_cli.errors import MmlabError, TrainingDiverged
@@ -119,8 +119,13 @@ def test_flags_are_generated_from_the_settings_and_parse_as_the_command_does():
     r, _ = settings_from_args("robustness", ["--modality", "image", "--pgd-preset", "table11", "--eps-sweep",
                                              "--corruption", "none", "--severity", "1,0", "--no-random-start"])
     assert r == RobustnessSettings(modalities=["image"], preset="table11", eps_sweep=True, corruptions=[],
-                                   levels=[0.0, 1.0], random_start=False, eps_factors=[0, 0.25, 0.5, 1, 2, 4])
-    assert "eps_sweep" not in r.recorded() and r.recorded()["eps_factors"] == [0, 0.25, 0.5, 1, 2, 4]
+                                   levels=[0.0, 1.0], random_start=False, eps_curve=list(DEFAULT_EPS_CURVE))
+    assert "eps_sweep" not in r.recorded()
+    assert r.recorded()["eps_curve"] == [0, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    r, _ = settings_from_args("robustness", ["--eps-curve", "0.1,0.02"])  # 0 (clean) added, sorted
+    assert r.eps_curve == [0, 0.02, 0.1] and not r.eps_sweep
+    with pytest.raises(MmlabError, match="--eps-curve"):
+        settings_from_args("robustness", ["--eps-curve", "0.1", "--eps", "0"])
     g, _ = settings_from_args("geometry", ["--recall-k", "1,3"])
     assert g == GeometrySettings(recall_k=[1, 3])
     with pytest.raises(MmlabError, match="--recall-k"):

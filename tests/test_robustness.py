@@ -174,15 +174,16 @@ def test_clean_accuracy_eps_zero_and_loss_increase(sml):
         assert zero["pgd"][m]["max_abs_delta"] == 0.0
 
 
-def test_eps_sweep(sml):
+def test_eps_curve(sml):
     r = robustness(sml.model, sml.dataset, RobustnessSettings(**FEW, modalities=["image"], steps=5, eps=0.2,
-                                                               step_size=0.04, eps_factors=[0, 0.5, 1]), CPU)
-    sweep = r["pgd"]["image"]["sweep"]
-    assert [p["eps"] for p in sweep] == pytest.approx([0, 0.1, 0.2])
-    assert [p["step_size"] for p in sweep] == pytest.approx([0, 0.02, 0.04])
-    assert sweep[0]["acc"] == r["clean"]["acc"]
-    assert sweep[2]["acc"] == r["pgd"]["image"]["perturbed_acc"]  # factor 1 is the main attack
-    assert sweep[0]["loss"] < sweep[1]["loss"] < sweep[2]["loss"]
+                                                               step_size=0.04, eps_curve=[0.2, 0.1]), CPU)
+    curve = r["pgd"]["image"]["eps_curve"]
+    assert curve["unit"] == "pixels" and curve["eps"] == [0, 0.1, 0.2]  # sorted, 0 added
+    assert curve["input_eps"] == pytest.approx([0, 0.1, 0.2])
+    assert curve["step_size"] == pytest.approx([0, 0.02, 0.04])  # alpha / eps kept
+    assert curve["acc"][0] == r["clean"]["acc"]
+    assert curve["acc"][2] == r["pgd"]["image"]["perturbed_acc"]  # the attack's own radius
+    assert curve["loss"][0] < curve["loss"][1] < curve["loss"][2]
     assert "audio" not in r["pgd"]
 
 
@@ -225,7 +226,7 @@ def test_frames_and_features_end_to_end(tmp_path):
     data = PreparedDataset(tmp_path / "toy")
     torch.manual_seed(0)
     model = LateFusion(data.specs, 3, encoder={"video": "tiny_cnn", "feat": "mlp"}, dim=8).eval()
-    r = robustness(model, data, RobustnessSettings(levels=[0, 1], eps_factors=[0, 1]), CPU)
+    r = robustness(model, data, RobustnessSettings(levels=[0, 1], eps_curve=[0, 0.1]), CPU)
     assert r["pgd"]["video"]["settings"]["valid_range"] == [0.0, 1.0]
     assert r["pgd"]["video"]["max_abs_delta"] <= 0.1 + 1e-6
     assert set(r["corruptions"]["video"]) == {"missing-zero", "missing-mean", "gaussian", "frame-drop", "cutout",
@@ -272,7 +273,7 @@ def test_cli_writes_files_compares_and_reuses(runs):
     cli = CliRunner()
     args = ["robustness", str(runs / "sml"), str(runs / "audio_only"), "--severity", "0,0.5,1", "--samples", "24",
             "--corruption", "missing-zero,audio-noise,cutout", "--pgd-preset", "table11", "--steps", "2",
-            "--eps-sweep", "--eps-factors", "0,1,2", "--device", "cpu"]
+            "--eps-curve", "0.05,0.1", "--device", "cpu"]
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "PGD on image moves at most T * alpha = 0.002 < eps = 0.1" in " ".join(res.output.split())
@@ -303,17 +304,17 @@ def test_cli_writes_files_compares_and_reuses(runs):
             assert pick("pgd", m, "pgd", 1.0).acc.item() == pytest.approx(r["perturbed_acc"])
         n_curves = sum(len(c) for c in result["corruptions"].values())
         n_pgd = len(result["pgd"])
-        assert len(csv) == 1 + n_pgd * (1 + 3) + 3 * n_curves  # clean, per PGD modality 1 + 3 sweep points
-        png_image(runs / run / "robustness_pgd_sweep.png")
+        assert len(csv) == 1 + n_pgd * (1 + 3) + 3 * n_curves  # clean, per PGD modality 1 + 3 curve points
+        png_image(runs / run / "robustness_pgd_eps.png")
     assert set(out["corruptions"]) == {"image", "audio"} and sum(len(c) for c in out["corruptions"].values()) == 4
     md = (runs / "sml" / "robustness.md").read_text()
     assert "drop rate" in md and "audio-noise" in md and f"{direct['sml']['clean'][0]:.2f}" in md
     assert set(out["files"]) == {"robustness.json", "robustness.csv", "robustness.md", "robustness_image.png",
-                                 "robustness_audio.png", "robustness_pgd_sweep.png", "robustness_pgd.png"}
+                                 "robustness_audio.png", "robustness_pgd_eps.png", "robustness_pgd.png"}
     compared = runs / "compare" / "robustness"  # default: compare/<analysis> in the runs' common folder
     cmp = json.loads((compared / "comparison.json").read_text())
     assert cmp["files"] == ["comparison.json", "comparison.csv", "comparison.md", "comparison_image.png",
-                            "comparison_audio.png", "comparison_pgd_sweep.png", "comparison_pgd.png"]
+                            "comparison_audio.png", "comparison_pgd_eps.png", "comparison_pgd.png"]
     for f in cmp["files"][3:]:
         png_image(compared / f)
     assert [r["label"] for r in cmp["runs"]] == ["SML (image+audio)", "audio only"]

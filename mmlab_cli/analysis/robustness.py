@@ -4,7 +4,9 @@
   attack on one modality's input, and the drop rate (clean - perturbed) / clean x 100. The attack's
   settings come from a preset (attacks.py: a default that reaches eps, or Table 11's exactly); a
   relative eps is measured against the attacked input's std over the evaluated subset. Every
-  attacked modality records the settings it was attacked with.
+  attacked modality records the settings it was attacked with. With an eps curve (--eps-sweep), the same
+  attack at each radius of a grid (pixels, or multiples of the input's std) and eps50, the radius at which the
+  accuracy first falls to half the clean accuracy: it orders models where one radius saturates them all.
 - Corruptions (the DAGR paper's Appendix D.2): accuracy vs severity level in [0, 1] per
   corruption, summarised by the area under that curve (MultiBench's relative robustness).
 
@@ -16,6 +18,7 @@ reuses a robustness.json computed with the same settings and checkpoint, and wri
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import zlib
 from pathlib import Path
@@ -28,7 +31,7 @@ from mmlab_cli import figures
 from mmlab_cli.analysis import robustness_plots as plots
 from mmlab_cli.analysis.attacks import NOT_ATTACKED, PGDSettings, pgd, pgd_settings
 from mmlab_cli.analysis.common import Subset, load_subset, reusable_result, run_identity
-from mmlab_cli.analysis.corruptions import CORRUPTIONS
+from mmlab_cli.analysis.corruptions import BOUNDED, CORRUPTIONS
 from mmlab_cli.analysis.settings import RobustnessSettings
 from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
@@ -38,7 +41,7 @@ from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.fusion import LateFusion
 from mmlab_cli.tables import to_markdown
 
-SCHEMA = "mmlab.robustness/2"  # 2: PGD presets (/1 files were all Table 11 without a preset name)
+SCHEMA = "mmlab.robustness/3"  # 3: eps_curve and eps50 (--eps-sweep); 2: PGD presets (/1: Table 11, no preset name)
 
 
 
@@ -139,8 +142,8 @@ def _plan(model: LateFusion, dataset: PreparedDataset, s: RobustnessSettings):
     return modalities, kinds, attacked, curves, skipped
 
 
-def _pgd_point(score: _Scorer, modality: str, a: PGDSettings, gen: torch.Generator, clean_acc: float,
-               factor: float, kind: str) -> dict:
+def _pgd_point(score: _Scorer, modality: str, a: PGDSettings, gen: torch.Generator, clean: dict, kind: str) -> dict:
+    """Accuracy and loss under one attack; eps 0 is the clean point (no attack run)."""
     model = score.model
 
     def attack(x0, y, z):
@@ -148,9 +151,73 @@ def _pgd_point(score: _Scorer, modality: str, a: PGDSettings, gen: torch.Generat
         return keep(pgd(lambda x: F.cross_entropy(_logits(model, z, modality, keep(x)), y, reduction="sum"),
                         x0, a, gen))
 
-    r = score(modality, attack, cost=max(a.steps, 1))
-    return {"factor": factor, "eps": a.eps, "step_size": a.step_size, "acc": r["acc"], "loss": r["loss"],
-            "drop_rate": _drop_rate(clean_acc, r["acc"]), "max_abs_delta": r["max_abs_delta"]}
+    if a.eps == 0:
+        score.bar.advance(score.task, max(a.steps, 1) * len(score.subset.batches))  # the work counted for it
+        r = {**clean, "max_abs_delta": 0.0}
+    else:
+        r = score(modality, attack, cost=max(a.steps, 1))
+    return {"eps": a.eps, "step_size": a.step_size, "acc": r["acc"], "loss": r["loss"],
+            "drop_rate": _drop_rate(clean["acc"], r["acc"]), "max_abs_delta": r["max_abs_delta"]}
+
+
+def curve_unit(kind: str) -> str:
+    """The unit of a kind's curve radii: the madry preset's (pixels where the input has a valid range, else the
+    input's std)."""
+    return "pixels" if kind in BOUNDED else "input std"
+
+
+def eps50(eps: list[float], acc: list[float], chance: float) -> tuple[float | None, str | None]:
+    """The eps at which the accuracy first falls to half its value at eps[0] = 0 (the clean accuracy), linearly
+    interpolated between the two grid points that bracket that crossing; or None and why (never reached within the
+    grid, or a clean accuracy at chance, where halving says nothing about robustness). Half of the clean accuracy,
+    not halfway to chance: the issue's "accuracy halves", and with clean well above chance both order alike."""
+    clean, half = acc[0], acc[0] / 2
+    if clean <= chance:
+        return None, f"clean accuracy {clean:.2f} % is at or below chance ({chance:.2f} %)"
+    for i in range(1, len(acc)):
+        if acc[i] == half:
+            return float(eps[i]), None
+        if acc[i] < half:  # the first crossing: acc[i - 1] > half
+            return float(eps[i - 1] + (acc[i - 1] - half) / (acc[i - 1] - acc[i]) * (eps[i] - eps[i - 1])), None
+    return None, f"not reached by eps_max = {eps[-1]:g} (accuracy {acc[-1]:.2f} % > half the clean {half:.2f} %)"
+
+
+def _input_eps(base: PGDSettings, grid: list[float], kind: str) -> list[float]:
+    """The curve's radii in the input's units (grid in curve_unit(kind))."""
+    std = base.input_std if curve_unit(kind) == "input std" else 1.0
+    return [e * std for e in grid]
+
+
+def _eps_curve(score: _Scorer, modality: str, base: PGDSettings, grid: list[float], kind: str, clean: dict,
+               attack_point: dict, generator, chance: float) -> dict:
+    """The attack scaled to each radius of `grid` (in curve_unit(kind)), the same random start at every one; the
+    attack's own radius reuses its point. `eps50` in the grid's units."""
+    points = [attack_point if eps == base.eps else
+              _pgd_point(score, modality, base.scaled(eps / base.eps), generator(), clean, kind)
+              for eps in _input_eps(base, grid, kind)]
+    acc = [p["acc"] for p in points]
+    value, reason = eps50(grid, acc, chance)
+    return {"eps_curve": {"unit": curve_unit(kind), "eps": list(grid), "input_eps": [p["eps"] for p in points],
+                          "step_size": [p["step_size"] for p in points], "acc": acc,
+                          "loss": [p["loss"] for p in points]},
+            "eps50": value, "eps50_reason": reason}
+
+
+def _pgd(score: _Scorer, attacks: dict[str, PGDSettings], kinds: dict, s: RobustnessSettings, clean: dict,
+         device: torch.device, chance: float) -> dict:
+    """Each modality's attack (the DML paper's Table 12 numbers) and, with s.eps_curve, its accuracy-eps curve."""
+    out = {}
+    for m, base in attacks.items():
+        generator = functools.partial(_generator, device, s.seed, m, "pgd")  # the same random start at every eps
+        score.bar.update(score.task, description=f"PGD {m}")
+        p = _pgd_point(score, m, base, generator(), clean, kinds[m])
+        out[m] = {"clean_acc": clean["acc"], "perturbed_acc": p["acc"], "drop_rate": p["drop_rate"],
+                  "clean_loss": clean["loss"], "perturbed_loss": p["loss"], "max_abs_delta": p["max_abs_delta"],
+                  "settings": base.to_json()}
+        if s.eps_curve:
+            score.bar.update(score.task, description=f"PGD {m}: accuracy vs eps")
+            out[m].update(_eps_curve(score, m, base, s.eps_curve, kinds[m], clean, p, generator, chance))
+    return out
 
 
 def robustness(model: LateFusion, dataset: PreparedDataset, settings: RobustnessSettings,
@@ -163,24 +230,15 @@ def robustness(model: LateFusion, dataset: PreparedDataset, settings: Robustness
     subset = load_subset(dataset, s.split, s.samples, s.seed, s.batch_size, device)
     attacks = {m: pgd_settings(kinds[m], s.eps, s.steps, s.step_size, s.random_start, s.preset, s.eps_relative,
                                input_std(subset, m, kinds[m])) for m in attacked}  # a relative eps needs the std
-    factors = [1.0] + list(s.eps_factors or [])  # 1.0: the attack itself, then the sweep
-    work = (1 + sum(len(factors) * max(a.steps, 1) for a in attacks.values())
+    work = (1 + sum((1 + sum(e != a.eps for e in _input_eps(a, s.eps_curve or [], kinds[m]))) * max(a.steps, 1)
+                    for m, a in attacks.items())  # the attack, then the curve's other radii (eps 0: a bar step)
             + len(s.levels) * sum(map(len, curves.values())))
-    result_pgd, result_curves = {}, {}
+    result_curves = {}
     with progress() as bar:
         task = bar.add_task("robustness", total=work * len(subset.batches))
         score = _Scorer(model, subset, bar, task)
         clean = score()
-        for m, base in attacks.items():
-            points = []
-            for factor in factors:
-                bar.update(task, description=f"PGD {m} x{factor:g}")
-                gen = _generator(device, s.seed, m, "pgd")  # the same random start at every eps
-                points.append(_pgd_point(score, m, base.scaled(factor), gen, clean["acc"], factor, kinds[m]))
-            result_pgd[m] = {"clean_acc": clean["acc"], "perturbed_acc": points[0]["acc"],
-                             "drop_rate": points[0]["drop_rate"], "clean_loss": clean["loss"],
-                             "perturbed_loss": points[0]["loss"], "max_abs_delta": points[0]["max_abs_delta"],
-                             "settings": base.to_json(), **({"sweep": points[1:]} if s.eps_factors else {})}
+        result_pgd = _pgd(score, attacks, kinds, s, clean, device, 100.0 / len(dataset.classes))
         for m, names in curves.items():
             spec = dataset.specs[m]
             mean = torch.from_numpy(dataset.train_mean[m]).to(device) if "missing-mean" in names else None
@@ -233,8 +291,10 @@ def rows(result: dict) -> list[dict]:
     for m, r in result["pgd"].items():
         out.append({"section": "pgd", "modality": m, "test": "pgd", "level": 1.0, "value": r["settings"]["eps"],
                     "acc": r["perturbed_acc"], "loss": r["perturbed_loss"], "drop_rate": r["drop_rate"]})
-        out += [{"section": "pgd-sweep", "modality": m, "test": "pgd", "level": p["factor"], "value": p["eps"],
-                 "acc": p["acc"], "loss": p["loss"], "drop_rate": p["drop_rate"]} for p in r.get("sweep", [])]
+        c = r.get("eps_curve") or {"eps": [], "input_eps": [], "acc": [], "loss": []}
+        out += [{"section": "pgd-eps-curve", "modality": m, "test": "pgd", "level": e, "value": v, "acc": a,
+                 "loss": lo, "drop_rate": _drop_rate(clean, a)}
+                for e, v, a, lo in zip(c["eps"], c["input_eps"], c["acc"], c["loss"])]
     for m, curves in result["corruptions"].items():
         for name, c in curves.items():
             out += [{"section": "corruption", "modality": m, "test": name, "level": lv, "value": v, "acc": a,
@@ -245,6 +305,10 @@ def rows(result: dict) -> list[dict]:
 
 def _fmt(v, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def eps50_cell(r: dict) -> str:
+    return f"{r['eps50']:.3g}" if r.get("eps50") is not None else f"- ({r.get('eps50_reason')})"
 
 
 def pgd_cell(r: dict | None) -> str:
@@ -267,10 +331,12 @@ def markdown(result: dict) -> str:
                                        "random start": r["settings"]["random_start"],
                                        "clean acc": _fmt(r["clean_acc"]), "perturbed acc": _fmt(r["perturbed_acc"]),
                                        "drop rate (%)": _fmt(r["drop_rate"])} for m, r in result["pgd"].items()]))]
-        sweep = [{"modality": m, "eps factor": p["factor"], "eps": f"{p['eps']:g}", "acc": _fmt(p["acc"])}
-                 for m, r in result["pgd"].items() for p in r.get("sweep", [])]
-        if sweep:
-            lines += ["### Accuracy vs eps (step size scaled with eps)", "", to_markdown(_frame(sweep))]
+        curve = [{"modality": m, "unit": r["eps_curve"]["unit"],
+                  **{f"{e:g}": _fmt(a) for e, a in zip(r["eps_curve"]["eps"], r["eps_curve"]["acc"])},
+                  "eps50": eps50_cell(r)} for m, r in result["pgd"].items() if "eps_curve" in r]
+        if curve:
+            lines += ["### Accuracy (%) vs eps (alpha / eps kept) and eps50, the eps at which it halves", "",
+                      to_markdown(_frame(curve).fillna("-"))]
     for m, curves in result["corruptions"].items():
         table = [{"corruption": name, "parameter": c["parameter"],
                   **{f"{lv:g}": _fmt(a) for lv, a in zip(c["levels"], c["acc"])}, "AUC": _fmt(c["auc"])}
@@ -298,8 +364,8 @@ def write_run_outputs(result: dict, out: Path) -> list[Path]:
     runs = {result["method"]: result}
     for m in result["corruptions"]:
         written += plots.corruption_curves(runs, m, out / f"robustness_{m}.png")
-    if any(r.get("sweep") for r in result["pgd"].values()):
-        written += plots.pgd_sweeps(runs, out / "robustness_pgd_sweep.png")
+    if any("eps_curve" in r for r in result["pgd"].values()):
+        written += plots.eps_curves(plots.run_curves(runs), out / "robustness_pgd_eps.png")
     if result["pgd"]:
         written += plots.pgd_bars(runs, out / "robustness_pgd.png")
     for stale in set(out.glob("robustness_*.*")) - set(written):  # modalities or sweeps this result no longer has
@@ -317,14 +383,19 @@ def compare(results: list[dict], out: Path) -> list[Path]:
     results = [{**r, "label": name} for r, name in zip(results, figures.run_names(results))]
     modalities = list(dict.fromkeys(m for r in results for m in r["modalities"]))
     summary = [{"run": r["run"], "label": r["label"], "method": r["method"], "clean_acc": r["clean"]["acc"],
-                "pgd": {m: {k: p[k] for k in ("clean_acc", "perturbed_acc", "drop_rate")} for m, p in r["pgd"].items()},
+                "pgd": {m: {k: p.get(k) for k in ("clean_acc", "perturbed_acc", "drop_rate", "eps50")}
+                        for m, p in r["pgd"].items()},
                 "auc": {m: {n: c["auc"] for n, c in curves.items()} for m, curves in r["corruptions"].items()}}
                for r in results]
+    curves = [m for m in modalities if any("eps_curve" in r["pgd"].get(m, {}) for r in results)]
     table12 = [{"run": r["label"], "method": r["method"], "clean acc": _fmt(r["clean_acc"]),
-                **{f"{m} perturbed": pgd_cell(r["pgd"].get(m)) for m in modalities}} for r in summary]
+                **{f"{m} perturbed": pgd_cell(r["pgd"].get(m)) for m in modalities},
+                **{f"{m} eps50": eps50_cell(p["pgd"][m]) if m in p["pgd"] else "-" for m in curves}}
+               for r, p in zip(summary, results)]
     aucs = [{"run": r["label"], "method": r["method"],
              **{f"{m} {n}": _fmt(a) for m in modalities for n, a in r["auc"].get(m, {}).items()}} for r in summary]
-    md = ["# Robustness comparison", "", "## PGD: accuracy (%) with one modality perturbed (drop rate)", "",
+    md = ["# Robustness comparison", "", "## PGD: accuracy (%) with one modality perturbed (drop rate)"
+          + (", and eps50 (the radius at which the accuracy halves)" if curves else ""), "",
           to_markdown(_frame(table12)),
           "## Corruptions: area under the accuracy-severity curve (mean accuracy over levels, %)", "",
           to_markdown(_frame(aucs).fillna("-"))]
@@ -336,8 +407,8 @@ def compare(results: list[dict], out: Path) -> list[Path]:
     for m in modalities:
         if any(r["corruptions"].get(m) for r in results):
             written += plots.corruption_curves(runs, m, out / f"comparison_{m}.png")
-    if any(p.get("sweep") for r in results for p in r["pgd"].values()):
-        written += plots.pgd_sweeps(runs, out / "comparison_pgd_sweep.png")
+    if any("eps_curve" in p for r in results for p in r["pgd"].values()):
+        written += plots.eps_curves(plots.run_curves(runs), out / "comparison_pgd_eps.png")
     if any(r["pgd"] for r in results):
         written += plots.pgd_bars(runs, out / "comparison_pgd.png")
     atomic_write_json(written[0], {"schema": "mmlab.robustness-comparison/1", "files": [p.name for p in written],

@@ -1,7 +1,7 @@
 """Figures of the robustness analysis in the style of `mmlab_cli.figures`: accuracy against each
 corruption's physical parameter (the values robustness.json records from the corruption
-definitions) with the chance level, and accuracy against the PGD radius. One line per run
-(keyed by its legend name), one panel per corruption or attacked modality, one legend per figure."""
+definitions) with the chance level, and accuracy against the PGD radius (the accuracy-eps curve). One line per
+run (keyed by its legend name), one panel per corruption or attacked modality, one legend per figure."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def _grid(n: int, height: float = 2.0):
     return fig, axes[:n]
 
 
-def _finish(fig, axes, results: dict[str, dict]) -> None:
-    """Chance level in every panel, the accuracy label, and one legend for the figure."""
+def _finish(fig, axes, results: dict[str, dict], title: str = "", ncol: int = 5) -> None:
+    """Chance level in every panel, the accuracy label, and one legend for the figure (titled `title`)."""
     classes = {r.get("classes") for r in results.values()} - {None}  # older files do not record it
     for ax in axes:
         if len(classes) == 1:
@@ -45,7 +45,8 @@ def _finish(fig, axes, results: dict[str, dict]) -> None:
                 entries.setdefault(label, handle)
     if axes[0].lines and axes[0].lines[-1].get_label() == "chance":
         entries["chance"] = axes[0].lines[-1]
-    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), 5))
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), ncol),
+               title=title or None)
 
 
 @figures.styled
@@ -70,30 +71,41 @@ def corruption_curves(results: dict[str, dict], modality: str, path: Path) -> li
     return figures.save(fig, path)
 
 
-@figures.styled
-def pgd_sweeps(results: dict[str, dict], path: Path) -> list[Path]:
-    """Accuracy vs the PGD radius ε, one panel per attacked modality, ε in that modality's input units."""
-    modalities = list(dict.fromkeys(m for r in results.values() for m, p in r["pgd"].items() if p.get("sweep")))
-    fig, axes = _grid(len(modalities))
-    for ax, m in zip(axes, modalities):
-        for i, (k, r) in enumerate(results.items()):
-            sweep = r["pgd"].get(m, {}).get("sweep")
-            if sweep:
-                ax.plot([p["eps"] for p in sweep], [p["acc"] for p in sweep], color=figures.method_colour(k),
-                        label=k, **figures.distinct(i, len(results)))
-        kind = next(r["modalities"][m] for r in results.values() if m in r["modalities"])
-        ax.set(title=f"PGD on {m}", xlabel=rf"$\epsilon$ ($L_\infty$, {EPS_UNITS.get(kind, 'input units')})")
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
-        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-    _finish(fig, axes, results)
-    return figures.save(fig, path)
+def run_curves(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Each run's accuracy-eps curves as eps_curves draws them (one run: no error bars)."""
+    return {k: {m: {**p["eps_curve"], "kind": r["modalities"][m], "classes": r.get("classes")}
+                for m, p in r["pgd"].items() if "eps_curve" in p} for k, r in results.items()}
 
+
+@figures.styled
+def eps_curves(curves: dict[str, dict[str, dict]], path: Path, note: str = "") -> list[Path]:
+    """Accuracy vs the PGD radius eps, one panel per attacked modality, one line per run or group (`curves`:
+    label -> modality -> {unit, kind, classes, eps, acc[, acc_stderr]}), eps on a symmetric-log axis (0, the clean
+    accuracy, included; log above the smallest non-zero radius), each line's half-clean level (where eps50 is
+    read) dashed in its colour. `note` titles the legend (what the error bars are)."""
+    modalities = list(dict.fromkeys(m for c in curves.values() for m in c))
+    fig, axes = _grid(len(modalities), 2.4)
+    for ax, m in zip(axes, modalities):
+        lines = {k: c[m] for k, c in curves.items() if m in c}
+        for i, (k, c) in enumerate(lines.items()):
+            colour = figures.method_colour(k)
+            ax.errorbar(c["eps"], c["acc"], yerr=c.get("acc_stderr"), capsize=2, color=colour, label=k,
+                        **figures.distinct(i, len(lines)))
+            ax.axhline(c["acc"][0] / 2, color=colour, ls="--", lw=0.7, alpha=0.7)
+        c = next(iter(lines.values()))
+        unit = EPS_UNITS["image"] if c["unit"] == "pixels" else f"multiples of the {m} input's std"
+        ax.set_xscale("symlog", linthresh=min(e for e in c["eps"] if e > 0), linscale=0.5)
+        ax.set_xticks(c["eps"], [f"{e:g}" for e in c["eps"]], rotation=45 if len(c["eps"]) > 5 else 0)
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set(title=f"PGD on {m} (dashed: half the clean acc.)", xlabel=rf"$\epsilon$ ($L_\infty$, {unit})")
+    _finish(fig, axes, {m: c for by_modality in curves.values() for m, c in by_modality.items()}, note, ncol=3)
+    return figures.save(fig, path)
 
 
 @figures.styled
 def pgd_bars(results: dict[str, dict], path: Path) -> list[Path]:
     """Accuracy clean and under PGD on each attacked modality at the run's ε (the figure of the table; a sweep
-    over ε is `pgd_sweeps`): one bar per run in its method's colour, the radius under each modality."""
+    over ε is `eps_curves`): one bar per run in its method's colour, the radius under each modality."""
     modalities = list(dict.fromkeys(m for r in results.values() for m in r["pgd"]))
     fig = figures.figure(1 if len(results) * (len(modalities) + 1) <= 8 else 2)
     ax = fig.subplots()
