@@ -4,6 +4,7 @@ limit follows the rate schedule, a resumed run is bit-identical, the stop rule e
 settles, and the report draws it."""
 
 import copy
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from mmlab_cli.engine.runpaths import RunPaths
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.models.curvature import HessianVectorProduct, load_subset, loss_params
 from tests.conftest import tiny_config
+from tests.test_report import runs_dir  # noqa: F401 (fixture)
 from tests.test_train_options import _interrupted_then_resumed, _same_run
 
 
@@ -143,3 +145,29 @@ def test_stop_when_flat_ends_the_last_phase_and_a_resume_stops_there(tiny_synthe
     capped = fit.train(tiny_config(tiny_synthetic, tmp_path / "cap", **{**options, "epochs": 4,
                                                                         "stop_when_flat": "1e-12:2"}))
     assert capped["stopped"] == "epochs cap" and capped["sharpness"]["samples"] == sharpness.SAMPLES
+
+
+@pytest.mark.slow
+def test_report_draws_lambda_max_per_method_against_the_limit(runs_dir):
+    """Two DML seeds tracked every epoch (lambda_max 10/20, 30/50, 40/60; limit 38, 38, 380): report_sharpness.png
+    is written and listed, on a log scale, the DML line at the seeds' means and its dotted limit at 2(1+0.9)/lr;
+    a group that tracked nothing draws no line."""
+    from matplotlib.colors import to_hex
+
+    from mmlab_cli import figures
+    from mmlab_cli.report import write_report
+
+    for run, values in (("dml/s0", (10.0, 30.0, 40.0)), ("dml/s1", (20.0, 50.0, 60.0)), ("uni/s0", None)):
+        records = [{"epoch": e, "lr": lr, "train_loss": 1.0, "val_acc": 50.0, "seconds": 1.0,
+                    **({"lambda_max": values[e - 1], "stability_limit": 3.8 / lr} if values else {})}
+                   for e, lr in ((1, 0.1), (2, 0.1), (3, 0.01))]
+        (runs_dir / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with figures.capture() as drawn:
+        _, md, _ = write_report(runs_dir)
+    assert (runs_dir / "report_sharpness.png").is_file() and "](report_sharpness.png)" in md
+    ax = next(fig for fig in drawn if fig.axes[0].get_title() == "Sharpness over training").axes[0]
+    assert ax.get_yscale() == "log"
+    dml = figures.method_colour("DML (image+audio)").lower()
+    lines = {line.get_linestyle(): line.get_ydata().tolist() for line in ax.lines if to_hex(line.get_color()) == dml}
+    assert lines == {"-": [15.0, 40.0, 50.0], ":": pytest.approx([38.0, 38.0, 380.0])}
+    assert len(ax.lines) == 2

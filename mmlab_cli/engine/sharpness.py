@@ -5,7 +5,7 @@ lambda_max has settled.
 
 The quantity is `mmlab flatness`'s lambda_max (same subset function, `LossParams`, Hessian-vector products and
 Lanczos: mmlab_cli/models/curvature.py): on SAMPLES rows of the train split drawn with seed SEED (`mmlab flatness
---split train --samples 256 --seed 0` reads the same rows), batch norm in eval mode (running statistics, no
+--split train --samples 128 --seed 0` reads the same rows), batch norm in eval mode (running statistics, no
 dropout; the model's mode is restored after). To cost little, each solve starts from the previous one's top Ritz
 vector (kept in the checkpoint, so a resume starts where the uninterrupted run did; the first start vector comes
 from its own seeded generator) and stops once the top Ritz pair has residual <= TOL |theta| or after MAX_STEPS
@@ -21,10 +21,12 @@ import time
 import torch
 
 from mmlab_cli.data.dataset import PreparedDataset
-from mmlab_cli.models.curvature import (HessianVectorProduct, Subset, generator, lanczos, load_subset, loss_params,
-                                        threshold)
+from mmlab_cli.models.curvature import (HessianVectorProduct, LossParams, Subset, generator, lanczos, load_subset,
+                                        loss_params)
 
-SAMPLES, SEED, TOL, MAX_STEPS = 256, 0, 1e-2, 20  # see the module docstring; recorded in metrics.json
+# 128 rows: on the AVMNIST CPU recipe a product costs ~3.5 training steps and a solve ~5 products, ~7 % of an
+# epoch (benchmarks/track_sharpness.py); recorded in metrics.json
+SAMPLES, SEED, TOL, MAX_STEPS = 128, 0, 1e-2, 20
 
 
 def settings() -> dict:
@@ -39,13 +41,14 @@ class Sharpness:
     def __init__(self, dataset: PreparedDataset, device: torch.device, vector: torch.Tensor | None = None):
         self.subset: Subset = load_subset(dataset, "train", SAMPLES, SEED, SAMPLES, device)
         self.vector = vector
+        self.lp: LossParams | None = None  # the live parameters the fused loss uses, found at the first solve
 
     def measure(self, model: torch.nn.Module) -> dict:
         """{lambda_max, sharpness_steps (Hessian-vector products), sharpness_converged, sharpness_seconds}."""
         t0, was = time.time(), model.training
         model.eval()
         try:
-            lp = loss_params(model, self.subset)
+            lp = self.lp = self.lp or loss_params(model, self.subset)
             gen = generator(SEED, "sharpness")
             v0 = self.vector.to(lp.params[0]) if self.vector is not None else \
                 torch.randn(lp.numel, generator=gen).to(lp.params[0])
