@@ -91,7 +91,7 @@ class CoreOptions:
     early_stop: str = option("", "Stop when the validation metric (val_acc, val_loss, val_acc_<modality>; "
                              "contrastive: val_retrieval_r1) has not improved for PATIENCE epochs, e.g. "
                              "val_acc:5 (metrics.json records where).", metavar="METRIC:PATIENCE")
-    track_sharpness: int = option(0, "Record lambda_max (the top Hessian eigenvalue of the fused loss on 128 seeded "
+    track_sharpness: int = option(0, "Record lambda_max (the top Hessian eigenvalue of the fused loss on 64 seeded "
                                   "train rows, as `mmlab flatness` measures it) and the stability limit "
                                   "2(1+momentum)/lr after every N-th epoch into metrics.jsonl (0: off).",
                                   metavar="N", at_least=0)
