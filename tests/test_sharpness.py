@@ -171,3 +171,12 @@ def test_report_draws_lambda_max_per_method_against_the_limit(runs_dir):
     lines = {line.get_linestyle(): line.get_ydata().tolist() for line in ax.lines if to_hex(line.get_color()) == dml}
     assert lines == {"-": [15.0, 40.0, 50.0], ":": pytest.approx([38.0, 38.0, 380.0])}
     assert len(ax.lines) == 2
+
+
+def test_the_limit_needs_sgd_and_one_rate_for_the_whole_network():
+    from mmlab_cli.config import TrainConfig
+
+    assert sharpness.stability_limit(TrainConfig(lr=0.1, momentum=0.9), 0.001) == pytest.approx(3800.0)
+    assert sharpness.stability_limit(TrainConfig(lr=0.1, momentum=0.0), 0.1) == pytest.approx(20.0)
+    assert sharpness.stability_limit(TrainConfig(lr=0.1, encoder_lr={"image": 0.01}), 0.1) is None
+    assert sharpness.stability_limit(TrainConfig(optimizer="adamw"), 0.1) is None

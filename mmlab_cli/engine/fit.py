@@ -35,9 +35,8 @@ from mmlab_cli.engine.checkpoint import (find_checkpoint, load_into, load_state,
 from mmlab_cli.engine.distributed import World, init_world, shutdown
 from mmlab_cli.engine.evaluate import Scorer, scorer
 from mmlab_cli.engine.lock import run_lock
-from mmlab_cli.engine.sharpness import Sharpness, flat_at
-from mmlab_cli.engine.sharpness import settings as sharpness_settings
 from mmlab_cli.engine.rundir import RunPaths, build_model, environment
+from mmlab_cli.engine.sharpness import Sharpness, flat_at, recorded_settings, stability_limit
 from mmlab_cli.engine.step import TrainStep, build_step
 from mmlab_cli.errors import MmlabError, TrainingDiverged
 from mmlab_cli.methods.augment import BatchAugment
@@ -45,7 +44,6 @@ from mmlab_cli.methods.base import Loop, Method
 from mmlab_cli.methods.contrastive import check_run
 from mmlab_cli.methods.objective import Objective
 from mmlab_cli.methods.registry import build_methods, check_methods, label_keys
-from mmlab_cli.models.curvature import threshold
 from mmlab_cli.models.encoders import recorded_encoder
 from mmlab_cli.models.pretrained import init_pretrained
 from mmlab_cli.threads import default_threads, use_threads
@@ -307,7 +305,7 @@ def _stopping(cfg: TrainConfig, paths: RunPaths, state: dict, stop_rule: tuple[s
     ended) and the top-k checkpoints (nothing when all are off)."""
     out = {}
     if cfg.track_sharpness:
-        out["sharpness"] = {"every_epochs": cfg.track_sharpness, **sharpness_settings()}
+        out["sharpness"] = {"every_epochs": cfg.track_sharpness, **recorded_settings()}
     if cfg.stop_when_flat:
         out["stopped"] = f"sharpness flat at epoch {flat}" if flat else "epochs cap"
     if stop_rule:
@@ -502,7 +500,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                 method.end_epoch(loop, epoch)
             tracked = sharpness.measure(model) if sharpness and (epoch + 1) % cfg.track_sharpness == 0 else {}
             if tracked:
-                tracked["stability_limit"] = threshold(cfg.optimizer, lr, cfg.momentum)
+                tracked["stability_limit"] = stability_limit(cfg, lr)
             if not any(method.holds_lr(epoch) for method in methods):
                 sched.step()
             val = scoring.score(model, val_loader)
@@ -542,7 +540,8 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                **{k: getattr(cfg, k) for k in label_keys()}, "label_smoothing": cfg.label_smoothing,
                "augment": cfg.augment, "seed": cfg.seed, "world_size": world.size,
                "best_epoch": state["best_epoch"], "epochs": cfg.epochs,
-               "selected_by": f"val_{scoring.select}", **scoring.recorded, **_stopping(cfg, paths, state, stop_rule, flat),
+               "selected_by": f"val_{scoring.select}", **scoring.recorded,
+               **_stopping(cfg, paths, state, stop_rule, flat),
                **({"held_out_train_rows": len(held_out)} if len(held_out) else {}),
                **{k: v for k, v in best.items() if k.startswith("val_")},
                **{f"test_{k}": v for k, v in test.items()},

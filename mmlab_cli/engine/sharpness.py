@@ -20,9 +20,10 @@ import time
 
 import torch
 
+from mmlab_cli.config import TrainConfig
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.models.curvature import (HessianVectorProduct, LossParams, Subset, generator, lanczos, load_subset,
-                                        loss_params)
+                                        loss_params, threshold)
 
 # 64 rows (one training batch): on the AVMNIST CPU recipe (DML) a product costs ~2 training steps and a solve
 # 4-5 products, +8 % CPU time per epoch (128 rows: +14 %; benchmarks/track_sharpness.py); tol 0.03 on the residual
@@ -30,7 +31,7 @@ from mmlab_cli.models.curvature import (HessianVectorProduct, LossParams, Subset
 SAMPLES, SEED, TOL, MAX_STEPS = 64, 0, 3e-2, 20
 
 
-def settings() -> dict:
+def recorded_settings() -> dict:
     """What metrics.json records about how lambda_max was measured."""
     return {"split": "train", "samples": SAMPLES, "seed": SEED, "tol": TOL, "max_steps": MAX_STEPS,
             "mode": "eval (batch norm running statistics)", "start": "the previous solve's top Ritz vector"}
@@ -59,6 +60,12 @@ class Sharpness:
         self.vector = t.top_vector().cpu()
         return {"lambda_max": float(t.top(1)[0][0]), "sharpness_steps": len(t.alphas),
                 "sharpness_converged": t.converged(1, TOL), "sharpness_seconds": time.time() - t0}
+
+
+def stability_limit(cfg: TrainConfig, lr: float) -> float | None:
+    """The limit on lambda_max of the whole network in an epoch at rate `lr`: 2 (1 + momentum) / lr for SGD; None
+    for Adam/AdamW, or when --encoder-lr gives a group another rate (no single rate governs the full Hessian)."""
+    return None if any(r != cfg.lr for r in cfg.encoder_lr.values()) else threshold(cfg.optimizer, lr, cfg.momentum)
 
 
 def flat_at(history: list[dict], final_lr: float, tol: float, epochs: int) -> int | None:
