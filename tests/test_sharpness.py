@@ -83,8 +83,10 @@ def test_tracked_lambda_max_is_the_exact_hessians_and_flatness_lanczos(tiny_synt
 def test_tracking_records_the_limit_per_epoch_and_resumes_bit_identically(tiny_synthetic, tmp_path, monkeypatch):
     """Every 2nd epoch of 5 (StepLR 0.05 -> 0.005 at epoch 3): lambda_max, its solve and 2(1+0.9)/lr of that epoch;
     killed after epoch 2 and resumed (the warm-start vector comes from the checkpoint), the run is the uninterrupted
-    one, weights and lambda_max alike."""
+    one, weights and lambda_max alike; and it trained exactly as a run without tracking (no random draw of
+    training's is taken, batch norm's running statistics are untouched)."""
     monkeypatch.setattr(sharpness, "SAMPLES", 32)
+    fit.train(tiny_config(tiny_synthetic, tmp_path / "plain", epochs=5))
     options = dict(epochs=5, track_sharpness=2)
     fit.train(tiny_config(tiny_synthetic, tmp_path / "full", **options))
     history = RunPaths(tmp_path / "full").history()
@@ -95,6 +97,11 @@ def test_tracking_records_the_limit_per_epoch_and_resumes_bit_identically(tiny_s
     assert [r.get("stability_limit") for r in history][1::2] == pytest.approx([2 * 1.9 / 0.05, 2 * 1.9 / 0.005])
     _interrupted_then_resumed(tiny_config(tiny_synthetic, tmp_path / "killed", **options), monkeypatch, 2)
     _same_run(tmp_path / "killed", tmp_path / "full")
+    plain = RunPaths(tmp_path / "plain").history()
+    assert [{k: v for k, v in r.items() if k.startswith(("train_", "val_"))} for r in history] == \
+        [{k: v for k, v in r.items() if k.startswith(("train_", "val_"))} for r in plain]
+    assert (tmp_path / "plain/checkpoints/last/model.safetensors").read_bytes() == \
+        (tmp_path / "full/checkpoints/last/model.safetensors").read_bytes()
 
 
 @pytest.mark.slow
