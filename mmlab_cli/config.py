@@ -86,9 +86,19 @@ class CoreOptions:
                                 "the --scheduler schedule starts.", metavar="INT", at_least=0)
     step_size: int = option(30, "StepLR period in epochs.", metavar="INT", at_least=1)
     gamma: float = option(0.1, "StepLR factor.", metavar="FLOAT", above=0)
+    min_lr: float = option(0.0, "The schedule never takes the rate below this (0: off), e.g. a last phase at "
+                           "0.001 that lasts until --stop-when-flat ends it.", metavar="FLOAT", at_least=0)
     early_stop: str = option("", "Stop when the validation metric (val_acc, val_loss, val_acc_<modality>; "
                              "contrastive: val_retrieval_r1) has not improved for PATIENCE epochs, e.g. "
                              "val_acc:5 (metrics.json records where).", metavar="METRIC:PATIENCE")
+    track_sharpness: int = option(0, "Record lambda_max (the top Hessian eigenvalue of the fused loss on 64 seeded "
+                                  "train rows, as `mmlab flatness` measures it) and the stability limit "
+                                  "2(1+momentum)/lr after every N-th epoch into metrics.jsonl (0: off).",
+                                  metavar="N", at_least=0)
+    stop_when_flat: str = option("", "With --track-sharpness: once the rate has reached its last scheduled value, "
+                                 "stop when lambda_max changed by less than TOL (relative) over the last EPOCHS "
+                                 "tracked epochs, e.g. 0.05:3 (--epochs is the cap; metrics.json says why it "
+                                 "stopped).", metavar="TOL:EPOCHS")
     keep_top_k: int = option(0, "Also keep the K checkpoints of the best validation scores (the metric "
                              "checkpoints/best selects by) in checkpoints/top/<epoch>/ (0: off).", metavar="INT",
                              at_least=0)
@@ -285,6 +295,15 @@ def early_stop_rule(text: str) -> tuple[str, int]:
     return metric, int(patience)
 
 
+def flat_stop_rule(text: str) -> tuple[float, int]:
+    """`0.05:3` -> (0.05, 3): --stop-when-flat's relative tolerance and its span in tracked epochs; ValueError
+    unless TOL > 0 and EPOCHS >= 1."""
+    tol, sep, epochs = text.rpartition(":")
+    if not sep or not epochs.isdigit() or int(epochs) < 1 or not float(tol) > 0:
+        raise ValueError(text)
+    return float(tol), int(epochs)
+
+
 def _core_problems(cfg: TrainConfig) -> list[str]:
     """The core options together: per-modality rates, fusion, names in lists, pseudo-labels."""
     problems = []
@@ -308,6 +327,15 @@ def _core_problems(cfg: TrainConfig) -> list[str]:
         except ValueError:
             problems.append(f"'early_stop' is {cfg.early_stop!r}; give METRIC:PATIENCE with a validation metric "
                             f"and a patience >= 1 epoch, e.g. val_acc:5 or val_loss:3")
+    if cfg.stop_when_flat:
+        try:
+            flat_stop_rule(cfg.stop_when_flat)
+            if not cfg.track_sharpness:
+                problems.append(f"'stop_when_flat' {cfg.stop_when_flat} needs lambda_max: set 'track_sharpness' "
+                                f"(e.g. 1) or drop stop_when_flat")
+        except ValueError:
+            problems.append(f"'stop_when_flat' is {cfg.stop_when_flat!r}; give TOL:EPOCHS with TOL > 0 and "
+                            f"EPOCHS >= 1, e.g. 0.05:3")
     if len(set(cfg.modalities)) != len(cfg.modalities):
         problems.append(f"modalities {cfg.modalities} name one modality twice")
     return [p for p in [*problems, _pseudo_label_problem(cfg)] if p]

@@ -1,7 +1,8 @@
 """What the report's learning-curve and accuracy figures draw, read from run directories (torch- and
 matplotlib-free): each group's metrics.jsonl (RunPaths.history) as mean and standard error over its runs per
 epoch, the coefficients the methods recorded there (their `stats`: every `train_` key but the loss and the
-accuracy), and the accuracy table's means per group for the bar chart. learning_plots.py draws them."""
+accuracy), lambda_max and its stability limit where the runs tracked them, and the accuracy table's means per group
+for the bar chart. learning_plots.py draws them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from mmlab_cli.results import Table, group_label, within_keys
 ACCURACY = "val_acc"  # the fused validation accuracy per epoch; val_acc_<modality>: each modality's probe
 LOSSES = ("train_loss", "val_loss")
 NOT_COEFFICIENTS = ("train_loss", "train_acc")
+SHARPNESS, STABILITY_LIMIT = "lambda_max", "stability_limit"  # --track-sharpness's keys (mmlab_cli.engine.fit)
 FUSED = "fused"  # a path of G-Blending's weights besides the modalities
 
 

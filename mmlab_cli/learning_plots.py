@@ -1,7 +1,8 @@
 """The report's training figures in the style of `mmlab_cli.figures` (data: learning.py): learning curves
 (validation accuracy of the fusion and of each modality's probe, training and validation loss), the
-coefficients the methods recorded per epoch, the test accuracy bar chart with the unimodal references, and the
-modality gaps beside their same-law floors.
+coefficients the methods recorded per epoch, lambda_max per epoch against the stability limit (runs trained
+with --track-sharpness), the test accuracy bar chart with the unimodal references, and the modality gaps beside
+their same-law floors.
 One colour per method, one line style per modality (the fusion solid), mean over seeds with a band of ± one
 standard error."""
 
@@ -15,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mmlab_cli import figures
-from mmlab_cli.learning import ACCURACY, LOSSES, coefficients
+from mmlab_cli.learning import ACCURACY, LOSSES, SHARPNESS, STABILITY_LIMIT, coefficients
 
 HATCHES = ("////", "\\\\\\\\", "xx", "..", "++", "oo")  # a probe's bar, by modality
 
@@ -32,7 +33,9 @@ def _band(ax, curve: dict, key: str, colour: str, linestyle, i: int, n: int) -> 
     """The mean of `key` over seeds per epoch, its ± standard error band underneath (nothing if not recorded)."""
     if key not in curve["mean"]:
         return
-    x, mean, err = curve["epoch"], np.asarray(curve["mean"][key]), np.asarray(curve["stderr"][key])
+    x, mean, err = np.asarray(curve["epoch"]), np.asarray(curve["mean"][key]), np.asarray(curve["stderr"][key])
+    kept = ~np.isnan(mean)  # epochs no run recorded it in (--track-sharpness N > 1)
+    x, mean, err = x[kept], mean[kept], err[kept]
     ax.plot(x, mean, color=colour, linestyle=linestyle, **figures.distinct(i, n))
     ax.fill_between(x, mean - err, mean + err, color=colour, alpha=0.15, linewidth=0)
 
@@ -99,6 +102,30 @@ def coefficient_curves(groups: dict[str, dict], path: Path) -> list[Path]:
         ax.set(title=family, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
     _legend(fig, {n: c for n, c in groups.items() if families[n]}, styles, [p for p in parts if p], "")
+    return figures.save(fig, path)
+
+
+@figures.styled
+def sharpness_curves(groups: dict[str, dict], path: Path) -> list[Path]:
+    """lambda_max per tracked epoch (log scale), each group's mean ± standard error over its seeds in its colour,
+    and each group's stability limit 2(1+momentum)/lr of the epoch as a dotted line (an Adam run has none); no
+    file when no group tracked it."""
+    tracked = {name: c for name, c in groups.items() if SHARPNESS in c["mean"]}
+    if not tracked:
+        return []
+    fig = figures.figure(1, 3.0)
+    ax = fig.subplots()
+    for i, (name, c) in enumerate(tracked.items()):
+        colour = figures.method_colour(name)
+        _band(ax, c, SHARPNESS, colour, "-", i, len(tracked))
+        _band(ax, c, STABILITY_LIMIT, colour, ":", i, len(tracked))
+    ax.set(yscale="log", xlabel="epoch", ylabel="top Hessian eigenvalue", title="Sharpness over training")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    handles = [Patch(color=figures.method_colour(name), label=f"{name} ({figures.plural(c['runs'], 'run')})")
+               for name, c in tracked.items()]
+    handles += [Line2D([], [], color="0.3", linestyle="-", label="lambda_max"),
+                Line2D([], [], color="0.3", linestyle=":", label="limit 2(1+momentum)/lr")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2))
     return figures.save(fig, path)
 
 

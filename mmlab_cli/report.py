@@ -364,7 +364,7 @@ def draw_curves(root: Path, name: str, table: Table) -> None:
 
 
 def draw_learning(root: Path, name: str, table: Table, group_by: tuple[str, ...]) -> None:
-    """Draw the accuracy table's figures into <name>_{accuracy,learning,coefficients}[-k].png under `root`
+    """Draw the accuracy table's figures into <name>_{accuracy,learning,coefficients,sharpness}[-k].png under `root`
     (k: the block, a dataset, where there are several) and list them first among its plots."""
     from mmlab_cli import learning_plots  # matplotlib, only when there is something to draw
 
@@ -377,7 +377,8 @@ def draw_learning(root: Path, name: str, table: Table, group_by: tuple[str, ...]
         for kind, draw, groups, caption in (
                 ("accuracy", learning_plots.accuracy_bars, bars.get(block), ACCURACY_CAPTION),
                 ("learning", learning_plots.learning_curves, table.learning.get(block), LEARNING_CAPTION),
-                ("coefficients", learning_plots.coefficient_curves, table.learning.get(block), COEFFICIENT_CAPTION)):
+                ("coefficients", learning_plots.coefficient_curves, table.learning.get(block), COEFFICIENT_CAPTION),
+                ("sharpness", learning_plots.sharpness_curves, table.learning.get(block), SHARPNESS_CAPTION)):
             if groups and draw(groups, root / f"{name}_{kind}{suffix}.png"):
                 drawn.append((caption + where, f"{name}_{kind}{suffix}.png"))
     table.plots[:0] = drawn
@@ -405,6 +406,9 @@ LEARNING_CAPTION = ("Learning curves per epoch: validation accuracy (fused solid
                     "and loss (train solid, validation dashed), mean ± standard error over seeds")
 COEFFICIENT_CAPTION = ("What each method recorded per epoch (its balancing coefficients, weights or loss terms, "
                        "training means), mean ± standard error over seeds")
+SHARPNESS_CAPTION = ("Sharpness over training (--track-sharpness): lambda_max of the fused loss on a fixed train "
+                     "subset per tracked epoch, mean ± standard error over seeds (log scale); dotted: the epoch's "
+                     "stability limit 2(1+momentum)/lr")
 
 
 def comparison_figures(root: Path) -> list[tuple[str, str]]:

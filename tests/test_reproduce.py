@@ -83,10 +83,12 @@ def test_avmnist_trains_every_method_and_seed_then_analyses_and_reports(tmp_path
         assert job["recipe"] == f"recipes/avmnist/{m}.yaml" and job["state"] == "new"
         assert (cfg["seed"], cfg["device"], cfg["data"], cfg["out"]) == (1, "cpu", str(avmnist_data),
                                                                          f"{tmp_path}/runs/{m}/seed1")
-        # one SGD regime for every method, ending at lr 0.001 (stability limit 3800) after 14 epochs
+        # one SGD regime for every method: 0.1, 0.01, then lr 0.001 (stability limit 3800) until lambda_max is flat
+        # (5 % over 3 tracked epochs), 20 epochs at most
         assert cfg["encoder"] == {"image": "tiny_cnn", "audio": "pooled_cnn"}
         assert (cfg["optimizer"], cfg["momentum"], cfg["lr"], cfg["gamma"], cfg["step_size"], cfg["epochs"]) == \
-            ("sgd", 0.9, 0.1, 0.1, 5, 14)
+            ("sgd", 0.9, 0.1, 0.1, 5, 20)
+        assert (cfg["min_lr"], cfg["track_sharpness"], cfg["stop_when_flat"]) == (0.001, 1, "0.05:3")
         recipe = resolve_config(ROOT / job["recipe"], {})  # the recipe's method is kept
         assert (cfg["pairing"], cfg["regularizer"], cfg["modalities"]) == \
             (recipe.pairing, recipe.regularizer, recipe.modalities)

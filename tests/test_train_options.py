@@ -18,7 +18,7 @@ from mmlab_cli.main import app
 from tests.conftest import tiny_config
 
 runner = CliRunner()
-TIMING = {"seconds", "train_seconds", "wall_seconds_this_process"}
+TIMING = {"seconds", "train_seconds", "wall_seconds_this_process", "sharpness_seconds"}
 
 
 def _untimed(record: dict) -> dict:

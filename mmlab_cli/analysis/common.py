@@ -7,45 +7,17 @@ result or nothing claimed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mmlab_cli.console import console
-from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import check_writable, read_json_object, sha256_file
-from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.engine.checkpoint import find_checkpoint
 from mmlab_cli.engine.rundir import Run, RunPaths, load_run
 from mmlab_cli.methods.registry import method_label
-
-
-@dataclass
-class Subset:
-    split: str
-    indices: np.ndarray  # rows of the split, sorted
-    batches: list[tuple[dict[str, torch.Tensor], torch.Tensor]]  # on the analysis device
-
-    @property
-    def size(self) -> int:
-        return len(self.indices)
-
-
-def subset_indices(n: int, samples: int | None, seed: int) -> np.ndarray:
-    """`samples` rows of a split of size n drawn without replacement (all rows when None or >= n), sorted."""
-    if samples is None or samples >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))
-
-
-def load_subset(dataset: PreparedDataset, split: str, samples: int | None, seed: int, batch_size: int,
-                device: torch.device) -> Subset:
-    indices = subset_indices(len(dataset.split(split)), samples, seed)
-    loader = BatchLoader(dataset.split(split), batch_size, device, order=indices)
-    return Subset(split, indices, list(loader))
+from mmlab_cli.models.curvature import Subset, load_subset, subset_indices  # noqa: F401 (re-exported)
 
 
 @torch.no_grad()

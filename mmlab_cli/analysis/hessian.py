@@ -2,7 +2,7 @@
 
 H is the Hessian of the exact mean fused cross-entropy of a subset w.r.t. `LossParams` (every
 trainable parameter the fused loss uses; the probe heads are not among them). Products H v come
-from double backward, accumulated over the subset's batches, so memory is that of one batch.
+(mmlab_cli/models/curvature.py, shared with `mmlab train --track-sharpness`) from double backward, accumulated over the subset's batches, so memory is that of one batch.
 
 - Top-k: Lanczos with full reorthogonalisation (Gram-Schmidt twice against every previous
   vector), stopped once each of the k largest Ritz pairs has residual ||H y - theta y|| <= tol |theta|;
@@ -20,108 +20,14 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
-from mmlab_cli.analysis.common import Subset
-from mmlab_cli.analysis.lossfn import Advance, LossParams, batch_loss, generator
 from mmlab_cli.extras import require
-
-class HessianVectorProduct:
-    """v [n] or V [P, n] -> H v or H V, over the whole subset. A one-batch subset keeps its gradient
-    graph between products (as pyhessian does), so a product then costs only the double backward."""
-
-    def __init__(self, model: nn.Module, subset: Subset, lp: LossParams):
-        self.model, self.subset, self.lp = model, subset, lp
-        self.products = 0
-        self._graph = self._grads(*subset.batches[0]) if len(subset.batches) == 1 else None
-
-    def _grads(self, inputs, y) -> tuple[torch.Tensor, ...]:
-        with torch.enable_grad():
-            return torch.autograd.grad(batch_loss(self.model, inputs, y), self.lp.params, create_graph=True)
-
-    def _product(self, grads, v: torch.Tensor, retain: bool) -> torch.Tensor:
-        hv = torch.autograd.grad(grads, self.lp.params, grad_outputs=list(self.lp.unflatten(v).values()),
-                                 retain_graph=retain, is_grads_batched=v.dim() == 2, materialize_grads=True)
-        return torch.cat([h.reshape(*v.shape[:-1], -1) for h in hv], dim=-1)
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        self.products += 1 if v.dim() == 1 else len(v)
-        if self._graph is not None:
-            return self._product(self._graph, v, retain=True) / self.subset.size
-        out = torch.zeros_like(v)
-        for inputs, y in self.subset.batches:
-            out += self._product(self._grads(inputs, y), v, retain=False)
-        return out / self.subset.size
-
-
-@dataclass
-class Tridiagonal:
-    """T = Q^T H Q from Lanczos: diagonal alphas, off-diagonal betas, and the last residual norm."""
-
-    alphas: np.ndarray
-    betas: np.ndarray
-    residual: float
-
-    def eigh(self) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.alphas) == 1:
-            return self.alphas.copy(), np.ones((1, 1))
-        return eigh_tridiagonal(self.alphas, self.betas)
-
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k largest Ritz values (descending) and their residual norms ||H y - theta y||."""
-        theta, s = self.eigh()
-        order = np.argsort(theta)[::-1][:k]
-        return theta[order], self.residual * np.abs(s[-1, order])
-
-    def converged_each(self, k: int, tol: float) -> list[bool]:
-        theta, residual = self.top(k)
-        return (residual <= tol * np.abs(theta)).tolist()
-
-    def converged(self, k: int, tol: float) -> bool:
-        return all(self.converged_each(k, tol))
-
-
-def _orthogonalise(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    for _ in range(2):  # Gram-Schmidt twice: orthogonal to working precision
-        w = w - q.T @ (q @ w)
-    return w
-
-
-def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, steps: int, k: int = 0,
-            tol: float = 0.0, gen: torch.Generator | None = None, advance: Advance | None = None) -> Tridiagonal:
-    """Up to `steps` Lanczos steps with full reorthogonalisation from v0; with k > 0, stops as soon as
-    the k largest Ritz pairs have residual <= tol * |theta|. An invariant subspace restarts from a
-    random vector orthogonal to the basis (T gets a zero off-diagonal)."""
-    n = v0.numel()
-    steps = min(steps, n)
-    q = torch.empty(steps, n, dtype=v0.dtype, device=v0.device)
-    q[0] = v0 / v0.norm()
-    alphas, betas = [], []
-    tiny = 100 * torch.finfo(v0.dtype).eps
-    for j in range(steps):
-        w = hvp(q[j])
-        alphas.append((w @ q[j]).item())
-        w = _orthogonalise(w, q[:j + 1])
-        beta = w.norm().item()
-        if advance:
-            advance(1)
-        t = Tridiagonal(np.array(alphas), np.array(betas), beta)
-        if j + 1 == steps or (k and j + 1 >= k and t.converged(k, tol)):
-            break
-        if beta <= tiny * np.abs(alphas).max():  # invariant subspace: continue elsewhere
-            w = _orthogonalise(torch.randn(n, generator=gen).to(v0), q[:j + 1])
-            betas.append(0.0)
-            beta = w.norm().item()
-        else:
-            betas.append(beta)
-        q[j + 1] = w / beta
-    return t
+from mmlab_cli.models.curvature import (Advance, HessianVectorProduct, LossParams, Subset,  # noqa: F401
+                                        Tridiagonal, generator, lanczos)  # (re-exported: the analyses' names)
 
 
 def _rademacher(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,10 @@ state.pt.
 from __future__ import annotations
 
 from mmlab_cli.analysis.lossfn import HEAD, encoder_block
+from mmlab_cli.models.curvature import threshold
 
 ADAM = "Adam preconditions its steps: the limit bounds the preconditioned Hessian, not lambda_max; not applicable"
 FORMULA = "2 (1 + momentum) / lr for SGD (2 / lr without momentum); none for Adam (preconditioned steps)"
-
-
-def threshold(optimizer: str, lr: float, momentum: float = 0.0) -> float | None:
-    """2 (1 + beta) / eta for SGD with momentum beta; None for Adam, where it does not apply."""
-    return 2.0 * (1.0 + momentum) / lr if optimizer == "sgd" else None
 
 
 def group_rates(state: dict) -> dict[str, float]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from rich.progress import TextColumn
 
-from mmlab_cli.config import TrainConfig, config_to_yaml, early_stop_rule
+from mmlab_cli.config import TrainConfig, config_to_yaml, early_stop_rule, flat_stop_rule
 from mmlab_cli.console import clock, console, progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.data.format import atomic_write_json, atomic_write_text
@@ -36,6 +36,7 @@ from mmlab_cli.engine.distributed import World, init_world, shutdown
 from mmlab_cli.engine.evaluate import Scorer, scorer
 from mmlab_cli.engine.lock import run_lock
 from mmlab_cli.engine.rundir import RunPaths, build_model, environment
+from mmlab_cli.engine.sharpness import Sharpness, flat_at, recorded_settings, stability_limit
 from mmlab_cli.engine.step import TrainStep, build_step
 from mmlab_cli.errors import MmlabError, TrainingDiverged
 from mmlab_cli.methods.augment import BatchAugment
@@ -88,13 +89,17 @@ def schedule(cfg: TrainConfig, opt: torch.optim.Optimizer):
     """The rate per epoch: --warmup-epochs rising linearly to the full rate, then --scheduler (step: x gamma every
     step_size epochs; cosine: half a cosine to 0 over the epochs left; constant/none). Without warmup, step and
     constant are torch's StepLR as they always were (the checkpoints of older runs resume with it); the others
-    are one LambdaLR whose factor depends on the epoch alone, so a resume continues it exactly."""
+    are one LambdaLR whose factor depends on the epoch alone, so a resume continues it exactly. --min-lr floors
+    the rate (a LambdaLR too)."""
     warmup, after = cfg.warmup_epochs, max(cfg.epochs - cfg.warmup_epochs, 1)
-    if not warmup and cfg.scheduler != "cosine":
+    if not warmup and cfg.scheduler != "cosine" and not cfg.min_lr:
         gamma = cfg.gamma if cfg.scheduler == "step" else 1.0
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=gamma)
 
     def factor(epoch: int) -> float:
+        return max(planned(epoch), cfg.min_lr / cfg.lr)
+
+    def planned(epoch: int) -> float:
         if epoch < warmup:
             return (epoch + 1) / warmup
         if cfg.scheduler == "cosine":
@@ -102,6 +107,16 @@ def schedule(cfg: TrainConfig, opt: torch.optim.Optimizer):
         return cfg.gamma ** ((epoch - warmup) // cfg.step_size) if cfg.scheduler == "step" else 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def final_rate(cfg: TrainConfig) -> float:
+    """The rate the schedule reaches in the last epoch (--stop-when-flat's last phase trains at it)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = schedule(cfg, opt)
+    for _ in range(cfg.epochs - 1):
+        opt.step()  # (no gradient: nothing moves; keeps torch from warning about the order)
+        sched.step()
+    return opt.param_groups[0]["lr"]
 
 
 class Diverged(Exception):
@@ -284,9 +299,15 @@ def _stop_diverged(paths: RunPaths, state: dict, epoch: int, diverged: Diverged,
                            f"another --out")
 
 
-def _stopping(cfg: TrainConfig, paths: RunPaths, state: dict, stop_rule: tuple[str, int] | None) -> dict:
-    """What metrics.json says about early stopping and the top-k checkpoints (nothing when both are off)."""
+def _stopping(cfg: TrainConfig, paths: RunPaths, state: dict, stop_rule: tuple[str, int] | None,
+              flat: int | None) -> dict:
+    """What metrics.json says about early stopping, the sharpness tracking and stop rule (`stopped`: why training
+    ended) and the top-k checkpoints (nothing when all are off)."""
     out = {}
+    if cfg.track_sharpness:
+        out["sharpness"] = {"every_epochs": cfg.track_sharpness, **recorded_settings()}
+    if cfg.stop_when_flat:
+        out["stopped"] = f"sharpness flat at epoch {flat}" if flat else "epochs cap"
     if stop_rule:
         metric, patience = stop_rule
         out["early_stop"] = {"metric": metric, "patience": patience,
@@ -445,13 +466,16 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
 
     val_loader = BatchLoader(val_split, cfg.batch_size, device)
     stop_rule = early_stop_rule(cfg.early_stop) if cfg.early_stop else None
+    flat_rule = (final_rate(cfg), *flat_stop_rule(cfg.stop_when_flat)) if cfg.stop_when_flat else None
+    sharpness = Sharpness(dataset, device, state.get("sharpness_vector")) if cfg.track_sharpness else None
     start, first = time.time(), state["epoch"]
     bars = progress(TextColumn("loss {task.fields[loss]:.3f}")) if world.main else contextlib.nullcontext()
     log = tracking.enter_context(open_loggers(cfg.logger if world.main else [], paths.root, state["history"],
                                               cfg.to_dict()))
     with bars as bar:
         for epoch in range(state["epoch"], cfg.epochs):
-            if stop_rule and stopped_after(state["history"], *stop_rule):
+            if (stop_rule and stopped_after(state["history"], *stop_rule)) or \
+                    (flat_rule and flat_at(state["history"], *flat_rule)):
                 break
             t0 = time.time()
             for method in methods:
@@ -474,6 +498,9 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
             lr = opt.param_groups[0]["lr"]
             for method in methods:
                 method.end_epoch(loop, epoch)
+            tracked = sharpness.measure(model) if sharpness and (epoch + 1) % cfg.track_sharpness == 0 else {}
+            if tracked:
+                tracked["stability_limit"] = stability_limit(cfg, lr)
             if not any(method.holds_lr(epoch) for method in methods):
                 sched.step()
             val = scoring.score(model, val_loader)
@@ -482,12 +509,13 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                 bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} val {scoring.label}"
                                              f"{val[scoring.select]:.1f}%, run ETA {clock(left)}")
             record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
-                      **{f"val_{k}": v for k, v in val.items()}, "seconds": time.time() - t0}
+                      **{f"val_{k}": v for k, v in val.items()}, **tracked, "seconds": time.time() - t0}
             state["history"].append(record)
             log.log(record)  # before the checkpoint: a resume replaces what a kill in between left logged
             state["epoch"] = epoch + 1
             state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                          **rng_state(device), first_loss=limit.first,
+                         **({"sharpness_vector": sharpness.vector} if sharpness else {}),
                          **{m.name: kept for m in methods if (kept := m.state_dict()) is not None})
             if world.main:
                 if val[scoring.select] > state["best_val_acc"]:
@@ -507,11 +535,13 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
     load_weights(find_checkpoint(paths.best), model, device)
     test = scoring.score(model, BatchLoader(dataset.split("test"), cfg.batch_size, device))
     best = state.get("final_val") or state["history"][state["best_epoch"] - 1]
+    flat = flat_at(state["history"], *flat_rule) if flat_rule else None
     metrics = {"dataset": dataset.name, "modalities": dataset.modalities, "pairing": cfg.pairing,
                **{k: getattr(cfg, k) for k in label_keys()}, "label_smoothing": cfg.label_smoothing,
                "augment": cfg.augment, "seed": cfg.seed, "world_size": world.size,
                "best_epoch": state["best_epoch"], "epochs": cfg.epochs,
-               "selected_by": f"val_{scoring.select}", **scoring.recorded, **_stopping(cfg, paths, state, stop_rule),
+               "selected_by": f"val_{scoring.select}", **scoring.recorded,
+               **_stopping(cfg, paths, state, stop_rule, flat),
                **({"held_out_train_rows": len(held_out)} if len(held_out) else {}),
                **{k: v for k, v in best.items() if k.startswith("val_")},
                **{f"test_{k}": v for k, v in test.items()},
