@@ -213,3 +213,20 @@ def test_dagr_on_cuda_runs_the_crema_d_and_kinetics_sounds_recipes_as_written(tm
             assert (cfg["encoder"], cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["device"]) == \
                 (recipe.encoder, recipe.epochs, recipe.batch_size, recipe.lr, "cuda")
             assert (cfg["epochs"], cfg["optimizer"], cfg["clip_grad_norm"]) == (100, "sgd", 40.0)  # DGL's protocol
+
+
+def test_the_snr_pilot_trains_audio_alone_per_level_with_the_reproductions_settings():
+    """`make avmnist-snr-pilot`: one prepared dataset per SNR, audio alone on each with the reproduction's own
+    settings (every override the pilot sets is the reproduction's; its 14 epochs are where the reproduction's
+    schedule reaches its last rate plus four, before the --stop-when-flat phase), three seeds, no analyses."""
+    lines = dry_run("avmnist-snr-pilot", 'SNR_PILOT=-6 -8')
+    prepares = [line for line in lines if "prepare avmnist" in line]
+    assert [re.search(r"--snr-db (\S+)", p).group(1) for p in prepares] == ["-6", "-8"]
+    assert "--grid data=data/avmnist-snr/snr-6,data/avmnist-snr/snr-8" in " ".join(sweep_line(lines))
+    pilot = load_sweep(ROOT / "recipes/sweeps/avmnist-snr-pilot.yaml")
+    reproduction = load_sweep(ROOT / "recipes/sweeps/avmnist-cpu.yaml")
+    assert pilot.recipes == ["recipes/avmnist/audio.yaml"] and pilot.analyses == {} and pilot.report is None
+    assert {k: v for k, v in pilot.overrides.items() if k != "epochs"} == \
+        {k: reproduction.overrides[k] for k in pilot.overrides if k != "epochs"}
+    assert pilot.overrides["epochs"] == 2 * reproduction.overrides["step_size"] + 4 <= reproduction.overrides["epochs"]
+    assert len(pilot.seeds) == 3
