@@ -17,7 +17,8 @@ from mmlab_cli.analysis.flatness_output import cell, convergence, scalar_rows
 from mmlab_cli.analysis.hessian import (HessianVectorProduct, hutchinson_trace, lambda_star, lanczos, slq_density,
                                         spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import directions, landscape
-from mmlab_cli.analysis.lossfn import LossParams, batch_loss, block_of, generator, loss_params, losses_at
+from mmlab_cli.analysis.lossfn import (LossParams, batch_loss, block_of, generator, gradient, loss_params,
+                                      losses_at)
 from mmlab_cli.analysis.perturb import fgap, fgap_curves, fgap_direction, lpf, parameter_blocks
 from mmlab_cli.analysis.stability import stability, threshold
 from mmlab_cli.config import TrainConfig
@@ -175,6 +176,19 @@ def test_lpf_is_the_mean_loss_under_gaussian_weight_noise(setup, normalize):
     assert res["normalize"] == normalize and res["draws"] == 6
     assert lpf(model, subset, lp, sigma=0.05, draws=6, normalize=normalize, seed=3, chunk=1)["lpf_loss"] == \
         pytest.approx(res["lpf_loss"], rel=1e-12)  # the same draws whatever the batching
+
+
+def test_gradient_is_the_full_batch_gradient_and_lpf_reads_it(setup):
+    """Three batches of 8: a gradient of the first batch only, or one divided by the batch count, fails."""
+    _, model, subset, lp, _ = setup
+    flat = lp.flat().requires_grad_()
+    total = sum(F.cross_entropy(functional_call(model, lp.unflatten(flat), (x,)).logits, y, reduction="sum")
+                for x, y in subset.batches) / subset.size
+    expected = torch.autograd.grad(total, flat)[0]
+    torch.testing.assert_close(gradient(model, subset, lp), expected, rtol=1e-12, atol=1e-14)
+    res = lpf(model, subset, lp, sigma=0.05, draws=2, normalize="filter", seed=3)
+    assert res["grad_norm"] == pytest.approx(expected.norm().item(), rel=1e-12)
+    assert res["first_order"] == pytest.approx(0.05 * (lp.filter_scale() * expected).norm().item(), rel=1e-12)
 
 
 def test_fgap_small_radius_is_the_gradient_term(setup):
@@ -431,6 +445,35 @@ def test_blocks_and_modality_absence_match_the_closed_form(tiny_synthetic, how):
     assert res["absent_lambda_max"] == pytest.approx(expected, rel=1e-4)
     assert all(res["absent_converged"].values()) and res["absence"]["value"] == how
     assert res["lr_threshold"] is None and res["lambda_max_over_threshold"] is None  # no checkpoint: no rate
+
+
+def _uniform_gradient(y: np.ndarray, k: int, *parts: np.ndarray) -> float:
+    """||grad|| of the mean cross-entropy of logits W z at W = 0 (uniform predictions): ||(P - Y)^T Z|| / n."""
+    z = np.hstack(parts)
+    return np.linalg.norm((np.full((len(y), k), 1 / k) - np.eye(k)[y]).T @ z / len(z))
+
+
+def test_gradient_norm_present_and_absent_match_the_closed_form(tiny_synthetic):
+    """At W = 0 the gradient is (P - Y)^T Z / n, Z the inputs side by side: with image absent its block is built
+    from the train-mean image. The present input in the absent gradient, or another subset, fails."""
+    dataset = PreparedDataset(tiny_synthetic, ["image", "depth"])
+    k, n = len(dataset.classes), 24
+    s = FlatnessSettings(metrics=["lpf"], samples=n, batch_size=8, lpf_draws=2, lpf_sigma=0.1, lpf_normalize="none")
+    res = flatness(LinearFusion(dataset), dataset, s, CPU)
+    split = dataset.split("train")
+    y = np.asarray(split.labels[res["indices"]])
+    x = {m: np.asarray(split.arrays[m][res["indices"]], dtype=np.float64).reshape(n, -1) for m in dataset.modalities}
+    mean = {m: np.tile(np.asarray(split.arrays[m], dtype=np.float64).reshape(len(split), -1).mean(0), (n, 1))
+            for m in dataset.modalities}
+    one = np.ones((n, 1))
+    assert res["grad_norm"] == pytest.approx(_uniform_gradient(y, k, x["image"], x["depth"], one), rel=1e-5)
+    expected = {"image": _uniform_gradient(y, k, mean["image"], x["depth"], one),
+                "depth": _uniform_gradient(y, k, x["image"], mean["depth"], one)}
+    assert res["absent_grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert res["lpf_first_order"] == pytest.approx(0.1 * res["grad_norm"], rel=1e-6)  # s = 1 without normalisation
+    assert res["absent_lpf_first_order"] == pytest.approx({m: 0.1 * v for m, v in expected.items()}, rel=1e-5)
+    rows = {r["metric"]: r["value"] for r in scalar_rows(res)}
+    assert rows["||grad L|| [image absent]"] == res["absent_grad_norm"]["image"]
 
 
 def test_block_hessian_is_the_dense_sub_block(setup):

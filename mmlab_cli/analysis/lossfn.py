@@ -136,6 +136,16 @@ def loss_params(model: nn.Module, subset: Subset) -> LossParams:
     return LossParams([n for n, _ in used], [p for _, p in used], excluded)
 
 
+def gradient(model: nn.Module, subset: Subset, lp: LossParams) -> torch.Tensor:
+    """The full-batch gradient [n] of the mean fused loss of the subset w.r.t. `lp`, batch by batch. At a
+    minimum it is zero; its norm says how far from stationary the measured point is."""
+    out = torch.zeros(lp.numel, dtype=lp.params[0].dtype, device=lp.params[0].device)
+    with torch.enable_grad():
+        for inputs, y in subset.batches:
+            out += torch.cat([g.reshape(-1) for g in torch.autograd.grad(batch_loss(model, inputs, y), lp.params)])
+    return out / subset.size
+
+
 @torch.no_grad()
 def losses_at(model: nn.Module, subset: Subset, lp: LossParams, thetas: torch.Tensor,
               chunk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
