@@ -88,12 +88,15 @@ def test_hessian_vector_products_match_dense(setup):
     dataset, model, subset, lp, hessian = setup
     v = torch.randn(4, lp.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     expected = v.numpy() @ hessian
-    multi = HessianVectorProduct(model, subset, lp)  # 3 batches, graph rebuilt per product
+    multi = HessianVectorProduct(model, subset, lp, keep=2)  # 3 batches, graphs rebuilt per product
+    kept = HessianVectorProduct(model, subset, lp)  # 3 batches, graphs kept
     single = HessianVectorProduct(model, double_subset(dataset, 24, 24), lp)  # 1 batch, graph kept
-    assert single._graph is not None and multi._graph is None
-    for hvp in (multi, single):
+    assert single._graphs is not None and kept._graphs is not None and multi._graphs is None
+    for hvp in (multi, kept, single):
         np.testing.assert_allclose(hvp(v).numpy(), expected, rtol=1e-9, atol=1e-12)  # batched over probes
         np.testing.assert_allclose(hvp(v[0]).numpy(), expected[0], rtol=1e-9, atol=1e-12)
+    for _ in range(2):  # kept graphs: the same products summed in the same order, bit for bit, every time
+        assert torch.equal(kept(v), multi(v)) and torch.equal(kept(v[1]), multi(v[1]))
 
 
 def test_top_eigenvalues_and_trace_match_dense(setup):
