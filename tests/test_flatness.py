@@ -497,6 +497,26 @@ def test_block_hessian_is_the_dense_sub_block(setup):
         lp.block("encoder:depth")
 
 
+def test_block_top_k_one_is_the_lambda_max_of_the_top_k_solve(setup):
+    """--block-top-k 1: each block's and absent modality's solve stops once lambda_max converged, within the
+    tolerance of the top-5 solve's; the full Hessian's solve is untouched."""
+    dataset, model, _, _, _ = setup
+    model = copy.deepcopy(model).float()
+    base = dict(metrics=["hessian"], samples=24, batch_size=8, top_k=5, tol=1e-4, trace_probes=0,
+                blocks=["encoder:image", "head"], absent="mean")
+    five = flatness(model, dataset, FlatnessSettings(**base), CPU)["hessian"]
+    one = flatness(model, dataset, FlatnessSettings(**base, block_top_k=1), CPU)["hessian"]
+    assert one["eigenvalues"] == five["eigenvalues"] and one["lanczos_steps"] == five["lanczos_steps"]
+    assert set(one["blocks"]) == {"encoder:image", "head"} and set(one["absent"]) == {"image", "audio"}
+    for part in ("blocks", "absent"):
+        for name, t in one[part].items():
+            assert len(t["eigenvalues"]) == 1 and t["converged_each"] == [True] and t["lambda_star"] is None
+            assert t["lambda_max"] == pytest.approx(five[part][name]["lambda_max"], rel=3e-4)
+            assert t["lanczos_steps"] <= five[part][name]["lanczos_steps"]
+    with pytest.raises(MmlabError, match="--block-top-k 0: must be >= 1"):
+        FlatnessSettings(block_top_k=0).check()
+
+
 def test_unconverged_lanczos_is_flagged_and_left_out_of_lambda_star():
     gen = torch.Generator().manual_seed(0)
     values = torch.linspace(10.0, 1.0, 40, dtype=torch.float64)

@@ -75,12 +75,14 @@ def absent_subset(dataset: PreparedDataset, subset: Subset, modality: str, how: 
 
 
 def _top(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance) -> dict:
-    """Top-k of the Hessian w.r.t. `lp` (a block, or all) with the chosen backend, each with its convergence."""
+    """Top-k of the Hessian w.r.t. `lp` (a block, or the network with a modality absent) with the chosen
+    backend, k = --block-top-k (default --top-k), each with its convergence."""
+    k = s.block_top_k or s.top_k
     if s.backend == "pyhessian":
-        out = pyhessian_spectrum(model, subset, lp, s.top_k, 0, s.seed)
+        out = pyhessian_spectrum(model, subset, lp, k, 0, s.seed)
         del out["trace"]
     else:
-        out = top_eigenvalues(HessianVectorProduct(model, subset, lp), lp.flat(), s.top_k, s.tol, s.max_steps,
+        out = top_eigenvalues(HessianVectorProduct(model, subset, lp), lp.flat(), k, s.tol, s.max_steps,
                               s.seed, advance)
     return {**out, "parameters": lp.numel, "lambda_max": out["eigenvalues"][0],
             "lambda_star": lambda_star(out["eigenvalues"], out["converged_each"])}

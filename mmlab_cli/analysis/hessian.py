@@ -39,7 +39,7 @@ class HessianVectorProduct:
     """v [n] or V [P, n] -> H v or H V, over the whole subset. A subset of at most `keep` batches keeps
     their gradient graphs between products (as pyhessian does for one batch), so a product then costs
     only the double backward: the same products summed in the same order, bit for bit, in about half
-    the time (benchmarks/hvp_graphs.py). Larger subsets rebuild each batch's graph per product, so memory
+    the time (benchmarks/hessian_solves.py). Larger subsets rebuild each batch's graph per product, so memory
     stays that of one batch."""
 
     def __init__(self, model: nn.Module, subset: Subset, lp: LossParams, keep: int = KEEP_BATCHES):
