@@ -63,6 +63,8 @@ TABLES = (
                ("λ_max block {}", "block_lambda_max.*", "↓"), ("λ_max/thr block {}", "block_over_threshold.*", ""),
                ("λ_max {} absent", "absent_lambda_max.*", ""), ("L_LPF", "lpf_loss", "↓"), ("Δ_LPF", "lpf_delta", "↓"),
                ("L_LPF {} absent", "absent_lpf_loss.*", ""), ("Δ_LPF {} absent", "absent_lpf_delta.*", ""),
+               ("‖∇L‖", "grad_norm", ""), ("σ‖s∇L‖", "lpf_first_order", ""),
+               ("‖∇L‖ {} absent", "absent_grad_norm.*", ""), ("σ‖s∇L‖ {} absent", "absent_lpf_first_order.*", ""),
                ("F_gap {}", "fgap_mean_*", "↓")), ".4g",
               ("flatness_fgap.png", "flatness_density.png", "flatness_landscape_2d_contour.png"),
               (("lambda_max", "lambda_max_converged"), ("lambda_max_over_threshold", "lambda_max_converged"),
@@ -74,6 +76,8 @@ TABLES = (
                ("Hessian blocks", ("λ_max block {}", "λ_max/thr block {}")),
                ("low-pass filter", ("L_LPF", "Δ_LPF")),
                ("modality absent", ("λ_max {} absent", "L_LPF {} absent", "Δ_LPF {} absent")),
+               ("modality absent: how far from a minimum (‖∇L‖ = 0 at one; σ‖s∇L‖ beside Δ_LPF)",
+                ("‖∇L‖", "‖∇L‖ {} absent", "σ‖s∇L‖", "σ‖s∇L‖ {} absent")),
                ("F_gap", ("F_gap {}",))),
               (("lambda_max_over_threshold", "stability.note"), ("block_over_threshold.*", "stability.note"))),
     TableSpec("geometry", "Modality variance of unit embeddings: Tr Σ and Tr Σ/d (d the embedding size; the DML "

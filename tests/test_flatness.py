@@ -17,7 +17,8 @@ from mmlab_cli.analysis.flatness_output import cell, convergence, scalar_rows
 from mmlab_cli.analysis.hessian import (HessianVectorProduct, hutchinson_trace, lambda_star, lanczos, slq_density,
                                         spectrum, top_eigenvalues)
 from mmlab_cli.analysis.landscape import directions, landscape
-from mmlab_cli.analysis.lossfn import LossParams, batch_loss, block_of, generator, loss_params, losses_at
+from mmlab_cli.analysis.lossfn import (LossParams, batch_loss, block_of, generator, gradient, loss_params,
+                                      losses_at)
 from mmlab_cli.analysis.perturb import fgap, fgap_curves, fgap_direction, lpf, parameter_blocks
 from mmlab_cli.analysis.stability import stability, threshold
 from mmlab_cli.config import TrainConfig
@@ -87,12 +88,15 @@ def test_hessian_vector_products_match_dense(setup):
     dataset, model, subset, lp, hessian = setup
     v = torch.randn(4, lp.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     expected = v.numpy() @ hessian
-    multi = HessianVectorProduct(model, subset, lp)  # 3 batches, graph rebuilt per product
+    multi = HessianVectorProduct(model, subset, lp, keep=2)  # 3 batches, graphs rebuilt per product
+    kept = HessianVectorProduct(model, subset, lp)  # 3 batches, graphs kept
     single = HessianVectorProduct(model, double_subset(dataset, 24, 24), lp)  # 1 batch, graph kept
-    assert single._graph is not None and multi._graph is None
-    for hvp in (multi, single):
+    assert single._graphs is not None and kept._graphs is not None and multi._graphs is None
+    for hvp in (multi, kept, single):
         np.testing.assert_allclose(hvp(v).numpy(), expected, rtol=1e-9, atol=1e-12)  # batched over probes
         np.testing.assert_allclose(hvp(v[0]).numpy(), expected[0], rtol=1e-9, atol=1e-12)
+    for _ in range(2):  # kept graphs: the same products summed in the same order, bit for bit, every time
+        assert torch.equal(kept(v), multi(v)) and torch.equal(kept(v[1]), multi(v[1]))
 
 
 def test_top_eigenvalues_and_trace_match_dense(setup):
@@ -175,6 +179,19 @@ def test_lpf_is_the_mean_loss_under_gaussian_weight_noise(setup, normalize):
     assert res["normalize"] == normalize and res["draws"] == 6
     assert lpf(model, subset, lp, sigma=0.05, draws=6, normalize=normalize, seed=3, chunk=1)["lpf_loss"] == \
         pytest.approx(res["lpf_loss"], rel=1e-12)  # the same draws whatever the batching
+
+
+def test_gradient_is_the_full_batch_gradient_and_lpf_reads_it(setup):
+    """Three batches of 8: a gradient of the first batch only, or one divided by the batch count, fails."""
+    _, model, subset, lp, _ = setup
+    flat = lp.flat().requires_grad_()
+    total = sum(F.cross_entropy(functional_call(model, lp.unflatten(flat), (x,)).logits, y, reduction="sum")
+                for x, y in subset.batches) / subset.size
+    expected = torch.autograd.grad(total, flat)[0]
+    torch.testing.assert_close(gradient(model, subset, lp), expected, rtol=1e-12, atol=1e-14)
+    res = lpf(model, subset, lp, sigma=0.05, draws=2, normalize="filter", seed=3)
+    assert res["grad_norm"] == pytest.approx(expected.norm().item(), rel=1e-12)
+    assert res["first_order"] == pytest.approx(0.05 * (lp.filter_scale() * expected).norm().item(), rel=1e-12)
 
 
 def test_fgap_small_radius_is_the_gradient_term(setup):
@@ -433,6 +450,35 @@ def test_blocks_and_modality_absence_match_the_closed_form(tiny_synthetic, how):
     assert res["lr_threshold"] is None and res["lambda_max_over_threshold"] is None  # no checkpoint: no rate
 
 
+def _uniform_gradient(y: np.ndarray, k: int, *parts: np.ndarray) -> float:
+    """||grad|| of the mean cross-entropy of logits W z at W = 0 (uniform predictions): ||(P - Y)^T Z|| / n."""
+    z = np.hstack(parts)
+    return np.linalg.norm((np.full((len(y), k), 1 / k) - np.eye(k)[y]).T @ z / len(z))
+
+
+def test_gradient_norm_present_and_absent_match_the_closed_form(tiny_synthetic):
+    """At W = 0 the gradient is (P - Y)^T Z / n, Z the inputs side by side: with image absent its block is built
+    from the train-mean image. The present input in the absent gradient, or another subset, fails."""
+    dataset = PreparedDataset(tiny_synthetic, ["image", "depth"])
+    k, n = len(dataset.classes), 24
+    s = FlatnessSettings(metrics=["lpf"], samples=n, batch_size=8, lpf_draws=2, lpf_sigma=0.1, lpf_normalize="none")
+    res = flatness(LinearFusion(dataset), dataset, s, CPU)
+    split = dataset.split("train")
+    y = np.asarray(split.labels[res["indices"]])
+    x = {m: np.asarray(split.arrays[m][res["indices"]], dtype=np.float64).reshape(n, -1) for m in dataset.modalities}
+    mean = {m: np.tile(np.asarray(split.arrays[m], dtype=np.float64).reshape(len(split), -1).mean(0), (n, 1))
+            for m in dataset.modalities}
+    one = np.ones((n, 1))
+    assert res["grad_norm"] == pytest.approx(_uniform_gradient(y, k, x["image"], x["depth"], one), rel=1e-5)
+    expected = {"image": _uniform_gradient(y, k, mean["image"], x["depth"], one),
+                "depth": _uniform_gradient(y, k, x["image"], mean["depth"], one)}
+    assert res["absent_grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert res["lpf_first_order"] == pytest.approx(0.1 * res["grad_norm"], rel=1e-6)  # s = 1 without normalisation
+    assert res["absent_lpf_first_order"] == pytest.approx({m: 0.1 * v for m, v in expected.items()}, rel=1e-5)
+    rows = {r["metric"]: r["value"] for r in scalar_rows(res)}
+    assert rows["||grad L|| [image absent]"] == res["absent_grad_norm"]["image"]
+
+
 def test_block_hessian_is_the_dense_sub_block(setup):
     _, model, subset, lp, hessian = setup
     assert lp.blocks == ["encoder:image", "encoder:audio", "head"]
@@ -449,6 +495,26 @@ def test_block_hessian_is_the_dense_sub_block(setup):
     with pytest.raises(MmlabError, match="--block encoder:depth: no parameter of this fused loss is in it; choose "
                                          "from encoder:image, encoder:audio, head"):
         lp.block("encoder:depth")
+
+
+def test_block_top_k_one_is_the_lambda_max_of_the_top_k_solve(setup):
+    """--block-top-k 1: each block's and absent modality's solve stops once lambda_max converged, within the
+    tolerance of the top-5 solve's; the full Hessian's solve is untouched."""
+    dataset, model, _, _, _ = setup
+    model = copy.deepcopy(model).float()
+    base = dict(metrics=["hessian"], samples=24, batch_size=8, top_k=5, tol=1e-4, trace_probes=0,
+                blocks=["encoder:image", "head"], absent="mean")
+    five = flatness(model, dataset, FlatnessSettings(**base), CPU)["hessian"]
+    one = flatness(model, dataset, FlatnessSettings(**base, block_top_k=1), CPU)["hessian"]
+    assert one["eigenvalues"] == five["eigenvalues"] and one["lanczos_steps"] == five["lanczos_steps"]
+    assert set(one["blocks"]) == {"encoder:image", "head"} and set(one["absent"]) == {"image", "audio"}
+    for part in ("blocks", "absent"):
+        for name, t in one[part].items():
+            assert len(t["eigenvalues"]) == 1 and t["converged_each"] == [True] and t["lambda_star"] is None
+            assert t["lambda_max"] == pytest.approx(five[part][name]["lambda_max"], rel=3e-4)
+            assert t["lanczos_steps"] <= five[part][name]["lanczos_steps"]
+    with pytest.raises(MmlabError, match="--block-top-k 0: must be >= 1"):
+        FlatnessSettings(block_top_k=0).check()
 
 
 def test_unconverged_lanczos_is_flagged_and_left_out_of_lambda_star():

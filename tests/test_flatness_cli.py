@@ -73,7 +73,7 @@ def _reference(run_dir, doc):
     n = flat.numel()
     eig = eigsh(LinearOperator((n, n), matvec=hvp, dtype=np.float64), k=5, which="LA", ncv=20, tol=1e-5)[0]
     return {"loss": loss.item(), "acc": 100 * (logits.argmax(1) == y).double().mean().item(),
-            "eigenvalues": np.sort(eig)[::-1]}
+            "eigenvalues": np.sort(eig)[::-1], "grad_norm": flat.norm().item()}
 
 
 @pytest.mark.slow
@@ -86,11 +86,12 @@ def test_cli_writes_files_reuses_and_compares(runs):
     for run in runs:
         doc = json.loads((run / "flatness.json").read_text())
         ref = refs[run] = _reference(run, doc)
-        assert doc["schema"] == "mmlab.flatness/3" and doc["split"] == "train" and doc["samples"] == 16
+        assert doc["schema"] == "mmlab.flatness/4" and doc["split"] == "train" and doc["samples"] == 16
         assert len(doc["indices"]) == 16 and "eval()" in doc["eval_mode"]
         assert all(n.startswith("probes.") for n in doc["parameters"]["excluded"])
         assert doc["loss"] == pytest.approx(ref["loss"], rel=1e-5) and doc["acc"] == pytest.approx(ref["acc"])
         assert doc["lpf"]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert doc["grad_norm"] == doc["lpf"]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
         h = doc["hessian"]
         np.testing.assert_allclose(h["eigenvalues"], ref["eigenvalues"], rtol=1e-2)
         assert doc["lambda_ratio"] == pytest.approx(ref["eigenvalues"][0] / ref["eigenvalues"][4], rel=2e-2)
@@ -122,13 +123,21 @@ def test_cli_writes_files_reuses_and_compares(runs):
     result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--density", "--density-steps", "6"])
     assert result.exit_code == 0, result.output
     assert json.loads((sml / "flatness.json").read_text())["reused"] == ["fgap", "hessian", "landscape", "lpf"]
-    # a file of schema 2 (F_gap's blocks cut otherwise): its other blocks are reused, F_gap is measured again
+    # a file of schema 3 (LPF without the gradient): its other blocks are reused, LPF is measured again
     path = sml / "flatness.json"
+    old_lpf = {k: v for k, v in first["lpf"].items() if k not in ("grad_norm", "first_order", "absent")}
+    path.write_text(json.dumps({**first, "schema": "mmlab.flatness/3", "lpf": {**old_lpf, "absent": {}}}))
+    result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--density", "--density-steps", "6"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "mmlab.flatness/4" and doc["reused"] == ["fgap", "hessian", "landscape"]
+    assert {**doc["lpf"], "seconds": 0} == {**first["lpf"], "seconds": 0}  # measured again: the same values
+    # a file of schema 2 (F_gap's blocks cut otherwise): Hessian and landscape reused, F_gap and LPF measured again
     path.write_text(json.dumps({**first, "schema": "mmlab.flatness/2"}))
     result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--density", "--density-steps", "6"])
     assert result.exit_code == 0, result.output
     doc = json.loads(path.read_text())
-    assert doc["schema"] == "mmlab.flatness/3" and doc["reused"] == ["hessian", "landscape", "lpf"]
+    assert doc["schema"] == "mmlab.flatness/4" and doc["reused"] == ["hessian", "landscape"]
     assert doc["hessian"] == first["hessian"] and doc["fgap"]["blocks"] == first["fgap"]["blocks"]
     result = cli.invoke(app, ["flatness", str(sml), *SMALL, "--metric", "lpf", "--lpf-sigma", "0.02"])
     assert result.exit_code == 0, result.output

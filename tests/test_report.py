@@ -369,7 +369,8 @@ def test_columns_without_values_are_left_out(tmp_path):
     flat = {t.spec.name: t for t in tables}["flatness"]
     assert list(flat.cells.columns[2:]) == ["seeds", "λ_max ↓"]  # no 'F_gap *' or 'L_LPF' placeholder
     assert ("left out: λ_max/thr, λ1/λ5, trace, λ_max block, λ_max/thr block, λ_max absent, L_LPF, Δ_LPF, "
-            "L_LPF absent, Δ_LPF absent, F_gap (`mmlab flatness RUN_DIR`)") in flat.note
+            "L_LPF absent, Δ_LPF absent, ‖∇L‖, σ‖s∇L‖, ‖∇L‖ absent, σ‖s∇L‖ absent, F_gap (`mmlab flatness RUN_DIR`)"
+            ) in flat.note
     assert "*" not in md.split("## Flatness")[1].split("\n## ")[0]  # no wildcard header
     # no run has geometry.json: no geometry sections, one line with the command for all three tables it fills
     assert "## Modality variance" not in md and md.count("geometry.json") == 1
@@ -456,18 +457,21 @@ def test_wide_tables_split_and_impossible_columns_say_why(tmp_path):
     wide = {**_flatness(5.0, 1.2, 40.0, 0.8, 0.01, 0.1), "stability": {"optimizer": "adam", "note": ADAM},
             "block_lambda_max": {"image": 1.0, "audio": 2.0, "head": 0.5},
             "absent_lambda_max": {"image": 3.0, "audio": 4.0}, "absent_lpf_loss": {"image": 1.0, "audio": 2.0},
-            "absent_lpf_delta": {"image": 0.1, "audio": 0.2}, "fgap_mean_test": 0.4}
+            "absent_lpf_delta": {"image": 0.1, "audio": 0.2}, "fgap_mean_test": 0.4,
+            "grad_norm": 0.05, "lpf_first_order": 0.002, "absent_grad_norm": {"image": 0.7, "audio": 0.9},
+            "absent_lpf_first_order": {"image": 0.03, "audio": 0.04}}
     runs["dml/s0"] = (*runs["dml/s0"][:2], {"flatness.json": wide})
     _write_runs(tmp_path / "runs", runs)
     tables, md, _ = write_report(tmp_path / "runs")
     flat = {t.spec.name: t for t in tables}["flatness"]
     split = parts(flat)
     assert [title for title, _ in split] == ["Hessian spectrum", "Hessian blocks", "low-pass filter",
-                                             "modality absent", "F_gap"]
+                                             "modality absent", "modality absent: how far from a minimum "
+                                             "(‖∇L‖ = 0 at one; σ‖s∇L‖ beside Δ_LPF)", "F_gap"]
     assert all(len(columns) <= MAX_COLUMNS for _, columns in split)
     assert sorted(c for _, columns in split for c in columns) == sorted(flat.numeric[1:])  # each column once
     section = md.split("## Flatness")[1].split("\n## ")[0]
-    assert section.count("### ") == 5 and all(len(line.split(" | ")) <= MAX_COLUMNS + 4
+    assert section.count("### ") == 6 and all(len(line.split(" | ")) <= MAX_COLUMNS + 4
                                                 for line in section.splitlines() if line.startswith("|"))
     # Adam has no stability limit: said once, with the reason, not "not measured"
     assert f"λ_max/thr, λ_max/thr block: cannot exist for these runs: {ADAM}." in flat.note
@@ -492,3 +496,22 @@ def test_the_modality_gap_figure_draws_each_groups_mean_gap_beside_its_floor(run
     ticks = [line for line in ax.lines if line.get_gid() == "floor"]
     assert [(list(t.get_xdata()), list(t.get_ydata())) for t in ticks] == [([0], [0.05])]
     assert (runs_dir / "report_gap.png").is_file() and "](report_gap.png)" in md
+
+
+def test_a_flatness_file_of_schema_3_still_reads_beside_one_of_schema_4(tmp_path):
+    """Schema 3 has no gradient keys: its run fills every other column and leaves the gradient cell to the
+    schema-4 run (n = 1), instead of failing the report or reading a missing key as 0."""
+    runs = {name: (config, metrics, {}) for name, (config, metrics, _) in RUNS.items()}
+    new = {**_flatness(5.0, 1.2, 40.0, 0.8, 0.01, 0.1), "schema": "mmlab.flatness/4", "grad_norm": 0.05,
+           "lpf_first_order": 0.002, "absent_grad_norm": {"image": 0.7, "audio": 0.9},
+           "absent_lpf_first_order": {"image": 0.03, "audio": 0.04}}
+    old = {**_flatness(6.0, 1.3, 44.0, 0.9, 0.03, 0.2), "schema": "mmlab.flatness/3"}
+    runs["dml/s0"] = (*runs["dml/s0"][:2], {"flatness.json": new})
+    runs["dml/s1"] = (*runs["dml/s1"][:2], {"flatness.json": old})
+    _write_runs(tmp_path / "runs", runs)
+    tables, md, _ = write_report(tmp_path / "runs")
+    flat = {t.spec.name: t for t in tables}["flatness"]
+    dml = flat.cells.set_index("method").loc["DML (image+audio)"]
+    assert dml["λ_max ↓"] == "5.50 ± 0.71" and dml["Δ_LPF ↓"] == "0.020 ± 0.014"  # both runs
+    assert dml["‖∇L‖"] == "0.05 (n=1)" and dml["‖∇L‖ audio absent"] == "0.9 (n=1)"  # the schema-4 run only
+    assert dml["σ‖s∇L‖ image absent"] == "0.03 (n=1)" and "‖∇L‖ image absent" in md

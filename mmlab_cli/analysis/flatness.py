@@ -36,9 +36,11 @@ from mmlab_cli.console import progress
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.models.fusion import LateFusion
 
-SCHEMA = "mmlab.flatness/3"  # 3: F_gap's blocks are the Hessian's (encoder:<m>; head = fusion network + classifier)
+SCHEMA = "mmlab.flatness/4"  # 4: LPF's gradient norm and first-order term, present and absent
+# 3: F_gap's blocks are the Hessian's (encoder:<m>; head = fusion network + classifier)
 # 2: Hessian blocks, the modality-absent test, per-eigenvalue convergence, stability
-STILL_VALID = {"mmlab.flatness/2": ("hessian", "lpf", "landscape")}  # an older file's blocks measured as now
+STILL_VALID = {"mmlab.flatness/3": ("hessian", "fgap", "landscape"),  # an older file's blocks measured as now
+               "mmlab.flatness/2": ("hessian", "landscape")}
 EVAL_MODE = ("model.eval(): BatchNorm uses its running statistics (buffers, never perturbed) and dropout is off; "
              "every metric is the exact mean fused cross-entropy over the subset")
 EXCLUDED = ("trainable parameters the fused loss has no gradient for: the per-modality probe heads, trained on "
@@ -73,12 +75,14 @@ def absent_subset(dataset: PreparedDataset, subset: Subset, modality: str, how: 
 
 
 def _top(model, subset: Subset, lp: LossParams, s: FlatnessSettings, advance) -> dict:
-    """Top-k of the Hessian w.r.t. `lp` (a block, or all) with the chosen backend, each with its convergence."""
+    """Top-k of the Hessian w.r.t. `lp` (a block, or the network with a modality absent) with the chosen
+    backend, k = --block-top-k (default --top-k), each with its convergence."""
+    k = s.block_top_k or s.top_k
     if s.backend == "pyhessian":
-        out = pyhessian_spectrum(model, subset, lp, s.top_k, 0, s.seed)
+        out = pyhessian_spectrum(model, subset, lp, k, 0, s.seed)
         del out["trace"]
     else:
-        out = top_eigenvalues(HessianVectorProduct(model, subset, lp), lp.flat(), s.top_k, s.tol, s.max_steps,
+        out = top_eigenvalues(HessianVectorProduct(model, subset, lp), lp.flat(), k, s.tol, s.max_steps,
                               s.seed, advance)
     return {**out, "parameters": lp.numel, "lambda_max": out["eigenvalues"][0],
             "lambda_star": lambda_star(out["eigenvalues"], out["converged_each"])}
@@ -110,12 +114,13 @@ def _hessian(model, subset: Subset, lp: LossParams, s: FlatnessSettings, blocks:
 
 
 def _lpf(model, subset: Subset, lp: LossParams, s: FlatnessSettings, absent: dict[str, Subset], advance) -> dict:
-    """LPF of the subset and, with the same draws (common random numbers), of each modality-absent subset."""
+    """LPF and gradient of the subset and, with the same draws (common random numbers) and radius, of each
+    modality-absent subset: the absent point is no minimum, and its gradient says how far from one it is."""
     def one(sub):
         return lpf(model, sub, lp, s.lpf_sigma, s.lpf_draws, s.lpf_normalize, s.seed, s.chunk, advance)
 
     out = one(subset)
-    keys = ("loss", "acc", "lpf_loss", "lpf_loss_stderr", "lpf_acc", "delta")
+    keys = ("loss", "acc", "lpf_loss", "lpf_loss_stderr", "lpf_acc", "delta", "grad_norm", "first_order")
     return {**out, "absent": {m: {k: v for k, v in one(sub).items() if k in keys} for m, sub in absent.items()}}
 
 
@@ -211,6 +216,9 @@ def summary(result: dict) -> dict:
         out.update(lpf_loss=f["lpf_loss"], lpf_delta=f["delta"],
                    absent_lpf_loss={m: a["lpf_loss"] for m, a in f["absent"].items()},
                    absent_lpf_delta={m: a["delta"] for m, a in f["absent"].items()})
+        out.update(grad_norm=f["grad_norm"], lpf_first_order=f["first_order"],
+                   absent_grad_norm={m: a["grad_norm"] for m, a in f["absent"].items()},
+                   absent_lpf_first_order={m: a["first_order"] for m, a in f["absent"].items()})
     if "fgap" in result:
         out.update({f"fgap_mean_{split}": float(np.mean(c["F"])) for split, c in result["fgap"]["splits"].items()})
     if "landscape" in result:

@@ -61,7 +61,9 @@ def scalar_rows(result: dict) -> list[dict]:
         for where, v in {"": f, **{f" [{m} absent]": a for m, a in f["absent"].items()}}.items():
             rows += [{"metric": f"L{where}", "value": v["loss"]},
                      {"metric": f"L_LPF{where}", "value": v["lpf_loss"], "stderr": v["lpf_loss_stderr"]},
-                     {"metric": f"Delta_LPF = L_LPF - L{where}", "value": v["delta"], "stderr": v["lpf_loss_stderr"]}]
+                     {"metric": f"Delta_LPF = L_LPF - L{where}", "value": v["delta"], "stderr": v["lpf_loss_stderr"]},
+                     {"metric": f"||grad L||{where}", "value": v["grad_norm"]},
+                     {"metric": f"first-order term sigma ||s grad L||{where}", "value": v["first_order"]}]
     if "fgap" in result:
         rows += [{"metric": f"mean F_gap over radii ({split})", "value": float(np.mean(c["F"]))}
                  for split, c in result["fgap"]["splits"].items()]
@@ -105,7 +107,10 @@ def markdown(result: dict) -> str:
     if "hessian" in result and result["hessian"]["absent"] or "lpf" in result and result["lpf"]["absent"]:
         lines += ["## Modality absent (the DML paper's Theorems 1-2)", "",
                   f"The same network with modality j's input replaced by {result['absence']['meaning']} "
-                  f"(--absent {result['absence']['value']}).", "", to_markdown(_frame(absent_rows(result)))]
+                  f"(--absent {result['absence']['value']}). That point is no minimum of the loss: ||grad L|| "
+                  f"(zero at a stationary point) and the first-order term sigma ||s grad L|| (the loss change one "
+                  f"LPF draw causes through the slope alone, to read against Delta_LPF) say how far from one it is.",
+                  "", to_markdown(_frame(absent_rows(result)))]
     if "lpf" in result:
         f = result["lpf"]
         lines += [f"LPF: sigma {f['sigma']:g}, {f['draws']} draws, normalisation '{f['normalize']}' "
@@ -157,7 +162,8 @@ def absent_rows(result: dict) -> list[dict]:
                      "L": _fmt(result["loss"] if m is None else losses[m]),
                      "lambda_max": cell({"value": e["lambda_max"], "converged": e["converged"]}),
                      "lambda_max / threshold": cell({"value": e["over_threshold"], "converged": e["converged"]}),
-                     "L_LPF": _fmt(f and f["lpf_loss"]), "Delta_LPF": _fmt(f and f["delta"])})
+                     "L_LPF": _fmt(f and f["lpf_loss"]), "Delta_LPF": _fmt(f and f["delta"]),
+                     "||grad L||": _fmt(f and f["grad_norm"]), "sigma ||s grad L||": _fmt(f and f["first_order"])})
     return rows
 
 

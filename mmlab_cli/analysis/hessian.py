@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mmlab_cli.extras import require
-from mmlab_cli.models.curvature import (Advance, HessianVectorProduct, LossParams, Subset,  # noqa: F401
+from mmlab_cli.models.curvature import (KEEP_BATCHES, Advance, HessianVectorProduct, LossParams, Subset,  # noqa: F401
                                         Tridiagonal, generator, lanczos)  # (re-exported: the analyses' names)
 
 

@@ -1,7 +1,7 @@
 """The fused loss as a function of the parameters it uses, for the flatness analyses.
 
-`LossParams` (mmlab_cli/models/curvature.py, shared with training's sharpness tracking) names the trainable parameters the fused cross-entropy depends on (found by
-autograd, so the probe heads, trained on detached embeddings, and any other unused parameter
+`LossParams` (mmlab_cli/models/curvature.py, shared with training's sharpness tracking) names the trainable
+parameters the fused cross-entropy depends on (found by autograd, so the probe heads, trained on detached embeddings, and any other unused parameter
 drop out) and flattens them into one vector theta. `losses_at` evaluates the exact mean loss
 of a subset at many parameter vectors theta + delta at once: the vectors go through
 `torch.func.functional_call` batched with `vmap`, so the module's own tensors are never
@@ -27,6 +27,16 @@ from mmlab_cli.models.curvature import (HEAD, Advance, LossParams, Subset, batch
 def block_names(modalities: list[str]) -> list[str]:
     """Every block a model with these modalities has."""
     return [*map(encoder_block, modalities), HEAD]
+
+
+def gradient(model: nn.Module, subset: Subset, lp: LossParams) -> torch.Tensor:
+    """The full-batch gradient [n] of the mean fused loss of the subset w.r.t. `lp`, batch by batch. At a
+    minimum it is zero; its norm says how far from stationary the measured point is."""
+    out = torch.zeros(lp.numel, dtype=lp.params[0].dtype, device=lp.params[0].device)
+    with torch.enable_grad():
+        for inputs, y in subset.batches:
+            out += torch.cat([g.reshape(-1) for g in torch.autograd.grad(batch_loss(model, inputs, y), lp.params)])
+    return out / subset.size
 
 
 @torch.no_grad()

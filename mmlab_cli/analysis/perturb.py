@@ -8,6 +8,10 @@ as they are). Perturbed weights go through `losses_at`, so the model itself is n
   Delta_LPF = L_LPF - L. With normalize="filter" (the default, as their code normalises the network
   before measuring) s is the size ||w_c|| + |b_c| of the filter c an entry belongs to, which is the
   same as adding N(0, sigma^2) to the weights of the filter-normalised network; "none" uses s = 1.
+  Beside it, the gradient g of L at theta (`grad_norm` = ||g||) and `first_order` = sigma ||s g||, the
+  standard deviation over draws of the first-order term g . eps: the loss change one draw would cause
+  through the slope alone, in the units of Delta_LPF (zero at a stationary point, where Delta_LPF is all
+  curvature; much larger than |Delta_LPF| far from one).
 - F_gap: F(gamma) = mean over K random unit directions u of |L(theta + gamma u) - L(theta)|, the same
   directions for every radius and split. With `relative`, gamma = radius * ||theta||. The direction's
   normalisation decides how a radius is shared between the parts of theta:
@@ -31,7 +35,7 @@ from torch import nn
 
 from mmlab_cli.analysis.common import Subset
 from mmlab_cli.analysis.landscape import filter_normalized
-from mmlab_cli.analysis.lossfn import Advance, LossParams, block_of, generator, losses_at
+from mmlab_cli.analysis.lossfn import Advance, LossParams, block_of, generator, gradient, losses_at
 
 
 def _stderr(values: np.ndarray) -> float | None:
@@ -43,6 +47,7 @@ def lpf(model: nn.Module, subset: Subset, lp: LossParams, sigma: float = 0.01, d
     theta = lp.flat()
     scale = sigma * (lp.filter_scale() if normalize == "filter" else torch.ones_like(theta))
     loss, acc = (v.item() for v in losses_at(model, subset, lp, theta[None]))
+    grad = gradient(model, subset, lp)
     gen = generator(seed, "lpf")
     losses, accs = [], []
     for start in range(0, draws, chunk):  # one draw per vector: the same noise whatever the chunk
@@ -55,8 +60,8 @@ def lpf(model: nn.Module, subset: Subset, lp: LossParams, sigma: float = 0.01, d
             advance(len(eps))
     losses = np.array(losses)
     return {"loss": loss, "acc": acc, "lpf_loss": float(losses.mean()), "delta": float(losses.mean() - loss),
-            "lpf_loss_stderr": _stderr(losses), "lpf_acc": float(np.mean(accs)), "sigma": sigma, "draws": draws,
-            "normalize": normalize}
+            "lpf_loss_stderr": _stderr(losses), "lpf_acc": float(np.mean(accs)), "grad_norm": grad.norm().item(),
+            "first_order": (scale * grad).norm().item(), "sigma": sigma, "draws": draws, "normalize": normalize}
 
 
 def parameter_blocks(lp: LossParams) -> dict[str, torch.Tensor]:

@@ -112,6 +112,9 @@ class FlatnessSettings:
     absent: str = option("mean", "Modality-absent test (DML Theorems 1-2) on multimodal runs: lambda_max and LPF "
                          "with each modality's input replaced by mean (its train-split mean input) or zero; none: "
                          "skip.")
+    block_top_k: int | None = option(None, "Top eigenvalues of each block's and each absent modality's solve "
+                                     "(default: --top-k; 1: lambda_max only, what the claims read, in about half "
+                                     "the Lanczos steps; their lambda* is then not computed).")
 
     def check(self) -> "FlatnessSettings":
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -132,6 +135,7 @@ class FlatnessSettings:
         if self.fgap_normalize not in FGAP_NORMALIZATIONS:
             raise MmlabError(f"--fgap-normalize {self.fgap_normalize}: choose {', '.join(FGAP_NORMALIZATIONS)}")
         positive = {"--batch-size": self.batch_size, "--chunk": self.chunk or 1, "--top-k": self.top_k,
+                    "--block-top-k": 1 if self.block_top_k is None else self.block_top_k,
                     "--max-steps": self.max_steps, "--probe-batch": self.probe_batch or 1,
                     "--density-steps": self.density_steps, "--density-runs": self.density_runs,
                     "--lpf-draws": self.lpf_draws, "--fgap-directions": self.fgap_directions, "--grid": self.grid,
@@ -139,8 +143,8 @@ class FlatnessSettings:
         for flag, value in positive.items():
             if value < 1:
                 raise MmlabError(f"{flag} {value}: must be >= 1")
-        if self.max_steps < self.top_k:
-            raise MmlabError(f"--max-steps {self.max_steps}: must be >= --top-k {self.top_k}")
+        if self.max_steps < max(self.top_k, self.block_top_k or 1):
+            raise MmlabError(f"--max-steps {self.max_steps}: must be >= --top-k {self.top_k} and --block-top-k")
         if self.trace_probes < 0 or self.tol <= 0 or self.lpf_sigma <= 0 or self.span <= 0:
             raise MmlabError("--trace-probes must be >= 0; --tol, --lpf-sigma and --span must be > 0")
         if not self.landscape_dims or any(d not in (1, 2) for d in self.landscape_dims):
@@ -172,7 +176,7 @@ class FlatnessSettings:
     def of(self, metric: str) -> dict:
         """The settings a metric's values depend on (what a reused block must match)."""
         keys = {"hessian": ("backend", "top_k", "tol", "max_steps", "trace_probes", "density", "density_steps",
-                            "density_runs", "blocks", "absent"),
+                            "density_runs", "blocks", "absent", "block_top_k"),
                 "lpf": ("lpf_sigma", "lpf_draws", "lpf_normalize", "absent"),
                 "fgap": ("fgap_directions", "fgap_radii", "fgap_relative", "fgap_normalize"),
                 "landscape": ("grid", "span", "landscape_dims")}[metric]

@@ -163,14 +163,20 @@ def loss_params(model: nn.Module, subset: Subset) -> LossParams:
     return LossParams([n for n, _ in used], [p for _, p in used], excluded)
 
 
-class HessianVectorProduct:
-    """v [n] or V [P, n] -> H v or H V, over the whole subset. A one-batch subset keeps its gradient
-    graph between products (as pyhessian does), so a product then costs only the double backward."""
+KEEP_BATCHES = 4  # gradient graphs kept between products: a subset of at most this many batches (memory x that)
 
-    def __init__(self, model: nn.Module, subset: Subset, lp: LossParams):
+
+class HessianVectorProduct:
+    """v [n] or V [P, n] -> H v or H V, over the whole subset. A subset of at most `keep` batches keeps
+    their gradient graphs between products (as pyhessian does for one batch), so a product then costs
+    only the double backward: the same products summed in the same order, bit for bit, in about half
+    the time (benchmarks/hessian_solves.py). Larger subsets rebuild each batch's graph per product, so memory
+    stays that of one batch."""
+
+    def __init__(self, model: nn.Module, subset: Subset, lp: LossParams, keep: int = KEEP_BATCHES):
         self.model, self.subset, self.lp = model, subset, lp
         self.products = 0
-        self._graph = self._grads(*subset.batches[0]) if len(subset.batches) == 1 else None
+        self._graphs = [self._grads(*b) for b in subset.batches] if len(subset.batches) <= keep else None
 
     def _grads(self, inputs, y) -> tuple[torch.Tensor, ...]:
         with torch.enable_grad():
@@ -183,11 +189,10 @@ class HessianVectorProduct:
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.products += 1 if v.dim() == 1 else len(v)
-        if self._graph is not None:
-            return self._product(self._graph, v, retain=True) / self.subset.size
         out = torch.zeros_like(v)
-        for inputs, y in self.subset.batches:
-            out += self._product(self._grads(inputs, y), v, retain=False)
+        for i, (inputs, y) in enumerate(self.subset.batches):
+            kept = self._graphs is not None
+            out += self._product(self._graphs[i] if kept else self._grads(inputs, y), v, retain=kept)
         return out / self.subset.size
 
 
