@@ -8,7 +8,7 @@
 # runs and resumes interrupted ones, and the analyses reuse their JSON when settings and checkpoint are unchanged.
 #
 # On a CPU the runs go JOBS at a time (default: one per core), one thread each (JOBS never changes a number), with the settings
-# of recipes/sweeps/avmnist-cpu.yaml (cut to fit an hour on 2 cores); DEVICE=cuda runs
+# of recipes/sweeps/avmnist-cpu.yaml (cut to fit 90 minutes on 2 cores with ten seeds); DEVICE=cuda runs
 # recipes/sweeps/avmnist.yaml, the recipes as written (the DML paper's Table 6), one run at a time. Both on
 # AVMNIST-like data: white noise at SNR_DB on the audio (ESC-50 is not obtainable here; -5 dB was chosen on the
 # validation split so that audio alone lands near the paper's 41.84 %, docs/results/avmnist.md).
