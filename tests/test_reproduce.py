@@ -70,7 +70,7 @@ def test_avmnist_trains_every_method_and_seed_then_analyses_and_reports(tmp_path
     lines = dry_run("reproduce-avmnist", "SEEDS=0 1", "JOBS=2", f"AVMNIST_RUNS={tmp_path}/runs",
                     f"AVMNIST_DATA={avmnist_data}", "DEVICE=cpu")
     assert f"/fake/bin/mmlab prepare avmnist --mnist ../shared/data/mnist --fsdd ../shared/data/fsdd " \
-           f"--noise white --snr-db -5 --out {avmnist_data}" in lines
+           f"--noise white --snr-db -7.5 --out {avmnist_data}" in lines
     args = sweep_line(lines)
     assert args[:2] == ["sweep", "recipes/sweeps/avmnist-cpu.yaml"] and "--jobs 2" in " ".join(args)
     result = plan(args, monkeypatch)
