@@ -56,7 +56,7 @@ csv = $(subst $() ,$(comma),$(strip $(1)))
 # $(call sweep,SWEEP_FILE): the sweep with this make's seeds, jobs and device
 sweep = $(MMLAB) sweep $(1) $(if $(SEEDS),--seeds $(call csv,$(SEEDS)) )--jobs $(JOBS) --set device=$(DEVICE)
 
-.PHONY: reproduce-avmnist reproduce-synthetic reproduce-dagr avmnist-snr-pilot
+.PHONY: reproduce-avmnist reproduce-synthetic reproduce-dagr avmnist-snr-pilot dagr-level-pilot
 
 # the SNR pilot (recipes/sweeps/avmnist-snr-pilot.yaml): audio alone per SNR, the reproduction's schedule
 SNR_PILOT ?= -6 -7 -8 -9
@@ -64,6 +64,15 @@ SNR_DATA := data/avmnist-snr
 SNR_LEVELS = $(addprefix $(SNR_DATA)/snr,$(SNR_PILOT))
 avmnist-snr-pilot: venv $(addsuffix /manifest.json,$(SNR_LEVELS))
 	$(call sweep,recipes/sweeps/avmnist-snr-pilot.yaml) --grid data=$(call csv,$(SNR_LEVELS))
+
+# the DAGR set's difficulty pilot (recipes/sweeps/dagr-level-pilot.yaml): image and audio alone per image level
+DAGR_IMAGE_PILOT ?= 0.2 0.35 0.5 0.65
+DAGR_PILOT_LEVELS = $(foreach i,$(DAGR_IMAGE_PILOT),data/dagr-synthetic/image-$(i)-audio-$(DAGR_AUDIO_INFO)-coupling-$(DAGR_COUPLING))
+dagr-level-pilot: venv $(addsuffix /manifest.json,$(DAGR_PILOT_LEVELS))
+	$(call sweep,recipes/sweeps/dagr-level-pilot.yaml) --grid data=$(call csv,$(DAGR_PILOT_LEVELS))
+
+data/dagr-synthetic/image-%-audio-$(DAGR_AUDIO_INFO)-coupling-$(DAGR_COUPLING)/manifest.json: | venv
+	$(MMLAB) prepare synthetic --image-info $* --audio-info $(DAGR_AUDIO_INFO) --coupling $(DAGR_COUPLING) --out $(@D)
 
 $(SNR_DATA)/snr%/manifest.json: | venv
 	$(MMLAB) prepare avmnist --mnist $(MNIST) --fsdd $(FSDD) --noise white --snr-db $* --out $(@D)
