@@ -163,7 +163,7 @@ def test_dagr_trains_table1_and_d3_on_one_imbalance_level_then_analyses_and_repo
     lines = dry_run("reproduce-dagr", "SEEDS=0 2", "JOBS=2", f"DAGR_DATA={data}", f"DAGR_RUNS={tmp_path}/runs",
                     "DEVICE=cpu")
     # one coupled level: sample-level pairs, so anchoring, drift and Recall@1 are sample-level (issue 22)
-    assert f"/fake/bin/mmlab prepare synthetic --image-info 0.2 --audio-info 0.25 --coupling 0.5 --out {data}" in lines
+    assert f"/fake/bin/mmlab prepare synthetic --image-info 0.7 --audio-info 0.25 --coupling 0.5 --out {data}" in lines
     shutil.copytree(tiny_synthetic, data)  # what the prepare line makes
     args = sweep_line(lines)
     assert args[1] == "recipes/sweeps/dagr-synthetic.yaml" and "--seeds 0,2 --jobs 2" in " ".join(args)
@@ -182,8 +182,8 @@ def test_dagr_trains_table1_and_d3_on_one_imbalance_level_then_analyses_and_repo
         assert cfg["relearn_every"] * cfg["relearn_times"] < 8 if cfg["balance"] == "relearn" else True
     sweep = load_sweep(ROOT / args[1])
     text = (ROOT / args[1]).read_text()  # run by hand, the sweep file reads the coupled level the target prepares
-    assert "--coupling 0.5 --out data/dagr-synthetic/audio-0.25-coupling-0.5" in text
-    assert "\ndata: data/dagr-synthetic/audio-0.25-coupling-0.5\n" in text
+    assert "--coupling 0.5 \\\n#       --out data/dagr-synthetic/image-0.7-audio-0.25-coupling-0.5" in text
+    assert "\ndata: data/dagr-synthetic/image-0.7-audio-0.25-coupling-0.5\n" in text
     assert list(sweep.analyses) == ["robustness", "geometry"]
     assert "missing-zero" in sweep.analyses["robustness"][0][sweep.analyses["robustness"][0].index("--corruption") + 1]
     assert sweep.report == [["--claims", "recipes/claims/dagr-paper.yaml"]]
