@@ -18,6 +18,7 @@ from mmlab_cli.config import TrainConfig, resolve_config
 from mmlab_cli.methods.registry import method_label
 from mmlab_cli.data.format import ModalitySpec
 from mmlab_cli.engine.fit import build_optimizer, train
+from mmlab_cli.engine.distributed import World
 from mmlab_cli.engine.step import build_step
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.agm import coefficients as agm_coefficients
@@ -26,7 +27,7 @@ from mmlab_cli.data.loader import to_tensor
 from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.methods.base import Loop
 from mmlab_cli.methods.gblending import GBlending, blend_weights
-from mmlab_cli.methods.mmpareto import combine
+from mmlab_cli.methods.mmpareto import MMPareto, combine
 from mmlab_cli.methods.ogm import coefficients, modulate, official_end, slice_logits
 from mmlab_cli.methods.pmr import PMR, class_means
 from mmlab_cli.methods.relearn import Relearn, purity, relearn_weight
@@ -450,6 +451,39 @@ def test_mmpareto_step_sets_encoder_gradients_and_leaves_the_heads_theirs():
     plain.update(encoders)
     for n, q in model.named_parameters():
         assert torch.allclose(q.detach(), w0[n] - 0.1 * plain[n], atol=1e-6), n
+
+
+class SeparatePassMMPareto(MMPareto):
+    """MMPareto as it was before: the multimodal loss's encoder gradients from a backward pass of their own."""
+
+    def parameter_grads(self, step, out) -> None:
+        self._separate = {m: torch.autograd.grad(out["loss"], self.params[m], retain_graph=True)
+                          for m in self.modalities}
+        return super().parameter_grads(step, out)
+
+    def after_backward(self, step, inputs, y, out) -> None:
+        for m in self.modalities:
+            for p, g in zip(self.params[m], self._separate[m]):
+                p.grad = g
+        super().after_backward(step, inputs, y, out)
+
+
+def test_mmpareto_reads_the_multimodal_gradients_from_the_steps_backward_bit_identically():
+    """The step's own backward gives the multimodal loss's encoder gradients bit for bit as a separate backward
+    pass did: steps of each end at equal weights (a backward that added another term, or missed one, would not)."""
+    weights = []
+    for separate in (False, True):
+        model = _model()
+        cfg = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, device="cpu", balance="mmpareto")
+        opt, _ = build_optimizer(cfg, model)
+        methods = [SeparatePassMMPareto(model, World())] if separate else None
+        step = build_step(cfg, model, opt, torch.amp.GradScaler("cpu", enabled=False), CPU, methods=methods)
+        assert isinstance(step.methods[0], MMPareto) and len(step.methods) == 1
+        for seed in range(3):
+            out = step(*_batch(seed=seed))
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        assert 0 <= out["mmpareto_k_a"] <= 1
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
 
 
 def test_mmpareto_refuses_what_it_would_silently_drop():
