@@ -5,17 +5,20 @@ process, with the identity of the results checked (issue 22 item 7: `make reprod
                                       [--rounds 2]
 
 Each recipe of recipes/synthetic/ trains `--epochs` epochs (seed 0, one thread) twice per round: with the
-reference code (what the speed-ups replaced, kept here only, installed by monkeypatching) and with mmlab's.
-The order alternates between rounds so that a noisy machine hurts both alike; the clock is this process's CPU
-time, which other processes sharing the cores cannot inflate. Printed per recipe: the median seconds of each,
-their ratio, and whether the two runs ended bit-identical (final weights of the last checkpoint, every metric
-but the wall-clock ones).
+reference code (what the speed-ups replaced, kept here only, installed by monkeypatching) and with mmlab's,
+each run in a fresh process (the malloc setting cannot be undone within one), one at a time. The order
+alternates between rounds so that a noisy machine hurts both alike; the clock is the training's CPU time in
+its process, which other processes sharing the cores cannot inflate. Printed per recipe: the median seconds of
+each, their ratio, and whether the two runs ended bit-identical (final weights of the last checkpoint, every
+metric but the wall-clock ones).
 
 The speed-ups:
 - max pooling (tiny_cnn's two 2x2 pools, every method): the window maxima found by PyTorch's channels-last CPU
   kernel and gathered (mmlab_cli/models/encoders.py MaxPool2x2) instead of its NCHW kernel, ~4x slower;
 - MMPareto: the multimodal loss's encoder gradients read from the step's own backward instead of a separate
-  backward pass over both encoders (mmlab_cli/methods/mmpareto.py).
+  backward pass over both encoders (mmlab_cli/methods/mmpareto.py);
+- glibc's malloc keeps the memory it frees (mmlab_cli/threads.py keep_freed_memory) instead of handing the
+  step's few-MiB tensors back to the kernel, which maps and zeroes fresh pages for them at every step.
 
 The default dataset is the reproduction's (`mmlab prepare synthetic --image-info 0.2 --audio-info 0.25
 --coupling 0.5`), made in a temp dir.
@@ -27,9 +30,11 @@ import argparse
 import contextlib
 import importlib
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,6 +45,7 @@ from data_prep.synthetic import prepare_synthetic
 from mmlab_cli.config import resolve_config
 from mmlab_cli.engine.fit import train
 from mmlab_cli.methods import mmpareto
+from mmlab_cli import threads
 from mmlab_cli.methods.pareto import flat
 from mmlab_cli.methods.registry import specs
 from mmlab_cli.models.encoders import MaxPool2x2
@@ -77,7 +83,8 @@ def reference_after_backward(self, step, inputs, y, out) -> None:
         out[f"mmpareto_k_{m}"] = k_mm
 
 
-REFERENCE = [(MaxPool2x2, "forward", nn.MaxPool2d.forward),
+REFERENCE = [(threads, "keep_freed_memory", lambda: False),
+             (MaxPool2x2, "forward", nn.MaxPool2d.forward),
              (mmpareto.MMPareto, "parameter_grads", reference_parameter_grads),
              (mmpareto.MMPareto, "after_backward", reference_after_backward)]
 
@@ -85,7 +92,7 @@ REFERENCE = [(MaxPool2x2, "forward", nn.MaxPool2d.forward),
 @contextlib.contextmanager
 def reference_code():
     """The code before the speed-ups, for the duration of the block."""
-    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in REFERENCE]
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in REFERENCE]
     for owner, name, function in REFERENCE:
         setattr(owner, name, function)
     try:
@@ -95,14 +102,23 @@ def reference_code():
             setattr(owner, name, function)
 
 
-def run(recipe: str, data: str, out: Path, epochs: int) -> tuple[float, dict, dict]:
-    """(CPU seconds, final weights, metrics) of one training run."""
+def train_once(recipe: str, data: str, out: Path, epochs: int, reference: bool) -> float:
+    """CPU seconds of one training run in this process (a fresh one: see `run`), with the reference code or not."""
+    torch.set_num_threads(1)
+    for spec in specs():  # imported before the clock starts, as a long-lived sweep worker has them
+        importlib.import_module(spec.module)
     cfg = resolve_config(RECIPES / f"{recipe}.yaml", {"data": data, "out": str(out), "epochs": epochs,
                                                       "threads": 1, "device": "cpu"})
-    t0 = time.process_time()
-    with contextlib.redirect_stdout(None):
+    with reference_code() if reference else contextlib.nullcontext(), contextlib.redirect_stdout(None):
+        t0 = time.process_time()
         train(cfg)
-    seconds = time.process_time() - t0
+        return time.process_time() - t0
+
+
+def run(recipe: str, data: str, out: Path, epochs: int, reference: bool) -> tuple[float, dict, dict]:
+    """(CPU seconds, final weights, metrics) of one training run in a fresh process."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        seconds = pool.submit(train_once, recipe, data, out, epochs, reference).result()
     metrics = json.loads((out / "metrics.json").read_text())
     metrics = {k: v for k, v in metrics.items() if not any(w in k for w in WALL_CLOCK)}
     return seconds, load_file(out / "checkpoints" / "last" / "model.safetensors"), metrics
@@ -122,9 +138,6 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per run (relearn re-initialises after epoch 2)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each side per recipe")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    for spec in specs():  # imported before the clock starts: the first run would pay for them
-        importlib.import_module(spec.module)
     work = Path(tempfile.mkdtemp())
     data = args.data or str(work / "data")
     if not args.data:
@@ -135,8 +148,8 @@ def main() -> None:
         results = {}
         for r in range(args.rounds):
             for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                with reference_code() if side == "before" else contextlib.nullcontext():
-                    seconds, weights, metrics = run(recipe, data, work / f"{recipe}-{side}-{r}", args.epochs)
+                seconds, weights, metrics = run(recipe, data, work / f"{recipe}-{side}-{r}", args.epochs,
+                                                side == "before")
                 times[side].append(seconds)
                 results[side] = weights, metrics
         before, after = statistics.median(times["before"]), statistics.median(times["after"])
