@@ -126,5 +126,6 @@ class MMPareto(Method):
                 p.grad = g.view_as(p).to(p.dtype)
             out[f"mmpareto_k_{m}"] = k_mm
 
+
 def build(cfg, model, world) -> MMPareto:
     return MMPareto(model, world, cfg.pareto_space)

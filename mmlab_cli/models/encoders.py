@@ -114,8 +114,8 @@ class MaxPool2x2(nn.MaxPool2d):
         if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
             return super().forward(x)
         with torch.no_grad():
-            _, index = nn.functional.max_pool2d(x.detach().contiguous(memory_format=torch.channels_last), 2, return_indices=True)
-        index = index.contiguous()
+            channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+            index = nn.functional.max_pool2d(channels_last, 2, return_indices=True)[1].contiguous()
         return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
 
 
