@@ -17,6 +17,9 @@ The speed-ups:
   kernel and gathered (mmlab_cli/models/encoders.py MaxPool2x2) instead of its NCHW kernel, ~4x slower;
 - MMPareto: the multimodal loss's encoder gradients read from the step's own backward instead of a separate
   backward pass over both encoders (mmlab_cli/methods/mmpareto.py);
+- Diagnosing & Re-learning: k-means with the run's thread count (mmlab_cli/methods/relearn.py purity); before,
+  scikit-learn's OpenMP and BLAS pools, loaded inside the run after its thread limits were set, ran one thread
+  per CPU (what the reference reproduces, whatever the import order);
 - glibc's malloc keeps the memory it frees (mmlab_cli/threads.py keep_freed_memory) instead of handing the
   step's few-MiB tensors back to the kernel, which maps and zeroes fresh pages for them at every step.
 
@@ -44,7 +47,12 @@ from torch import nn
 from data_prep.synthetic import prepare_synthetic
 from mmlab_cli.config import resolve_config
 from mmlab_cli.engine.fit import train
-from mmlab_cli.methods import mmpareto
+from mmlab_cli.methods import mmpareto, relearn
+from sklearn.cluster import KMeans
+from sklearn.metrics.cluster import contingency_matrix
+from sklearn.preprocessing import MinMaxScaler
+from threadpoolctl import threadpool_limits
+
 from mmlab_cli import threads
 from mmlab_cli.methods.pareto import flat
 from mmlab_cli.methods.registry import specs
@@ -83,10 +91,20 @@ def reference_after_backward(self, step, inputs, y, out) -> None:
         out[f"mmpareto_k_{m}"] = k_mm
 
 
+def reference_purity(features, labels, classes: int) -> float:
+    """Relearn's k-means purity before: scikit-learn's pools at one thread per CPU."""
+    with threadpool_limits(limits=threads.available_cpus()):
+        scaled = MinMaxScaler(feature_range=(-1, 1)).fit_transform(features)
+        clusters = KMeans(n_clusters=classes, random_state=relearn.KMEANS_SEED,
+                          n_init=relearn.KMEANS_INITS).fit_predict(scaled)
+    return float(contingency_matrix(labels, clusters).max(axis=0).sum() / len(labels))
+
+
 REFERENCE = [(threads, "keep_freed_memory", lambda: False),
              (MaxPool2x2, "forward", nn.MaxPool2d.forward),
              (mmpareto.MMPareto, "parameter_grads", reference_parameter_grads),
-             (mmpareto.MMPareto, "after_backward", reference_after_backward)]
+             (mmpareto.MMPareto, "after_backward", reference_after_backward),
+             (relearn, "purity", reference_purity)]
 
 
 @contextlib.contextmanager

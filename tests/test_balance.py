@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import mmlab_cli.engine.fit as fit
 from conftest import tiny_config
@@ -625,6 +627,25 @@ def test_relearn_purity_and_weight_hand_computed():
     assert purity(features, np.array([0, 0, 0, 1, 1, 1]), 2) == 1.0
     assert relearn_weight(1.0, 4 / 6, 3.0) == pytest.approx(math.tanh(1.0))
     assert relearn_weight(0.5, 0.75, 2.0) == pytest.approx(math.tanh(0.5))  # the gap's absolute value
+
+
+def test_relearn_kmeans_runs_with_the_runs_thread_count(monkeypatch):
+    """scikit-learn's pools load inside a run, after its thread limits were set (here: left at 2 while torch,
+    the run's count, has 1); KMeans must still run single-threaded, not one thread per CPU (20x slower on a
+    shared machine)."""
+    seen = []
+    fit_predict = KMeans.fit_predict
+    monkeypatch.setattr(KMeans, "fit_predict", lambda self, x: seen.append(
+        {lib["num_threads"] for lib in threadpool_info()}) or fit_predict(self, x))
+    before = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=2):
+            torch.set_num_threads(1)  # torch's own pool only
+            assert purity(np.array([[0.0], [0.1], [1.0], [1.1]]), np.array([0, 0, 1, 1]), 2) == 1.0
+            assert {lib["num_threads"] for lib in threadpool_info()} == {1, 2}  # the limit held only inside
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [{1}]
 
 
 def test_relearn_moves_each_encoder_back_towards_its_initial_weights(tiny_synthetic):
