@@ -1,5 +1,5 @@
 """Training time of the DAGR reproduction's methods before and after their speed-ups, side by side in one
-process, with the identity of the results checked (issue 22 item 7: `make reproduce-dagr` must fit 90 minutes).
+run, with the identity of the results checked (issue 22 item 7: `make reproduce-dagr` must fit 90 minutes).
 
     python benchmarks/method_speed.py [--data DIR] [--recipes sml,dgl,dagr,mmpareto,relearn] [--epochs 3]
                                       [--rounds 2]
@@ -42,18 +42,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
-
-from data_prep.synthetic import prepare_synthetic
-from mmlab_cli.config import resolve_config
-from mmlab_cli.engine.fit import train
-from mmlab_cli.methods import mmpareto, relearn
 from sklearn.cluster import KMeans
 from sklearn.metrics.cluster import contingency_matrix
 from sklearn.preprocessing import MinMaxScaler
 from threadpoolctl import threadpool_limits
+from torch import nn
 
+from data_prep.synthetic import prepare_synthetic
 from mmlab_cli import threads
+from mmlab_cli.config import resolve_config
+from mmlab_cli.engine.fit import train
+from mmlab_cli.methods import mmpareto, relearn
 from mmlab_cli.methods.pareto import flat
 from mmlab_cli.methods.registry import specs
 from mmlab_cli.models.encoders import MaxPool2x2
