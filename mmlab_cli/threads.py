@@ -8,11 +8,17 @@ else the CPUs this process may use: its affinity mask, capped by SLURM_CPUS_PER_
 floating-point sums, so a run records it in env.json and a resume continues with it
 (mmlab_cli.engine.fit.run_threads), and a sweep gives every run a fixed count (1 unless set) that does not
 depend on how many runs go at once. Inter-op threads are left alone: mmlab runs no parallel graphs (torch.jit.fork).
+
+The same commands also let glibc's malloc keep the memory it frees (`keep_freed_memory`): a CPU step allocates
+and frees tensors of a few MiB each time, and by default those come back as fresh pages that the kernel must
+map and zero at every step, about a fifth of a small model's training time (benchmarks/method_speed.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 
 import typer
@@ -34,13 +40,31 @@ def default_threads() -> int:
     return _positive("OMP_NUM_THREADS") or available_cpus()
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_ABOVE, TRIM_ABOVE = 32 * 2**20, 2**30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve blocks under 32 MiB from its heap and keep up to 1 GiB of freed heap for reuse,
+    instead of mapping and returning such blocks each time (its default once they exceed its adaptive threshold).
+    Only where memory comes from: no computation changes. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE) and mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE))
+
+
 @contextlib.contextmanager
 def use_threads(n: int = 0):
     """Run the block with `n` threads (0: default_threads()) in torch and in the BLAS/OpenMP libraries numpy,
-    scipy and scikit-learn loaded; the previous counts come back afterwards. Yields the number used."""
+    scipy and scikit-learn loaded; the previous counts come back afterwards (the malloc setting, process-wide,
+    stays). Yields the number used."""
     import torch
     from threadpoolctl import threadpool_limits
 
+    keep_freed_memory()
     n = n or default_threads()
     before = torch.get_num_threads()
     torch.set_num_threads(n)

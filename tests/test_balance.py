@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import mmlab_cli.engine.fit as fit
 from conftest import tiny_config
@@ -18,6 +20,7 @@ from mmlab_cli.config import TrainConfig, resolve_config
 from mmlab_cli.methods.registry import method_label
 from mmlab_cli.data.format import ModalitySpec
 from mmlab_cli.engine.fit import build_optimizer, train
+from mmlab_cli.engine.distributed import World
 from mmlab_cli.engine.step import build_step
 from mmlab_cli.errors import MmlabError
 from mmlab_cli.methods.agm import coefficients as agm_coefficients
@@ -26,7 +29,7 @@ from mmlab_cli.data.loader import to_tensor
 from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.methods.base import Loop
 from mmlab_cli.methods.gblending import GBlending, blend_weights
-from mmlab_cli.methods.mmpareto import combine
+from mmlab_cli.methods.mmpareto import MMPareto, combine
 from mmlab_cli.methods.ogm import coefficients, modulate, official_end, slice_logits
 from mmlab_cli.methods.pmr import PMR, class_means
 from mmlab_cli.methods.relearn import Relearn, purity, relearn_weight
@@ -452,6 +455,39 @@ def test_mmpareto_step_sets_encoder_gradients_and_leaves_the_heads_theirs():
         assert torch.allclose(q.detach(), w0[n] - 0.1 * plain[n], atol=1e-6), n
 
 
+class SeparatePassMMPareto(MMPareto):
+    """MMPareto as it was before: the multimodal loss's encoder gradients from a backward pass of their own."""
+
+    def parameter_grads(self, step, out) -> None:
+        self._separate = {m: torch.autograd.grad(out["loss"], self.params[m], retain_graph=True)
+                          for m in self.modalities}
+        return super().parameter_grads(step, out)
+
+    def after_backward(self, step, inputs, y, out) -> None:
+        for m in self.modalities:
+            for p, g in zip(self.params[m], self._separate[m]):
+                p.grad = g
+        super().after_backward(step, inputs, y, out)
+
+
+def test_mmpareto_reads_the_multimodal_gradients_from_the_steps_backward_bit_identically():
+    """The step's own backward gives the multimodal loss's encoder gradients bit for bit as a separate backward
+    pass did: steps of each end at equal weights (a backward that added another term, or missed one, would not)."""
+    weights = []
+    for separate in (False, True):
+        model = _model()
+        cfg = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, device="cpu", balance="mmpareto")
+        opt, _ = build_optimizer(cfg, model)
+        methods = [SeparatePassMMPareto(model, World())] if separate else None
+        step = build_step(cfg, model, opt, torch.amp.GradScaler("cpu", enabled=False), CPU, methods=methods)
+        assert isinstance(step.methods[0], MMPareto) and len(step.methods) == 1
+        for seed in range(3):
+            out = step(*_batch(seed=seed))
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        assert 0 <= out["mmpareto_k_a"] <= 1
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
 def test_mmpareto_refuses_what_it_would_silently_drop():
     for other in ({"scheme": "dgl"}, {"regularizer": "dagr"}):
         with pytest.raises(MmlabError, match="mmpareto sets the encoders' whole gradient"):
@@ -591,6 +627,25 @@ def test_relearn_purity_and_weight_hand_computed():
     assert purity(features, np.array([0, 0, 0, 1, 1, 1]), 2) == 1.0
     assert relearn_weight(1.0, 4 / 6, 3.0) == pytest.approx(math.tanh(1.0))
     assert relearn_weight(0.5, 0.75, 2.0) == pytest.approx(math.tanh(0.5))  # the gap's absolute value
+
+
+def test_relearn_kmeans_runs_with_the_runs_thread_count(monkeypatch):
+    """scikit-learn's pools load inside a run, after its thread limits were set (here: left at 2 while torch,
+    the run's count, has 1); KMeans must still run single-threaded, not one thread per CPU (20x slower on a
+    shared machine)."""
+    seen = []
+    fit_predict = KMeans.fit_predict
+    monkeypatch.setattr(KMeans, "fit_predict", lambda self, x: seen.append(
+        {lib["num_threads"] for lib in threadpool_info()}) or fit_predict(self, x))
+    before = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=2):
+            torch.set_num_threads(1)  # torch's own pool only
+            assert purity(np.array([[0.0], [0.1], [1.0], [1.1]]), np.array([0, 0, 1, 1]), 2) == 1.0
+            assert {lib["num_threads"] for lib in threadpool_info()} == {1, 2}  # the limit held only inside
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [{1}]
 
 
 def test_relearn_moves_each_encoder_back_towards_its_initial_weights(tiny_synthetic):

@@ -10,7 +10,7 @@ import torchvision.transforms.v2.functional as TF
 
 from mmlab_cli.data.format import ModalitySpec, write_dataset
 from mmlab_cli.methods.augment import BatchAugment, color_jitter, crop_flip, spec_masks
-from mmlab_cli.models.encoders import create_encoder
+from mmlab_cli.models.encoders import MaxPool2x2, create_encoder
 from mmlab_cli.models.fusion import LateFusion
 from mmlab_cli.models.pretrained import init_pretrained
 
@@ -117,6 +117,46 @@ def test_strided_cnn_is_tiny_cnn_with_a_stride_2_stem():
     with torch.no_grad():
         torch.testing.assert_close(strided[1][0](x), tiny[1][0](x)[..., ::2, ::2])
         assert strided(x).shape == (2, 8)
+
+
+def test_max_pool_2x2_is_bit_identical_to_max_pooling_ties_odd_sizes_and_second_derivatives():
+    """The gathered maxima give max pooling's outputs and gradients bit for bit: ties (a constant positive block,
+    post-ReLU zeros, NaN) go to the same element (a different tie rule would move a gradient), odd sizes drop the
+    last row and column alike, and the second derivative (Hessian analyses) agrees."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 9, 7, generator=g).relu()
+    x[0, 0, :4, :4] = 1.5
+    x[1, 2, 2, 3] = float("nan")
+    x.requires_grad_()
+    fast, ref = MaxPool2x2(), torch.nn.MaxPool2d(2)
+    out, expected = fast(x), ref(x)
+    assert out.shape == expected.shape == (3, 4, 4, 3) and out[1, 2, 1, 1].isnan()
+    assert torch.equal(out.nan_to_num(-1.0), expected.nan_to_num(-1.0))
+    w = torch.randn(expected.shape, generator=g)
+    grads = [torch.autograd.grad((pool(x).nan_to_num(0.0) * w).sum(), x, create_graph=True)[0] for pool in (fast, ref)]
+    assert torch.equal(grads[0], grads[1]) and grads[0][0, 0, :4, :4].count_nonzero() == 4  # one per 2x2 block
+    v = torch.randn(x.shape, generator=g)
+    second = [torch.autograd.grad((gr * v).sum() + (pool(x).nan_to_num(0.0) ** 2).sum(), x)[0]
+              for gr, pool in zip(grads, (fast, ref))]
+    assert torch.equal(second[0], second[1])
+    assert fast(x.detach().contiguous(memory_format=torch.channels_last)).shape == expected.shape  # the plain path
+
+
+def test_tiny_cnn_trains_bit_identically_with_either_max_pooling(monkeypatch):
+    """Steps of tiny_cnn (its two 2x2 poolings) with MaxPool2x2 and with nn.MaxPool2d end at equal weights."""
+    weights = []
+    for forward in (MaxPool2x2.forward, torch.nn.MaxPool2d.forward):
+        monkeypatch.setattr(MaxPool2x2, "forward", forward)
+        torch.manual_seed(0)
+        enc = create_encoder("tiny_cnn", SPEC, 8)
+        opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            enc(torch.randn(6, 1, 20, 10, generator=g)).square().mean().backward()
+            opt.step()
+        weights.append(enc.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_pooled_cnn_is_strided_cnn_on_the_input_averaged_over_2x2_blocks():

@@ -10,8 +10,10 @@
   per parameter tensor), gamma = 1.5; a vanishing combination is left at zero, not NaN;
 - the fusion head and the unimodal heads get their own losses' gradients, as in the official code.
 
-The per-loss gradients come from torch.autograd.grad on the step's graph and are averaged over the
-processes of a distributed run in one all-reduce, before the weights: every process combines alike.
+The multimodal loss's encoder gradients are the step's own backward's (it adds no other loss: methods/registry.py
+`_mmpareto_check`); the unimodal ones come from torch.autograd.grad on the step's graph, one backward through each
+encoder, and are averaged over the processes of a distributed run in one all-reduce (the multimodal ones by
+DistributedDataParallel), before the weights: every process combines alike.
 
 With `--pareto-space embeddings` (MGDA-UB, Sener & Koltun 2018) the same rule reads the gradients w.r.t.
 modality m's embedding z_m instead of its encoder's parameters: the weight, the cosine test and one
@@ -98,29 +100,28 @@ class MMPareto(Method):
                    for i, z in enumerate(embeddings)) / unit
 
     def parameter_grads(self, step, out) -> None:
-        """The per-loss encoder gradients (scaled like the task loss under fp16), one all-reduce for all."""
+        """Each encoder's unimodal-loss gradient (scaled like the task loss under fp16), one all-reduce for all.
+        The multimodal loss's encoder gradients are the step's own backward's (it adds no other term: see
+        `_mmpareto_check`), read in `after_backward`, so they cost no backward pass of their own."""
         scale = step.scaler.scale
-        every = [p for m in self.modalities for p in self.params[m]]
-        parts = [flat(torch.autograd.grad(scale(out["loss"]), every, retain_graph=True, allow_unused=True), every)]
-        for i, m in enumerate(self.modalities):
-            grads = torch.autograd.grad(scale(out["mmpareto_unimodal"][i]), self.params[m], retain_graph=True,
-                                        allow_unused=True)
-            parts.append(flat(grads, self.params[m]))
+        parts = [flat(torch.autograd.grad(scale(out["mmpareto_unimodal"][i]), self.params[m], retain_graph=True,
+                                          allow_unused=True), self.params[m]) for i, m in enumerate(self.modalities)]
         vector = torch.cat(parts)
         if self.world.size > 1:
             vector = self.world.mean(vector)
-        sizes = [p.numel() for p in every] + [p.numel() for m in self.modalities for p in self.params[m]]
-        pieces = iter(vector.split(sizes))
-        mm = {m: [next(pieces) for _ in self.params[m]] for m in self.modalities}
-        self._grads = {m: (mm[m], [next(pieces) for _ in self.params[m]]) for m in self.modalities}
+        pieces = iter(vector.split([p.numel() for m in self.modalities for p in self.params[m]]))
+        self._unimodal = {m: [next(pieces) for _ in self.params[m]] for m in self.modalities}
         return None
 
     @torch.no_grad()
     def after_backward(self, step, inputs, y, out) -> None:
+        """Each encoder's gradient becomes the combination of the multimodal one (the backward's, averaged over
+        the processes by DistributedDataParallel) and the unimodal one."""
         if self.space == "embeddings":  # the step's backward gave the encoders their combination
             return
         for m in self.modalities:
-            grads, k_mm = combine(*self._grads[m])
+            multimodal = flat([p.grad for p in self.params[m]], self.params[m])
+            grads, k_mm = combine(list(multimodal.split([p.numel() for p in self.params[m]])), self._unimodal[m])
             for p, g in zip(self.params[m], grads):
                 p.grad = g.view_as(p).to(p.dtype)
             out[f"mmpareto_k_{m}"] = k_mm

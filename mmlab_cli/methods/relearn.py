@@ -25,6 +25,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics.cluster import contingency_matrix
 from sklearn.preprocessing import MinMaxScaler
+from threadpoolctl import threadpool_limits
 
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.methods.base import Loop, Method, balancing
@@ -33,9 +34,14 @@ KMEANS_SEED, KMEANS_INITS = 0, 10
 
 
 def purity(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
-    """k-means purity of `features` [N, d] (scaled to [-1, 1] per feature, `classes` clusters) against `labels`."""
+    """k-means purity of `features` [N, d] (scaled to [-1, 1] per feature, `classes` clusters) against `labels`.
+
+    KMeans runs with torch's thread count (the run's, mmlab_cli/threads.py): scikit-learn's OpenMP and BLAS pools
+    load with this module, inside the run, after the run's limits were set, and would otherwise start a thread
+    per CPU (on a shared machine about 20x slower: benchmarks/method_speed.py)."""
     scaled = MinMaxScaler(feature_range=(-1, 1)).fit_transform(features)
-    clusters = KMeans(n_clusters=classes, random_state=KMEANS_SEED, n_init=KMEANS_INITS).fit_predict(scaled)
+    with threadpool_limits(limits=torch.get_num_threads()):
+        clusters = KMeans(n_clusters=classes, random_state=KMEANS_SEED, n_init=KMEANS_INITS).fit_predict(scaled)
     return float(contingency_matrix(labels, clusters).max(axis=0).sum() / len(labels))
 
 
