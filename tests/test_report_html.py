@@ -114,7 +114,7 @@ def test_renders_in_headless_chromium(html_report, tmp_path):
     measured = [n for n, t in by_name.items() if len(t.numeric) > 1]
     assert {f"table-{n}" for n in measured} == set(dom.tables)  # a section for what was measured only
     assert dom.missing == ["run mmlab train --objective contrastive to add retrieval, retrieval_class",
-                           "run mmlab sweep to add time"]
+                           "run mmlab robustness RUN_DIR --eps-sweep to add eps50", "run mmlab sweep to add time"]
     header, *rows = dom.tables["table-accuracy"]
     names = [h for h, _ in header]
     assert names == list(by_name["accuracy"].cells.columns)
