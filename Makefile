@@ -44,7 +44,7 @@ gallery: venv
 	rm -rf $(GALLERY_RUNS)
 	$(BIN)/mmlab prepare synthetic --out $(DEMO_DATA)
 	for m in image audio sml dml ogm-ge; do $(BIN)/mmlab train --recipe recipes/synthetic/$$m.yaml --data $(DEMO_DATA) \
-		--out $(GALLERY_RUNS)/$$m --epochs 3 --device $(DEVICE) || exit 1; done
+		--out $(GALLERY_RUNS)/$$m --epochs 3 --track-sharpness 1 --device $(DEVICE) || exit 1; done
 	$(BIN)/mmlab flatness $(GALLERY_RUNS)/sml $(GALLERY_RUNS)/dml $(GALLERY_FLATNESS) --device $(DEVICE)
 	$(BIN)/mmlab robustness $(GALLERY_RUNS)/image $(GALLERY_RUNS)/audio $(GALLERY_RUNS)/sml $(GALLERY_RUNS)/dml \
 		--samples 256 --eps-sweep --device $(DEVICE)

@@ -19,6 +19,10 @@ GALLERY = (
      "line style) and train/validation loss, mean ± standard error over seeds, one colour per method."),
     ("report_coefficients.png", "`mmlab report`: what the methods recorded per epoch (here OGM-GE's coefficient k per "
      "modality), one panel per term."),
+    ("report_sharpness.png", "`mmlab report`: λ_max per epoch of runs trained with --track-sharpness (mean ± standard "
+     "error over seeds, log scale), each method's stability limit 2(1+β)/η dotted."),
+    ("report_gap.png", "`mmlab report`: the modality gap W2² of the unit embeddings per method, ± one std over seeds, "
+     "with its same-law floor (two halves of one modality) as a black tick."),
     ("report_eps.png", "`mmlab report`: accuracy against the PGD radius ε per method, mean ± standard error over "
      "seeds (the ε50 table's figure), one panel per attacked modality."),
     ("compare/flatness/flatness_comparison_landscape_2d_contour.png",

@@ -119,13 +119,14 @@ def sharpness_curves(groups: dict[str, dict], path: Path) -> list[Path]:
         colour = figures.method_colour(name)
         _band(ax, c, SHARPNESS, colour, "-", i, len(tracked))
         _band(ax, c, STABILITY_LIMIT, colour, ":", i, len(tracked))
-    ax.set(yscale="log", xlabel="epoch", ylabel="top Hessian eigenvalue", title="Sharpness over training")
+    ax.set(yscale="log", xlabel="epoch", ylabel="top Hessian eigenvalue", title="Sharpness over training: λ_max")
     ax.xaxis.get_major_locator().set_params(integer=True)
     handles = [Patch(color=figures.method_colour(name), label=f"{name} ({figures.plural(c['runs'], 'run')})")
                for name, c in tracked.items()]
-    handles += [Line2D([], [], color="0.3", linestyle="-", label="lambda_max"),
-                Line2D([], [], color="0.3", linestyle=":", label="limit 2(1+momentum)/lr")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2))
+    handles += [Line2D([], [], color="0.3", linestyle="-", label="λ_max")]
+    if any(STABILITY_LIMIT in c["mean"] for c in tracked.values()):  # none under Adam
+        handles.append(Line2D([], [], color="0.3", linestyle=":", label="stability limit 2(1+β)/η"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=1)
     return figures.save(fig, path)
 
 
