@@ -172,7 +172,7 @@ def test_report_draws_lambda_max_per_method_against_the_limit(runs_dir):
     with figures.capture() as drawn:
         _, md, _ = write_report(runs_dir)
     assert (runs_dir / "report_sharpness.png").is_file() and "](report_sharpness.png)" in md
-    ax = next(fig for fig in drawn if fig.axes[0].get_title() == "Sharpness over training").axes[0]
+    ax = next(fig for fig in drawn if fig.axes[0].get_title() == "Sharpness over training: λ_max").axes[0]
     assert ax.get_yscale() == "log"
     dml = figures.method_colour("DML (image+audio)").lower()
     lines = {line.get_linestyle(): line.get_ydata().tolist() for line in ax.lines if to_hex(line.get_color()) == dml}
