@@ -18,7 +18,6 @@ from mmlab_cli.results import Table, group_label, within_keys
 ACCURACY = "val_acc"  # the fused validation accuracy per epoch; val_acc_<modality>: each modality's probe
 LOSSES = ("train_loss", "val_loss")
 NOT_COEFFICIENTS = ("train_loss", "train_acc")
-SHARPNESS, STABILITY_LIMIT = "lambda_max", "stability_limit"  # --track-sharpness's keys (mmlab_cli.engine.fit)
 FUSED = "fused"  # a path of G-Blending's weights besides the modalities
 
 

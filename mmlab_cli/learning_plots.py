@@ -16,7 +16,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mmlab_cli import figures
-from mmlab_cli.learning import ACCURACY, LOSSES, SHARPNESS, STABILITY_LIMIT, coefficients
+from mmlab_cli.engine import SHARPNESS, STABILITY_LIMIT
+from mmlab_cli.learning import ACCURACY, LOSSES, coefficients
 
 HATCHES = ("////", "\\\\\\\\", "xx", "..", "++", "oo")  # a probe's bar, by modality
 

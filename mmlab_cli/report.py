@@ -406,9 +406,9 @@ LEARNING_CAPTION = ("Learning curves per epoch: validation accuracy (fused solid
                     "and loss (train solid, validation dashed), mean ± standard error over seeds")
 COEFFICIENT_CAPTION = ("What each method recorded per epoch (its balancing coefficients, weights or loss terms, "
                        "training means), mean ± standard error over seeds")
-SHARPNESS_CAPTION = ("Sharpness over training (--track-sharpness): lambda_max of the fused loss on a fixed train "
+SHARPNESS_CAPTION = ("Sharpness over training (--track-sharpness): λ_max of the fused loss on a fixed train "
                      "subset per tracked epoch, mean ± standard error over seeds (log scale); dotted: the epoch's "
-                     "stability limit 2(1+momentum)/lr")
+                     "stability limit 2(1+β)/η")
 
 
 def comparison_figures(root: Path) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from mmlab_cli.data.format import atomic_write_json, atomic_write_text
 from mmlab_cli.data.loader import BatchLoader
 from mmlab_cli.data.pairing import epoch_plan, held_out_split
 from mmlab_cli.data.pseudo_labels import pairing_labels
+from mmlab_cli.engine import STABILITY_LIMIT
 from mmlab_cli.engine.checkpoint import (find_checkpoint, load_into, load_state, load_weights, non_finite_weights,
                                         read_weights, save_checkpoint)
 from mmlab_cli.engine.distributed import World, init_world, shutdown
@@ -500,7 +501,7 @@ def _train(cfg: TrainConfig, dataset: PreparedDataset, resume: bool, world: Worl
                 method.end_epoch(loop, epoch)
             tracked = sharpness.measure(model) if sharpness and (epoch + 1) % cfg.track_sharpness == 0 else {}
             if tracked:
-                tracked["stability_limit"] = stability_limit(cfg, lr)
+                tracked[STABILITY_LIMIT] = stability_limit(cfg, lr)
             if not any(method.holds_lr(epoch) for method in methods):
                 sched.step()
             val = scoring.score(model, val_loader)

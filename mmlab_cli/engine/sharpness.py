@@ -21,6 +21,7 @@ import time
 import torch
 
 from mmlab_cli.config import TrainConfig
+from mmlab_cli.engine import SHARPNESS
 from mmlab_cli.data.dataset import PreparedDataset
 from mmlab_cli.models.curvature import (HessianVectorProduct, LossParams, Subset, generator, lanczos, load_subset,
                                         loss_params, threshold)
@@ -58,7 +59,7 @@ class Sharpness:
         finally:
             model.train(was)
         self.vector = t.top_vector().cpu()
-        return {"lambda_max": float(t.top(1)[0][0]), "sharpness_steps": len(t.alphas),
+        return {SHARPNESS: float(t.top(1)[0][0]), "sharpness_steps": len(t.alphas),
                 "sharpness_converged": t.converged(1, TOL), "sharpness_seconds": time.time() - t0}
 
 
@@ -72,9 +73,9 @@ def flat_at(history: list[dict], final_lr: float, tol: float, epochs: int) -> in
     """The epoch after which `--stop-when-flat TOL:EPOCHS` ends the run, or None: the last EPOCHS + 1 tracked
     epochs all trained at the schedule's final rate and their lambda_max spread (max - min) is below TOL times
     the smallest. From the history alone, so a resumed run stops where the uninterrupted one did."""
-    tracked = [r for r in history if r.get("lambda_max") is not None]
+    tracked = [r for r in history if r.get(SHARPNESS) is not None]
     last = tracked[-(epochs + 1):]
     if len(last) < epochs + 1 or not all(math.isclose(r["lr"], final_lr, rel_tol=1e-9) for r in last):
         return None
-    values = [r["lambda_max"] for r in last]
+    values = [r[SHARPNESS] for r in last]
     return last[-1]["epoch"] if max(values) - min(values) < tol * abs(min(values)) else None
