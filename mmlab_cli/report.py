@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -340,26 +342,53 @@ def eps50_nulls(runs: pd.DataFrame, docs: list) -> str:
     return f"Without ε50, so left out of its cell: {'; '.join(null)}." if null else ""
 
 
-def draw_curves(root: Path, name: str, table: Table) -> None:
-    """Draw a table's curves over seeds (F_gap of flatness.json, accuracy-ε of robustness.json) into
-    <name>_{fgap,eps}[-k].png under `root` and list them with its plots."""
-    from mmlab_cli import figures  # matplotlib, only when there is something to draw
-    from mmlab_cli.analysis import flatness_plots, robustness_plots
+def _draw_fgap(named: dict, path: Path) -> None:
+    from mmlab_cli.analysis import flatness_plots  # matplotlib, only when there is something to draw
 
-    fgap = table.spec.name != "eps50"
-    stem, what = (("fgap", "F_gap over seeds: mean") if fgap else
-                  ("eps", "Accuracy vs the PGD radius ε over seeds (dashed: half the clean accuracy, where ε50 is "
-                   "read): mean"))
+    flatness_plots.fgap(named, path)
+
+
+def _draw_eps(named: dict, path: Path) -> None:
+    from mmlab_cli.analysis import robustness_plots  # matplotlib, only when there is something to draw
+
+    robustness_plots.eps_curves(named, path, "error bars: standard error over the seeds")
+
+
+@dataclass(frozen=True)
+class CurveKind:
+    """A table's curves over seeds (TableSpec.curves): how they are gathered from the runs' files, what the groups
+    left out of the figure missed, and how they are drawn into <report>_<stem>[-k].png."""
+    over_seeds: Callable  # (runs, group_by, docs) -> ({block: {group label: curves}}, labels of groups left out)
+    left_out: str  # "Left out of the <left_out>: <groups>."
+    stem: str
+    caption: str
+    draw: Callable[[dict, Path], None]  # {legend label: curves} -> PNG
+    runs: Callable[[dict], int]  # how many runs a group's curves average
+    note: Callable[[pd.DataFrame, list], str] = lambda runs, docs: ""  # what else the table should say
+
+
+CURVES = {
+    "fgap": CurveKind(fgap_over_seeds, "F_gap figure, their runs measured F_gap at different radii", "fgap",
+                      "F_gap over seeds: mean", _draw_fgap, lambda c: c["runs"]),
+    "eps": CurveKind(eps_over_seeds, "ε figure, their runs measured the curve on different grids", "eps",
+                     "Accuracy vs the PGD radius ε over seeds (dashed: half the clean accuracy, where ε50 is "
+                     "read): mean",
+                     _draw_eps, lambda c: max(v["runs"] for v in c.values()), eps50_nulls),
+}
+
+
+def draw_curves(root: Path, name: str, table: Table) -> None:
+    """Draw a table's curves over seeds (its CURVES kind) into <name>_<stem>[-k].png under `root` and list them
+    with its plots."""
+    from mmlab_cli import figures  # matplotlib, only when there is something to draw
+
+    kind = CURVES[table.spec.curves]
     for k, (block, curves) in enumerate(table.curves.items()):
-        file = f"{name}_{stem}{f'-{k + 1}' if len(table.curves) > 1 else ''}.png"
-        named = {f"{label}{figures.RUN_SEPARATOR}"
-                 f"{figures.plural(c['runs'] if fgap else max(v['runs'] for v in c.values()), 'run')}": c
+        file = f"{name}_{kind.stem}{f'-{k + 1}' if len(table.curves) > 1 else ''}.png"
+        named = {f"{label}{figures.RUN_SEPARATOR}{figures.plural(kind.runs(c), 'run')}": c
                  for label, c in curves.items()}
-        if fgap:
-            flatness_plots.fgap(named, root / file)
-        else:
-            robustness_plots.eps_curves(named, root / file, "error bars: standard error over the seeds")
-        table.plots.insert(k, (f"{what}, error bars ± one standard error over the runs (seeds)"
+        kind.draw(named, root / file)
+        table.plots.insert(k, (f"{kind.caption}, error bars ± one standard error over the runs (seeds)"
                                f"{f' ({block})' if block else ''}", file))
 
 
@@ -459,14 +488,11 @@ def build_tables(root: str | Path, group_by: tuple[str, ...] | None = None,
         attach_plots(table, runs, group_by, docs[spec.file], checkpoint)
         if spec.name == "accuracy":
             table.learning = history_over_seeds(root, runs, group_by)
-        if spec.file == "flatness.json" or spec.name == "eps50":
-            over_seeds, what = ((fgap_over_seeds, "F_gap figure, their runs measured F_gap at different radii")
-                                if spec.file == "flatness.json" else
-                                (eps_over_seeds, "ε figure, their runs measured the curve on different grids"))
-            table.curves, mixed = over_seeds(runs, group_by, docs[spec.file])
-            nulls = eps50_nulls(runs, docs[spec.file]) if spec.name == "eps50" else ""
-            table.note = " ".join(filter(None, [table.note, mixed and f"Left out of the {what}: {', '.join(mixed)}.",
-                                                nulls]))
+        if spec.curves:
+            kind = CURVES[spec.curves]
+            table.curves, mixed = kind.over_seeds(runs, group_by, docs[spec.file])
+            table.note = " ".join(filter(None, [table.note, mixed and f"Left out of the {kind.left_out}: "
+                                                f"{', '.join(mixed)}.", kind.note(runs, docs[spec.file])]))
         tables.append(table)
     if stated:
         tables.append(claims_table(stated, runs, docs, group_by, checkpoint))

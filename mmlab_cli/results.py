@@ -41,6 +41,7 @@ class TableSpec:
     # (column JSON path, JSON path of a text saying why a run cannot have the value): a column no run has is then
     # explained once by that text (λ_max/thr under Adam: no stability limit) instead of "not measured"
     reasons: tuple[tuple[str, str], ...] = ()
+    curves: str = ""  # the curves over seeds drawn beside the table (mmlab_cli.report.CURVES): "fgap", "eps"
 
 
 TABLES = (
@@ -79,7 +80,8 @@ TABLES = (
                ("modality absent: how far from a minimum (‖∇L‖ = 0 at one; σ‖s∇L‖ beside Δ_LPF)",
                 ("‖∇L‖", "‖∇L‖ {} absent", "σ‖s∇L‖", "σ‖s∇L‖ {} absent")),
                ("F_gap", ("F_gap {}",))),
-              (("lambda_max_over_threshold", "stability.note"), ("block_over_threshold.*", "stability.note"))),
+              (("lambda_max_over_threshold", "stability.note"), ("block_over_threshold.*", "stability.note")),
+              "fgap"),
     TableSpec("geometry", "Modality variance of unit embeddings: Tr Σ and Tr Σ/d (d the embedding size; the DML "
               "paper's Table 5 prints the latter times 1000), variance ratio of Tr Σ, and modality gap W2² "
               "(DML paper Table 5) beside its same-law floor (W2² between two random halves of one modality, the "
@@ -120,7 +122,7 @@ TABLES = (
               "modality attacked (the others clean) first falls to half the clean accuracy, linearly interpolated on "
               "the accuracy-ε curve (pixels in [0, 1] for images, multiples of the input's std otherwise; higher is "
               "more robust)", "robustness.json", "mmlab robustness RUN_DIR --eps-sweep",
-              (("ε50 {}", "pgd.*.eps50", "↑"),), ".3g"),
+              (("ε50 {}", "pgd.*.eps50", "↑"),), ".3g", curves="eps"),
     TableSpec("corruptions", "Corruption robustness: area under the accuracy-severity curve (%) "
               "(DAGR paper Appendix D.2)", "robustness.json", "mmlab robustness RUN_DIR",
               (("AUC {} {}", "corruptions.*.*.auc", "↑"),)),

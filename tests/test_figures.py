@@ -134,7 +134,8 @@ def test_fgap_legend_counts_runs_and_explains_its_error_bars(tmp_path):
     from mmlab_cli.report import draw_curves
     from mmlab_cli.results import TABLES, Table
 
-    table = Table(TABLES[0], pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), [])
+    spec = next(t for t in TABLES if t.curves == "fgap")
+    table = Table(spec, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), [])
     table.curves = {"": {SML: {**_fgap(1.0), "runs": 1}, DML: {**_fgap(0.5), "runs": 3}}}
     with figures.capture() as drawn:
         draw_curves(tmp_path, "report", table)
