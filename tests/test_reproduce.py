@@ -21,7 +21,7 @@ from mmlab_cli.sweep import load_sweep
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 AVMNIST_METHODS = ("sml-dagr", "dml-dagr", "sml", "dml", "audio", "image")
-AVMNIST_CPU_METHODS = ("sml", "dml", "audio", "image")  # the DML paper's comparisons, 5 seeds in an hour
+AVMNIST_CPU_METHODS = ("sml", "dml", "audio", "image")  # the DML paper's comparisons, 10 seeds in 90 minutes
 SYNTH_METHODS = ("sml-dagr", "sml", "dml", "audio", "image")
 # the DAGR paper's Table 1 baselines (ogm: OGM-GE without its noise, not in the table) and D.3 controls
 BALANCES, REGULARIZERS = in_slot("balance"), in_slot("regularizer")
