@@ -31,7 +31,8 @@ METHOD_COLOURS = {"image only": "#56B4E9", "audio only": "#E69F00", "depth only"
                   "SML": "#009E73", "DML": "#D55E00", "SML + DAGR": "#0072B2", "DML + DAGR": "#CC79A7",
                   "SML + DGL": "#44AA99", "DML + DGL": "#882255", "DML + DGL + DAGR": "#332288",
                   "SML + SAM": "#117733", "DML + SAM": "#AA4499", "SML + SWA": "#999933", "DML + SWA": "#661100"}
-OTHER_COLOURS = ("#6699CC", "#AA4466", "#DDCC77", "#88CCEE", "#CC6677", "#004488", "#BB5566", "#666633")
+OTHER_COLOURS = ("#6699CC", "#AA4466", "#DDCC77", "#88CCEE", "#CC6677", "#004488", "#BB5566", "#666633",
+                 "#EE7733", "#33BBEE", "#EE3377", "#CC3311", "#009988", "#77AADD", "#AAAA00", "#994455")
 RUN_SEPARATOR = " – "  # 'DML (image+audio) – seed1': a method's runs share its colour
 # what is not a method (positive / negative pairs, a reference level) is drawn in greys, hatched where filled, so a
 # colour always means a method (blue is "image only" in every figure, never "negative")
@@ -40,6 +41,7 @@ NEUTRAL = {"negative": {"color": "0.7", "hatch": "////", "alpha": 0.8},
 LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 2)))  # fused, then one per modality
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _captured: ContextVar[list | None] = ContextVar("captured_figures", default=None)
+_palette: ContextVar[dict[str, str]] = ContextVar("method_palette", default={})
 
 
 def method_key(name: str) -> str:
@@ -50,9 +52,30 @@ def method_key(name: str) -> str:
 
 
 def method_colour(name: str) -> str:
-    """The fixed colour of a method label (a stable hash for labels outside METHOD_COLOURS)."""
+    """The fixed colour of a method label; for labels outside METHOD_COLOURS, their colour in the enclosing
+    `palette`, else a stable hash."""
     key = method_key(name)
-    return METHOD_COLOURS.get(key) or OTHER_COLOURS[zlib.crc32(key.encode()) % len(OTHER_COLOURS)]
+    return (METHOD_COLOURS.get(key) or _palette.get().get(key)
+            or OTHER_COLOURS[zlib.crc32(key.encode()) % len(OTHER_COLOURS)])
+
+
+@contextmanager
+def palette(names):
+    """Inside this block each method among `names` that has no fixed colour gets its own colour of
+    OTHER_COLOURS (in sorted order: the same methods get the same colours in every figure of a report), where the
+    hash alone lets two methods share one (13 DAGR-paper methods in 16 colours). Beyond 16 such methods the
+    colours repeat."""
+    keys = sorted({method_key(n) for n in names} - METHOD_COLOURS.keys())
+    token = _palette.set({k: OTHER_COLOURS[i % len(OTHER_COLOURS)] for i, k in enumerate(keys)})
+    try:
+        yield
+    finally:
+        _palette.reset(token)
+
+
+def method_ticks(ax, names: list[str]) -> None:
+    """Method labels under bars, broken before each ' + ' and turned upright when more than four would collide."""
+    ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ") for n in names], rotation=90 if len(names) > 4 else 0)
 
 
 def modality_colour(modality: str) -> str:

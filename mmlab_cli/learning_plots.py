@@ -154,7 +154,7 @@ def accuracy_bars(groups: dict[str, dict], path: Path) -> list[Path]:
     for i, (name, g) in enumerate((n, g) for n, g in references.items() if not math.isnan(g["fused"][0])):
         ax.axhline(g["fused"][0], color=figures.method_colour(name), linestyle="--", linewidth=1.2,
                    zorder=1 + i / len(references))
-    ax.set_xticks(range(len(bars)), [name.replace(" + ", "\n+ ") for name in bars])
+    figures.method_ticks(ax, list(bars))
     ax.set(ylabel="test accuracy (%)", title="Test accuracy (error bars: ± 1 std over seeds)")
     ax.grid(False, axis="x")
     handles = [Patch(facecolor="0.5", edgecolor="0.2", label="fused")]
@@ -184,8 +184,7 @@ def gap_bars(groups: dict[str, dict], path: Path) -> list[Path]:
                 tick = ax.errorbar(x, floor, yerr=None if math.isnan(floor_std) else floor_std, fmt="_", color="k",
                                    markersize=14, markeredgewidth=2, capsize=2, zorder=3)
                 tick.lines[0].set_gid("floor")
-        ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ") for n in names], rotation=90 if len(names) > 4
-                      else 0)
+        figures.method_ticks(ax, names)
         ax.set(ylabel="W2² of unit embeddings", title=f"Modality gap {pair}")
         ax.grid(False, axis="x")
     handles = [Patch(facecolor="0.6", edgecolor="0.2", label="W2² gap (± 1 std over seeds)"),

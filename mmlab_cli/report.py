@@ -427,6 +427,22 @@ def draw_gaps(root: Path, name: str, table: Table, group_by: tuple[str, ...]) ->
     table.plots[:0] = drawn
 
 
+def draw_figures(root: Path, name: str, tables: list[Table], group_by: tuple[str, ...]) -> None:
+    """Every figure over seeds the tables have, each method in one colour across all of them (figures.palette)."""
+    if not any(has_values(t) for t in tables):
+        return  # nothing measured: matplotlib is not imported
+    from mmlab_cli import figures
+
+    with figures.palette([label for t in tables if "method" in t.cells for label in t.cells["method"]]):
+        for table in tables:
+            if table.curves:
+                draw_curves(root, name, table)
+            if table.spec.name == "accuracy" and has_values(table):
+                draw_learning(root, name, table, group_by)
+            if table.spec.name == "geometry" and has_values(table):
+                draw_gaps(root, name, table, group_by)
+
+
 GAP_CAPTION = ("Modality gap W2² of the unit embeddings per method (mean, error bars ± one sample standard deviation "
                "over seeds) with its same-law floor (black: W2² between two random halves of one modality)")
 ACCURACY_CAPTION = ("Test accuracy per method: fused (solid bar) and each modality's probe (hatched), mean over "
@@ -580,13 +596,7 @@ def write_report(root: str | Path, group_by: tuple[str, ...] | None = None, fmt:
     tables, group_by = build_tables(root, group_by, claims, checkpoint, correction)
     check_writable(root)  # a read-only folder: one line, not a traceback from the first figure or table written
     name = "report" if checkpoint == "best" else f"report-{checkpoint}"
-    for table in tables:
-        if table.curves:
-            draw_curves(root, name, table)
-        if table.spec.name == "accuracy" and has_values(table):
-            draw_learning(root, name, table, group_by)
-        if table.spec.name == "geometry" and has_values(table):
-            draw_gaps(root, name, table, group_by)
+    draw_figures(root, name, tables, group_by)
     runs = int(tables[0].numbers["runs"].sum())
     compared = comparison_figures(root)
     intro = (f"{runs} runs in {len(tables[0].numbers)} groups by "

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from mmlab_cli import figures
+from mmlab_cli import figures, learning_plots
 from mmlab_cli.analysis import flatness_plots, robustness_plots
 from mmlab_cli.errors import MmlabError
 
@@ -41,6 +41,29 @@ def test_a_method_has_one_colour_in_every_figure(tmp_path):
     assert {sml, image} <= _colours(curves[1]) and dml not in _colours(curves[1])
     legend_text = fgap[1].read_text() + curves[1].read_text()
     assert "SML (image+audio)" in legend_text and "chance" in legend_text  # method names, the chance line
+
+
+def test_a_reports_palette_gives_each_unnamed_method_its_own_colour(tmp_path):
+    """The DAGR reproduction's 13 groups: 12 have no fixed colour and their hashes collide (its report drew three
+    methods in one blue); inside `palette` each gets its own, the same in every figure, fixed ones kept."""
+    from matplotlib.colors import to_hex
+
+    extras = ("ALIGN", "BARLOW", "DAGR", "UNIT-SPHERE", "VICREG")
+    names = ([f"SML (image+audio) + DGL + {r}" for r in extras] + ["SML (image+audio) + DGL", SML]
+             + [f"SML (image+audio) + {b}" for b in ("AGM", "GBLENDING", "MMPARETO", "OGM-GE", "PMR", "RELEARN")])
+    hashed = {figures.method_colour(n) for n in names}
+    assert len(hashed) < len(names)  # what the palette is for
+    with figures.palette(reversed(names)):
+        colours = [figures.method_colour(n) for n in names]
+        with figures.capture() as drawn:
+            learning_plots.gap_bars({n: {"image|audio": {"gap": (1.0, 0.1), "floor": (0.1, 0.01)}, "runs": 3}
+                                     for n in names}, tmp_path / "gap.png")
+    assert len(set(colours)) == len(names)
+    assert colours[names.index(SML)] == figures.METHOD_COLOURS["SML"]  # a fixed colour stays
+    assert [to_hex(p.get_facecolor()) for p in drawn[0].axes[0].patches] == [c.lower() for c in colours]
+    assert figures.method_colour(names[0]) in hashed  # outside the block: the stable hash again
+    labels = drawn[0].axes[0].get_xticklabels()
+    assert all(t.get_rotation() == 90 for t in labels) and labels[0].get_text() == names[0].replace(" + ", "\n+ ")
 
 
 def test_colour_keys_and_legend_names():
