@@ -31,8 +31,8 @@ METHOD_COLOURS = {"image only": "#56B4E9", "audio only": "#E69F00", "depth only"
                   "SML": "#009E73", "DML": "#D55E00", "SML + DAGR": "#0072B2", "DML + DAGR": "#CC79A7",
                   "SML + DGL": "#44AA99", "DML + DGL": "#882255", "DML + DGL + DAGR": "#332288",
                   "SML + SAM": "#117733", "DML + SAM": "#AA4499", "SML + SWA": "#999933", "DML + SWA": "#661100"}
-OTHER_COLOURS = ("#6699CC", "#AA4466", "#DDCC77", "#88CCEE", "#CC6677", "#004488", "#BB5566", "#666633",
-                 "#EE7733", "#33BBEE", "#EE3377", "#CC3311", "#009988", "#77AADD", "#AAAA00", "#994455")
+OTHER_COLOURS = ("#6699CC", "#EE7733", "#AA4466", "#DDCC77", "#004488", "#EE3377", "#666633", "#33BBEE",
+                 "#CC3311", "#88CCEE", "#AAAA00", "#994455", "#009988", "#CC6677", "#77AADD", "#BB5566")  # hues interleaved
 RUN_SEPARATOR = " – "  # 'DML (image+audio) – seed1': a method's runs share its colour
 # what is not a method (positive / negative pairs, a reference level) is drawn in greys, hatched where filled, so a
 # colour always means a method (blue is "image only" in every figure, never "negative")
@@ -71,6 +71,14 @@ def palette(names):
         yield
     finally:
         _palette.reset(token)
+
+
+def legend_columns(fig: Figure, labels: list[str], most: int) -> int:
+    """How many legend columns (at most `most`) fit the figure's width with these labels, so a legend of long
+    method names wraps into more rows instead of running off the figure's edges."""
+    char = STYLE["legend.fontsize"] * 0.6 / 72  # inches: a rough average glyph width of the legend font
+    column = (max(map(len, labels), default=1) + 5) * char  # + the handle and the gap between columns
+    return max(1, min(most, len(labels), int(fig.get_figwidth() // column)))
 
 
 def method_ticks(ax, names: list[str]) -> None:

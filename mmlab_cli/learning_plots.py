@@ -48,7 +48,8 @@ def _legend(fig, groups: dict[str, dict], styles: dict[str, object], parts: list
     handles += [Line2D([], [], color="0.3", linestyle=styles[p], label=f"{p}{what}" if p else "fused")
                 for p in parts]
     wide = fig.get_figwidth() > figures.WIDTH[1]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3 if wide else 1))
+    fig.legend(handles=handles, loc="outside lower center",
+               ncol=figures.legend_columns(fig, [h.get_label() for h in handles], 3 if wide else 1))
 
 
 @figures.styled
@@ -162,7 +163,8 @@ def accuracy_bars(groups: dict[str, dict], path: Path) -> list[Path]:
                 for j, m in enumerate(modalities)]
     handles += [Line2D([], [], color=figures.method_colour(n), linestyle="--", label=f"{n} (reference)")
                 for n in references]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4))
+    fig.legend(handles=handles, loc="outside lower center",
+               ncol=figures.legend_columns(fig, [h.get_label() for h in handles], 4))
     return figures.save(fig, path)
 
 

@@ -198,3 +198,21 @@ def test_pgd_without_a_sweep_is_a_bar_chart(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["clean", "PGD on image\nε = 0.1", "PGD on audio\nε = 0.1"]
     assert {p.get_facecolor()[:3] for p in ax.patches} == {tuple(int(figures.method_colour(DML)[i:i + 2], 16) / 255
                                                                  for i in (1, 3, 5))}
+
+
+def test_a_legend_of_long_method_names_stays_inside_the_figure(tmp_path):
+    """The DAGR report's learning curves: three columns of 'SML (image+audio) + DGL + UNIT-SPHERE (10 runs)' ran
+    off both edges of the 7-inch figure; the columns now follow the labels' length."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mmlab_cli.learning import ACCURACY
+
+    names = [f"SML (image+audio) + DGL + {r}" for r in ("ALIGN", "BARLOW", "DAGR", "UNIT-SPHERE", "VICREG", "PMR")]
+    curve = {"epoch": [1, 2], "mean": {ACCURACY: [50.0, 60.0]}, "stderr": {ACCURACY: [1.0, 1.0]},
+             "modalities": ["image", "audio"], "runs": 10}
+    with figures.capture() as drawn:
+        learning_plots.learning_curves({n: curve for n in names}, tmp_path / "learning.png")
+    fig = drawn[0]
+    box = fig.legends[0].get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
+    assert figures.legend_columns(fig, ["short"] * 9, 3) == 3  # short labels keep the columns asked for

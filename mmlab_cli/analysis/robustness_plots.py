@@ -45,7 +45,8 @@ def _finish(fig, axes, results: dict[str, dict], title: str = "", ncol: int = 5)
                 entries.setdefault(label, handle)
     if axes[0].lines and axes[0].lines[-1].get_label() == "chance":
         entries["chance"] = axes[0].lines[-1]
-    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=min(len(entries), ncol),
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center",
+               ncol=figures.legend_columns(fig, list(entries), ncol),
                title=title or None)
 
 
