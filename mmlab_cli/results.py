@@ -93,18 +93,20 @@ TABLES = (
               ("geometry_tsne.png",),
               parts=(("per modality", ("Tr Σ {}", "Tr Σ/d {}")), ("per pair", ("ratio {}", "W2² {}", "W2² floor {}")))),
     TableSpec("alignment", "Representation diagnostics: effective rank of the covariance as spectral entropy "
-              "(Roy & Vetterli 2007) and as participation ratio PR (DAGR paper Theorem 3.2), semantic margin, "
+              "(Roy & Vetterli 2007) and as participation ratio PR (DAGR paper Theorem 3.2), RankMe (Garrido et al. "
+              "2023: the entropy effective rank of the uncentred embeddings' singular values), semantic margin, "
               "cross-modal drift, cosine gap and KS distance, Recall@1 (DAGR paper Appendix C)", "geometry.json",
               "mmlab geometry RUN_DIR",
               (("erank entropy {}", "modality.*.effective_rank_entropy", ""),
                ("erank PR {}", "modality.*.effective_rank_participation", ""),
+               ("RankMe {}", "modality.*.rankme", ""),
                ("margin {}", "modality.*.semantic_margin", ""),
                *SAMPLE_LEVEL_COLUMNS), ".4g", ("geometry_cosine.png",),
               tuple((path, "sample_level_pairs") for _, path, _ in SAMPLE_LEVEL_COLUMNS),
               f"{FLAG}: the runs' dataset pairs its modalities at class level (AVMNIST, synthetic without --coupling) "
               "or does not say (`pairing` in geometry.json): drift, cosine gap, KS and R@1 then measure class-level alignment only, "
               "and R@1 is capped (a sample's partner is one of many same-class candidates).",
-              (("per modality", ("erank entropy {}", "erank PR {}", "margin {}")),
+              (("per modality", ("erank entropy {}", "erank PR {}", "RankMe {}", "margin {}")),
                ("per pair", tuple(label for label, _, _ in SAMPLE_LEVEL_COLUMNS)))),
     TableSpec("ati", "ATI check (DML paper Table 13): the trained fusion map perturbing one modality's embedding "
               "(feature norm ‖φ‖, Δ_error, ε_rel), and ε_rel of the paper's four fusion networks on the unit "

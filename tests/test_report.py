@@ -30,10 +30,10 @@ def _geometry(var_i, var_a, w2, split="test", extra=0.0, floor=None):
     return {"split": split,
             "modality": {"image": {"variance": var_i, "variance_per_dim": var_i / 64,
                                    "effective_rank_entropy": 10 + extra, "effective_rank_participation": 7 + extra,
-                                   "semantic_margin": 0.5 + extra},
+                                   "rankme": 6 + extra, "semantic_margin": 0.5 + extra},
                          "audio": {"variance": var_a, "variance_per_dim": var_a / 64,
                                    "effective_rank_entropy": 8 + extra, "effective_rank_participation": 5,
-                                   "semantic_margin": 0.25}},
+                                   "rankme": 4, "semantic_margin": 0.25}},
             "pairs": {"image|audio": {"variance_ratio": var_i / var_a, "wasserstein2_sq": w2, "drift": 1 + extra,
                                       "cosine_gap": 0.1 + extra, "cosine_ks": 0.2, "recall@1": 0.05 + extra,
                                       **({} if floor is None else {"wasserstein2_sq_floor": floor})}},
@@ -179,6 +179,7 @@ def test_every_cell_against_hand_computed_mean_and_std(runs_dir):
     assert alignment["erank entropy image mean"] == pytest.approx(10.25)
     assert alignment["erank entropy image std"] == pytest.approx(0.5 / R2)
     assert alignment["erank PR image mean"] == pytest.approx(7.25)
+    assert alignment["RankMe image mean"] == pytest.approx(6.25) and alignment["RankMe audio mean"] == 4
 
     md = (runs_dir / "report.md").read_text()
     assert text == md and (runs_dir / "report.md") in written
