@@ -31,8 +31,9 @@ METHOD_COLOURS = {"image only": "#56B4E9", "audio only": "#E69F00", "depth only"
                   "SML": "#009E73", "DML": "#D55E00", "SML + DAGR": "#0072B2", "DML + DAGR": "#CC79A7",
                   "SML + DGL": "#44AA99", "DML + DGL": "#882255", "DML + DGL + DAGR": "#332288",
                   "SML + SAM": "#117733", "DML + SAM": "#AA4499", "SML + SWA": "#999933", "DML + SWA": "#661100"}
+# for methods without a fixed colour, hues interleaved so that neighbours in a `palette` differ
 OTHER_COLOURS = ("#6699CC", "#EE7733", "#AA4466", "#DDCC77", "#004488", "#EE3377", "#666633", "#33BBEE",
-                 "#CC3311", "#88CCEE", "#AAAA00", "#994455", "#009988", "#CC6677", "#77AADD", "#BB5566")  # hues interleaved
+                 "#CC3311", "#88CCEE", "#AAAA00", "#994455", "#009988", "#CC6677", "#77AADD", "#BB5566")
 RUN_SEPARATOR = " – "  # 'DML (image+audio) – seed1': a method's runs share its colour
 # what is not a method (positive / negative pairs, a reference level) is drawn in greys, hatched where filled, so a
 # colour always means a method (blue is "image only" in every figure, never "negative")
@@ -62,8 +63,8 @@ def method_colour(name: str) -> str:
 @contextmanager
 def palette(names):
     """Inside this block each method among `names` that has no fixed colour gets its own colour of
-    OTHER_COLOURS (in sorted order: the same methods get the same colours in every figure of a report), where the
-    hash alone lets two methods share one (13 DAGR-paper methods in 16 colours). Beyond 16 such methods the
+    OTHER_COLOURS, in sorted order, so the same methods get the same colours in every figure of a report. The hash
+    alone lets two methods share a colour (the DAGR report's 12 unnamed methods did). Beyond 16 such methods the
     colours repeat."""
     keys = sorted({method_key(n) for n in names} - METHOD_COLOURS.keys())
     token = _palette.set({k: OTHER_COLOURS[i % len(OTHER_COLOURS)] for i, k in enumerate(keys)})
