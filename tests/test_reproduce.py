@@ -157,6 +157,16 @@ def test_synthetic_sweep_prepares_each_level_and_trains_on_it(tmp_path, tiny_syn
     assert re.search(r"--seeds 0 --jobs \d+ --set device=cpu", " ".join(sweep_line(lines)))
 
 
+def test_synthetic_defaults_to_the_balanced_level_with_ten_seeds(tmp_path):
+    """`make reproduce-synthetic` alone: the level the claims test, and enough seeds for the sign-flip test that
+    decides below ten to reach p < 0.05 (its smallest two-sided p at five seeds is 0.0625)."""
+    lines = dry_run("reproduce-synthetic", f"SYNTH_DATA={tmp_path}")
+    assert [line for line in lines if "prepare synthetic" in line] == \
+        [f"/fake/bin/mmlab prepare synthetic --image-info 0.2 --audio-info 0.3 --out {tmp_path}/audio-0.3"]
+    assert "--seeds" not in sweep_line(lines)  # the sweep file's own seeds
+    assert load_sweep(ROOT / "recipes/sweeps/synthetic.yaml").seeds == list(range(10))
+
+
 def test_dagr_trains_table1_and_d3_on_one_imbalance_level_then_analyses_and_reports(tmp_path, tiny_synthetic,
                                                                                    monkeypatch):
     data = tmp_path / "data" / "coupled"
