@@ -98,7 +98,8 @@ def test_avmnist_trains_every_method_and_seed_then_analyses_and_reports(tmp_path
     for name, invocations in sweep.analyses.items():  # every analysis once, at the last checkpoint (the claims')
         assert [a[:2] for a in invocations] == [["--checkpoint", "last"]], name
     assert sweep.analyses["flatness"][0][2:4] == ["--metric", "hessian,lpf,fgap"]  # Figure 4, no 2-D landscape
-    assert "--eps-sweep" in sweep.analyses["robustness"][0]  # eps50: Table 12's rows
+    eps = sweep.analyses["robustness"][0]  # eps50: Table 12's rows, on a curve that goes on until it flattens
+    assert [float(e) for e in eps[eps.index("--eps-curve") + 1].split(",")][-4:] == [0.5, 1, 2, 5]
     assert sweep.report == [["--checkpoint", "last", "--claims", "recipes/claims/dml-paper.yaml"]]
     keys = {name: {**j["config"], "n_modalities": len(j["config"]["modalities"])} for name, j in jobs.items()}
     for claim in load_claims(ROOT / sweep.report[0][3]).claims:  # each side: one method, or several to pick from
