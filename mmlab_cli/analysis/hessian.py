@@ -2,7 +2,9 @@
 
 H is the Hessian of the exact mean fused cross-entropy of a subset w.r.t. `LossParams` (every
 trainable parameter the fused loss uses; the probe heads are not among them). Products H v come
-(mmlab_cli/models/curvature.py, shared with `mmlab train --track-sharpness`) from double backward, accumulated over the subset's batches, so memory is that of one batch.
+(mmlab_cli/models/curvature.py, shared with `mmlab train --track-sharpness`) from double backward, accumulated
+over the subset's batches: a subset of at most KEEP_BATCHES batches keeps their gradient graphs between products
+(memory that many batches'), a larger one rebuilds each batch's graph per product (memory that of one batch).
 
 - Top-k: Lanczos with full reorthogonalisation (Gram-Schmidt twice against every previous
   vector), stopped once each of the k largest Ritz pairs has residual ||H y - theta y|| <= tol |theta|;

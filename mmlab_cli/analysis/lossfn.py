@@ -1,8 +1,8 @@
 """The fused loss as a function of the parameters it uses, for the flatness analyses.
 
 `LossParams` (mmlab_cli/models/curvature.py, shared with training's sharpness tracking) names the trainable
-parameters the fused cross-entropy depends on (found by autograd, so the probe heads, trained on detached embeddings, and any other unused parameter
-drop out) and flattens them into one vector theta. `losses_at` evaluates the exact mean loss
+parameters the fused cross-entropy depends on (found by autograd, so the probe heads, trained on detached
+embeddings, and any other unused parameter drop out) and flattens them into one vector theta. `losses_at` evaluates the exact mean loss
 of a subset at many parameter vectors theta + delta at once: the vectors go through
 `torch.func.functional_call` batched with `vmap`, so the module's own tensors are never
 written and the original weights stay bit-for-bit as they were.

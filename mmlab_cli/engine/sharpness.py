@@ -21,8 +21,8 @@ import time
 import torch
 
 from mmlab_cli.config import TrainConfig
-from mmlab_cli.engine import SHARPNESS
 from mmlab_cli.data.dataset import PreparedDataset
+from mmlab_cli.engine import SHARPNESS
 from mmlab_cli.models.curvature import (HessianVectorProduct, LossParams, Subset, generator, lanczos, load_subset,
                                         loss_params, threshold)
 

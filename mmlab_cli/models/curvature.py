@@ -190,8 +190,8 @@ class HessianVectorProduct:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.products += 1 if v.dim() == 1 else len(v)
         out = torch.zeros_like(v)
+        kept = self._graphs is not None
         for i, (inputs, y) in enumerate(self.subset.batches):
-            kept = self._graphs is not None
             out += self._product(self._graphs[i] if kept else self._grads(inputs, y), v, retain=kept)
         return out / self.subset.size
 
